@@ -1,0 +1,40 @@
+# The two commands: `make demo` and `make test`. Each sets up everything it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+XENKIT := tools/xen-vm
+
+.PHONY: demo test test-xen lint bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+
+# Reinstall when the build inputs change; the package itself is installed editable.
+$(STAMP): $(PY) pyproject.toml setup.py src/gntipc/_native/_build.py src/gntipc/_native/_cdefs.h src/gntipc/_native/_src.c
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests examples benchmarks
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest -m "not xen" -q
+
+# Real Xen 4.17 under QEMU: the xen-marked tests with the xen backend, in dom0.
+test-xen: $(STAMP)
+	$(XENKIT)/run-in-xen.sh --timeout 1200 "$(CURDIR)" \
+	  'GNTIPC_BACKEND=xen $(CURDIR)/$(PY) -m pytest -m xen -q -p no:randomly tests'
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf build src/*.egg-info src/gntipc/_native/_lib*.so src/gntipc/_native/_lib.c

@@ -1,0 +1,69 @@
+"""Backends: the real Xen devices (``xen``) and a simulated hypervisor (``sim``)."""
+
+from __future__ import annotations
+
+import os
+
+from .._exceptions import BackendUnavailable
+from ._abc import (
+    Backend,
+    CopySegment,
+    EventPort,
+    ForeignRef,
+    Pages,
+    Perm,
+    PortState,
+    Store,
+    Transaction,
+    Watch,
+)
+
+__all__ = [
+    "Backend",
+    "CopySegment",
+    "EventPort",
+    "ForeignRef",
+    "Pages",
+    "Perm",
+    "PortState",
+    "Store",
+    "Transaction",
+    "Watch",
+    "get_backend",
+    "select_backend_name",
+]
+
+_NAMES = ("xen", "sim")
+
+
+def select_backend_name(name: str | None = None) -> str:
+    """Explicit ``name``, else ``$GNTIPC_BACKEND``, else ``xen`` when
+    ``/dev/xen/gntdev`` exists, else ``sim``."""
+    if name is None:
+        name = os.environ.get("GNTIPC_BACKEND") or None
+    if name is None:
+        name = "xen" if os.path.exists("/dev/xen/gntdev") else "sim"
+    if name not in _NAMES:
+        raise ValueError(f"unknown backend {name!r} (expected one of {', '.join(_NAMES)})")
+    return name
+
+
+def get_backend(name: str | None = None, **kwargs: object) -> Backend:
+    """Open a backend, chosen by :func:`select_backend_name`.
+
+    Keyword arguments go to the backend's constructor (e.g. ``domid=`` for sim).
+
+    Raises:
+        BackendUnavailable: the chosen backend cannot run here (says what is missing).
+    """
+    chosen = select_backend_name(name)
+    if chosen == "xen":
+        from .xen import XenBackend
+
+        return XenBackend(**kwargs)  # type: ignore[arg-type]
+    from .sim import SimBackend
+
+    return SimBackend(**kwargs)  # type: ignore[arg-type]
+
+
+del BackendUnavailable

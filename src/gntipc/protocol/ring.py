@@ -1,0 +1,189 @@
+"""Sans-I/O vchan ring state for one endpoint.
+
+:class:`VchanRings` owns the two directions of one endpoint over memory it is given (the
+control page and the ring buffers, as cffi pointers); it never touches an fd and never
+waits.  Every operation returns what the caller must do next, e.g.
+``n, notify = rings.write(data); if notify: port.notify()``.
+
+The peer's indices, live byte and notify bits are read once per operation by the native
+primitives and validated there; our own indices are private copies, so a peer that
+scribbles over them cannot move our position.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._exceptions import LocalProtocolError, RemoteProtocolError
+from .._native import ffi, lib
+from ._layout import (
+    EOF_BIT,
+    LIVE_CONNECTED,
+    LIVE_GONE,
+    LIVE_WAITING,
+    OFF_CLI_LIVE,
+    OFF_CLI_NOTIFY,
+    OFF_LEFT_CONS,
+    OFF_LEFT_PROD,
+    OFF_RIGHT_CONS,
+    OFF_RIGHT_PROD,
+    OFF_SRV_LIVE,
+    OFF_SRV_NOTIFY,
+)
+
+__all__ = ["VchanRings"]
+
+_EPROTO = -1
+CData = Any  # a cffi pointer
+
+
+def _check(n: int, what: str) -> int:
+    if n < 0:
+        raise RemoteProtocolError(
+            f"the peer's {what} index is invalid (it claims more than the ring holds)"
+        )
+    return n
+
+
+class VchanRings:
+    """Both rings of one endpoint plus its live and notify bytes.
+
+    Args:
+        ctrl: pointer to the control page (``uint8_t *``, 4096 bytes).
+        read_buf / write_buf: pointers to our read and write ring buffers.
+        read_size / write_size: their sizes (powers of two).
+        is_server: which side we are (the server reads the left ring).
+    """
+
+    __slots__ = (
+        "_ctrl",
+        "_own_live",
+        "_own_notify",
+        "_peer_live",
+        "_peer_notify",
+        "_rd",
+        "_wr",
+        "is_server",
+        "read_size",
+        "write_size",
+    )
+
+    def __init__(
+        self,
+        ctrl: CData,
+        read_buf: CData,
+        read_size: int,
+        write_buf: CData,
+        write_size: int,
+        *,
+        is_server: bool,
+    ) -> None:
+        self.is_server = is_server
+        self.read_size = read_size
+        self.write_size = write_size
+        self._ctrl = ctrl
+        if is_server:
+            rd_cons, rd_prod, wr_cons, wr_prod = (
+                OFF_LEFT_CONS, OFF_LEFT_PROD, OFF_RIGHT_CONS, OFF_RIGHT_PROD
+            )
+            own_notify, peer_notify = OFF_SRV_NOTIFY, OFF_CLI_NOTIFY
+            own_live, peer_live = OFF_SRV_LIVE, OFF_CLI_LIVE
+        else:
+            rd_cons, rd_prod, wr_cons, wr_prod = (
+                OFF_RIGHT_CONS, OFF_RIGHT_PROD, OFF_LEFT_CONS, OFF_LEFT_PROD
+            )
+            own_notify, peer_notify = OFF_CLI_NOTIFY, OFF_SRV_NOTIFY
+            own_live, peer_live = OFF_CLI_LIVE, OFF_SRV_LIVE
+        self._own_notify = ctrl + own_notify
+        self._peer_notify = ctrl + peer_notify
+        self._own_live = ctrl + own_live
+        self._peer_live = ctrl + peer_live
+        self._rd = self._ring(ctrl, rd_cons, rd_prod, read_buf, read_size, reader=True)
+        self._wr = self._ring(ctrl, wr_cons, wr_prod, write_buf, write_size, reader=False)
+
+    def _ring(
+        self, ctrl: CData, cons: int, prod: int, buf: CData, size: int, *, reader: bool
+    ) -> CData:
+        if size & (size - 1) or not 1024 <= size <= 1 << 20:
+            raise LocalProtocolError(f"ring size {size} is not a power of two in 1 KiB..1 MiB")
+        r = ffi.new("struct gnt_ring *")
+        r.cons = ffi.cast("uint32_t *", ctrl + cons)
+        r.prod = ffi.cast("uint32_t *", ctrl + prod)
+        r.data = ffi.cast("uint8_t *", buf)
+        r.size = size
+        # Our own index starts where the shared page says (zero after server setup, or
+        # wherever the server started it); from now on only our private copy counts.
+        r.priv = lib.gnt_load_u32(r.cons if reader else r.prod)
+        r.own_notify = self._own_notify
+        r.peer_notify = self._peer_notify
+        return r
+
+    # -- data ------------------------------------------------------------------------
+    def write(self, data: CData, length: int, *, all_or_nothing: bool = False) -> tuple[int, bool]:
+        """Copy up to ``length`` bytes from ``data`` (a cffi pointer) into the write ring.
+
+        Returns ``(written, notify)``; with ``all_or_nothing`` nothing is written unless
+        all fits.  Raises RemoteProtocolError for a corrupt peer index.
+        """
+        notify = ffi.new("int *")
+        n = lib.gnt_ring_write(self._wr, data, length, all_or_nothing, notify)
+        return _check(n, "read"), bool(notify[0])
+
+    def read(self, dest: CData, length: int, *, all_or_nothing: bool = False) -> tuple[int, bool]:
+        """Copy up to ``length`` readable bytes to ``dest``; ``(read, notify)``."""
+        notify = ffi.new("int *")
+        n = lib.gnt_ring_read(self._rd, dest, length, all_or_nothing, notify)
+        return _check(n, "write"), bool(notify[0])
+
+    def peek(self, dest: CData, length: int, skip: int = 0) -> int:
+        """Copy up to ``length`` bytes starting ``skip`` bytes ahead, consuming nothing."""
+        return _check(lib.gnt_ring_peek(self._rd, dest, length, skip), "write")
+
+    def data_ready(self) -> int:
+        """Bytes readable now (no side effects)."""
+        return _check(lib.gnt_ring_data_ready(self._rd), "write")
+
+    def buffer_space(self) -> int:
+        """Bytes writable now (no side effects)."""
+        return _check(lib.gnt_ring_buffer_space(self._wr), "read")
+
+    def prepare_wait_read(self) -> int:
+        """Ask the peer to notify us when it writes; the fresh ``data_ready()``.
+
+        Wait for an event only if this returns 0.
+        """
+        return _check(lib.gnt_ring_prepare_wait_read(self._rd), "write")
+
+    def prepare_wait_write(self) -> int:
+        """Ask the peer to notify us when it reads; the fresh ``buffer_space()``."""
+        return _check(lib.gnt_ring_prepare_wait_write(self._wr), "read")
+
+    # -- state bytes -----------------------------------------------------------------
+    def peer_live(self) -> int:
+        """The peer's live byte, read once: LIVE_GONE, LIVE_CONNECTED or LIVE_WAITING.
+
+        Raises RemoteProtocolError for any other value (or LIVE_WAITING from a client's
+        view of the server, which the server never writes).
+        """
+        v: int = lib.gnt_load_u8(self._peer_live)
+        if v == LIVE_GONE or v == LIVE_CONNECTED or (v == LIVE_WAITING and self.is_server):
+            return v
+        raise RemoteProtocolError(f"the peer's live byte holds {v}, not a vchan state")
+
+    def own_live(self) -> int:
+        return int(lib.gnt_load_u8(self._own_live))
+
+    def set_own_live(self, value: int) -> None:
+        lib.gnt_store_u8(self._own_live, value)
+
+    def peer_eof(self) -> bool:
+        """True once the peer (a gntipc peer) said it will write no more."""
+        return bool(lib.gnt_load_u8(self._own_notify) & EOF_BIT)
+
+    def send_eof(self) -> None:
+        """Tell a gntipc peer we will write no more (libxenvchan ignores the bit)."""
+        lib.gnt_fetch_or_u8(self._peer_notify, EOF_BIT)
+
+    def set_peer_notify(self, bits: int) -> None:
+        """OR ``bits`` into the byte the peer honours (setup only)."""
+        lib.gnt_fetch_or_u8(self._peer_notify, bits)
