@@ -1,0 +1,787 @@
+"""A XenStore client speaking the wire protocol directly.
+
+Two layers:
+
+* a **sans-I/O codec** (pure functions and the stream :class:`Decoder`): message
+  packing, reply/error parsing, permission lists, the payload limit.  Unit-tested
+  without Xen.
+* **connections** over the unix socket of ``xenstored`` (``/var/run/xenstored/socket``,
+  dom0 only) or the kernel's ``/dev/xen/xenbus`` (any domain), and the :class:`XenStore`,
+  transaction and watch objects implementing :mod:`gntipc.backends._abc`.
+
+Wire facts (``xen/io/xs_wire.h``, ``docs/misc/xenstore.txt``): every message is a header
+of four native-endian u32 ``(type, req_id, tx_id, len)`` followed by ``len`` ≤
+``XENSTORE_PAYLOAD_MAX`` (4096) bytes, usually NUL-terminated strings.  A reply echoes the
+request's type and ``req_id``; a failure is an ``XS_ERROR`` reply whose payload is an
+errno name (``"ENOENT\\0"``).  Watch events (``XS_WATCH_EVENT``, payload
+``path\\0token\\0``) arrive unsolicited on the connection that set the watch.
+
+Every request waits for its reply at most ``timeout`` seconds (default 10) and then
+raises :class:`XenStoreTimeout`; a late reply is recognised by its ``req_id`` and
+discarded.  Watch events arriving on a request connection are queued, not lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import select
+import socket
+import struct
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from anyio import ClosedResourceError
+
+from .._exceptions import BackendUnavailable, GntipcError, RemoteProtocolError, raise_errno
+from ._abc import Perm, Store, Transaction, Watch
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "HEADER",
+    "SOCKET_PATH",
+    "XENBUS_PATH",
+    "XENSTORE_PAYLOAD_MAX",
+    "Decoder",
+    "Message",
+    "MsgType",
+    "XenStore",
+    "XenStoreTimeout",
+    "check_reply",
+    "encode_message",
+    "error_errno",
+    "format_perms",
+    "join_strings",
+    "parse_perms",
+    "parse_watch_event",
+    "split_strings",
+]
+
+#: The largest payload of one message (both directions).
+XENSTORE_PAYLOAD_MAX = 4096
+#: ``struct xsd_sockmsg``: type, req_id, tx_id, len (native byte order, no padding).
+HEADER = struct.Struct("=IIII")
+#: The unix socket of xenstored (dom0).
+SOCKET_PATH = "/var/run/xenstored/socket"
+#: The kernel's XenStore device (every domain).
+XENBUS_PATH = "/dev/xen/xenbus"
+#: Seconds a request waits for its reply.
+DEFAULT_TIMEOUT = 10.0
+
+# Watch tokens must be non-empty on the wire; an empty user token is sent as this.
+_EMPTY_TOKEN = "gntipc-watch"
+
+
+class MsgType(enum.IntEnum):
+    """``enum xsd_sockmsg_type``."""
+
+    CONTROL = 0
+    DIRECTORY = 1
+    READ = 2
+    GET_PERMS = 3
+    WATCH = 4
+    UNWATCH = 5
+    TRANSACTION_START = 6
+    TRANSACTION_END = 7
+    INTRODUCE = 8
+    RELEASE = 9
+    GET_DOMAIN_PATH = 10
+    WRITE = 11
+    MKDIR = 12
+    RM = 13
+    SET_PERMS = 14
+    WATCH_EVENT = 15
+    ERROR = 16
+    IS_DOMAIN_INTRODUCED = 17
+    RESUME = 18
+    SET_TARGET = 19
+    RESET_WATCHES = 21
+    DIRECTORY_PART = 22
+
+
+class XenStoreTimeout(GntipcError, TimeoutError):
+    """XenStore did not answer a request in time (is xenstored running?)."""
+
+
+# --------------------------------------------------------------------------- codec
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decoded XenStore message."""
+
+    type: int
+    req_id: int
+    tx_id: int
+    payload: bytes
+
+
+def _u32(name: str, value: int) -> int:
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"XenStore {name} {value} does not fit in a u32")
+    return value
+
+
+def encode_message(msg_type: int, req_id: int, tx_id: int, payload: bytes) -> bytes:
+    """Header plus payload of one message.
+
+    Raises:
+        ValueError: the payload is longer than XENSTORE_PAYLOAD_MAX (4096) bytes, or a
+            header field does not fit in a u32.
+    """
+    if len(payload) > XENSTORE_PAYLOAD_MAX:
+        raise ValueError(
+            f"XenStore payload of {len(payload)} bytes exceeds XENSTORE_PAYLOAD_MAX"
+            f" ({XENSTORE_PAYLOAD_MAX} bytes, path and value together)"
+        )
+    return (
+        HEADER.pack(
+            _u32("type", msg_type), _u32("req_id", req_id), _u32("tx_id", tx_id), len(payload)
+        )
+        + payload
+    )
+
+
+def _encode_str(value: str | bytes, what: str) -> bytes:
+    data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    if b"\0" in data:
+        raise ValueError(f"XenStore {what} {value!r} contains a NUL byte")
+    return data
+
+
+def join_strings(parts: Iterable[str | bytes], *, terminate: bool = True) -> bytes:
+    """``a\\0b\\0`` (``a\\0b`` when not ``terminate``, as for a write's value).
+
+    Raises:
+        ValueError: a part contains a NUL byte.
+    """
+    encoded = [_encode_str(p, "string") for p in parts]
+    out = b"\0".join(encoded)
+    return out + b"\0" if terminate and encoded else out
+
+
+def split_strings(payload: bytes) -> list[str]:
+    """The NUL-separated strings of a payload (a trailing NUL ends the last one).
+
+    Raises:
+        RemoteProtocolError: not valid UTF-8.
+    """
+    if not payload:
+        return []
+    if payload.endswith(b"\0"):
+        payload = payload[:-1]
+    try:
+        return payload.decode("utf-8").split("\0")
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError(f"XenStore sent a non-UTF-8 string: {payload!r}") from exc
+
+
+def error_errno(payload: bytes) -> tuple[int, str]:
+    """``(errno, name)`` of an ``XS_ERROR`` payload such as ``b"ENOENT\\0"``.
+
+    An unknown name maps to EIO; the name is kept for the message.
+    """
+    name = payload.split(b"\0", 1)[0].decode("ascii", "replace")
+    value = getattr(errno, name, None) if name.isidentifier() and name.startswith("E") else None
+    return (value if isinstance(value, int) else errno.EIO), name
+
+
+def check_reply(msg: Message, expected: int, what: str) -> bytes:
+    """The payload of a successful reply of type ``expected``.
+
+    Raises:
+        XenError: an ``XS_ERROR`` reply (errno from its name).
+        RemoteProtocolError: a reply of another type.
+    """
+    if msg.type == MsgType.ERROR:
+        err, name = error_errno(msg.payload)
+        if err == errno.EIO and name != "EIO":
+            what = f"{what} (xenstored said {name!r})"
+        raise_errno(err, what)
+    if msg.type != expected:
+        raise RemoteProtocolError(
+            f"{what}: XenStore replied with message type {msg.type}, expected {expected}"
+        )
+    return msg.payload
+
+
+def parse_perms(payload: bytes) -> list[Perm]:
+    """``b"n0\\0r5\\0"`` → ``[Perm(0, "n"), Perm(5, "r")]``.
+
+    Raises:
+        RemoteProtocolError: an entry is malformed or the list is empty.
+    """
+    out = []
+    for text in split_strings(payload):
+        try:
+            out.append(Perm.parse(text))
+        except (ValueError, IndexError) as exc:
+            raise RemoteProtocolError(f"XenStore sent a bad permission {text!r}") from exc
+    if not out:
+        raise RemoteProtocolError("XenStore sent an empty permission list")
+    return out
+
+
+def format_perms(perms: Sequence[Perm]) -> bytes:
+    """``[Perm(0, "n"), Perm(5, "r")]`` → ``b"n0\\0r5\\0"``.
+
+    Raises:
+        ValueError: empty list, bad access letter or domid out of range.
+    """
+    if not perms:
+        raise ValueError("a XenStore permission list needs at least the owner entry")
+    parts = []
+    for p in perms:
+        if p.access not in ("n", "r", "w", "b"):
+            raise ValueError(f"bad XenStore access {p.access!r} (expected n, r, w or b)")
+        if not 0 <= p.domid <= 0xFFFF:
+            raise ValueError(f"domid {p.domid} out of range in a XenStore permission")
+        parts.append(str(p))
+    return join_strings(parts)
+
+
+def parse_watch_event(payload: bytes) -> tuple[str, str]:
+    """``(path, token)`` of an ``XS_WATCH_EVENT`` payload.
+
+    Raises:
+        RemoteProtocolError: fewer than two strings.
+    """
+    parts = split_strings(payload)
+    if len(parts) < 2:
+        raise RemoteProtocolError(f"XenStore sent a malformed watch event {payload!r}")
+    return parts[0], parts[1]
+
+
+class Decoder:
+    """Reassembles messages from a byte stream split anywhere.
+
+    :meth:`needed` says how many bytes complete the current message, so a reader can
+    read exactly that and never consume the next message early.
+    """
+
+    __slots__ = ("_buf", "_header")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._header: tuple[int, int, int, int] | None = None
+
+    def needed(self) -> int:
+        """Bytes still missing for the current message (header or payload)."""
+        if self._header is None:
+            return HEADER.size - len(self._buf)
+        return self._header[3] - len(self._buf)
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Add bytes; return the messages they complete.
+
+        Raises:
+            RemoteProtocolError: a header announces a payload over 4096 bytes.
+        """
+        out: list[Message] = []
+        view = memoryview(data)
+        while True:
+            need = self.needed()
+            if need > 0:
+                if not view:
+                    break
+                self._buf += view[:need]
+                view = view[need:]
+                if len(self._buf) < (
+                    HEADER.size if self._header is None else self._header[3]
+                ):
+                    break
+            if self._header is None:
+                header = HEADER.unpack(bytes(self._buf))
+                if header[3] > XENSTORE_PAYLOAD_MAX:
+                    raise RemoteProtocolError(
+                        f"XenStore announced a {header[3]}-byte payload"
+                        f" (more than {XENSTORE_PAYLOAD_MAX})"
+                    )
+                self._header = header
+                self._buf.clear()
+            else:
+                t, r, x, _n = self._header
+                out.append(Message(t, r, x, bytes(self._buf)))
+                self._header = None
+                self._buf.clear()
+        return out
+
+    @property
+    def partial(self) -> bool:
+        """True while part of a message has been fed."""
+        return self._header is not None or bool(self._buf)
+
+
+# ---------------------------------------------------------------------- transport
+
+
+def _check_path(path: str) -> bytes:
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"a XenStore path must be a non-empty str, not {path!r}")
+    return _encode_str(path, "path")
+
+
+class _Connection:
+    """One connection to xenstored: requests, replies, queued watch events."""
+
+    def __init__(self, timeout: float, path: str | None = None) -> None:
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._decoder = Decoder()
+        self._next_req = 1
+        self.events: deque[tuple[str, str]] = deque()
+        self._sock: socket.socket | None = None
+        self.fd = -1
+        self.transport = ""
+        candidates = [path] if path is not None else [SOCKET_PATH, XENBUS_PATH]
+        problems = []
+        for cand in candidates:
+            try:
+                st = os.stat(cand)
+            except OSError as exc:
+                problems.append(f"{cand}: {exc.strerror}")
+                continue
+            try:
+                if cand.endswith("socket") or _is_socket(st.st_mode):
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    try:
+                        sock.connect(cand)
+                    except OSError:
+                        sock.close()
+                        raise
+                    sock.setblocking(False)
+                    self._sock = sock
+                    self.fd = sock.fileno()
+                else:
+                    self.fd = os.open(cand, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                problems.append(f"{cand}: {exc.strerror}")
+                continue
+            self.transport = cand
+            return
+        raise BackendUnavailable(
+            "cannot connect to XenStore (" + "; ".join(problems) + ")"
+            " — is this a Xen domain with xenstored running (and are we root in dom0)?"
+        )
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        elif self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+    def _live_fd(self) -> int:
+        if self.fd < 0:
+            raise ClosedResourceError("the XenStore connection is closed")
+        return self.fd
+
+    def _write_all(self, data: bytes, deadline: float, what: str) -> None:
+        fd = self._live_fd()
+        view = memoryview(data)
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                raise_errno(exc.errno or errno.EIO, f"XenStore {what}: writing the request")
+            view = view[n:]
+            if view and not poller.poll(self._remaining_ms(deadline, what)):
+                self._timeout(what)
+
+    def _remaining_ms(self, deadline: float, what: str) -> int:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self._timeout(what)
+        return max(1, int(left * 1000))
+
+    def _timeout(self, what: str) -> None:
+        raise XenStoreTimeout(
+            f"XenStore {what}: no reply within {self.timeout:g} s via {self.transport}"
+        )
+
+    def read_some(self, block_until: float | None, what: str) -> list[Message]:
+        """Read at most the rest of one message; [] if nothing (non-blocking when
+        ``block_until`` is None), raise XenStoreTimeout past the deadline."""
+        fd = self._live_fd()
+        while True:
+            try:
+                data = os.read(fd, self._decoder.needed())
+            except BlockingIOError:
+                data = None
+            except OSError as exc:
+                raise_errno(exc.errno or errno.EIO, f"XenStore {what}: reading the reply")
+            if data is not None:
+                if not data:
+                    raise_errno(
+                        errno.ECONNRESET, f"XenStore {what}: {self.transport} closed the connection"
+                    )
+                return self._decoder.feed(data)
+            if block_until is None:
+                return []
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(self._remaining_ms(block_until, what)):
+                self._timeout(what)
+
+    def _absorb(self, msg: Message) -> None:
+        """Queue a watch event; drop stale replies (of timed-out requests)."""
+        if msg.type == MsgType.WATCH_EVENT:
+            self.events.append(parse_watch_event(msg.payload))
+
+    def request(self, msg_type: int, payload: bytes, tx_id: int = 0, *, what: str) -> bytes:
+        """Send one request, wait for its reply, return the reply payload.
+
+        Raises:
+            ValueError: payload too long.
+            XenError: xenstored answered with an error.
+            XenStoreTimeout: no reply in time.
+            ClosedResourceError: the connection is closed.
+        """
+        with self._lock:
+            req_id = self._next_req
+            self._next_req = self._next_req % 0xFFFFFFFF + 1
+            data = encode_message(msg_type, req_id, tx_id, payload)
+            deadline = time.monotonic() + self.timeout
+            self._write_all(data, deadline, what)
+            while True:
+                for msg in self.read_some(deadline, what):
+                    if msg.type != MsgType.WATCH_EVENT and msg.req_id == req_id:
+                        return check_reply(msg, msg_type, what)
+                    self._absorb(msg)
+
+    def drain(self) -> None:
+        """Queue whatever events are readable now, without blocking."""
+        with self._lock:
+            while True:
+                msgs = self.read_some(None, "reading watch events")
+                if not msgs:
+                    # nothing readable now (a partial message completes later and makes
+                    # the fd readable again)
+                    return
+                for msg in msgs:
+                    self._absorb(msg)
+
+
+def _is_socket(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(mode)
+
+
+# --------------------------------------------------------------------- store API
+
+
+class _Ops:
+    """The store operations over a connection and a transaction id."""
+
+    _tx_id: int
+
+    def _c(self) -> _Connection:
+        raise NotImplementedError
+
+    def read(self, path: str) -> bytes:
+        """The value of ``path``.
+
+        Raises:
+            XenError: ENOENT if absent, EACCES if denied.
+            XenStoreTimeout: no reply in time.
+        """
+        return self._c().request(
+            MsgType.READ, _check_path(path) + b"\0", self._tx_id, what=f"read {path!r}"
+        )
+
+    def write(self, path: str, value: bytes) -> None:
+        """Create or replace ``path`` (missing parents are created).
+
+        Raises:
+            ValueError: path and value exceed the 4096-byte payload limit.
+            XenError: EACCES if denied, EINVAL for a bad path.
+        """
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"a XenStore value must be bytes, not {type(value).__name__}")
+        self._c().request(
+            MsgType.WRITE,
+            _check_path(path) + b"\0" + bytes(value),
+            self._tx_id,
+            what=f"write {path!r}",
+        )
+
+    def rm(self, path: str) -> None:
+        """Remove ``path`` and its children; absent is not an error.
+
+        Raises:
+            XenError: EACCES if denied.
+        """
+        from .._exceptions import XenError
+
+        try:
+            self._c().request(
+                MsgType.RM, _check_path(path) + b"\0", self._tx_id, what=f"rm {path!r}"
+            )
+        except XenError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+    def directory(self, path: str) -> list[str]:
+        """The children of ``path``.
+
+        Raises:
+            XenError: ENOENT if absent, EACCES if denied.
+        """
+        reply = self._c().request(
+            MsgType.DIRECTORY, _check_path(path) + b"\0", self._tx_id, what=f"directory {path!r}"
+        )
+        return [name for name in split_strings(reply) if name]
+
+    def get_perms(self, path: str) -> list[Perm]:
+        """The permission list of ``path``, owner first.
+
+        Raises:
+            XenError: ENOENT if absent, EACCES if denied.
+        """
+        reply = self._c().request(
+            MsgType.GET_PERMS, _check_path(path) + b"\0", self._tx_id, what=f"get_perms {path!r}"
+        )
+        return parse_perms(reply)
+
+    def set_perms(self, path: str, perms: Sequence[Perm]) -> None:
+        """Replace the permission list of ``path``.
+
+        Raises:
+            ValueError: empty or malformed list.
+            XenError: ENOENT if absent, EACCES/EPERM if not the owner (or dom0).
+        """
+        self._c().request(
+            MsgType.SET_PERMS,
+            _check_path(path) + b"\0" + format_perms(perms),
+            self._tx_id,
+            what=f"set_perms {path!r}",
+        )
+
+
+class XenTransaction(_Ops, Transaction):
+    """A XenStore transaction on the store's connection (see :class:`Transaction`)."""
+
+    def __init__(self, store: XenStore) -> None:
+        conn = store._c()
+        reply = conn.request(MsgType.TRANSACTION_START, b"\0", what="transaction start")
+        try:
+            self._tx_id = int(split_strings(reply)[0])
+        except (IndexError, ValueError) as exc:
+            raise RemoteProtocolError(f"XenStore sent a bad transaction id {reply!r}") from exc
+        self._store: XenStore | None = store
+        self._conn = conn
+
+    def _c(self) -> _Connection:
+        if self._store is None:
+            raise ClosedResourceError("the XenStore transaction is finished")
+        return self._store._c()
+
+    def _end(self, commit: bool) -> None:
+        conn = self._c()
+        self._store = None
+        conn.request(
+            MsgType.TRANSACTION_END,
+            b"T\0" if commit else b"F\0",
+            self._tx_id,
+            what="transaction commit" if commit else "transaction abort",
+        )
+
+    def commit(self) -> None:
+        """Commit; afterwards the transaction is finished either way.
+
+        Raises:
+            XenError: EAGAIN when another writer conflicted (retry the transaction).
+            ClosedResourceError: already committed or aborted.
+        """
+        self._end(True)
+
+    def abort(self) -> None:
+        """Discard the transaction (idempotent)."""
+        if self._store is None or self._store._conn is None:
+            self._store = None
+            return
+        from .._exceptions import XenError
+
+        with contextlib.suppress(XenError, XenStoreTimeout):
+            self._end(False)  # the transaction is gone either way when this fails
+
+
+class XenWatch(Watch):
+    """A watch on its own XenStore connection.
+
+    :meth:`fileno` is an epoll descriptor over the connection and an eventfd, so it is
+    readable whenever events are queued — also the ones that arrived together with the
+    reply to XS_WATCH (the kernel's xenbus device may deliver the initial event first).
+    """
+
+    def __init__(self, path: str, token: str, *, timeout: float, transport: str | None) -> None:
+        self._token = token
+        wire_token = token or _EMPTY_TOKEN
+        payload = join_strings([_check_path(path), _encode_str(wire_token, "watch token")])
+        self._conn: _Connection | None = _Connection(timeout, transport)
+        self._epoll: select.epoll | None = None
+        self._efd = -1
+        try:
+            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._epoll = select.epoll()
+            self._epoll.register(self._conn.fd, select.EPOLLIN)
+            self._epoll.register(self._efd, select.EPOLLIN)
+            self._conn.request(MsgType.WATCH, payload, what=f"watch {path!r}")
+            if self._conn.events:
+                os.eventfd_write(self._efd, 1)
+        except BaseException:
+            self.close()
+            raise
+        self.path = path
+
+    def fileno(self) -> int:
+        """Readable when events are queued.
+
+        Raises:
+            ClosedResourceError: the watch is closed.
+        """
+        if self._epoll is None:
+            raise ClosedResourceError("the XenStore watch is closed")
+        return self._epoll.fileno()
+
+    def read_events(self) -> list[tuple[str, str]]:
+        """Queued ``(path, token)`` events, without blocking.
+
+        Raises:
+            ClosedResourceError: the watch is closed.
+            XenError: the connection to xenstored broke.
+        """
+        conn = self._conn
+        if conn is None:
+            raise ClosedResourceError("the XenStore watch is closed")
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._efd)
+        conn.drain()
+        out = []
+        while conn.events:
+            path, token = conn.events.popleft()
+            out.append((path, self._token if token == _EMPTY_TOKEN and not self._token else token))
+        return out
+
+    def close(self) -> None:
+        """Remove the watch (closing its connection); idempotent."""
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
+        if self._efd >= 0:
+            os.close(self._efd)
+            self._efd = -1
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_conn", None) is not None:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            self.close()
+
+
+class XenStore(_Ops, Store):
+    """A connection to this domain's XenStore.
+
+    Args:
+        path: the socket or device to use (default: ``/var/run/xenstored/socket`` when it
+            can be opened, else ``/dev/xen/xenbus``).
+        timeout: seconds each request waits for its reply.
+
+    Raises:
+        BackendUnavailable: neither transport can be opened, or our domid is unknown.
+    """
+
+    def __init__(self, *, path: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, not {timeout!r}")
+        self._tx_id = 0
+        self._conn: _Connection | None = _Connection(timeout, path)
+        self._transport_path = path
+        self.timeout = timeout
+        try:
+            self.domid = self._read_domid()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def transport(self) -> str:
+        """The socket or device path this store talks through."""
+        return self._c().transport
+
+    def _read_domid(self) -> int:
+        from .._exceptions import XenError
+
+        try:
+            raw = self.read("domid")
+        except XenError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EACCES):
+                raise
+            if _is_dom0():
+                return 0
+            raise BackendUnavailable(
+                "cannot tell our domid: the XenStore node 'domid' of this domain is absent"
+            ) from exc
+        try:
+            return int(raw.rstrip(b"\0").decode("ascii"))
+        except ValueError as exc:
+            raise RemoteProtocolError(f"XenStore node 'domid' holds {raw!r}") from exc
+
+    def _c(self) -> _Connection:
+        conn = self._conn
+        if conn is None:
+            raise ClosedResourceError("the XenStore connection is closed")
+        return conn
+
+    def transaction(self) -> XenTransaction:
+        """Start a transaction (commit raises XenError(EAGAIN) on conflict)."""
+        return XenTransaction(self)
+
+    def watch(self, path: str, token: str = "") -> XenWatch:
+        """Watch ``path`` and below on a new connection; fires once at once.
+
+        Raises:
+            XenError: EACCES/ENOENT/EINVAL from xenstored.
+        """
+        self._c()
+        return XenWatch(path, token, timeout=self.timeout, transport=self._transport_path)
+
+    def get_domain_path(self, domid: int) -> str:
+        """The XenStore home of ``domid`` (``/local/domain/<domid>``)."""
+        reply = self._c().request(
+            MsgType.GET_DOMAIN_PATH, join_strings([str(domid)]), what="get_domain_path"
+        )
+        return split_strings(reply)[0]
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_conn", None) is not None:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            self.close()
+
+
+def _is_dom0() -> bool:
+    try:
+        with open("/proc/xen/capabilities") as f:
+            return "control_d" in f.read()
+    except OSError:
+        return False
