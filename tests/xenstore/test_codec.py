@@ -197,3 +197,13 @@ def test_decoder_rejects_oversized_payload() -> None:
     dec = Decoder()
     with pytest.raises(RemoteProtocolError, match="4097"):
         dec.feed(struct.pack("=IIII", 2, 1, 0, XENSTORE_PAYLOAD_MAX + 1))
+
+
+def test_xenbus_payload_limit() -> None:
+    from gntipc.backends._xenstore import XENBUS_PAYLOAD_MAX
+
+    assert XENBUS_PAYLOAD_MAX == 4080
+    data = encode_message(MsgType.WRITE, 1, 0, b"x" * 4080, payload_max=XENBUS_PAYLOAD_MAX)
+    assert len(data) == 4096
+    with pytest.raises(ValueError, match="xenbus"):
+        encode_message(MsgType.WRITE, 1, 0, b"x" * 4081, payload_max=XENBUS_PAYLOAD_MAX)

@@ -47,6 +47,7 @@ __all__ = [
     "HEADER",
     "SOCKET_PATH",
     "XENBUS_PATH",
+    "XENBUS_PAYLOAD_MAX",
     "XENSTORE_PAYLOAD_MAX",
     "Decoder",
     "Message",
@@ -67,6 +68,9 @@ __all__ = [
 XENSTORE_PAYLOAD_MAX = 4096
 #: ``struct xsd_sockmsg``: type, req_id, tx_id, len (native byte order, no padding).
 HEADER = struct.Struct("=IIII")
+#: The largest request payload through ``/dev/xen/xenbus``: Linux's xenbus device holds
+#: header and payload in one 4096-byte buffer (a longer write fails with EINVAL).
+XENBUS_PAYLOAD_MAX = XENSTORE_PAYLOAD_MAX - 16
 #: The unix socket of xenstored (dom0).
 SOCKET_PATH = "/var/run/xenstored/socket"
 #: The kernel's XenStore device (every domain).
@@ -128,17 +132,33 @@ def _u32(name: str, value: int) -> int:
     return value
 
 
-def encode_message(msg_type: int, req_id: int, tx_id: int, payload: bytes) -> bytes:
+def encode_message(
+    msg_type: int,
+    req_id: int,
+    tx_id: int,
+    payload: bytes,
+    *,
+    payload_max: int = XENSTORE_PAYLOAD_MAX,
+) -> bytes:
     """Header plus payload of one message.
 
+    ``payload_max`` is XENSTORE_PAYLOAD_MAX for xenstored's socket, and
+    :data:`XENBUS_PAYLOAD_MAX` for ``/dev/xen/xenbus`` (Linux buffers header and payload
+    together in 4096 bytes and refuses more with EINVAL).
+
     Raises:
-        ValueError: the payload is longer than XENSTORE_PAYLOAD_MAX (4096) bytes, or a
-            header field does not fit in a u32.
+        ValueError: the payload is longer than ``payload_max`` bytes, or a header field
+            does not fit in a u32.
     """
-    if len(payload) > XENSTORE_PAYLOAD_MAX:
+    if len(payload) > payload_max:
+        limit = (
+            "XENSTORE_PAYLOAD_MAX"
+            if payload_max == XENSTORE_PAYLOAD_MAX
+            else "the limit of /dev/xen/xenbus"
+        )
         raise ValueError(
-            f"XenStore payload of {len(payload)} bytes exceeds XENSTORE_PAYLOAD_MAX"
-            f" ({XENSTORE_PAYLOAD_MAX} bytes, path and value together)"
+            f"XenStore payload of {len(payload)} bytes exceeds {limit}"
+            f" ({payload_max} bytes, path and value together)"
         )
     return (
         HEADER.pack(
@@ -292,9 +312,7 @@ class Decoder:
                     break
                 self._buf += view[:need]
                 view = view[need:]
-                if len(self._buf) < (
-                    HEADER.size if self._header is None else self._header[3]
-                ):
+                if len(self._buf) < (HEADER.size if self._header is None else self._header[3]):
                     break
             if self._header is None:
                 header = HEADER.unpack(bytes(self._buf))
@@ -339,6 +357,7 @@ class _Connection:
         self._sock: socket.socket | None = None
         self.fd = -1
         self.transport = ""
+        self.payload_max = XENSTORE_PAYLOAD_MAX
         candidates = [path] if path is not None else [SOCKET_PATH, XENBUS_PATH]
         problems = []
         for cand in candidates:
@@ -360,6 +379,7 @@ class _Connection:
                     self.fd = sock.fileno()
                 else:
                     self.fd = os.open(cand, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                    self.payload_max = XENBUS_PAYLOAD_MAX
             except OSError as exc:
                 problems.append(f"{cand}: {exc.strerror}")
                 continue
@@ -451,7 +471,7 @@ class _Connection:
         with self._lock:
             req_id = self._next_req
             self._next_req = self._next_req % 0xFFFFFFFF + 1
-            data = encode_message(msg_type, req_id, tx_id, payload)
+            data = encode_message(msg_type, req_id, tx_id, payload, payload_max=self.payload_max)
             deadline = time.monotonic() + self.timeout
             self._write_all(data, deadline, what)
             while True:
