@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cffi import FFI
+from cffi import FFI  # type: ignore[import-untyped,unused-ignore]
 
 _HERE = Path(__file__).resolve().parent
 CDEFS = (_HERE / "_cdefs.h").read_text()
