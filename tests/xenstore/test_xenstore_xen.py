@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import pytest
 from anyio import ClosedResourceError
 
-from gntipc._exceptions import XenError
-from gntipc.backends._abc import Perm
+from gntipc._exceptions import LocalProtocolError, XenError
+from gntipc.backends._abc import EventPort, Perm, PortState
 from gntipc.backends._xenstore import SOCKET_PATH, XENBUS_PATH, XenStore
+from gntipc.backends.xen import XenBackend
 
 pytestmark = [
     pytest.mark.xen,
@@ -211,3 +212,100 @@ def test_closed_store(store: XenStore) -> None:
         s.read("domid")
     with pytest.raises(ClosedResourceError):
         s.watch("domid")
+
+
+# ------------------------------------------------------------------ XenBackend in dom0
+
+
+@pytest.fixture
+def backend() -> Iterator[XenBackend]:
+    with XenBackend() as b:
+        yield b
+
+
+def _wait_port(port: EventPort, timeout: float = 5.0) -> bool:
+    r, _, _ = select.select([port.fileno()], [], [], timeout)
+    return bool(r) and port.pending()
+
+
+def test_backend_share_map_read_write(backend: XenBackend) -> None:
+    assert backend.name == "xen"
+    assert backend.domid == backend.store.domid == 0
+    with backend.share(backend.domid, 2) as shared:
+        assert len(shared.refs) == 2
+        assert shared.mapping.size == 8192
+        view = shared.mapping.view()
+        assert bytes(view[:16]) == bytes(16)  # zeroed
+        view[4090:4100] = b"0123456789"  # across the page boundary
+        with backend.map(backend.domid, shared.refs) as mapped:
+            mv = mapped.mapping.view()
+            assert bytes(mv[4090:4100]) == b"0123456789"
+            mv[0:5] = b"hello"
+            assert bytes(view[0:5]) == b"hello"
+            del mv
+        with backend.map(backend.domid, shared.refs[1:], writable=False) as ro:
+            rv = ro.mapping.view()
+            assert rv.readonly
+            assert bytes(rv[:4]) == b"6789"
+            del rv
+            with pytest.raises(LocalProtocolError):
+                ro.set_unmap_notify(0, clear_byte=True)
+        del view
+
+
+def test_backend_read_only_grant_refuses_writable_map(backend: XenBackend) -> None:
+    with backend.share(backend.domid, 1, writable=False) as shared:
+        with pytest.raises(XenError):
+            backend.map(backend.domid, shared.refs, writable=True)
+        with backend.map(backend.domid, shared.refs, writable=False) as ro:
+            assert ro.mapping.view().readonly
+
+
+def test_backend_events_round_trip_and_status(backend: XenBackend) -> None:
+    with backend.alloc_unbound(backend.domid) as a:
+        assert a.status() == PortState.UNBOUND
+        with backend.bind_interdomain(backend.domid, a.port) as b:
+            assert a.fileno() != b.fileno()  # one evtchn handle per port
+            assert a.status() == PortState.INTERDOMAIN
+            assert not a.pending()
+            b.notify()
+            assert _wait_port(a)
+            assert not b.pending()  # only a's fd fired
+            b.notify()
+            b.notify()  # masked: coalesces
+            a.unmask()
+            assert _wait_port(a)
+            assert not a.pending()
+            a.unmask()
+            a.notify()
+            assert _wait_port(b)
+            b.unmask()
+        # b closed: a is unbound again, as after a peer's death
+        assert a.status() in (PortState.UNBOUND, PortState.CLOSED)
+    with pytest.raises(ClosedResourceError):
+        a.notify()
+
+
+def test_backend_unmap_notify_clears_byte_and_sends_event(backend: XenBackend) -> None:
+    with (
+        backend.alloc_unbound(backend.domid) as a,
+        backend.bind_interdomain(backend.domid, a.port) as b,
+        backend.share(backend.domid, 1) as shared,
+    ):
+        view = shared.mapping.view()
+        view[21] = 1
+        mapped = backend.map(backend.domid, shared.refs)
+        mapped.set_unmap_notify(21, clear_byte=True, port=b)
+        mapped.close()
+        assert _wait_port(a)
+        assert view[21] == 0
+        del view
+
+
+def test_backend_closed(backend: XenBackend) -> None:
+    b = XenBackend(store=backend.store)
+    b.close()
+    b.close()
+    with pytest.raises(ClosedResourceError):
+        b.share(0, 1)
+    assert "0" in backend.store.directory("/local/domain")  # a given store stays open

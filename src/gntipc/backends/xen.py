@@ -1,0 +1,322 @@
+"""The ``xen`` backend: real grants, event channels and XenStore of a Xen domain.
+
+Over the device wrappers of :mod:`gntipc.devices` (``/dev/xen/gntalloc`` to share pages,
+``/dev/xen/gntdev`` to map and grant-copy, ``/dev/xen/evtchn`` for event channels,
+``/dev/xen/privcmd`` for EVTCHNOP_status) and the XenStore client of
+:mod:`gntipc.backends._xenstore`.
+
+As libxenvchan does, every :class:`EventPort` has its own ``/dev/xen/evtchn`` handle, so
+its :meth:`~EventPort.fileno` becomes readable only for its own events.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from anyio import ClosedResourceError
+
+from .._exceptions import BackendUnavailable, LocalProtocolError, XenError
+from .._mapping import Mapping
+from ._abc import (
+    DOMID_MAX,
+    Backend,
+    CopySegment,
+    EventPort,
+    Pages,
+    PortState,
+    Store,
+)
+
+if TYPE_CHECKING:
+    from ..devices import Evtchn, Gntalloc, GntallocShare, Gntdev, GntdevMap, Privcmd
+
+__all__ = ["XenBackend"]
+
+#: The devices every xen backend needs (privcmd is needed only for :meth:`status`).
+REQUIRED_DEVICES = ("/dev/xen/gntdev", "/dev/xen/gntalloc", "/dev/xen/evtchn")
+
+
+def _check_domid(domid: int) -> int:
+    if not isinstance(domid, int) or isinstance(domid, bool) or not 0 <= domid <= DOMID_MAX:
+        raise ValueError(f"domid {domid!r} out of range (0..{DOMID_MAX})")
+    return domid
+
+
+class _XenPages(Pages):
+    """Shared (gntalloc) or mapped (gntdev) pages."""
+
+    def __init__(self, inner: GntdevMap | GntallocShare, domid: int) -> None:
+        self._inner: GntdevMap | GntallocShare | None = inner
+        self.domid = domid
+        self.refs = tuple(inner.refs)
+        self.mapping: Mapping = inner.mapping
+
+    def set_unmap_notify(
+        self, offset: int, *, clear_byte: bool = True, port: EventPort | None = None
+    ) -> None:
+        """See :meth:`Pages.set_unmap_notify`.
+
+        Raises:
+            LocalProtocolError: ``offset`` outside the mapping, or ``clear_byte`` on a
+                read-only mapping.
+            ClosedResourceError: the pages are closed.
+            XenError: the driver refused (e.g. ``port`` is not bound here).
+        """
+        inner = self._inner
+        if inner is None:
+            raise ClosedResourceError("the pages are closed")
+        if not isinstance(offset, int) or not 0 <= offset < self.mapping.size:
+            raise LocalProtocolError(
+                f"unmap-notify offset {offset!r} outside the {self.mapping.size}-byte mapping"
+            )
+        if clear_byte and not self.mapping.writable:
+            raise LocalProtocolError("clear_byte unmap notification on a read-only mapping")
+        port_number: int | None = None
+        if port is not None:
+            if not isinstance(port, _XenPort):
+                raise LocalProtocolError(f"{port!r} is not an event port of the xen backend")
+            port_number = port.port
+        inner.set_unmap_notify(offset, clear_byte=clear_byte, port=port_number)
+
+    def close(self) -> None:
+        """Unmap (firing the notification) and, for shared pages, end the grants."""
+        inner = self._inner
+        if inner is not None:
+            inner.close()
+            self._inner = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._inner is None else f"{len(self.refs)} pages"
+        return f"<{type(self).__name__} domid={self.domid} {state}>"
+
+
+class _XenPort(EventPort):
+    """One port on its own ``/dev/xen/evtchn`` handle."""
+
+    def __init__(self, backend: XenBackend, evtchn: Evtchn, port: int, remote_domid: int) -> None:
+        self._backend = backend
+        self._evtchn: Evtchn | None = evtchn
+        self.port = port
+        self.remote_domid = remote_domid
+
+    def _live(self) -> Evtchn:
+        ev = self._evtchn
+        if ev is None:
+            raise ClosedResourceError(f"event port {self.port} is closed")
+        return ev
+
+    def fileno(self) -> int:
+        """Readable when an event is pending on this port."""
+        return self._live().fileno()
+
+    def notify(self) -> None:
+        """Send an event to the other end (never blocks).
+
+        Raises:
+            XenError: the port is not connected.
+        """
+        self._live().notify(self.port)
+
+    def pending(self) -> bool:
+        """Consume pending events without blocking; True if one arrived."""
+        return bool(self._live().pending())
+
+    def unmask(self) -> None:
+        """Allow the next event to be delivered."""
+        self._live().unmask(self.port)
+
+    def status(self) -> PortState:
+        """EVTCHNOP_status of this port, through ``/dev/xen/privcmd``.
+
+        Raises:
+            BackendUnavailable: privcmd is missing or the hypercall is refused (EPERM, as
+                in a PV domU).
+        """
+        self._live()
+        return PortState(self._backend._evtchn_status(self.port))
+
+    def close(self) -> None:
+        """Unbind the port and close its handle (idempotent)."""
+        ev = self._evtchn
+        if ev is not None:
+            self._evtchn = None
+            ev.close()  # closing the handle unbinds its ports
+
+    def __del__(self) -> None:
+        if getattr(self, "_evtchn", None) is not None:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._evtchn is None else "open"
+        return f"<{type(self).__name__} port={self.port} remote={self.remote_domid} {state}>"
+
+
+class XenBackend(Backend):
+    """The real Xen devices and XenStore of this domain.
+
+    Args:
+        store: a XenStore connection to use (default: a new :class:`XenStore`, closed with
+            the backend; a given one is left open).
+
+    Raises:
+        BackendUnavailable: a ``/dev/xen`` device is missing (the message names it) or
+            XenStore cannot be reached.
+    """
+
+    name: ClassVar[str] = "xen"
+
+    def __init__(self, *, store: Store | None = None) -> None:
+        missing = [dev for dev in REQUIRED_DEVICES if not os.path.exists(dev)]
+        if missing:
+            raise BackendUnavailable(
+                f"the xen backend needs {', '.join(missing)}"
+                " (not a Xen domain, or the xen-gntdev/xen-gntalloc/xen-evtchn modules are"
+                " not loaded)"
+            )
+        from ..devices import Evtchn, Gntalloc, Gntdev, Privcmd
+
+        self._evtchn_cls = Evtchn
+        self._privcmd_cls = Privcmd
+        self._lock = threading.Lock()
+        self._privcmd: Privcmd | None = None
+        self._gntdev: Gntdev | None = None
+        self._gntalloc: Gntalloc | None = None
+        self._own_store = store is None
+        self._closed = False
+        try:
+            self._gntdev = Gntdev()
+            self._gntalloc = Gntalloc()
+            if store is None:
+                from ._xenstore import XenStore
+
+                store = XenStore()
+        except BaseException:
+            self._close_devices()
+            raise
+        self.store = store
+        self.domid = store.domid
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("the xen backend is closed")
+
+    def _devs(self) -> tuple[Gntdev, Gntalloc]:
+        gntdev, gntalloc = self._gntdev, self._gntalloc
+        if self._closed or gntdev is None or gntalloc is None:
+            raise ClosedResourceError("the xen backend is closed")
+        return gntdev, gntalloc
+
+    def share(self, domid: int, count: int, *, writable: bool = True) -> Pages:
+        """Grant ``count`` zeroed pages to ``domid`` (see :meth:`Backend.share`).
+
+        Raises:
+            ValueError: ``count`` < 1 or ``domid`` out of range.
+            XenError: ENOSPC at the gntalloc page limit.
+        """
+        _, gntalloc = self._devs()
+        _check_domid(domid)
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive int, not {count!r}")
+        return _XenPages(gntalloc.share(domid, count, writable=writable), domid)
+
+    def map(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> Pages:
+        """Map ``refs`` granted by ``domid`` contiguously (see :meth:`Backend.map`).
+
+        Raises:
+            ValueError: no refs, or ``domid`` out of range.
+            XenError: a ref is not granted to us (or not writable when ``writable``).
+        """
+        gntdev, _ = self._devs()
+        _check_domid(domid)
+        refs = tuple(refs)
+        if not refs:
+            raise ValueError("map needs at least one grant ref")
+        return _XenPages(gntdev.map_refs(domid, refs, writable=writable), domid)
+
+    def grant_copy(self, segments: Sequence[CopySegment]) -> list[int]:
+        """Copy between local buffers and foreign grants (GNTDEV_GRANT_COPY).
+
+        Raises:
+            XenError: the whole call failed.
+        """
+        gntdev, _ = self._devs()
+        return gntdev.grant_copy(segments)
+
+    def alloc_unbound(self, remote_domid: int) -> EventPort:
+        """A fresh port on its own evtchn handle that ``remote_domid`` may bind to."""
+        _check_domid(remote_domid)
+        self._check()
+        evtchn = self._evtchn_cls()
+        try:
+            port = evtchn.bind_unbound_port(remote_domid)
+        except BaseException:
+            evtchn.close()
+            raise
+        return _XenPort(self, evtchn, port, remote_domid)
+
+    def bind_interdomain(self, remote_domid: int, remote_port: int) -> EventPort:
+        """Bind to ``remote_port`` of ``remote_domid``.
+
+        Raises:
+            XenError: EINVAL when the port is not unbound for us, ESRCH/EINVAL when the
+                domain is gone.
+        """
+        if not isinstance(remote_port, int) or remote_port <= 0:
+            raise ValueError(f"bad event-channel port {remote_port!r}")
+        _check_domid(remote_domid)
+        self._check()
+        evtchn = self._evtchn_cls()
+        try:
+            port = evtchn.bind_interdomain(remote_domid, remote_port)
+        except BaseException:
+            evtchn.close()
+            raise
+        return _XenPort(self, evtchn, port, remote_domid)
+
+    def _evtchn_status(self, port: int) -> int:
+        with self._lock:
+            self._check()
+            if self._privcmd is None:
+                self._privcmd = self._privcmd_cls()
+            privcmd = self._privcmd
+        try:
+            return int(privcmd.evtchn_status(port).status)
+        except XenError as exc:  # devices already maps EPERM; keep the rule here too
+            if exc.errno == errno.EPERM:
+                raise BackendUnavailable(
+                    "EVTCHNOP_status is refused in this domain (EPERM; a PV domU may not ask)"
+                ) from exc
+            raise
+
+    def _close_devices(self) -> None:
+        for name in ("_privcmd", "_gntdev", "_gntalloc"):
+            dev = getattr(self, name, None)
+            if dev is not None:
+                setattr(self, name, None)
+                dev.close()
+
+    def close(self) -> None:
+        """Close the device handles (and the store if we opened it); idempotent.
+
+        Pages and ports opened through the backend stay usable until closed themselves.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._close_devices()
+        if self._own_store:
+            self.store.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True) is False:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<XenBackend domid={getattr(self, 'domid', '?')}>"
