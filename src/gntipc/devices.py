@@ -95,6 +95,12 @@ def _check_count(count: object) -> int:
     return _check_int(count, "count", 1, MAX_PAGES)
 
 
+def _tail(array: Any) -> Any:
+    """A pointer to the variable-length ``x[1]`` array that ends a kernel struct (cffi
+    bounds-checks the array type; the buffer behind it was allocated for ``count``)."""
+    return ffi.cast(ffi.typeof(array).item.cname + " *", array)
+
+
 def _address_of(mm: mmap.mmap) -> int:
     """The virtual address of an mmap (the temporary buffer export is released at once)."""
     p = ffi.from_buffer(mm)
@@ -334,9 +340,10 @@ class Gntdev(_Device):
         buf = ffi.new("char[]", size)
         arg = ffi.cast("struct ioctl_gntdev_map_grant_ref *", buf)
         arg.count = n
+        out = _tail(arg.refs)
         for i, ref in enumerate(refs_t):
-            arg.refs[i].domid = domid
-            arg.refs[i].ref = ref
+            out[i].domid = domid
+            out[i].ref = ref
         self._ioctl(lib.IOCTL_GNTDEV_MAP_GRANT_REF, arg, "gntdev MAP_GRANT_REF")
         return GntdevMap(self, domid, refs_t, int(arg.index), writable)
 
@@ -450,8 +457,9 @@ class Gntdev(_Device):
         arg.flags = flags
         arg.count = n
         arg.domid = domid
+        out = _tail(arg.refs)
         for i, ref in enumerate(refs_t):
-            arg.refs[i] = ref
+            out[i] = ref
         self._ioctl(
             lib.IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS,
             arg,
@@ -496,7 +504,8 @@ class Gntdev(_Device):
             "gntdev DMABUF_IMP_TO_REFS",
             enotty_hint=_DMABUF_HINT,
         )
-        return [int(arg.refs[i]) for i in range(count)]
+        out = _tail(arg.refs)
+        return [int(out[i]) for i in range(count)]
 
     def dmabuf_import_release(self, fd: int) -> None:
         """End the grants made by :meth:`dmabuf_import_to_refs` for ``fd``.
@@ -589,7 +598,8 @@ class Gntalloc(_Device):
         arg.flags = lib.GNTALLOC_FLAG_WRITABLE if writable else 0
         arg.count = count
         self._ioctl(lib.IOCTL_GNTALLOC_ALLOC_GREF, arg, f"gntalloc ALLOC_GREF of {count} pages")
-        refs = tuple(int(arg.gref_ids[i]) for i in range(count))
+        out = _tail(arg.gref_ids)
+        refs = tuple(int(out[i]) for i in range(count))
         return GntallocShare(self, domid, refs, int(arg.index), writable)
 
 
