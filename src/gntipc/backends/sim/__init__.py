@@ -1,0 +1,64 @@
+"""The ``sim`` backend: a simulated Xen hypervisor across real processes.
+
+A process plays a domain (``SimBackend(domid)`` or ``$GNTIPC_SIM_DOMID``); several
+processes may play the same one.  There is no daemon and no root: all state lives in
+a per-user runtime directory (``$GNTIPC_SIM_DIR``, else ``$XDG_RUNTIME_DIR/gntipc-sim``,
+else ``/tmp/gntipc-sim-<uid>``, mode 0700) — an sqlite3 db in WAL mode plus memory files
+and unix sockets — and the last backend to close removes the directory.
+
+Design, one concept per private module:
+
+``_runtime``
+    The directory, the process registry ``(pid, start time)`` (immune to pid reuse),
+    and *reaping*: the state of a dead process is reclaimed by whoever notices first —
+    its event-channel peer (a pidfd of the peer is part of every connected port's fd),
+    any backend opening or closing, or :func:`assert_cleaned_up`.  Reaping a process
+    performs its registered unmap notifications (unless its domain was killed).
+``_grants``
+    A grant ref is one page of a sparse memory file; mapping N refs reserves a range
+    and maps each page ``MAP_FIXED`` over it; read-only grants are mapped
+    ``PROT_READ`` (the memoryview is read-only and the page unwritable).
+``_events``
+    A port is a bound unix datagram socket; notify is one ``sendto``; ``fileno()`` is
+    an epoll fd over the socket and a pidfd of the peer process, so the death of the
+    peer (SIGKILL, even with forked children holding its fds) wakes the survivor, whose
+    ``pending()`` then performs the dead process's notifications (clear the byte in the
+    shared page, deliver the event) before reporting the event.
+``_store``
+    XenStore in the db: nodes with generation numbers, xenstored's permission rules,
+    snapshot transactions failing with EAGAIN on conflict, watches delivered to
+    per-watch datagram sockets.  Each backend creates its domain's home
+    ``/local/domain/<domid>`` (owned by the domain, no access for others, with a
+    ``domid`` key) if it is absent — the toolstack's job on Xen — and fires
+    ``@introduceDomain`` when it does; :func:`kill_domain` removes it and fires
+    ``@releaseDomain``.
+
+Xen behaviours that are **not** modelled:
+
+- dma-buf export/import of grants (not simulated; the interface has no such call);
+- grant-table v2, transitive grants, grant-copy between two foreign refs, and
+  ``GNTST_*`` codes beyond okay/bad_domain/bad_gntref/permission_denied/bad_copy_arg;
+- the page limit is per domain as given to the sharing backend's ``page_limit``
+  (Xen's is the gntalloc module parameter); there is no gntdev mapping limit;
+- isolation: every process of the user can read the memory files (the sim trusts
+  the user, it only enforces the grant rules through its API);
+- event channels: only interdomain ports (no VIRQ, IPI, PIRQ), no evtchn queue
+  overflow (EFBIG), ``restrict_domid`` or reset; notify on a port whose peer is gone
+  raises ENOTCONN (Xen silently drops it); a peer that dies while a forked child
+  still holds its socket swallows notifies until the death is noticed;
+- unmap notifications of a dead process that name *no* port are performed at the next
+  reap (a backend opening/closing, a peer port noticing), not at once;
+- the store: no quotas, no transaction limits, no watch permission filtering, no
+  ``@``-paths besides ``@releaseDomain``/``@introduceDomain``, no introduce/release
+  of domains other than by :func:`kill_domain` and the home creation above;
+- domains have no lifecycle beyond their processes: a killed domid may be played
+  again at once.
+"""
+
+from ._backend import SimBackend as SimBackend
+from ._backend import assert_cleaned_up as assert_cleaned_up
+from ._backend import kill_domain as kill_domain
+from ._events import SimEventPort as SimEventPort
+from ._grants import SimPages as SimPages
+
+__all__ = ["SimBackend", "SimEventPort", "SimPages", "assert_cleaned_up", "kill_domain"]

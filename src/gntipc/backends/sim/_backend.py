@@ -1,0 +1,311 @@
+"""SimBackend, kill_domain and assert_cleaned_up."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import select
+import signal
+import time
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import ClassVar
+
+from anyio import ClosedResourceError
+
+from ..._mapping import MappingInUse
+from .._abc import DOMID_MAX, Backend, CopySegment
+from ._events import SimEventPort, alloc_unbound, bind_interdomain
+from ._grants import SimPages, grant_copy, map_refs, share_pages
+from ._runtime import Runtime, default_runtime_dir, leftovers, proc_alive, release_bid, self_start
+from ._store import SimStore, fire_watches
+
+__all__ = ["SimBackend", "assert_cleaned_up", "kill_domain"]
+
+_open_backends: weakref.WeakSet[SimBackend] = weakref.WeakSet()
+_names = itertools.count()
+
+
+def _check_domid(domid: int) -> int:
+    if isinstance(domid, bool) or not isinstance(domid, int):
+        raise TypeError(f"a domid is an int, not {type(domid).__name__}")
+    if not 0 <= domid <= DOMID_MAX:
+        raise ValueError(f"domid {domid} out of range 0..{DOMID_MAX}")
+    return domid
+
+
+class SimBackend(Backend):
+    """A process playing domain ``domid`` of the simulated hypervisor.
+
+    Args:
+        domid: our domain; default ``$GNTIPC_SIM_DOMID``, else 0.
+        runtime_dir: the shared state directory; default ``$GNTIPC_SIM_DIR``, else
+            ``$XDG_RUNTIME_DIR/gntipc-sim``, else ``/tmp/gntipc-sim-<uid>``.
+        page_limit: the gntalloc limit of pages this domain may share at once.
+
+    Raises:
+        ValueError: bad domid or page limit.
+        PermissionError: the runtime directory belongs to another user.
+    """
+
+    name: ClassVar[str] = "sim"
+
+    def __init__(
+        self,
+        domid: int | None = None,
+        *,
+        runtime_dir: str | None = None,
+        page_limit: int = 1024,
+    ) -> None:
+        if domid is None:
+            domid = int(os.environ.get("GNTIPC_SIM_DOMID", "0"))
+        self.domid = _check_domid(domid)
+        if page_limit < 1:
+            raise ValueError(f"page_limit must be >= 1, not {page_limit}")
+        self.page_limit = page_limit
+        self._children: set[object] = set()
+        self._rt = Runtime(os.path.abspath(runtime_dir or default_runtime_dir()))
+        try:
+            self._rt.reap_dead()
+            home = f"/local/domain/{domid}"
+            with self._rt.write() as db:
+                cur = db.execute(
+                    "INSERT INTO procs (pid, start, domid) VALUES (?, ?, ?)",
+                    (os.getpid(), self_start(), domid),
+                )
+                assert cur.lastrowid is not None
+                self._bid: int = cur.lastrowid
+                db.execute(
+                    "INSERT INTO domains (domid, next_ref, dead) VALUES (?, NULL, 0) "
+                    "ON CONFLICT(domid) DO UPDATE SET dead=0",
+                    (domid,),
+                )
+                if db.execute("SELECT 1 FROM nodes WHERE path=?", (home,)).fetchone() is None:
+                    db.executemany(
+                        "INSERT INTO nodes VALUES (?, ?, ?, 1)",
+                        [(home, b"", f"n{domid}"), (f"{home}/domid", str(domid).encode(),
+                                                     f"n{domid}")],
+                    )
+                    fire_watches(db, [home, "@introduceDomain"])
+        except BaseException:
+            self._rt.close()
+            raise
+        self.store = SimStore(self)
+        self._pid = os.getpid()
+        _open_backends.add(self)
+
+    def _new_name(self, kind: str) -> str:
+        return os.path.join(self._rt.path, kind, f"{self._bid}-{next(_names)}")
+
+    def _check(self) -> None:
+        if self._rt.closed:
+            raise ClosedResourceError("the sim backend is closed")
+        if os.getpid() != self._pid:
+            raise RuntimeError("a SimBackend cannot be used across fork(): open a new one")
+
+    @property
+    def runtime_dir(self) -> str:
+        """The shared state directory."""
+        return self._rt.path
+
+    def share(self, domid: int, count: int, *, writable: bool = True) -> SimPages:
+        """See :meth:`Backend.share`.
+
+        Raises:
+            ValueError: ``count`` < 1 or ``domid`` out of range.
+            XenError: ENOSPC (message names gntalloc) past ``page_limit``.
+            ClosedResourceError: the backend is closed.
+        """
+        self._check()
+        _check_domid(domid)
+        if count < 1:
+            raise ValueError(f"count must be >= 1, not {count}")
+        return share_pages(self, domid, count, writable)
+
+    def map(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> SimPages:
+        """See :meth:`Backend.map`.
+
+        Raises:
+            ValueError: no refs, or ``domid`` out of range.
+            XenError: EINVAL if a ref is not granted to us; EACCES if ``writable`` and a
+                ref is granted read-only.
+            ClosedResourceError: the backend is closed.
+        """
+        self._check()
+        _check_domid(domid)
+        if not refs:
+            raise ValueError("map needs at least one grant ref")
+        return map_refs(self, domid, [int(r) for r in refs], writable)
+
+    def grant_copy(self, segments: Sequence[CopySegment]) -> list[int]:
+        """See :meth:`Backend.grant_copy`: GNTST_okay (0), GNTST_bad_domain (-2),
+        GNTST_bad_gntref (-4), GNTST_permission_denied (-8), GNTST_bad_copy_arg (-10).
+
+        Raises:
+            LocalProtocolError: a segment has no (or two) foreign sides, or a bad local
+                buffer.
+            ClosedResourceError: the backend is closed.
+        """
+        self._check()
+        return grant_copy(self, segments)
+
+    def alloc_unbound(self, remote_domid: int) -> SimEventPort:
+        """See :meth:`Backend.alloc_unbound`.  Raises ClosedResourceError if closed."""
+        self._check()
+        _check_domid(remote_domid)
+        return alloc_unbound(self, remote_domid)
+
+    def bind_interdomain(self, remote_domid: int, remote_port: int) -> SimEventPort:
+        """See :meth:`Backend.bind_interdomain`.
+
+        Raises:
+            XenError: EINVAL if the port is not unbound for us; ESRCH if its process
+                died.
+            ClosedResourceError: the backend is closed.
+        """
+        self._check()
+        _check_domid(remote_domid)
+        return bind_interdomain(self, remote_domid, remote_port)
+
+    def close(self) -> None:
+        """Close every resource still open (unmap notifications fire), unregister, and
+        remove the runtime directory if we were the last.  Idempotent.
+
+        Raises:
+            MappingInUse: a mapping still has views; nothing was closed.
+        """
+        if self._rt.closed:
+            return
+        pages = [c for c in self._children if isinstance(c, SimPages)]
+        for p in pages:
+            try:
+                p.close()
+            except MappingInUse:
+                raise
+        for c in list(self._children):
+            close = getattr(c, "close", None)
+            if close is not None:
+                close()
+        self.store.close()
+        with contextlib.suppress(Exception), self._rt.write() as db:
+            release_bid(db, self._bid, notify=False)
+        self._rt.close()
+        _open_backends.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._rt.closed
+
+    def __del__(self) -> None:
+        rt = getattr(self, "_rt", None)
+        if rt is not None and not rt.closed:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        return f"<SimBackend domain {self.domid} in {self._rt.path}>"
+
+
+def kill_domain(domid: int, runtime_dir: str | None = None, *, timeout: float = 5.0) -> list[int]:
+    """Destroy simulated domain ``domid``, as ``xl destroy`` would.
+
+    Every other process playing it is SIGKILLed *without* its unmap notifications; the
+    ports connected to it silently revert to unbound (no event); its store home
+    ``/local/domain/<domid>`` is removed and ``@releaseDomain`` fires.  The calling
+    process is never killed (its own backends of that domain are left open).
+
+    Returns:
+        The pids killed.
+
+    Raises:
+        TimeoutError: a process did not exit within ``timeout`` seconds.
+    """
+    _check_domid(domid)
+    rt = Runtime(os.path.abspath(runtime_dir or default_runtime_dir()))
+    try:
+        me = os.getpid()
+        with rt.write() as db:
+            db.execute(
+                "INSERT INTO domains (domid, next_ref, dead) VALUES (?, NULL, 1) "
+                "ON CONFLICT(domid) DO UPDATE SET dead=1",
+                (domid,),
+            )
+            victims = {
+                (pid, start)
+                for pid, start in db.execute(
+                    "SELECT pid, start FROM procs WHERE domid=?", (domid,)
+                )
+                if pid != me
+            }
+        pidfds = []
+        for pid, start in victims:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            if proc_alive(pid, start):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            pidfds.append(fd)
+        deadline = time.monotonic() + timeout
+        try:
+            for fd in pidfds:
+                left = max(0.0, deadline - time.monotonic())
+                r, _, _ = select.select([fd], [], [], left)
+                if not r:
+                    raise TimeoutError(f"a process of domain {domid} survived SIGKILL")
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+        with rt.write() as db:
+            for (bid,) in db.execute(
+                "SELECT bid FROM procs WHERE domid=? AND pid != ?", (domid, me)
+            ).fetchall():
+                release_bid(db, bid, notify=False)
+            home = f"/local/domain/{domid}"
+            db.execute(
+                "DELETE FROM nodes WHERE path=? OR (path > ? AND path < ?)",
+                (home, home + "/", home + "0"),
+            )
+            db.execute("UPDATE domains SET dead=0 WHERE domid=?", (domid,))
+            fire_watches(db, [home, "@releaseDomain"])
+        return sorted(p for p, _ in victims)
+    finally:
+        rt.close()
+
+
+def assert_cleaned_up(runtime_dir: str | None = None) -> None:
+    """Check that this process left nothing open, and that dead processes' state has
+    been reclaimed.
+
+    Reaps dead processes first (that is the clean-up of a ``kill -9``), then lists
+    open sim backends, pages, ports and watches of this process and every row of the
+    shared state that belongs to this process or to a dead one.
+
+    Raises:
+        AssertionError: with the list of leftovers.
+    """
+    problems: list[str] = []
+    for b in list(_open_backends):
+        if not b.closed:
+            problems.append(f"open {b!r}")
+            problems.extend(f"  open {c!r}" for c in b._children)
+    path = os.path.abspath(runtime_dir or default_runtime_dir())
+    if os.path.isdir(path):
+        rt = Runtime(path)
+        try:
+            rt.reap_dead()
+            problems.extend(leftovers(rt))
+            if not problems:
+                live = rt.db.execute("SELECT pid, start FROM procs").fetchall()
+                if not any(proc_alive(p, s) for p, s in live):
+                    stray = [
+                        os.path.join(sub, f)
+                        for sub in ("m", "p", "w")
+                        for f in os.listdir(os.path.join(path, sub))
+                    ]
+                    problems.extend(f"stray file {s}" for s in stray)
+        finally:
+            rt.close()
+    if problems:
+        raise AssertionError("sim leftovers:\n" + "\n".join(problems))

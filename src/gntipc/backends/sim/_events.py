@@ -1,0 +1,315 @@
+"""Simulated event channels.
+
+Each port has a bound unix datagram socket ``p/<bid>-<n>``; a notify is one
+``sendto`` of one byte to the peer port's socket (one syscall + the receiver's
+wake-up; a full queue counts as delivered, since events coalesce anyway).  The
+``ports`` table records (domid, port) → remote domid, owner process, socket and the
+peer port once bound; port numbers are per domain, smallest free first, like Xen's.
+
+:meth:`SimEventPort.fileno` is an epoll fd holding the socket and, once the port is
+connected, a pidfd of the peer process.  It becomes readable on an event *and* when
+the peer process dies (even by SIGKILL, even if a forked child still holds the
+peer's sockets): :meth:`SimEventPort.pending` then reaps the dead process, which
+performs its registered unmap notifications (clears the byte through the memory
+file, sends the event to this port), so the survivor sees the event and the cleared
+byte.  A killed *domain* (:func:`kill_domain`) performs none: the port just reverts
+to unbound, as on Xen.
+
+Masking follows the evtchn device: :meth:`pending` reporting an event masks the port;
+events arriving while masked are latched (``pending`` says False) and redelivered, as
+one, by :meth:`unmask`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import warnings
+from typing import TYPE_CHECKING
+
+from anyio import ClosedResourceError
+
+from ..._exceptions import raise_errno
+from .._abc import EventPort, PortState
+from ._runtime import bind_dgram, drain_dgrams, proc_alive, self_start, send_dgram
+
+if TYPE_CHECKING:
+    from ._backend import SimBackend
+
+__all__ = ["SimEventPort", "alloc_unbound", "bind_interdomain"]
+
+
+class SimEventPort(EventPort):
+    """One end of a simulated event channel."""
+
+    def __init__(
+        self, backend: SimBackend, port: int, remote_domid: int, sock: socket.socket,
+        path: str,
+    ) -> None:
+        self._backend = backend
+        self.port = port
+        self.remote_domid = remote_domid
+        self._sock: socket.socket | None = sock
+        self._path = path
+        self._ep: select.epoll | None = select.epoll()
+        self._ep.register(sock.fileno(), select.EPOLLIN)
+        self._peer_sock: str | None = None
+        self._peer_pid = 0
+        self._pidfd = -1
+        self._masked = False
+        self._latched = False
+        backend._children.add(self)
+
+    # -- peer tracking ----------------------------------------------------------------
+    def _set_peer(self, sock: str, pid: int, start: int) -> None:
+        self._drop_pidfd()
+        self._peer_sock = sock
+        self._peer_pid = pid
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            fd = -1
+        if fd >= 0 and not proc_alive(pid, start):
+            os.close(fd)
+            fd = -1
+        if fd < 0:
+            # Gone already: an always-readable stand-in makes the loop call pending().
+            r, w = os.pipe2(os.O_CLOEXEC)
+            os.close(w)
+            fd = r
+        self._pidfd = fd
+        assert self._ep is not None
+        self._ep.register(fd, select.EPOLLIN)
+
+    def _drop_pidfd(self) -> None:
+        fd, self._pidfd = self._pidfd, -1
+        if fd >= 0:
+            if self._ep is not None:
+                self._ep.unregister(fd)
+            os.close(fd)
+        self._peer_sock = None
+
+    def _refresh(self) -> None:
+        """Learn from the shared table whom we are connected to (peer may change)."""
+        db = self._backend._rt.db
+        with self._backend._rt.lock:
+            row = db.execute(
+                "SELECT p.sock, p.pid, p.start FROM ports AS me JOIN ports AS p "
+                "ON p.domid = me.remote AND p.port = me.peer_port "
+                "WHERE me.domid=? AND me.port=?",
+                (self._backend.domid, self.port),
+            ).fetchone()
+        if row is None:
+            if self._peer_sock is not None:
+                self._drop_pidfd()
+        elif row[0] != self._peer_sock:
+            self._set_peer(str(row[0]), int(row[1]), int(row[2]))
+
+    def _peer_dead(self) -> bool:
+        if self._pidfd < 0:
+            return False
+        r, _, _ = select.select([self._pidfd], [], [], 0)
+        return bool(r)
+
+    def _reap_peer(self) -> None:
+        self._backend._rt.reap_dead()
+        self._refresh()
+
+    # -- EventPort ----------------------------------------------------------------------
+    def _live_sock(self) -> socket.socket:
+        sock = self._sock
+        if sock is None:
+            raise ClosedResourceError("the event port is closed")
+        return sock
+
+    def fileno(self) -> int:
+        """The epoll fd: readable on an event or when the peer process has died.
+
+        Raises:
+            ClosedResourceError: the port is closed.
+        """
+        self._live_sock()
+        assert self._ep is not None
+        return self._ep.fileno()
+
+    def notify(self) -> None:
+        """Send an event to the peer port (one datagram).
+
+        Raises:
+            XenError: ENOTCONN when the port is not connected (not yet bound, or the
+                peer closed its end or died).
+            ClosedResourceError: the port is closed.
+        """
+        self._live_sock()
+        peer = self._peer_sock
+        if peer is None:
+            self._refresh()
+            peer = self._peer_sock
+        if peer is None or not send_dgram(peer, b"e"):
+            self._refresh()
+            raise_errno(
+                errno.ENOTCONN,
+                f"evtchn: notify port {self.port}: not connected to domain "
+                f"{self.remote_domid}",
+            )
+
+    def pending(self) -> bool:
+        """Consume queued events; True if one is delivered (the port is then masked).
+
+        Performs the unmap notifications of a dead peer process first.
+
+        Raises:
+            ClosedResourceError: the port is closed.
+        """
+        sock = self._live_sock()
+        msgs = drain_dgrams(sock)
+        if b"b" in msgs or b"u" in msgs:
+            self._refresh()
+        if self._peer_dead():
+            self._reap_peer()
+            msgs += drain_dgrams(sock)
+        got = b"e" in msgs or self._latched
+        if not got:
+            return False
+        if self._masked:
+            self._latched = True
+            return False
+        self._latched = False
+        self._masked = True
+        return True
+
+    def unmask(self) -> None:
+        """Unmask; an event latched while masked is delivered again (fd readable).
+
+        Raises:
+            ClosedResourceError: the port is closed.
+        """
+        sock = self._live_sock()
+        self._masked = False
+        if self._latched:
+            send_dgram(self._path, b"e")
+            self._latched = False
+            del sock
+
+    def status(self) -> PortState:
+        """``INTERDOMAIN`` while connected to a live peer, else ``UNBOUND``.
+
+        Raises:
+            ClosedResourceError: the port is closed.
+        """
+        self._live_sock()
+        self._refresh()
+        if self._peer_dead():
+            self._reap_peer()
+        return PortState.INTERDOMAIN if self._peer_sock is not None else PortState.UNBOUND
+
+    def close(self) -> None:
+        """Unbind (idempotent): the peer port silently reverts to unbound."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        self._backend._children.discard(self)
+        rt = self._backend._rt
+        if not rt.closed:
+            from ._runtime import unbind_port
+
+            with rt.write() as db:
+                unbind_port(db, self._backend.domid, self.port)
+        sock.close()
+        self._drop_pidfd()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path)
+        ep, self._ep = self._ep, None
+        if ep is not None:
+            ep.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def __del__(self) -> None:
+        if getattr(self, "_sock", None) is not None:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        return (
+            f"<SimEventPort {self._backend.domid}:{self.port} -> domain "
+            f"{self.remote_domid}>"
+        )
+
+
+def _free_port(backend: SimBackend) -> int:
+    used = {
+        r[0]
+        for r in backend._rt.db.execute(
+            "SELECT port FROM ports WHERE domid=?", (backend.domid,)
+        )
+    }
+    port = 1
+    while port in used:
+        port += 1
+    return port
+
+
+def alloc_unbound(backend: SimBackend, remote_domid: int) -> SimEventPort:
+    path = backend._new_name("p")
+    sock = bind_dgram(path)
+    try:
+        with backend._rt.write() as db:
+            port = _free_port(backend)
+            db.execute(
+                "INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                (backend.domid, port, remote_domid, backend._bid, os.getpid(),
+                 self_start(), path),
+            )
+    except BaseException:
+        sock.close()
+        os.unlink(path)
+        raise
+    return SimEventPort(backend, port, remote_domid, sock, path)
+
+
+def bind_interdomain(backend: SimBackend, remote_domid: int, remote_port: int) -> SimEventPort:
+    path = backend._new_name("p")
+    sock = bind_dgram(path)
+    try:
+        with backend._rt.write() as db:
+            row = db.execute(
+                "SELECT remote, peer_port, pid, start, sock FROM ports "
+                "WHERE domid=? AND port=?",
+                (remote_domid, remote_port),
+            ).fetchone()
+            if row is None or row[0] != backend.domid or row[1] is not None:
+                raise_errno(
+                    errno.EINVAL,
+                    f"evtchn: bind to port {remote_port} of domain {remote_domid}: not an "
+                    f"unbound port for domain {backend.domid}",
+                )
+            if not proc_alive(row[2], row[3]):
+                raise_errno(
+                    errno.ESRCH,
+                    f"evtchn: bind to port {remote_port} of domain {remote_domid}: its "
+                    "process is gone",
+                )
+            port = _free_port(backend)
+            db.execute(
+                "INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (backend.domid, port, remote_domid, backend._bid, os.getpid(),
+                 self_start(), path, remote_port),
+            )
+            db.execute(
+                "UPDATE ports SET peer_port=? WHERE domid=? AND port=?",
+                (port, remote_domid, remote_port),
+            )
+            peer_sock, peer_pid, peer_start = str(row[4]), int(row[2]), int(row[3])
+    except BaseException:
+        sock.close()
+        os.unlink(path)
+        raise
+    ev = SimEventPort(backend, port, remote_domid, sock, path)
+    ev._set_peer(peer_sock, peer_pid, peer_start)
+    send_dgram(peer_sock, b"b")  # wake the allocator so that it starts watching us
+    return ev

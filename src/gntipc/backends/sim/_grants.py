@@ -1,0 +1,350 @@
+"""Simulated grant tables: pages are pages of sparse memory files in the runtime dir.
+
+A share creates one memory file ``m/<bid>-<n>`` of ``count`` pages (ftruncate: sparse,
+hence zeroed) and one ``grants`` row per page: (granting domid, ref) → (grantee,
+writable, file, page offset).  Mapping N refs reserves an N-page range with an
+anonymous mmap and maps each page over it with ``MAP_FIXED`` (``gnt_mmap`` of the
+native core), read-only (``PROT_READ``) unless asked otherwise.  A memory file lives
+while a grant or a mapping (``maps`` rows) refers to it; after the granter ends its
+grants the mapper's pages stay valid, as foreign-mapped pages do on Xen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from anyio import ClosedResourceError
+
+from ..._exceptions import LocalProtocolError, raise_errno
+from ..._mapping import PAGE_SIZE, Mapping
+from .._abc import EventPort, Pages
+from ._runtime import drop_file_if_unused
+
+if TYPE_CHECKING:
+    from ._backend import SimBackend
+
+__all__ = ["SimPages", "map_refs", "share_pages"]
+
+#: The first ref handed out (Xen reserves refs 0..7 of every grant table).
+FIRST_REF = 8
+
+
+class SimPages(Pages):
+    """Pages shared with, or mapped from, another simulated domain."""
+
+    def __init__(
+        self,
+        backend: SimBackend,
+        domid: int,
+        refs: tuple[int, ...],
+        mm: mmap.mmap,
+        pages: list[tuple[str, int]],
+        *,
+        writable: bool,
+        shared: bool,
+        map_ids: list[int],
+    ) -> None:
+        self._backend = backend
+        self.domid = domid
+        self.refs = refs
+        self._pages = pages  # (memory file, file offset) per page
+        self._shared = shared
+        self._map_ids = map_ids
+        self._notify_id: int | None = None
+        self._notify: tuple[int, bool, EventPort | None] | None = None
+        self._closed = False
+        self.mapping = Mapping(mm, len(refs) * PAGE_SIZE, writable=writable,
+                               release=self._released)
+        backend._children.add(self)
+
+    def set_unmap_notify(
+        self, offset: int, *, clear_byte: bool = True, port: EventPort | None = None
+    ) -> None:
+        """See :meth:`Pages.set_unmap_notify`.  The notification is recorded in the
+        shared registry so that another process performs it if this one dies.
+
+        Raises:
+            LocalProtocolError: ``offset`` outside the mapping, ``clear_byte`` on a
+                read-only mapping, or ``port`` not a port of this backend.
+            ClosedResourceError: the pages are closed.
+        """
+        if self._closed:
+            raise ClosedResourceError("the pages are closed")
+        if not 0 <= offset < self.mapping.size:
+            raise LocalProtocolError(
+                f"unmap-notify offset {offset} outside the {self.mapping.size}-byte mapping"
+            )
+        if clear_byte and not self.mapping.writable:
+            raise LocalProtocolError("a read-only mapping cannot use the clear-byte notification")
+        from ._events import SimEventPort
+
+        if port is not None and not (
+            isinstance(port, SimEventPort) and port._backend is self._backend
+        ):
+            raise LocalProtocolError("the unmap-notify port must be a port of this backend")
+        file, off = self._pages[offset // PAGE_SIZE]
+        rt = self._backend._rt
+        with rt.write() as db:
+            if self._notify_id is not None:
+                db.execute("DELETE FROM notifies WHERE id=?", (self._notify_id,))
+            cur = db.execute(
+                "INSERT INTO notifies (bid, file, off, clear, pdomid, port) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    self._backend._bid,
+                    file,
+                    off + offset % PAGE_SIZE,
+                    int(clear_byte),
+                    None if port is None else self._backend.domid,
+                    None if port is None else port.port,
+                ),
+            )
+            self._notify_id = cur.lastrowid
+        self._notify = (offset, clear_byte, port)
+
+    def close(self) -> None:
+        """Unmap (firing the unmap notification) and end our grants.  Idempotent.
+
+        Raises:
+            MappingInUse: views into the mapping are alive; nothing was closed.
+        """
+        self.mapping.close()
+
+    def _released(self) -> None:
+        # Called by Mapping.close() after the munmap succeeded.
+        if self._closed:
+            return
+        self._closed = True
+        self._backend._children.discard(self)
+        rt = self._backend._rt
+        if rt.closed:
+            return
+        note = self._notify
+        if note is not None:
+            offset, clear, port = note
+            if clear:
+                file, off = self._pages[offset // PAGE_SIZE]
+                with contextlib.suppress(OSError):
+                    fd = os.open(file, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.pwrite(fd, b"\0", off + offset % PAGE_SIZE)
+                    finally:
+                        os.close(fd)
+            if port is not None:
+                with contextlib.suppress(Exception):
+                    port.notify()
+        files = {f for f, _ in self._pages}
+        with rt.write() as db:
+            if self._notify_id is not None:
+                db.execute("DELETE FROM notifies WHERE id=?", (self._notify_id,))
+            db.executemany("DELETE FROM maps WHERE id=?", [(i,) for i in self._map_ids])
+            if self._shared:
+                db.executemany(
+                    "DELETE FROM grants WHERE domid=? AND ref=?",
+                    [(self._backend.domid, r) for r in self.refs],
+                )
+            for f in files:
+                drop_file_if_unused(db, f)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        kind = "shared with" if self._shared else "mapped from"
+        return f"<SimPages {len(self.refs)} pages {kind} domain {self.domid}>"
+
+
+def share_pages(backend: SimBackend, domid: int, count: int, writable: bool) -> SimPages:
+    rt = backend._rt
+    name = backend._new_name("m")
+    with rt.write() as db:
+        (used,) = db.execute(
+            "SELECT COUNT(*) FROM grants WHERE domid=?", (backend.domid,)
+        ).fetchone()
+        if used + count > backend.page_limit:
+            raise_errno(
+                errno.ENOSPC,
+                f"gntalloc: sharing {count} pages: domain {backend.domid} already shares "
+                f"{used} of its limit of {backend.page_limit}",
+            )
+        row = db.execute(
+            "SELECT next_ref FROM domains WHERE domid=?", (backend.domid,)
+        ).fetchone()
+        first = FIRST_REF if row is None or row[0] is None else int(row[0])
+        db.execute(
+            "INSERT INTO domains (domid, next_ref) VALUES (?, ?) "
+            "ON CONFLICT(domid) DO UPDATE SET next_ref=excluded.next_ref",
+            (backend.domid, first + count),
+        )
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, count * PAGE_SIZE)
+            mm = mmap.mmap(fd, count * PAGE_SIZE, flags=mmap.MAP_SHARED,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(name)
+            raise
+        os.close(fd)
+        refs = tuple(range(first, first + count))
+        db.executemany(
+            "INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (backend.domid, r, domid, int(writable), name, i * PAGE_SIZE, backend._bid)
+                for i, r in enumerate(refs)
+            ],
+        )
+        cur = db.execute("INSERT INTO maps (bid, file) VALUES (?, ?)", (backend._bid, name))
+        map_id = cur.lastrowid
+        assert map_id is not None
+    pages = [(name, i * PAGE_SIZE) for i in range(count)]
+    return SimPages(backend, domid, refs, mm, pages, writable=True, shared=True,
+                    map_ids=[map_id])
+
+
+def map_refs(backend: SimBackend, domid: int, refs: Sequence[int], writable: bool) -> SimPages:
+    from gntipc._native import ffi, lib
+
+    rt = backend._rt
+    n = len(refs)
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    with rt.write() as db:
+        pages: list[tuple[str, int]] = []
+        for ref in refs:
+            row = db.execute(
+                "SELECT grantee, writable, file, off FROM grants WHERE domid=? AND ref=?",
+                (domid, ref),
+            ).fetchone()
+            if row is None or row[0] != backend.domid:
+                raise_errno(
+                    errno.EINVAL,
+                    f"gntdev: map grant ref {ref} of domain {domid}: not granted to "
+                    f"domain {backend.domid}",
+                )
+            if writable and not row[1]:
+                raise_errno(
+                    errno.EACCES,
+                    f"gntdev: map grant ref {ref} of domain {domid} writable: it is "
+                    "granted read-only",
+                )
+            pages.append((str(row[2]), int(row[3])))
+        mm = mmap.mmap(-1, n * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
+                       prot=prot)
+        try:
+            ptr = ffi.from_buffer(mm)
+            addr = int(ffi.cast("uintptr_t", ptr))
+            ffi.release(ptr)
+            fds: dict[str, int] = {}
+            try:
+                for i, (file, off) in enumerate(pages):
+                    fd = fds.get(file)
+                    if fd is None:
+                        flags = os.O_RDWR if writable else os.O_RDONLY
+                        fd = fds[file] = os.open(file, flags | os.O_CLOEXEC)
+                    got = lib.gnt_mmap(
+                        ffi.cast("void *", addr + i * PAGE_SIZE), PAGE_SIZE, prot,
+                        lib.MAP_SHARED | lib.MAP_FIXED, fd, off,
+                    )
+                    if got == ffi.NULL:
+                        raise_errno(ffi.errno, "sim: mmap of a granted page")
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+        except BaseException:
+            mm.close()
+            raise
+        map_ids = []
+        for file in {f for f, _ in pages}:
+            cur = db.execute("INSERT INTO maps (bid, file) VALUES (?, ?)", (backend._bid, file))
+            assert cur.lastrowid is not None
+            map_ids.append(cur.lastrowid)
+    return SimPages(backend, domid, tuple(refs), mm, pages, writable=writable, shared=False,
+                    map_ids=map_ids)
+
+
+def grant_copy(backend: SimBackend, segments: Sequence[object]) -> list[int]:
+    """Per-segment GNTST_* statuses, copying through the memory files."""
+    from .._abc import CopySegment, ForeignRef
+
+    statuses: list[int] = []
+    rt = backend._rt
+    with rt.snapshot() as db:
+        for seg in segments:
+            if not isinstance(seg, CopySegment):
+                raise TypeError(f"expected CopySegment, got {type(seg).__name__}")
+            src, dst, length = seg.source, seg.dest, seg.length
+            if isinstance(src, ForeignRef) == isinstance(dst, ForeignRef):
+                raise LocalProtocolError("a copy segment needs exactly one foreign side")
+            foreign = src if isinstance(src, ForeignRef) else dst
+            assert isinstance(foreign, ForeignRef)
+            if length < 0 or foreign.offset < 0 or foreign.offset + length > PAGE_SIZE:
+                statuses.append(GNTST_BAD_COPY_ARG)
+                continue
+            if not 0 <= foreign.domid <= 0x7FEF:
+                statuses.append(GNTST_BAD_DOMAIN)
+                continue
+            row = db.execute(
+                "SELECT grantee, writable, file, off FROM grants WHERE domid=? AND ref=?",
+                (foreign.domid, foreign.ref),
+            ).fetchone()
+            if row is None:
+                alive = db.execute(
+                    "SELECT 1 FROM procs WHERE domid=? LIMIT 1", (foreign.domid,)
+                ).fetchone()
+                statuses.append(GNTST_BAD_GNTREF if alive else GNTST_BAD_DOMAIN)
+                continue
+            if row[0] != backend.domid or (foreign is dst and not row[1]):
+                statuses.append(GNTST_PERMISSION_DENIED)
+                continue
+            pos = int(row[3]) + foreign.offset
+            try:
+                if foreign is src:
+                    local = memoryview(dst).cast("B")  # type: ignore[arg-type]
+                    if local.readonly or len(local) < length:
+                        raise LocalProtocolError(
+                            "grant-copy destination buffer is read-only or too short"
+                        )
+                    fd = os.open(row[2], os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        data = os.pread(fd, length, pos)
+                    finally:
+                        os.close(fd)
+                    local[:length] = data.ljust(length, b"\0")
+                else:
+                    local = memoryview(src).cast("B")  # type: ignore[arg-type]
+                    if len(local) < length:
+                        raise LocalProtocolError("grant-copy source buffer is too short")
+                    fd = os.open(row[2], os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.pwrite(fd, local[:length], pos)
+                    finally:
+                        os.close(fd)
+            except FileNotFoundError:
+                statuses.append(GNTST_BAD_GNTREF)
+                continue
+            statuses.append(GNTST_OKAY)
+    return statuses
+
+
+GNTST_OKAY = 0
+GNTST_GENERAL_ERROR = -1
+GNTST_BAD_DOMAIN = -2
+GNTST_BAD_GNTREF = -4
+GNTST_PERMISSION_DENIED = -8
+GNTST_BAD_COPY_ARG = -10
+
+
+def _check_open(pages: SimPages) -> None:
+    if pages.closed:
+        raise ClosedResourceError("the pages are closed")

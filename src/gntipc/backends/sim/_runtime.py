@@ -1,0 +1,415 @@
+"""The sim runtime directory: shared state, process registry, reaping, clean-up.
+
+Layout of ``<runtime dir>`` (mode 0700, owned by the user):
+
+``state.db``
+    sqlite3 database in WAL mode: the process registry (``procs``), per-domain counters
+    (``domains``), grants, mappings, event-channel ports, unmap notifications, store
+    nodes and watches.  Every mutation runs in one ``BEGIN IMMEDIATE`` transaction.
+``m/<bid>-<n>``
+    sparse memory files holding granted pages (a grant ref names one page of one file).
+``p/<bid>-<n>``, ``w/<bid>-<n>``
+    bound unix datagram sockets of event-channel ports and of store watches.
+
+Every live backend holds a shared ``flock`` on the directory itself.  The backend that
+closes last (it alone can turn its lock exclusive; a dead process's lock is released
+by the kernel) removes the whole directory, so nothing is left behind.  State of dead
+processes (``kill -9``) is reclaimed ("reaped") by whoever notices first: the
+event-channel peer (through a pidfd), or any backend opening or closing, or
+:func:`assert_cleaned_up`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import socket
+import sqlite3
+import threading
+from collections.abc import Iterator
+
+from ..._mapping import PAGE_SIZE
+
+__all__ = [
+    "Runtime",
+    "default_runtime_dir",
+    "proc_alive",
+    "proc_start",
+    "send_dgram",
+]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS procs (bid INTEGER PRIMARY KEY, pid INTEGER, start INTEGER,
+    domid INTEGER);
+CREATE TABLE IF NOT EXISTS domains (domid INTEGER PRIMARY KEY, next_ref INTEGER,
+    dead INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS grants (domid INTEGER, ref INTEGER, grantee INTEGER,
+    writable INTEGER, file TEXT, off INTEGER, bid INTEGER, PRIMARY KEY (domid, ref));
+CREATE TABLE IF NOT EXISTS maps (id INTEGER PRIMARY KEY, bid INTEGER, file TEXT);
+CREATE TABLE IF NOT EXISTS ports (domid INTEGER, port INTEGER, remote INTEGER,
+    bid INTEGER, pid INTEGER, start INTEGER, sock TEXT, peer_port INTEGER,
+    PRIMARY KEY (domid, port));
+CREATE TABLE IF NOT EXISTS notifies (id INTEGER PRIMARY KEY, bid INTEGER, file TEXT,
+    off INTEGER, clear INTEGER, pdomid INTEGER, port INTEGER);
+CREATE TABLE IF NOT EXISTS nodes (path TEXT PRIMARY KEY, value BLOB, perms TEXT,
+    gen INTEGER);
+CREATE TABLE IF NOT EXISTS watches (id INTEGER PRIMARY KEY, bid INTEGER, path TEXT,
+    token TEXT, sock TEXT);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER);
+INSERT OR IGNORE INTO meta VALUES ('gen', 1);
+INSERT OR IGNORE INTO nodes VALUES ('/', x'', 'n0', 1);
+INSERT OR IGNORE INTO nodes VALUES ('/local', x'', 'n0', 1);
+INSERT OR IGNORE INTO nodes VALUES ('/local/domain', x'', 'n0', 1);
+"""
+
+#: Unix socket paths are limited to 108 bytes, including the terminating NUL.
+_SUN_PATH_MAX = 107
+
+
+def default_runtime_dir() -> str:
+    """``$GNTIPC_SIM_DIR``, else ``$XDG_RUNTIME_DIR/gntipc-sim``, else
+    ``/tmp/gntipc-sim-<uid>``."""
+    env = os.environ.get("GNTIPC_SIM_DIR")
+    if env:
+        return os.path.abspath(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return os.path.join(xdg, "gntipc-sim")
+    return f"/tmp/gntipc-sim-{os.getuid()}"
+
+
+def proc_start(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of ``pid``, or None if it is gone or a
+    zombie.  (pid, start) names a process without the pid-reuse ambiguity."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def proc_alive(pid: int, start: int) -> bool:
+    """True if the process ``pid`` that started at ``start`` still runs."""
+    return proc_start(pid) == start
+
+
+_SELF_START: dict[int, int] = {}
+
+
+def self_start() -> int:
+    pid = os.getpid()
+    start = _SELF_START.get(pid)
+    if start is None:
+        start = proc_start(pid)
+        assert start is not None
+        _SELF_START[pid] = start
+    return start
+
+
+_sender: socket.socket | None = None
+_sender_pid = -1
+_sender_lock = threading.Lock()
+
+
+def send_dgram(path: str, data: bytes) -> bool:
+    """Send one datagram to the unix socket ``path`` without blocking.
+
+    Returns False if nobody listens there any more.  A full receive queue counts as
+    delivered: the receiver has events queued already, and events coalesce.
+    """
+    global _sender, _sender_pid
+    sock = _sender
+    if sock is None or _sender_pid != os.getpid():
+        with _sender_lock:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            if _sender is None:
+                atexit.register(_close_sender)
+            _sender, _sender_pid = sock, os.getpid()
+    try:
+        sock.sendto(data, path)
+    except BlockingIOError:
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    return True
+
+
+def _close_sender() -> None:
+    global _sender
+    sock, _sender = _sender, None
+    if sock is not None:
+        sock.close()
+
+
+def bind_dgram(path: str) -> socket.socket:
+    """A non-blocking unix datagram socket bound at ``path``."""
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ValueError(
+            f"sim socket path too long for AF_UNIX ({path!r}): use a shorter runtime "
+            "directory (GNTIPC_SIM_DIR)"
+        )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def drain_dgrams(sock: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096))
+        except BlockingIOError:
+            return out
+
+
+def clear_byte_in_file(path: str, off: int) -> None:
+    """Zero one byte of a memory file (the page cache is shared with every mapping)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, b"\0", off)
+        finally:
+            os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class Runtime:
+    """One backend's handle on the runtime directory: its lock and its db connection."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._dirfd = _lock_dir_shared(path)
+        self.lock = threading.RLock()
+        try:
+            self.db = sqlite3.connect(
+                os.path.join(path, "state.db"),
+                timeout=10.0,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=OFF")
+            with self.lock:
+                self.db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            for sub in ("m", "p", "w"):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(os.path.join(path, sub), 0o700)
+        except BaseException:
+            self._unlock_close()
+            raise
+
+    # -- transactions ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A serialised write transaction across every process of the runtime."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            else:
+                self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A consistent read-only view."""
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                yield self.db
+            finally:
+                self.db.execute("COMMIT")
+
+    # -- reaping --------------------------------------------------------------------
+    def reap_dead(self) -> list[int]:
+        """Reclaim the state of every dead process; returns their pids."""
+        with self.lock:
+            rows = self.db.execute("SELECT bid, pid, start FROM procs").fetchall()
+            dead = [r for r in rows if not proc_alive(r[1], r[2])]
+            if not dead:
+                return []
+            with self.write() as db:
+                rows = db.execute("SELECT bid, pid, start, domid FROM procs").fetchall()
+                dead = [r for r in rows if not proc_alive(r[1], r[2])]
+                for bid, _pid, _start, domid in dead:
+                    killed = db.execute(
+                        "SELECT dead FROM domains WHERE domid=?", (domid,)
+                    ).fetchone()
+                    release_bid(db, bid, notify=not (killed and killed[0]))
+            return sorted({r[1] for r in dead})
+
+    # -- closing --------------------------------------------------------------------
+    def close(self) -> None:
+        """Drop our lock; remove the directory if no live backend holds one."""
+        if self._dirfd < 0:
+            return
+        self.reap_dead()
+        self.db.close()
+        fd = self._dirfd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            # Last one out: every remaining row belongs to a dead process.
+            shutil.rmtree(self.path, ignore_errors=True)
+        self._unlock_close()
+
+    def _unlock_close(self) -> None:
+        fd, self._dirfd = self._dirfd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._dirfd < 0
+
+
+def _lock_dir_shared(path: str) -> int:
+    """Create ``path`` (0700) if needed and hold a shared flock on it."""
+    uid = os.getuid()
+    while True:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except FileExistsError:
+            raise NotADirectoryError(f"sim runtime dir {path!r} is not a directory") from None
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != uid:
+                raise PermissionError(
+                    errno.EPERM, f"sim runtime dir {path!r} belongs to uid {st.st_uid}"
+                )
+            if st.st_mode & 0o077:
+                os.fchmod(fd, 0o700)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                same = os.stat(path).st_ino == st.st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the last closer removed it while we waited: start over
+
+
+def release_bid(db: sqlite3.Connection, bid: int, *, notify: bool) -> None:
+    """Remove every resource of backend ``bid`` inside a write transaction.
+
+    With ``notify``, first perform its unmap notifications (clear the byte through the
+    memory file, send the event to the port's peer), as Xen does for a dying process.
+    """
+    if notify:
+        for file, off, clear, pdomid, port in db.execute(
+            "SELECT file, off, clear, pdomid, port FROM notifies WHERE bid=?", (bid,)
+        ).fetchall():
+            if clear:
+                clear_byte_in_file(file, off)
+            if port is not None:
+                peer = peer_sock(db, pdomid, port)
+                if peer is not None:
+                    send_dgram(peer, b"e")
+    db.execute("DELETE FROM notifies WHERE bid=?", (bid,))
+    for domid, port, sock in db.execute(
+        "SELECT domid, port, sock FROM ports WHERE bid=?", (bid,)
+    ).fetchall():
+        unbind_port(db, domid, port)
+        _unlink(sock)
+    files = {
+        r[0]
+        for r in db.execute(
+            "SELECT file FROM grants WHERE bid=? UNION SELECT file FROM maps WHERE bid=?",
+            (bid, bid),
+        )
+    }
+    db.execute("DELETE FROM grants WHERE bid=?", (bid,))
+    db.execute("DELETE FROM maps WHERE bid=?", (bid,))
+    for file in files:
+        drop_file_if_unused(db, file)
+    for (sock,) in db.execute("SELECT sock FROM watches WHERE bid=?", (bid,)).fetchall():
+        _unlink(sock)
+    db.execute("DELETE FROM watches WHERE bid=?", (bid,))
+    db.execute("DELETE FROM procs WHERE bid=?", (bid,))
+
+
+def drop_file_if_unused(db: sqlite3.Connection, file: str) -> None:
+    used = db.execute(
+        "SELECT 1 FROM grants WHERE file=? UNION ALL SELECT 1 FROM maps WHERE file=? LIMIT 1",
+        (file, file),
+    ).fetchone()
+    if used is None:
+        _unlink(file)
+
+
+def peer_sock(db: sqlite3.Connection, domid: int, port: int) -> str | None:
+    """The socket of the port bound to ``(domid, port)``, if connected."""
+    row = db.execute(
+        "SELECT remote, peer_port FROM ports WHERE domid=? AND port=?", (domid, port)
+    ).fetchone()
+    if row is None or row[1] is None:
+        return None
+    prow = db.execute(
+        "SELECT sock FROM ports WHERE domid=? AND port=?", (row[0], row[1])
+    ).fetchone()
+    return None if prow is None else str(prow[0])
+
+
+def unbind_port(db: sqlite3.Connection, domid: int, port: int) -> None:
+    """Close ``(domid, port)``: its peer silently reverts to unbound (as on Xen)."""
+    row = db.execute(
+        "SELECT remote, peer_port FROM ports WHERE domid=? AND port=?", (domid, port)
+    ).fetchone()
+    if row is not None and row[1] is not None:
+        db.execute(
+            "UPDATE ports SET peer_port=NULL WHERE domid=? AND port=?", (row[0], row[1])
+        )
+    db.execute("DELETE FROM ports WHERE domid=? AND port=?", (domid, port))
+
+
+def leftovers(rt: Runtime) -> list[str]:
+    """Rows of the state db that belong to this process or to dead processes."""
+    me = os.getpid()
+    out: list[str] = []
+    with rt.snapshot() as db:
+        procs = db.execute("SELECT bid, pid, start, domid FROM procs").fetchall()
+        live = {bid for bid, pid, start, _ in procs if pid != me and proc_alive(pid, start)}
+        for bid, pid, _start, domid in procs:
+            if bid not in live:
+                out.append(f"backend #{bid} (pid {pid}, domain {domid}) is still open")
+        known = {r[0] for r in procs}
+        for table, what in (
+            ("grants", "domid, ref, grantee"),
+            ("maps", "file"),
+            ("ports", "domid, port, remote"),
+            ("notifies", "file, off"),
+            ("watches", "path, token"),
+        ):
+            for row in db.execute(f"SELECT bid, {what} FROM {table}").fetchall():
+                if row[0] not in live or row[0] not in known:
+                    out.append(f"{table}: {row[1:]} of backend #{row[0]}")
+    return out
+
+
+PAGE = PAGE_SIZE
