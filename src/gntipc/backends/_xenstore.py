@@ -637,6 +637,12 @@ class XenTransaction(_Ops, Transaction):
         with contextlib.suppress(XenError, XenStoreTimeout):
             self._end(False)  # the transaction is gone either way when this fails
 
+    def __del__(self) -> None:
+        if getattr(self, "_store", None) is not None:
+            warnings.warn(f"unfinished {self!r}", ResourceWarning, stacklevel=2)
+            with contextlib.suppress(Exception):
+                self.abort()
+
 
 class XenWatch(Watch):
     """A watch on its own XenStore connection.
