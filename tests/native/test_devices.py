@@ -65,8 +65,9 @@ def enotty_calls() -> list[tuple[str, type, Callable[[Any], object], str]]:
     ]
 
 
-@pytest.mark.parametrize(("cls", "call", "name"), [c[1:] for c in enotty_calls()],
-                         ids=[c[0] for c in enotty_calls()])
+@pytest.mark.parametrize(
+    ("cls", "call", "name"), [c[1:] for c in enotty_calls()], ids=[c[0] for c in enotty_calls()]
+)
 def test_each_wrapper_issues_its_ioctl(cls: type, call: Callable[[Any], object], name: str) -> None:
     with cls(NULL) as dev:
         with pytest.raises(XenError) as ei:
@@ -117,16 +118,31 @@ def test_evtchn_pending_decodes_u32_ports() -> None:
         (lambda d: d.map_refs(1, ["7"]), TypeError, "grant ref"),
         (lambda d: d.map_refs(True, [1]), TypeError, "domid"),
         (lambda d: d.set_max_grants(0), LocalProtocolError, "count"),
-        (lambda d: d.grant_copy([CopySegment(b"x", bytearray(1), 1)]), LocalProtocolError,
-         "neither side"),
-        (lambda d: d.grant_copy([CopySegment(ForeignRef(1, 2), bytearray(1), 0)]),
-         LocalProtocolError, "length"),
-        (lambda d: d.grant_copy([CopySegment(ForeignRef(1, 2, 4000), bytearray(200), 200)]),
-         LocalProtocolError, "foreign offset"),
-        (lambda d: d.grant_copy([CopySegment(ForeignRef(1, 2), bytearray(3), 10)]),
-         LocalProtocolError, "shorter"),
-        (lambda d: d.grant_copy([CopySegment(ForeignRef(1, 2), b"immutable", 4)]),
-         LocalProtocolError, "dest buffer"),
+        (
+            lambda d: d.grant_copy([CopySegment(b"x", bytearray(1), 1)]),
+            LocalProtocolError,
+            "neither side",
+        ),
+        (
+            lambda d: d.grant_copy([CopySegment(ForeignRef(1, 2), bytearray(1), 0)]),
+            LocalProtocolError,
+            "length",
+        ),
+        (
+            lambda d: d.grant_copy([CopySegment(ForeignRef(1, 2, 4000), bytearray(200), 200)]),
+            LocalProtocolError,
+            "foreign offset",
+        ),
+        (
+            lambda d: d.grant_copy([CopySegment(ForeignRef(1, 2), bytearray(3), 10)]),
+            LocalProtocolError,
+            "shorter",
+        ),
+        (
+            lambda d: d.grant_copy([CopySegment(ForeignRef(1, 2), b"immutable", 4)]),
+            LocalProtocolError,
+            "dest buffer",
+        ),
         (lambda d: d.dmabuf_import_to_refs(3, 1, 0), LocalProtocolError, "count 0"),
     ],
 )

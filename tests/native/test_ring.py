@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from gntipc._native import ffi, lib
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _ring_peer import DATA_OFFSET, make_ring  # noqa: E402
+from _ring_peer import DATA_OFFSET, make_ring
 
 SIZES = [1 << k for k in range(10, 21)]
 W, R = lib.GNT_NOTIFY_WRITE, lib.GNT_NOTIFY_READ
@@ -81,9 +81,7 @@ def shared() -> Iterator[Any]:
         s.close()
 
 
-starts = st.one_of(
-    st.integers(2**32 - 3 * 2**20, 2**32 - 1), st.integers(0, 2**32 - 1), st.just(0)
-)
+starts = st.one_of(st.integers(2**32 - 3 * 2**20, 2**32 - 1), st.integers(0, 2**32 - 1), st.just(0))
 op = st.tuples(
     st.sampled_from(["write", "read", "peek", "wait_read", "wait_write"]),
     st.integers(0, 1 << 21),
@@ -251,8 +249,14 @@ def test_atomic_accessors() -> None:
 
 
 def test_mmap_helpers() -> None:
-    p = lib.gnt_mmap(ffi.NULL, 8192, lib.PROT_READ | lib.PROT_WRITE,
-                     lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE, -1, 0)
+    p = lib.gnt_mmap(
+        ffi.NULL,
+        8192,
+        lib.PROT_READ | lib.PROT_WRITE,
+        lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE,
+        -1,
+        0,
+    )
     assert p != ffi.NULL
     ffi.cast("uint8_t *", p)[8191] = 7
     assert lib.gnt_munmap(p, 8192) == 0
@@ -279,11 +283,15 @@ def test_two_process_stress(size: int, total_mib: int) -> None:
         t0 = time.monotonic()
         prod = subprocess.Popen(
             [sys.executable, peer, "produce", *common, str(pipes_c[1]), str(pipes_p[0])],
-            pass_fds=(fd, pipes_c[1], pipes_p[0]), stdout=subprocess.PIPE, text=True,
+            pass_fds=(fd, pipes_c[1], pipes_p[0]),
+            stdout=subprocess.PIPE,
+            text=True,
         )
         cons = subprocess.Popen(
             [sys.executable, peer, "consume", *common, str(pipes_p[1]), str(pipes_c[0])],
-            pass_fds=(fd, pipes_p[1], pipes_c[0]), stdout=subprocess.PIPE, text=True,
+            pass_fds=(fd, pipes_p[1], pipes_c[0]),
+            stdout=subprocess.PIPE,
+            text=True,
         )
         out_p, _ = prod.communicate(timeout=120)
         out_c, _ = cons.communicate(timeout=120)
