@@ -85,8 +85,10 @@ class SimBackend(Backend):
                 if db.execute("SELECT 1 FROM nodes WHERE path=?", (home,)).fetchone() is None:
                     db.executemany(
                         "INSERT INTO nodes VALUES (?, ?, ?, 1)",
-                        [(home, b"", f"n{domid}"), (f"{home}/domid", str(domid).encode(),
-                                                     f"n{domid}")],
+                        [
+                            (home, b"", f"n{domid}"),
+                            (f"{home}/domid", str(domid).encode(), f"n{domid}"),
+                        ],
                     )
                     fire_watches(db, [home, "@introduceDomain"])
         except BaseException:
@@ -233,9 +235,7 @@ def kill_domain(domid: int, runtime_dir: str | None = None, *, timeout: float = 
             )
             victims = {
                 (pid, start)
-                for pid, start in db.execute(
-                    "SELECT pid, start FROM procs WHERE domid=?", (domid,)
-                )
+                for pid, start in db.execute("SELECT pid, start FROM procs WHERE domid=?", (domid,))
                 if pid != me
             }
         pidfds = []

@@ -46,7 +46,11 @@ class SimEventPort(EventPort):
     """One end of a simulated event channel."""
 
     def __init__(
-        self, backend: SimBackend, port: int, remote_domid: int, sock: socket.socket,
+        self,
+        backend: SimBackend,
+        port: int,
+        remote_domid: int,
+        sock: socket.socket,
         path: str,
     ) -> None:
         self._backend = backend
@@ -152,8 +156,7 @@ class SimEventPort(EventPort):
             self._refresh()
             raise_errno(
                 errno.ENOTCONN,
-                f"evtchn: notify port {self.port}: not connected to domain "
-                f"{self.remote_domid}",
+                f"evtchn: notify port {self.port}: not connected to domain {self.remote_domid}",
             )
 
     def pending(self) -> bool:
@@ -235,18 +238,13 @@ class SimEventPort(EventPort):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
 
     def __repr__(self) -> str:
-        return (
-            f"<SimEventPort {self._backend.domid}:{self.port} -> domain "
-            f"{self.remote_domid}>"
-        )
+        return f"<SimEventPort {self._backend.domid}:{self.port} -> domain {self.remote_domid}>"
 
 
 def _free_port(backend: SimBackend) -> int:
     used = {
         r[0]
-        for r in backend._rt.db.execute(
-            "SELECT port FROM ports WHERE domid=?", (backend.domid,)
-        )
+        for r in backend._rt.db.execute("SELECT port FROM ports WHERE domid=?", (backend.domid,))
     }
     port = 1
     while port in used:
@@ -262,8 +260,7 @@ def alloc_unbound(backend: SimBackend, remote_domid: int) -> SimEventPort:
             port = _free_port(backend)
             db.execute(
                 "INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                (backend.domid, port, remote_domid, backend._bid, os.getpid(),
-                 self_start(), path),
+                (backend.domid, port, remote_domid, backend._bid, os.getpid(), self_start(), path),
             )
     except BaseException:
         sock.close()
@@ -278,8 +275,7 @@ def bind_interdomain(backend: SimBackend, remote_domid: int, remote_port: int) -
     try:
         with backend._rt.write() as db:
             row = db.execute(
-                "SELECT remote, peer_port, pid, start, sock FROM ports "
-                "WHERE domid=? AND port=?",
+                "SELECT remote, peer_port, pid, start, sock FROM ports WHERE domid=? AND port=?",
                 (remote_domid, remote_port),
             ).fetchone()
             if row is None or row[0] != backend.domid or row[1] is not None:
@@ -297,8 +293,16 @@ def bind_interdomain(backend: SimBackend, remote_domid: int, remote_port: int) -
             port = _free_port(backend)
             db.execute(
                 "INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (backend.domid, port, remote_domid, backend._bid, os.getpid(),
-                 self_start(), path, remote_port),
+                (
+                    backend.domid,
+                    port,
+                    remote_domid,
+                    backend._bid,
+                    os.getpid(),
+                    self_start(),
+                    path,
+                    remote_port,
+                ),
             )
             db.execute(
                 "UPDATE ports SET peer_port=? WHERE domid=? AND port=?",

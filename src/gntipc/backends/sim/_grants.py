@@ -59,8 +59,7 @@ class SimPages(Pages):
         self._notify_id: int | None = None
         self._notify: tuple[int, bool, EventPort | None] | None = None
         self._closed = False
-        self.mapping = Mapping(mm, len(refs) * PAGE_SIZE, writable=writable,
-                               release=self._released)
+        self.mapping = Mapping(mm, len(refs) * PAGE_SIZE, writable=writable, release=self._released)
         backend._children.add(self)
 
     def set_unmap_notify(
@@ -178,9 +177,7 @@ def share_pages(backend: SimBackend, domid: int, count: int, writable: bool) -> 
                 f"gntalloc: sharing {count} pages: domain {backend.domid} already shares "
                 f"{used} of its limit of {backend.page_limit}",
             )
-        row = db.execute(
-            "SELECT next_ref FROM domains WHERE domid=?", (backend.domid,)
-        ).fetchone()
+        row = db.execute("SELECT next_ref FROM domains WHERE domid=?", (backend.domid,)).fetchone()
         first = FIRST_REF if row is None or row[0] is None else int(row[0])
         db.execute(
             "INSERT INTO domains (domid, next_ref) VALUES (?, ?) "
@@ -190,8 +187,9 @@ def share_pages(backend: SimBackend, domid: int, count: int, writable: bool) -> 
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, count * PAGE_SIZE)
-            mm = mmap.mmap(fd, count * PAGE_SIZE, flags=mmap.MAP_SHARED,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(
+                fd, count * PAGE_SIZE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
         except BaseException:
             os.close(fd)
             os.unlink(name)
@@ -209,8 +207,7 @@ def share_pages(backend: SimBackend, domid: int, count: int, writable: bool) -> 
         map_id = cur.lastrowid
         assert map_id is not None
     pages = [(name, i * PAGE_SIZE) for i in range(count)]
-    return SimPages(backend, domid, refs, mm, pages, writable=True, shared=True,
-                    map_ids=[map_id])
+    return SimPages(backend, domid, refs, mm, pages, writable=True, shared=True, map_ids=[map_id])
 
 
 def map_refs(backend: SimBackend, domid: int, refs: Sequence[int], writable: bool) -> SimPages:
@@ -239,8 +236,7 @@ def map_refs(backend: SimBackend, domid: int, refs: Sequence[int], writable: boo
                     "granted read-only",
                 )
             pages.append((str(row[2]), int(row[3])))
-        mm = mmap.mmap(-1, n * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
-                       prot=prot)
+        mm = mmap.mmap(-1, n * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=prot)
         try:
             ptr = ffi.from_buffer(mm)
             addr = int(ffi.cast("uintptr_t", ptr))
@@ -253,8 +249,12 @@ def map_refs(backend: SimBackend, domid: int, refs: Sequence[int], writable: boo
                         flags = os.O_RDWR if writable else os.O_RDONLY
                         fd = fds[file] = os.open(file, flags | os.O_CLOEXEC)
                     got = lib.gnt_mmap(
-                        ffi.cast("void *", addr + i * PAGE_SIZE), PAGE_SIZE, prot,
-                        lib.MAP_SHARED | lib.MAP_FIXED, fd, off,
+                        ffi.cast("void *", addr + i * PAGE_SIZE),
+                        PAGE_SIZE,
+                        prot,
+                        lib.MAP_SHARED | lib.MAP_FIXED,
+                        fd,
+                        off,
                     )
                     if got == ffi.NULL:
                         raise_errno(ffi.errno, "sim: mmap of a granted page")
@@ -269,8 +269,9 @@ def map_refs(backend: SimBackend, domid: int, refs: Sequence[int], writable: boo
             cur = db.execute("INSERT INTO maps (bid, file) VALUES (?, ?)", (backend._bid, file))
             assert cur.lastrowid is not None
             map_ids.append(cur.lastrowid)
-    return SimPages(backend, domid, tuple(refs), mm, pages, writable=writable, shared=False,
-                    map_ids=map_ids)
+    return SimPages(
+        backend, domid, tuple(refs), mm, pages, writable=writable, shared=False, map_ids=map_ids
+    )
 
 
 def grant_copy(backend: SimBackend, segments: Sequence[object]) -> list[int]:

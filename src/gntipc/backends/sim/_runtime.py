@@ -382,9 +382,7 @@ def unbind_port(db: sqlite3.Connection, domid: int, port: int) -> None:
         "SELECT remote, peer_port FROM ports WHERE domid=? AND port=?", (domid, port)
     ).fetchone()
     if row is not None and row[1] is not None:
-        db.execute(
-            "UPDATE ports SET peer_port=NULL WHERE domid=? AND port=?", (row[0], row[1])
-        )
+        db.execute("UPDATE ports SET peer_port=NULL WHERE domid=? AND port=?", (row[0], row[1]))
     db.execute("DELETE FROM ports WHERE domid=? AND port=?", (domid, port))
 
 

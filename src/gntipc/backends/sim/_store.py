@@ -185,8 +185,9 @@ class _Ops:
 def _children_of(paths: Iterable[str], path: str) -> list[str]:
     prefix = "/" if path == "/" else path + "/"
     return sorted(
-        p[len(prefix):] for p in paths if p.startswith(prefix) and "/" not in p[len(prefix):]
-        and p != "/"
+        p[len(prefix) :]
+        for p in paths
+        if p.startswith(prefix) and "/" not in p[len(prefix) :] and p != "/"
     )
 
 
