@@ -69,15 +69,14 @@ def test_readonly_mapping_and_notify_checks() -> None:
         a.share(1, 1, writable=False) as p,
         b.map(0, p.refs, writable=False) as q,
     ):
-        if True:
-            with pytest.raises(LocalProtocolError):
-                q.set_unmap_notify(0)  # clear_byte on a read-only mapping
-            with pytest.raises(LocalProtocolError):
-                q.set_unmap_notify(PAGE, clear_byte=False)
-            with q.mapping.view() as v:
-                assert v.readonly
-            with pytest.raises(TypeError):
-                q.mapping.mmap[0] = 1
+        with pytest.raises(LocalProtocolError):
+            q.set_unmap_notify(0)  # clear_byte on a read-only mapping
+        with pytest.raises(LocalProtocolError):
+            q.set_unmap_notify(PAGE, clear_byte=False)
+        with q.mapping.view() as v:
+            assert v.readonly
+        with pytest.raises(TypeError):
+            q.mapping.mmap[0] = 1
 
 
 def test_masked_port_latches_and_notify_to_gone_peer_fails() -> None:
