@@ -1,0 +1,50 @@
+"""gntipc: async shared-memory IPC between Xen VMs (libxenvchan-compatible vchan rings),
+with a simulated hypervisor for hosts without Xen.
+
+The public surface, re-exported from private modules::
+
+    listener = await gntipc.listen(peer, path)       # Listener
+    stream = await listener.accept()                 # VchanStream (anyio ByteStream)
+    stream = await gntipc.connect(peer, path, timeout=5)
+    queue = gntipc.MessageQueue(stream, MyStruct)    # typed messages (msgspec)
+"""
+
+from __future__ import annotations
+
+from ._exceptions import BackendUnavailable as BackendUnavailable
+from ._exceptions import GntipcError as GntipcError
+from ._exceptions import LocalProtocolError as LocalProtocolError
+from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import RemoteProtocolError as RemoteProtocolError
+from ._exceptions import XenError as XenError
+from .backends import get_backend as get_backend
+from .channel import Vchan as Vchan
+from .messages import MalformedMessage as MalformedMessage
+from .messages import MessageQueue as MessageQueue
+from .messages import MessageTooLarge as MessageTooLarge
+from .streams import Listener as Listener
+from .streams import VchanAttribute as VchanAttribute
+from .streams import VchanStream as VchanStream
+from .streams import connect as connect
+from .streams import listen as listen
+
+__all__ = [
+    "BackendUnavailable",
+    "GntipcError",
+    "Listener",
+    "LocalProtocolError",
+    "MalformedMessage",
+    "MessageQueue",
+    "MessageTooLarge",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Vchan",
+    "VchanAttribute",
+    "VchanStream",
+    "XenError",
+    "connect",
+    "get_backend",
+    "listen",
+]
+
+__version__ = "0.1.0"

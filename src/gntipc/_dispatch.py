@@ -1,0 +1,111 @@
+"""One wake-up dispatcher per vchan endpoint.
+
+An endpoint has a single file descriptor (``Vchan.fileno()``) that becomes readable when
+there may be news: an event from the peer, or a change of its liveness.  Event loops allow
+only one task to wait on a descriptor at a time (trio raises ``BusyResourceError``,
+asyncio silently replaces the reader), yet a sender waiting for space and a receiver
+waiting for data may both need to sleep.  So the first task that needs to wait becomes
+the *leader*: it waits on the descriptor, calls ``handle_events()`` and wakes every other
+waiting task (the *followers*, each parked on an :class:`anyio.Event`).  Each woken task
+re-checks its own condition and, if it still has to wait, waits again (one of them
+becomes the next leader).
+
+No threads, no polling loops, no sleeps.  The caller's protocol is always: ask the peer
+for a notification (``prepare_wait_read`` / ``prepare_wait_write``), re-check the ring,
+and only then call :meth:`Dispatcher.wait`.  Because events mask the port until
+``handle_events()`` unmasks it, an event that arrives between the re-check and the wait
+keeps the descriptor readable, so it is never lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import anyio
+
+__all__ = ["Dispatcher", "Endpoint"]
+
+
+class Endpoint(Protocol):
+    """What the dispatcher needs from a vchan endpoint."""
+
+    def fileno(self) -> int: ...
+
+    def handle_events(self) -> None: ...
+
+
+class Dispatcher:
+    """Shares one endpoint descriptor between all tasks that wait on it.
+
+    Not thread-safe: every task using it must run in the same event loop.
+    """
+
+    __slots__ = ("_closed", "_endpoint", "_fd", "_followers", "_leading")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+        self._fd = endpoint.fileno()
+        self._leading = False
+        self._followers: list[anyio.Event] = []
+        self._closed = False
+
+    async def wait(self) -> None:
+        """Wait until there may be news on the endpoint (spurious wake-ups happen).
+
+        Call it only after asking the peer for a notification and re-checking the ring.
+
+        Raises:
+            anyio.ClosedResourceError: the dispatcher was closed (before or while waiting).
+
+        Cancellation: nothing is consumed; a cancelled leader wakes the followers so that
+        one of them takes over the descriptor.
+        """
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._leading:
+            event = anyio.Event()
+            self._followers.append(event)
+            try:
+                await event.wait()
+            finally:
+                # A cancelled follower must not stay on the list (it would be set later,
+                # harmlessly, but the list would grow without bound under churn).
+                if not event.is_set():
+                    with contextlib.suppress(ValueError):
+                        self._followers.remove(event)
+            if self._closed:
+                raise anyio.ClosedResourceError
+            return
+        self._leading = True
+        try:
+            await anyio.wait_readable(self._fd)
+            if self._closed:
+                raise anyio.ClosedResourceError
+            self._endpoint.handle_events()
+        finally:
+            self._leading = False
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        followers, self._followers = self._followers, []
+        for event in followers:
+            event.set()
+
+    def close(self) -> None:
+        """Wake every waiter with :class:`anyio.ClosedResourceError` (idempotent).
+
+        Call it *before* closing the endpoint's descriptor: the event loop is told the
+        descriptor is going away, so a task blocked on it is woken instead of waiting on
+        a number the kernel may reuse.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._leading and self._fd >= 0:
+            # RuntimeError: not inside an event loop (closing from a finaliser), so
+            # nobody can be waiting.
+            with contextlib.suppress(RuntimeError):
+                anyio.notify_closing(self._fd)
+        self._wake_all()
+        self._fd = -1
