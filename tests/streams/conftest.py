@@ -1,0 +1,67 @@
+"""Fixtures for the async API tests: event loops (asyncio and trio), backends, and
+connected stream pairs over loopback (this process plays both ends)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import anyio
+import pytest
+
+import gntipc
+from gntipc.backends import Backend
+
+_paths = itertools.count()
+
+Pair = tuple[gntipc.VchanStream, gntipc.VchanStream]
+PairFactory = Callable[..., Awaitable[Pair]]
+
+
+def fresh_path() -> str:
+    return f"data/gntipc-streams/{os.getpid()}/{next(_paths)}"
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def backend(backend_name: str) -> Iterator[Backend]:
+    b = gntipc.get_backend("sim", domid=0) if backend_name == "sim" else gntipc.get_backend("xen")
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture
+async def make_pair(backend: Backend) -> AsyncIterator[PairFactory]:
+    """``await make_pair(read_size=, write_size=)`` → (server stream, client stream);
+    every stream is closed after the test."""
+    made: list[gntipc.VchanStream] = []
+
+    async def factory(read_size: int = 65536, write_size: int = 65536) -> Pair:
+        path = fresh_path()
+        async with await gntipc.listen(
+            backend.domid, path, read_size=read_size, write_size=write_size, backend=backend
+        ) as listener:
+            accepted: list[gntipc.VchanStream] = []
+
+            async def accept() -> None:
+                accepted.append(await listener.accept())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(accept)
+                client = await gntipc.connect(backend.domid, path, timeout=10, backend=backend)
+                made.append(client)
+        made.append(accepted[0])
+        return accepted[0], client
+
+    try:
+        yield factory
+    finally:
+        for s in made:
+            await s.aclose()

@@ -1,0 +1,45 @@
+"""The curated public surface: a test fails if ``gntipc.__all__`` drifts."""
+
+from __future__ import annotations
+
+import anyio.abc
+
+import gntipc
+
+EXPECTED = {
+    "BackendUnavailable",
+    "GntipcError",
+    "Listener",
+    "LocalProtocolError",
+    "MalformedMessage",
+    "MessageQueue",
+    "MessageTooLarge",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Vchan",
+    "VchanAttribute",
+    "VchanStream",
+    "XenError",
+    "connect",
+    "get_backend",
+    "listen",
+}
+
+
+def test_all_is_the_expected_list() -> None:
+    assert set(gntipc.__all__) == EXPECTED
+    assert len(gntipc.__all__) == len(EXPECTED)
+    for name in gntipc.__all__:
+        assert getattr(gntipc, name) is not None
+
+
+def test_error_tree() -> None:
+    for name in ("BackendUnavailable", "XenError", "ProtocolError", "LocalProtocolError",
+                 "RemoteProtocolError", "MessageTooLarge", "MalformedMessage"):
+        assert issubclass(getattr(gntipc, name), gntipc.GntipcError), name
+    assert issubclass(gntipc.MalformedMessage, gntipc.RemoteProtocolError)
+    assert issubclass(gntipc.XenError, OSError)
+
+
+def test_stream_is_an_anyio_byte_stream() -> None:
+    assert issubclass(gntipc.VchanStream, anyio.abc.ByteStream)
