@@ -261,6 +261,10 @@ class MessageQueue(Generic[T]):
         self._rpos = 0
 
     def _fail_oversize(self, n: int) -> None:
+        # Drop the buffered rest: later gets then fail on the closed stream.
+        self._rbuf = b""
+        self._rview = memoryview(self._rbuf)
+        self._rpos = 0
         self.close()
         raise MessageTooLarge(
             f"the peer announced a {n}-byte message, more than max_message_size"

@@ -1,0 +1,240 @@
+"""MessageQueue: typed framing, batching, limits, hostile frames, cancellation."""
+
+from __future__ import annotations
+
+import struct
+
+import anyio
+import msgspec
+import pytest
+from anyio import BusyResourceError, ClosedResourceError, EndOfStream, WouldBlock
+from conftest import PairFactory
+
+import gntipc
+from gntipc import MalformedMessage, MessageQueue, MessageTooLarge
+
+pytestmark = pytest.mark.anyio
+
+
+class Reading(msgspec.Struct):
+    sensor: int
+    value: float
+    label: str = ""
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("<I", len(payload)) + payload
+
+
+async def queues(make_pair: PairFactory, size: int = 65536, **kw: int) -> tuple[
+    MessageQueue[Reading], MessageQueue[Reading]
+]:
+    srv, cli = await make_pair(read_size=size, write_size=size)
+    return MessageQueue(srv, Reading, **kw), MessageQueue(cli, Reading, **kw)
+
+
+async def test_put_get_in_order(make_pair: PairFactory) -> None:
+    rx, tx = await queues(make_pair)
+    for i in range(100):
+        await tx.put(Reading(i, i / 2, "x" * (i % 7)))
+    for i in range(100):
+        assert await rx.get() == Reading(i, i / 2, "x" * (i % 7))
+    # the wire format is a u32 length + msgpack
+    await tx.put(Reading(1, 2.0))
+    raw = rx.stream.receive_nowait()
+    body = msgspec.msgpack.encode(Reading(1, 2.0))
+    assert raw == frame(body)
+
+
+async def test_put_many_is_one_ring_write(make_pair: PairFactory) -> None:
+    rx, tx = await queues(make_pair)
+    batch = [Reading(i, float(i)) for i in range(1000)]
+    await tx.put_many(batch)
+    # all 1000 frames are in the ring at once: one write, not 1000
+    assert rx.stream.vchan.data_ready() == sum(
+        4 + len(msgspec.msgpack.encode(r)) for r in batch
+    )
+    got: list[Reading] = []
+    while len(got) < 1000:
+        got += await rx.get_many()
+    assert got == batch
+    await tx.put_many([])  # nothing to do
+
+
+async def test_batches_larger_than_the_ring(make_pair: PairFactory) -> None:
+    rx, tx = await queues(make_pair, size=1024)
+    batch = [Reading(i, float(i), "pad" * 20) for i in range(2000)]
+    got: list[Reading] = []
+
+    async def consume() -> None:
+        while len(got) < len(batch):
+            got.extend(await rx.get_many(max_items=37))
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            await tx.put_many(batch)
+    assert got == batch
+
+
+async def test_nowait_and_iteration(make_pair: PairFactory) -> None:
+    rx, tx = await queues(make_pair, size=1024)
+    with pytest.raises(WouldBlock):
+        rx.get_nowait()
+    with pytest.raises(WouldBlock):
+        rx.get_many_nowait()
+    sent = 0
+    with pytest.raises(WouldBlock):
+        while True:
+            tx.put_nowait(Reading(sent, 0.5))
+            sent += 1
+    assert sent > 10
+    with pytest.raises(WouldBlock):
+        tx.put_many_nowait([Reading(0, 0.0)] * 20)  # all or nothing
+    got = [rx.get_nowait() for _ in range(3)] + rx.get_many_nowait(max_items=5)
+    assert [r.sensor for r in got] == list(range(8))
+    await tx.aclose()
+    rest = [r.sensor async for r in rx]
+    assert rest == list(range(8, sent))
+    with pytest.raises(EndOfStream):
+        await rx.get()
+
+
+async def test_oversized_put_writes_nothing_and_keeps_the_queue(make_pair: PairFactory) -> None:
+    rx, tx = await queues(make_pair, max_message_size=100)
+    with pytest.raises(MessageTooLarge):
+        await tx.put(Reading(1, 1.0, "x" * 200))
+    with pytest.raises(MessageTooLarge):
+        tx.put_nowait(Reading(1, 1.0, "x" * 200))
+    with pytest.raises(MessageTooLarge):
+        await tx.put_many([Reading(1, 1.0), Reading(2, 2.0, "x" * 200)])
+    assert rx.stream.vchan.data_ready() == 0
+    await tx.put(Reading(3, 3.0))
+    assert await rx.get() == Reading(3, 3.0)
+
+
+async def test_oversized_frame_from_peer_closes_the_queue(make_pair: PairFactory) -> None:
+    srv, cli = await make_pair()
+    rx = MessageQueue(srv, Reading, max_message_size=1000)
+    good = msgspec.msgpack.encode(Reading(1, 1.0))
+    await cli.send(frame(good) + struct.pack("<I", 1001) + b"\0" * 50)
+    assert await rx.get() == Reading(1, 1.0)
+    with pytest.raises(MessageTooLarge, match="1001-byte"):
+        await rx.get()
+    assert rx.closed
+    with pytest.raises(ClosedResourceError):
+        await rx.get()
+    # the peer sees the channel closed
+    with anyio.fail_after(5):
+        with pytest.raises(EndOfStream):
+            await cli.receive()
+
+
+async def test_malformed_frame_is_skipped_without_desync(make_pair: PairFactory) -> None:
+    srv, cli = await make_pair()
+    rx = MessageQueue(srv, Reading)
+    good = msgspec.msgpack.encode(Reading(7, 7.0))
+    wrong_type = msgspec.msgpack.encode({"sensor": "not an int", "value": 1.0})
+    garbage = b"\xc1\xc1\xc1"  # 0xc1 is never valid msgpack
+    await cli.send(frame(wrong_type) + frame(garbage) + frame(good))
+    with pytest.raises(MalformedMessage):
+        await rx.get()
+    with pytest.raises(MalformedMessage):
+        rx.get_nowait()
+    assert await rx.get() == Reading(7, 7.0)
+    # in a batch: the good messages before the bad frame are delivered first
+    await cli.send(frame(good) + frame(garbage) + frame(good))
+    assert await rx.get_many() == [Reading(7, 7.0)]
+    with pytest.raises(MalformedMessage):
+        await rx.get_many()
+    assert await rx.get_many() == [Reading(7, 7.0)]
+
+
+async def test_stream_ending_inside_a_frame(make_pair: PairFactory) -> None:
+    srv, cli = await make_pair()
+    rx = MessageQueue(srv, Reading)
+    await cli.send(struct.pack("<I", 50) + b"\x01" * 10)
+    await cli.send_eof()
+    with pytest.raises(MalformedMessage, match="ended inside a frame"):
+        await rx.get()
+    with pytest.raises(EndOfStream):
+        await rx.get()
+
+
+async def test_frames_split_one_byte_at_a_time(make_pair: PairFactory) -> None:
+    srv, cli = await make_pair()
+    rx = MessageQueue(srv, Reading)
+    wire = b"".join(frame(msgspec.msgpack.encode(Reading(i, i * 1.5))) for i in range(20))
+    got: list[Reading] = []
+    for b in wire:
+        await cli.send(bytes([b]))
+        try:
+            got.append(rx.get_nowait())
+        except WouldBlock:
+            pass
+    assert got == [Reading(i, i * 1.5) for i in range(20)]
+
+
+async def test_messages_larger_than_the_ring(make_pair: PairFactory) -> None:
+    rx, tx = await queues(make_pair, size=1024)
+    big = Reading(1, 1.0, "z" * 50_000)
+    with pytest.raises(gntipc.LocalProtocolError):
+        tx.put_nowait(big)  # can never fit at once
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tx.put, big)
+            assert await rx.get() == big
+
+
+async def test_cancelled_get_loses_nothing(make_pair: PairFactory) -> None:
+    rx, tx = await queues(make_pair)
+    with anyio.move_on_after(0.05):
+        await rx.get()
+    wire = frame(msgspec.msgpack.encode(Reading(5, 5.0)))
+    await tx.stream.send(wire[:3])  # half a header arrives while nobody waits
+    with anyio.move_on_after(0.05):
+        await rx.get()  # buffers the 3 bytes, then is cancelled
+    await tx.stream.send(wire[3:])
+    assert await rx.get() == Reading(5, 5.0)
+
+
+async def test_cancelled_put_of_a_large_frame_closes_the_queue(make_pair: PairFactory) -> None:
+    rx, tx = await queues(make_pair, size=1024)
+    with anyio.move_on_after(0.1) as scope:
+        await tx.put(Reading(1, 1.0, "z" * 5000))  # nobody reads: a prefix goes out
+    assert scope.cancelled_caught
+    assert tx.closed  # no later frame could be framed right
+    with pytest.raises(MalformedMessage, match="ended inside a frame"):
+        while True:
+            await rx.get()
+
+
+async def test_busy_getters_and_putters(make_pair: PairFactory) -> None:
+    rx, tx = await queues(make_pair, size=1024)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rx.get)  # nothing comes: blocks
+            tg.start_soon(rx.put, Reading(0, 0.0, "y" * 3000))  # nobody reads: blocks
+            await anyio.sleep(0.05)
+            with pytest.raises(BusyResourceError):
+                await rx.get()
+            with pytest.raises(BusyResourceError):
+                rx.get_nowait()
+            with pytest.raises(BusyResourceError):
+                await rx.put(Reading(0, 0.0))
+            with pytest.raises(BusyResourceError):
+                rx.put_nowait(Reading(0, 0.0))
+            with pytest.raises(BusyResourceError):
+                await rx.put_many([Reading(0, 0.0)])
+            tg.cancel_scope.cancel()
+
+
+async def test_bad_arguments(make_pair: PairFactory) -> None:
+    srv, _ = await make_pair()
+    with pytest.raises(ValueError):
+        MessageQueue(srv, Reading, max_message_size=0)
+    q = MessageQueue(srv, Reading)
+    with pytest.raises(TypeError):
+        q.put_nowait(object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        q._collect([], 0)
