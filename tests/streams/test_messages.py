@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import anyio
@@ -168,10 +169,8 @@ async def test_frames_split_one_byte_at_a_time(make_pair: PairFactory) -> None:
     got: list[Reading] = []
     for b in wire:
         await cli.send(bytes([b]))
-        try:
+        with contextlib.suppress(WouldBlock):
             got.append(rx.get_nowait())
-        except WouldBlock:
-            pass
     assert got == [Reading(i, i * 1.5) for i in range(20)]
 
 
@@ -210,7 +209,7 @@ async def test_cancelled_put_of_a_large_frame_closes_the_queue(make_pair: PairFa
 
 
 async def test_busy_getters_and_putters(make_pair: PairFactory) -> None:
-    rx, tx = await queues(make_pair, size=1024)
+    rx, _tx = await queues(make_pair, size=1024)
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(rx.get)  # nothing comes: blocks

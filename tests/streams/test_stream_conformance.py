@@ -110,7 +110,7 @@ async def test_sender_and_receiver_wait_on_one_endpoint(make_pair: PairFactory) 
 
 
 async def test_concurrent_senders_and_receivers_are_busy(make_pair: PairFactory) -> None:
-    srv, cli = await make_pair(read_size=1024, write_size=1024)
+    _srv, cli = await make_pair(read_size=1024, write_size=1024)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(cli.send, b"x" * 5000)  # blocks: ring holds 1024
@@ -165,7 +165,7 @@ async def test_aclose_semantics(make_pair: PairFactory) -> None:
 
 
 async def test_close_wakes_blocked_tasks(make_pair: PairFactory) -> None:
-    srv, cli = await make_pair(read_size=1024, write_size=1024)
+    _srv, cli = await make_pair(read_size=1024, write_size=1024)
     errors: list[type[BaseException]] = []
 
     async def blocked(op: object) -> None:
