@@ -1,0 +1,145 @@
+"""Listener and connect: timeouts, waiting for a server, stale keys, closing, ownership."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+from anyio import ClosedResourceError
+from conftest import fresh_path
+
+import gntipc
+from gntipc.backends import Backend
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_connect_times_out(backend: Backend) -> None:
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="no gntipc server"):
+        await gntipc.connect(backend.domid, fresh_path(), timeout=0.3, backend=backend)
+    assert 0.25 <= time.monotonic() - start < 2
+
+
+async def test_connect_waits_for_a_late_server(backend: Backend) -> None:
+    path = fresh_path()
+    streams: list[gntipc.VchanStream] = []
+
+    async def client() -> None:
+        streams.append(await gntipc.connect(backend.domid, path, timeout=10, backend=backend))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client)
+            await anyio.sleep(0.2)  # the client is waiting on a store watch by now
+            assert not streams
+            async with (
+                await gntipc.listen(backend.domid, path, backend=backend) as listener,
+                await listener.accept() as srv,
+            ):
+                while not streams:
+                    await anyio.sleep(0.01)
+                async with streams[0] as cli:
+                    await cli.send(b"late")
+                    assert await srv.receive() == b"late"
+
+
+async def test_one_client_per_accept_and_stale_keys_are_retried(backend: Backend) -> None:
+    # After the first accept, its (now taken) keys stay until the next accept replaces
+    # them: a second client reading them fails that attempt and waits for fresh keys.
+    path = fresh_path()
+    async with await gntipc.listen(backend.domid, path, backend=backend) as listener:
+        async with anyio.create_task_group() as tg:
+            first: list[gntipc.VchanStream] = []
+
+            async def accept_into(out: list[gntipc.VchanStream]) -> None:
+                out.append(await listener.accept())
+
+            tg.start_soon(accept_into, first)
+            c1 = await gntipc.connect(backend.domid, path, timeout=10, backend=backend)
+        second_client: list[gntipc.VchanStream] = []
+
+        async def connect_second() -> None:
+            second_client.append(
+                await gntipc.connect(backend.domid, path, timeout=10, backend=backend)
+            )
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(connect_second)
+                await anyio.sleep(0.2)
+                assert not second_client  # stale keys: not connected
+                second: list[gntipc.VchanStream] = []
+                await accept_into(second)
+        async with first[0] as s1, second[0] as s2, c1, second_client[0] as c2:
+            await c1.send(b"one")
+            await c2.send(b"two")
+            assert await s1.receive() == b"one"
+            assert await s2.receive() == b"two"
+
+
+async def test_closing_the_listener_stops_accept_and_withdraws_keys(backend: Backend) -> None:
+    path = fresh_path()
+    listener = await gntipc.listen(backend.domid, path, backend=backend)
+    full = gntipc.Vchan.resolve_path(backend.domid, path)
+    errors: list[BaseException] = []
+
+    async def accept() -> None:
+        try:
+            await listener.accept()
+        except ClosedResourceError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(accept)
+            await anyio.sleep(0.05)
+            assert backend.store.exists(f"{full}/ring-ref")
+            await listener.aclose()
+    assert len(errors) == 1
+    assert not backend.store.exists(f"{full}/ring-ref")
+    await listener.aclose()  # idempotent
+    with pytest.raises(ClosedResourceError):
+        await listener.accept()
+
+
+async def test_cancelled_accept_withdraws_keys(backend: Backend) -> None:
+    path = fresh_path()
+    full = gntipc.Vchan.resolve_path(backend.domid, path)
+    async with await gntipc.listen(backend.domid, path, backend=backend) as listener:
+        with anyio.move_on_after(0.1):
+            await listener.accept()
+        assert not backend.store.exists(f"{full}/ring-ref")
+
+
+async def test_backend_by_name_is_owned_and_closed(backend_name: str) -> None:
+    # listen()/connect() open the backend themselves; the last user closes it (the
+    # autouse leak check fails the test otherwise).
+    path = fresh_path()
+    accepted: list[gntipc.VchanStream] = []
+    async with (
+        await gntipc.listen(0, path, backend=backend_name) as listener,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def accept() -> None:
+            accepted.append(await listener.accept())
+
+        tg.start_soon(accept)
+        cli = await gntipc.connect(0, path, timeout=10, backend=backend_name)
+    # the listener is closed; the stream it accepted still works (its backend stays open)
+    async with accepted[0] as srv, cli:
+        await cli.send(b"still here")
+        assert await srv.receive() == b"still here"
+
+
+async def test_bad_arguments(backend: Backend) -> None:
+    with pytest.raises(ValueError):
+        await gntipc.listen(backend.domid, fresh_path(), read_size=1000, backend=backend)
+    with pytest.raises(ValueError):
+        await gntipc.listen(backend.domid, fresh_path(), write_size=2 << 20, backend=backend)
+    with pytest.raises(gntipc.LocalProtocolError):
+        await gntipc.connect(backend.domid, fresh_path(), timeout=-1, backend=backend)
+    with pytest.raises(TypeError):
+        await gntipc.connect(backend.domid, fresh_path(), backend=42)  # type: ignore[arg-type]
