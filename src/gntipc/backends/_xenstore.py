@@ -430,9 +430,10 @@ class _Connection:
             f"XenStore {what}: no reply within {self.timeout:g} s via {self.transport}"
         )
 
-    def read_some(self, block_until: float | None, what: str) -> list[Message]:
-        """Read at most the rest of one message; [] if nothing (non-blocking when
-        ``block_until`` is None), raise XenStoreTimeout past the deadline."""
+    def read_some(self, block_until: float | None, what: str) -> list[Message] | None:
+        """Read at most the rest of one message and return what it completed (maybe
+        [] after a partial read).  Non-blocking when ``block_until`` is None: None if
+        nothing was readable.  Raises XenStoreTimeout past the deadline."""
         fd = self._live_fd()
         while True:
             try:
@@ -448,7 +449,7 @@ class _Connection:
                     )
                 return self._decoder.feed(data)
             if block_until is None:
-                return []
+                return None
             poller = select.poll()
             poller.register(fd, select.POLLIN)
             if not poller.poll(self._remaining_ms(block_until, what)):
@@ -475,7 +476,7 @@ class _Connection:
             deadline = time.monotonic() + self.timeout
             self._write_all(data, deadline, what)
             while True:
-                for msg in self.read_some(deadline, what):
+                for msg in self.read_some(deadline, what) or ():
                     if msg.type != MsgType.WATCH_EVENT and msg.req_id == req_id:
                         return check_reply(msg, msg_type, what)
                     self._absorb(msg)
@@ -485,9 +486,9 @@ class _Connection:
         with self._lock:
             while True:
                 msgs = self.read_some(None, "reading watch events")
-                if not msgs:
-                    # nothing readable now (a partial message completes later and makes
-                    # the fd readable again)
+                if msgs is None:
+                    # nothing readable now (the rest of a partial message makes the fd
+                    # readable again when it arrives)
                     return
                 for msg in msgs:
                     self._absorb(msg)

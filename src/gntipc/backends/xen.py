@@ -7,14 +7,25 @@ Over the device wrappers of :mod:`gntipc.devices` (``/dev/xen/gntalloc`` to shar
 
 As libxenvchan does, every :class:`EventPort` has its own ``/dev/xen/evtchn`` handle, so
 its :meth:`~EventPort.fileno` becomes readable only for its own events.
+
+Fork: a child process must not keep this process's grants and ports alive, or a crash
+of the parent would go unnoticed (on real Xen, a map's unmap event is sent only when the
+last reference to the gntdev file goes, a gntalloc page's notification only when its last
+mapping goes, and a port stays bound while any process holds its evtchn descriptor).  So
+every mapping is ``MADV_DONTFORK`` (not present in a child) and, in a forked child, every
+backend, port and pages object of the parent is closed at once (using one there raises
+``ClosedResourceError``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import mmap
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -41,6 +52,29 @@ __all__ = ["XenBackend"]
 REQUIRED_DEVICES = ("/dev/xen/gntdev", "/dev/xen/gntalloc", "/dev/xen/evtchn")
 
 
+# Everything a forked child must drop (see the module docstring).
+_LIVE_BACKENDS: weakref.WeakSet[XenBackend] = weakref.WeakSet()
+_LIVE_PORTS: weakref.WeakSet[_XenPort] = weakref.WeakSet()
+_LIVE_PAGES: weakref.WeakSet[_XenPages] = weakref.WeakSet()
+
+
+def _drop_in_forked_child() -> None:
+    # Devices first: then closing pages only unmaps (their release ioctls see the closed
+    # device and leave the grants to the parent).
+    for backend in list(_LIVE_BACKENDS):
+        with contextlib.suppress(Exception):
+            backend.close()
+    for port in list(_LIVE_PORTS):
+        with contextlib.suppress(Exception):
+            port.close()
+    for pages in list(_LIVE_PAGES):
+        with contextlib.suppress(Exception):
+            pages._drop_in_child()
+
+
+os.register_at_fork(after_in_child=_drop_in_forked_child)
+
+
 def _check_domid(domid: int) -> int:
     if not isinstance(domid, int) or isinstance(domid, bool) or not 0 <= domid <= DOMID_MAX:
         raise ValueError(f"domid {domid!r} out of range (0..{DOMID_MAX})")
@@ -55,6 +89,19 @@ class _XenPages(Pages):
         self.domid = domid
         self.refs = tuple(inner.refs)
         self.mapping: Mapping = inner.mapping
+        with contextlib.suppress(OSError, ValueError):
+            inner.mapping.mmap.madvise(mmap.MADV_DONTFORK)
+        _LIVE_PAGES.add(self)
+
+    def _drop_in_child(self) -> None:
+        inner = self._inner
+        if inner is not None:
+            self._inner = None
+            # The memory is not mapped in the child (MADV_DONTFORK): just forget it.
+            dev = inner._dev
+            dev.close()  # the child's copy of the parent's descriptor, if still open
+            with contextlib.suppress(Exception):
+                inner.close()
 
     def set_unmap_notify(
         self, offset: int, *, clear_byte: bool = True, port: EventPort | None = None
@@ -103,6 +150,7 @@ class _XenPort(EventPort):
         self._evtchn: Evtchn | None = evtchn
         self.port = port
         self.remote_domid = remote_domid
+        _LIVE_PORTS.add(self)
 
     def _live(self) -> Evtchn:
         ev = self._evtchn
@@ -201,6 +249,7 @@ class XenBackend(Backend):
             raise
         self.store = store
         self.domid = store.domid
+        _LIVE_BACKENDS.add(self)
 
     def _check(self) -> None:
         if self._closed:
