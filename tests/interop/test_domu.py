@@ -139,6 +139,20 @@ def test_domu_server_dom0_client(domus: list[Domu]) -> None:
         assert line in out, out
 
 
+def _check(got: bytes, expected: bytes) -> None:
+    """Equal, or an AssertionError that says where and how the bytes differ."""
+    if got == expected:
+        return
+    bad = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None)
+    bad = min(len(got), len(expected)) if bad is None else bad
+    found = expected.find(got[bad : bad + 64])
+    raise AssertionError(
+        f"{len(got)} bytes received, {len(expected)} expected; first difference at {bad}:"
+        f" got {got[bad : bad + 32].hex()} expected {expected[bad : bad + 32].hex()};"
+        f" the received bytes from there are expected at offset {found}"
+    )
+
+
 async def _connected_then_destroyed(d: Domu, role: str, path: str) -> tuple[float, float]:
     """Our end in ``role``; bytes both ways; then destroy the domU while connected.
     (seconds ``xl destroy`` took, seconds from its start to BrokenResourceError)."""
@@ -155,7 +169,7 @@ async def _connected_then_destroyed(d: Domu, role: str, path: str) -> tuple[floa
         )  # fmt: skip
         with anyio.fail_after(120):
             got = await peer.exchange_bytes(stream, peer.pattern(mine, NBYTES), NBYTES)
-        assert got == peer.pattern(theirs, NBYTES)
+        _check(got, peer.pattern(theirs, NBYTES))
         # Let the domU reach its sleep (it prints HOLDING), then kill its domain.
         deadline = time.monotonic() + 60
         while "HOLDING" not in d.console() and time.monotonic() < deadline:
