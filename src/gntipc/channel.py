@@ -35,8 +35,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import select
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -126,6 +128,9 @@ class Vchan:
         self._presence: str | None = None
         self._published_ref: int | None = None
         self._epoll: select.epoll | None = None
+        self._cond = threading.Condition()
+        self._polling = False
+        self._gen = 0
         return self
 
     @classmethod
@@ -577,19 +582,46 @@ class Vchan:
     # ------------------------------------------------------------- blocking I/O ---
     def wait(self, timeout: float | None = None) -> bool:
         """Block until there may be news (or ``timeout``); handle it.  True if woken."""
+        return self._await_news(self._gen, _deadline(timeout))
+
+    def _await_news(self, gen: int, deadline: float | None) -> bool:
+        """Wait until events newer than generation ``gen`` were handled.
+
+        Only one thread polls the fd; the others wait on a condition that the poller
+        signals after :meth:`handle_events`, so one thread consuming an event can never
+        strand another (the generation is taken *before* the caller's re-check).
+        """
         fd = self.fileno()
-        woken = _wait_fd(fd, timeout)
-        self.handle_events()
+        with self._cond:
+            while self._polling:
+                if self._gen != gen:
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            if self._gen != gen:
+                return True
+            self._polling = True
+        try:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            woken = _wait_fd(fd, remaining)
+            self.handle_events()
+        finally:
+            with self._cond:
+                self._polling = False
+                self._gen += 1
+                self._cond.notify_all()
         return woken
 
-    def _block(self, ready: bool, deadline: float | None) -> None:
-        """Wait for news unless ``ready`` (the result of a prepare_wait_* check)."""
-        if ready:
+    def _block(self, prepare: Callable[[], bool], deadline: float | None) -> None:
+        """Wait for news unless ``prepare()`` (a prepare_wait_* check) says ready."""
+        gen = self._gen
+        if prepare():
             return
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
+        if deadline is not None and deadline <= time.monotonic():
             raise TimeoutError("vchan operation timed out")
-        self.wait(remaining)
+        self._await_news(gen, deadline)
 
     def read(self, max_bytes: int, *, timeout: float | None = None) -> bytes:
         """Stream read: wait for at least one byte, return up to ``max_bytes``.
@@ -601,7 +633,7 @@ class Vchan:
             data = self.read_nowait(max_bytes)
             if data:
                 return data
-            self._block(self.prepare_wait_read() > 0, deadline)
+            self._block(lambda: self.prepare_wait_read() > 0, deadline)
 
     def recv(self, n: int, *, timeout: float | None = None) -> bytes:
         """Packet read: wait until ``n`` bytes are available and return exactly them."""
@@ -610,7 +642,7 @@ class Vchan:
             data = self.recv_nowait(n)
             if data is not None:
                 return data
-            self._block(self.prepare_wait_read() >= n, deadline)
+            self._block(lambda: self.prepare_wait_read() >= n, deadline)
 
     def write(self, data: bytes | bytearray | memoryview, *, timeout: float | None = None) -> int:
         """Stream write: wait for space, then write as much as fits (at least one byte)."""
@@ -621,7 +653,7 @@ class Vchan:
             n = self.write_nowait(data)
             if n:
                 return n
-            self._block(self.prepare_wait_write() > 0, deadline)
+            self._block(lambda: self.prepare_wait_write() > 0, deadline)
 
     def write_all(self, data: bytes | bytearray | memoryview, *, timeout: float | None = None) -> None:
         """Write every byte of ``data``, waiting for space as needed."""
@@ -632,13 +664,13 @@ class Vchan:
             if n:
                 view = view[n:]
                 continue
-            self._block(self.prepare_wait_write() > 0, deadline)
+            self._block(lambda: self.prepare_wait_write() > 0, deadline)
 
     def send(self, data: bytes | bytearray | memoryview, *, timeout: float | None = None) -> None:
         """Packet write: wait until all of ``data`` fits, then write it at once."""
         deadline = _deadline(timeout)
         while not self.send_nowait(data):
-            self._block(self.prepare_wait_write() >= len(data), deadline)
+            self._block(lambda: self.prepare_wait_write() >= len(data), deadline)
 
     # ------------------------------------------------------------------ close ---
     def close(self) -> None:

@@ -17,6 +17,7 @@ connected (servers: once published), then runs MODE:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 
+from gntipc._exceptions import XenError
 from gntipc.backends import get_backend
 from gntipc.channel import Vchan
 
@@ -98,7 +100,8 @@ def main() -> None:
                     width = 4 if off < 16 else (2 if off < 20 else 1)
                     page[off : off + width] = rnd.randbytes(width)
                     if rnd.random() < 0.1:
-                        ch._port.notify()  # type: ignore[union-attr]
+                        with contextlib.suppress(XenError):  # the victim may have left
+                            ch._port.notify()  # type: ignore[union-attr]
             finally:
                 page.release()
             print("done", flush=True)
