@@ -88,6 +88,23 @@ class Vchan:
     is_server: bool
     read_size: int
     write_size: int
+    _closed: bool
+    _eof_sent: bool
+    _peer_dead: bool
+    _connected: bool
+    _peer_gntipc: bool
+    _port: EventPort | None
+    _pages: list[Pages]
+    _ptrs: list[Any]
+    _rings: VchanRings | None
+    _watch: Watch | None
+    _peer_presence: str | None
+    _presence: str | None
+    _published_ref: int | None
+    _epoll: select.epoll | None
+    _cond: threading.Condition
+    _polling: bool
+    _gen: int
 
     def __init__(self) -> None:  # pragma: no cover - use server()/client()
         raise TypeError("use Vchan.server() or Vchan.client()")
@@ -119,15 +136,15 @@ class Vchan:
         self._peer_dead = False
         self._connected = not is_server
         self._peer_gntipc = False
-        self._port: EventPort | None = None
-        self._pages: list[Pages] = []
-        self._ptrs: list[Any] = []
-        self._rings: VchanRings | None = None
-        self._watch: Watch | None = None
-        self._peer_presence: str | None = None
-        self._presence: str | None = None
-        self._published_ref: int | None = None
-        self._epoll: select.epoll | None = None
+        self._port = None
+        self._pages = []
+        self._ptrs = []
+        self._rings = None
+        self._watch = None
+        self._peer_presence = None
+        self._presence = None
+        self._published_ref = None
+        self._epoll = None
         self._cond = threading.Condition()
         self._polling = False
         self._gen = 0
@@ -185,9 +202,7 @@ class Vchan:
                 for off in (0, 4, 8, 12):
                     page[off : off + 4] = start.to_bytes(4, "little")
             geometry.write_to(page)
-            geometry.write_grants(
-                page, left.refs if left else (), right.refs if right else ()
-            )
+            geometry.write_grants(page, left.refs if left else (), right.refs if right else ())
             page[OFF_CLI_LIVE] = LIVE_WAITING
             page[OFF_SRV_LIVE] = LIVE_CONNECTED
             page[OFF_CLI_NOTIFY] = NOTIFY_WRITE
@@ -345,7 +360,15 @@ class Vchan:
 
     def _watch_peer(self, path: str) -> None:
         """Watch the peer's presence node, if it has one (a gntipc peer)."""
-        if not self.backend.store.exists(path):
+        store = self.backend.store
+        if not store.exists(path):
+            # A plain libxenvchan peer, or a peer whose domain already died (its home is
+            # gone: ENOENT; EACCES only says we may not look, as in a domU).
+            try:
+                store.read(f"/local/domain/{self.peer}")
+            except XenError as exc:
+                if exc.errno == errno.ENOENT:
+                    self._peer_dead = True
             return
         self._peer_gntipc = True
         self._peer_presence = path
@@ -503,6 +526,8 @@ class Vchan:
             RemoteProtocolError: the peer corrupted its index.
         """
         rings = self._live_rings()
+        if not self._connected:
+            self._peer_state(rings)
         n, notify = rings.read(ffi.from_buffer(buf, require_writable=True), len(buf))
         if n:
             if notify:
@@ -550,10 +575,14 @@ class Vchan:
             peer is gone with fewer than ``n`` bytes left)
         """
         if n > self.read_size:
-            raise LocalProtocolError(f"a {n}-byte packet can never fit a {self.read_size}-byte ring")
+            raise LocalProtocolError(
+                f"a {n}-byte packet can never fit a {self.read_size}-byte ring"
+            )
         rings = self._live_rings()
         buf = bytearray(n)
-        got, notify = rings.read(ffi.from_buffer(buf, require_writable=True), n, all_or_nothing=True)
+        got, notify = rings.read(
+            ffi.from_buffer(buf, require_writable=True), n, all_or_nothing=True
+        )
         if got or not n:
             if notify:
                 self._notify()
@@ -655,7 +684,9 @@ class Vchan:
                 return n
             self._block(lambda: self.prepare_wait_write() > 0, deadline)
 
-    def write_all(self, data: bytes | bytearray | memoryview, *, timeout: float | None = None) -> None:
+    def write_all(
+        self, data: bytes | bytearray | memoryview, *, timeout: float | None = None
+    ) -> None:
         """Write every byte of ``data``, waiting for space as needed."""
         view = memoryview(data).cast("B")
         deadline = _deadline(timeout)

@@ -24,8 +24,9 @@ def fresh_path() -> str:
 
 def pair(backend: Backend, read_size: int, write_size: int, start: int = 0) -> tuple[Vchan, Vchan]:
     path = fresh_path()
-    srv = Vchan.server(backend, backend.domid, path, read_size=read_size,
-                       write_size=write_size, start_index=start)
+    srv = Vchan.server(
+        backend, backend.domid, path, read_size=read_size, write_size=write_size, start_index=start
+    )
     try:
         cli = Vchan.client(backend, backend.domid, path, timeout=10)
     except BaseException:
@@ -160,9 +161,10 @@ def test_connect_times_out_without_a_server(backend: Backend) -> None:
 
 def test_a_second_client_cannot_steal_a_connected_channel(backend: Backend) -> None:
     path = fresh_path()
-    with Vchan.server(backend, backend.domid, path) as srv, Vchan.client(
-        backend, backend.domid, path, timeout=5
-    ) as cli:
+    with (
+        Vchan.server(backend, backend.domid, path) as srv,
+        Vchan.client(backend, backend.domid, path, timeout=5) as cli,
+    ):
         with pytest.raises(Exception) as info:
             Vchan.client_nowait(backend, backend.domid, path)
         assert not isinstance(info.value, WouldBlock)

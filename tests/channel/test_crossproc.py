@@ -107,8 +107,14 @@ def test_kill_9_mid_stream_loses_nothing_and_is_seen(
     peer_dom = other_domid(backend)
     if victim == "client":
         ch = Vchan.server(backend, peer_dom, path)
-        peer = Peer(backend, peer_dom, "client", str(backend.domid),
-                    f"/local/domain/{backend.domid}/{path}", "source")
+        peer = Peer(
+            backend,
+            peer_dom,
+            "client",
+            str(backend.domid),
+            f"/local/domain/{backend.domid}/{path}",
+            "source",
+        )
     else:
         full = f"/local/domain/{peer_dom}/{path}"
         peer = Peer(backend, peer_dom, "server", str(backend.domid), full, "source")
@@ -143,8 +149,14 @@ def test_domain_death_is_detected(backend: Backend, peers: list[Peer]) -> None:
     path = fresh_path()
     peer_dom = backend.domid + 7
     with Vchan.server(backend, peer_dom, path) as ch:
-        peer = Peer(backend, peer_dom, "client", str(backend.domid),
-                    f"/local/domain/{backend.domid}/{path}", "source")
+        peer = Peer(
+            backend,
+            peer_dom,
+            "client",
+            str(backend.domid),
+            f"/local/domain/{backend.domid}/{path}",
+            "source",
+        )
         peers.append(peer)
         peer.expect("ready")
         got = ch.read(1 << 16, timeout=30)

@@ -62,7 +62,11 @@ def make_machine(backend: Backend) -> type[RuleBasedStateMachine]:
             assert got == want
 
         @precondition(lambda self: hasattr(self, "srv"))
-        @rule(direction=st.sampled_from(["c2s", "s2c"]), n=st.integers(0, 20000), skip=st.integers(0, 100))
+        @rule(
+            direction=st.sampled_from(["c2s", "s2c"]),
+            n=st.integers(0, 20000),
+            skip=st.integers(0, 100),
+        )
         def peek(self, direction: str, n: int, skip: int) -> None:
             _, rx = self.ends(direction)
             q = list(self.model[direction])
@@ -100,7 +104,5 @@ def make_machine(backend: Backend) -> type[RuleBasedStateMachine]:
 
 def test_both_endpoints_against_a_model(backend: Backend) -> None:
     machine = make_machine(backend)
-    machine.TestCase.settings = settings(
-        max_examples=40, stateful_step_count=30, deadline=None
-    )
+    machine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
     machine.TestCase().runTest()

@@ -12,9 +12,7 @@ import pytest
 from gntipc._exceptions import LocalProtocolError, RemoteProtocolError
 from gntipc.protocol import _layout as L
 
-VECTORS = json.loads(
-    (pathlib.Path(__file__).parent / "data" / "libxenvchan-4.17.json").read_text()
-)
+VECTORS = json.loads((pathlib.Path(__file__).parent / "data" / "libxenvchan-4.17.json").read_text())
 INIT = [r for r in VECTORS["records"] if r["stage"] == "after_server_init"]
 
 
@@ -42,8 +40,18 @@ def test_field_offsets_are_the_wire_format() -> None:
 
 @pytest.mark.parametrize(
     ("size", "order"),
-    [(0, 10), (1, 10), (1024, 10), (1025, 11), (2048, 11), (3000, 12), (4096, 12),
-     (65535, 16), (65536, 16), (1 << 20, 20)],
+    [
+        (0, 10),
+        (1, 10),
+        (1024, 10),
+        (1025, 11),
+        (2048, 11),
+        (3000, 12),
+        (4096, 12),
+        (65535, 16),
+        (65536, 16),
+        (1 << 20, 20),
+    ],
 )
 def test_non_powers_of_two_round_up(size: int, order: int) -> None:
     assert L.order_for_size(size) == order

@@ -84,13 +84,19 @@ class VchanRings:
         self._ctrl = ctrl
         if is_server:
             rd_cons, rd_prod, wr_cons, wr_prod = (
-                OFF_LEFT_CONS, OFF_LEFT_PROD, OFF_RIGHT_CONS, OFF_RIGHT_PROD
+                OFF_LEFT_CONS,
+                OFF_LEFT_PROD,
+                OFF_RIGHT_CONS,
+                OFF_RIGHT_PROD,
             )
             own_notify, peer_notify = OFF_SRV_NOTIFY, OFF_CLI_NOTIFY
             own_live, peer_live = OFF_SRV_LIVE, OFF_CLI_LIVE
         else:
             rd_cons, rd_prod, wr_cons, wr_prod = (
-                OFF_RIGHT_CONS, OFF_RIGHT_PROD, OFF_LEFT_CONS, OFF_LEFT_PROD
+                OFF_RIGHT_CONS,
+                OFF_RIGHT_PROD,
+                OFF_LEFT_CONS,
+                OFF_LEFT_PROD,
             )
             own_notify, peer_notify = OFF_CLI_NOTIFY, OFF_SRV_NOTIFY
             own_live, peer_live = OFF_CLI_LIVE, OFF_SRV_LIVE
@@ -166,7 +172,7 @@ class VchanRings:
         view of the server, which the server never writes).
         """
         v: int = lib.gnt_load_u8(self._peer_live)
-        if v == LIVE_GONE or v == LIVE_CONNECTED or (v == LIVE_WAITING and self.is_server):
+        if v in (LIVE_GONE, LIVE_CONNECTED) or (v == LIVE_WAITING and self.is_server):
             return v
         raise RemoteProtocolError(f"the peer's live byte holds {v}, not a vchan state")
 
