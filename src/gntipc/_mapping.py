@@ -8,6 +8,7 @@ dangling view: :meth:`Mapping.close` raises :class:`MappingInUse` instead.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import warnings
 from collections.abc import Callable
@@ -108,10 +109,8 @@ class Mapping:
     def __del__(self) -> None:
         if getattr(self, "_mm", None) is not None:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
-            try:
+            with contextlib.suppress(Exception):
                 self.close()
-            except Exception:
-                pass
 
     def __repr__(self) -> str:
         state = "closed" if self._mm is None else ("rw" if self.writable else "ro")
