@@ -1,0 +1,875 @@
+"""Many logical byte streams over one byte stream: :class:`Session` and :class:`SessionStream`.
+
+A gntalloc domain may share only ~1024 pages by default and XenStore quotas limit
+connects, so a service that needs many conversations with one peer opens *one* vchan and
+multiplexes it::
+
+    async with Session(await gntipc.connect(0, "data/vchan/5/1")) as session:
+        async with await session.open_stream() as stream:     # an anyio ByteStream
+            await stream.send(b"hello")
+
+    async with Session(await listener.accept()) as session:
+        async with await session.accept_stream() as stream:
+            print(await stream.receive())
+
+Every logical stream has its own credit-based flow control: the receiver announces a
+window (default 256 KiB) and grants credit back as the application consumes data, so a
+stream whose reader never reads stalls only its own sender; the others keep flowing.  One
+reader task per session dispatches incoming frames; writers serialise on a lock.
+
+Wire format (little-endian).  Each frame is a 12-byte header, then a payload::
+
+    u8 type | u8 flags (0) | u16 reserved (0) | u32 stream id | u32 value
+
+=========  =========  ==================================================================
+type       stream id  value / payload
+=========  =========  ==================================================================
+HELLO 0    0          payload length (16): ``b"GMUX"``, u16 version 1, u16 0,
+                      u32 receive window per stream, u32 max streams the sender accepts
+OPEN 1     new id     0.  The initiator's ids are odd, the responder's even; each side's
+                      ids strictly increase.
+DATA 2     open id    payload length, 1 .. 65536, at most the credit the receiver granted
+WINDOW 3   open id    credit increment (>= 1); credit never exceeds the window
+EOF 4      open id    0: the sender sends no more data on this stream
+RESET 5    open id    0: the sender will not read (nor send) any more on this stream; it is
+                      the last frame a side sends on a stream id.  An id is freed once
+                      each side has sent and received a RESET.
+GOAWAY 6   0          0: the sender closes the session (it opens no more streams)
+=========  =========  ==================================================================
+
+Everything the peer sends is validated; a violation (unknown stream id, oversize frame,
+credit overflow, bad header, ...) raises :class:`gntipc.RemoteProtocolError` from every
+operation of the session and its streams, and closes the session (and the underlying
+stream).  Buffered memory is bounded by ``window * max_streams`` plus one frame.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import struct
+import warnings
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.abc
+from anyio import (
+    BrokenResourceError,
+    BusyResourceError,
+    ClosedResourceError,
+    EndOfStream,
+)
+from anyio.abc import ByteStream
+from anyio.lowlevel import checkpoint
+
+from ._exceptions import LocalProtocolError, RemoteProtocolError
+
+__all__ = ["Session", "SessionStream"]
+
+_HEADER = struct.Struct("<BBHII")
+_HELLO = struct.Struct("<4sHHII")
+_MAGIC = b"GMUX"
+_VERSION = 1
+HEADER_SIZE = _HEADER.size
+#: Largest DATA payload (a larger frame from the peer is a protocol error).
+MAX_FRAME = 65536
+DEFAULT_WINDOW = 256 * 1024
+DEFAULT_MAX_STREAMS = 256
+_MIN_WINDOW = 1024
+_MAX_WINDOW = 1 << 30
+_MAX_ID = 0xFFFFFFFF
+#: How long :meth:`Session.aclose` waits to flush pending control frames and GOAWAY.
+_FLUSH_TIMEOUT = 2.0
+
+
+class _T(enum.IntEnum):
+    HELLO = 0
+    OPEN = 1
+    DATA = 2
+    WINDOW = 3
+    EOF = 4
+    RESET = 5
+    GOAWAY = 6
+
+
+def _frame(ftype: _T, sid: int = 0, value: int = 0) -> bytes:
+    return _HEADER.pack(ftype, 0, 0, sid, value)
+
+
+class _Signal:
+    """Wakes every task waiting at the moment :meth:`fire` is called."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    def fire(self) -> None:
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
+
+    async def wait(self) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+
+class _Down(enum.Enum):
+    CLOSED = "closed"  # we closed the session
+    EOF = "eof"  # the peer closed the session (or the underlying stream) cleanly
+    BROKEN = "broken"  # the underlying stream broke (peer crashed, domain died)
+    PROTOCOL = "protocol"  # the peer violated the protocol
+
+
+class Session:
+    """A multiplexer of many :class:`SessionStream` over one byte stream.
+
+    Args:
+        stream: a connected byte stream (typically a :class:`gntipc.VchanStream`).  The
+            session owns it from now on: closing the session closes it.
+        is_initiator: which side this is (the two sides must differ).  ``None``: the
+            client of a :class:`gntipc.VchanStream` (the side that called
+            :func:`gntipc.connect`) is the initiator.
+        window: our receive window per logical stream, in bytes (1 KiB .. 1 GiB).
+        max_streams: how many streams the peer may have open towards us at once
+            (:meth:`accept_stream` backlog included); the peer's :meth:`open_stream`
+            waits for a free slot.
+
+    Use it as an async context manager (``async with Session(stream) as session:``): it
+    runs its reader in a task group it owns for the duration of the block.
+
+    Raises:
+        gntipc.LocalProtocolError: bad arguments, or ``is_initiator`` cannot be inferred.
+    """
+
+    def __init__(
+        self,
+        stream: ByteStream,
+        *,
+        is_initiator: bool | None = None,
+        window: int = DEFAULT_WINDOW,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+    ) -> None:
+        if not _MIN_WINDOW <= window <= _MAX_WINDOW:
+            raise LocalProtocolError(f"window must be from {_MIN_WINDOW} to {_MAX_WINDOW}")
+        if not 1 <= max_streams <= 1 << 20:
+            raise LocalProtocolError("max_streams must be from 1 to 1048576")
+        if is_initiator is None:
+            from .streams import VchanAttribute
+
+            is_server = stream.extra(VchanAttribute.is_server, None)
+            if is_server is None:
+                raise LocalProtocolError(
+                    "is_initiator is required unless the stream is a gntipc.VchanStream"
+                )
+            is_initiator = not is_server
+        self._stream: ByteStream | None = stream
+        self.is_initiator = is_initiator
+        self.window = window
+        self.max_streams = max_streams
+        self._lock = anyio.Lock()
+        self._streams: dict[int, SessionStream] = {}
+        self._next_id = 1 if is_initiator else 2
+        self._peer_last_id = 0
+        self._peer_hello = False
+        self._peer_window = 0
+        self._peer_max_streams = 0
+        self._peer_goaway = False
+        self._ours_open = 0  # streams of our parity in _streams
+        self._theirs_open = 0
+        self._pending: collections.deque[SessionStream] = collections.deque()
+        self._control: list[bytes] = []
+        self._control_signal = _Signal()
+        self._state_signal = _Signal()  # hello, accept backlog, free slots, going down
+        self._down: _Down | None = None
+        self._cause: BaseException | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._scopes: list[anyio.CancelScope] = []
+        self._control_done: anyio.Event | None = None
+        self._entered = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise RuntimeError("a Session can be entered only once")
+        if self._stream is None:
+            raise ClosedResourceError
+        self._entered = True
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            hello = _HELLO.pack(_MAGIC, _VERSION, 0, self.window, self.max_streams)
+            await self._write(_frame(_T.HELLO, 0, len(hello)) + hello)
+            self._control_done = anyio.Event()
+            tg.start_soon(self._run_task, self._reader)
+            tg.start_soon(self._run_task, self._control_writer)
+        except BaseException:
+            await self.aclose()
+            with anyio.CancelScope(shield=True):
+                await tg.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.aclose()
+        finally:
+            tg, self._tg = self._tg, None
+            if tg is not None:
+                # Our tasks never raise (they record failures), and aclose() cancelled
+                # them, so this only waits for them; the body's exception is not wrapped.
+                with anyio.CancelScope(shield=True):
+                    await tg.__aexit__(None, None, None)
+
+    async def _run_task(self, fn: Callable[[], Any]) -> None:
+        with anyio.CancelScope() as scope:
+            self._scopes.append(scope)
+            if self._down is not None:
+                scope.cancel()
+            await fn()
+
+    async def aclose(self) -> None:
+        """Close the session (idempotent; completes even when cancelled).
+
+        Pending control frames (EOF / RESET of streams closed before) and a GOAWAY are
+        flushed (for at most 2 s), then the underlying stream is closed.  Every logical
+        stream then raises :class:`anyio.ClosedResourceError`; the peer's streams drain
+        what we sent, then see :class:`anyio.EndOfStream` (if we sent EOF on them) or
+        :class:`anyio.BrokenResourceError`, and its :meth:`accept_stream` raises
+        :class:`anyio.EndOfStream`.
+        """
+        if self._down is None:
+            running = self._control_done is not None
+            self._go_down(_Down.CLOSED, None)
+            if running:
+                self._control_signal.fire()
+                with anyio.move_on_after(_FLUSH_TIMEOUT, shield=True):
+                    assert self._control_done is not None
+                    await self._control_done.wait()
+        await self._close_stream()
+        for scope in self._scopes:
+            scope.cancel()
+        await checkpoint()
+
+    async def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+    def _go_down(self, how: _Down, cause: BaseException | None) -> None:
+        if self._down is not None:
+            return
+        self._down = how
+        self._cause = cause
+        self._state_signal.fire()
+        for s in self._streams.values():
+            s._wake()
+        for s in self._pending:
+            s._closed = True  # never handed out: nobody to warn
+        self._pending.clear()
+
+    @property
+    def closed(self) -> bool:
+        """True once the session is down (closed by us, by the peer, or broken)."""
+        return self._down is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the session, if not a close by us: a
+        :class:`gntipc.RemoteProtocolError`, :class:`anyio.BrokenResourceError` or
+        :class:`anyio.EndOfStream` (the peer closed it); ``None`` otherwise."""
+        if self._down in (None, _Down.CLOSED):
+            return None
+        if self._down is _Down.EOF:
+            return EndOfStream()
+        return self._cause
+
+    def __repr__(self) -> str:
+        state = self._down.value if self._down is not None else "open"
+        role = "initiator" if self.is_initiator else "responder"
+        return f"<Session {role} streams={len(self._streams)} {state}>"
+
+    def __del__(self) -> None:
+        if getattr(self, "_stream", None) is not None and getattr(self, "_entered", False):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
+
+    # -- errors ----------------------------------------------------------------------
+
+    def _error(self) -> BaseException:
+        """The exception a stream operation raises now that the session is down."""
+        if self._down is _Down.CLOSED:
+            return ClosedResourceError()
+        if self._down is _Down.PROTOCOL:
+            exc: BaseException = RemoteProtocolError(str(self._cause))
+        elif self._down is _Down.EOF:
+            exc = BrokenResourceError("the peer closed the session")
+        else:
+            exc = BrokenResourceError("the session's stream broke (the peer is gone)")
+        exc.__cause__ = self._cause
+        return exc
+
+    def _check_running(self) -> None:
+        if self._down is not None:
+            raise self._error()
+        if self._control_done is None:
+            raise RuntimeError("use the session as `async with Session(stream) as session:`")
+
+    # -- opening and accepting -------------------------------------------------------
+
+    async def open_stream(self) -> SessionStream:
+        """Open a new logical stream to the peer (whose :meth:`accept_stream` returns it).
+
+        Waits until the peer's hello arrived and the peer accepts another stream (see
+        ``max_streams``).  Cancellation: no stream is opened.
+
+        Raises:
+            anyio.ClosedResourceError: the session is (or gets) closed.
+            anyio.BrokenResourceError: the peer closed the session, or the underlying
+                stream broke.
+            gntipc.RemoteProtocolError: the peer violated the protocol.
+            gntipc.LocalProtocolError: stream ids are exhausted (2**31 per side).
+        """
+        self._check_running()
+        await checkpoint()
+        while True:
+            self._check_running()
+            if self._peer_goaway:
+                raise BrokenResourceError("the peer is closing the session")
+            if not self._peer_hello or self._ours_open >= self._peer_max_streams:
+                await self._state_signal.wait()
+                continue
+            async with self._lock:
+                self._check_running()
+                if self._ours_open >= self._peer_max_streams:
+                    continue  # a concurrent opener took the slot while we waited
+                sid = self._next_id
+                if sid > _MAX_ID:
+                    raise LocalProtocolError("stream ids are exhausted")
+                self._next_id += 2
+                stream = SessionStream(self, sid)
+                stream._accepted = True
+                self._streams[sid] = stream
+                self._ours_open += 1
+                await self._write_locked(_frame(_T.OPEN, sid))
+        return stream
+
+    async def accept_stream(self) -> SessionStream:
+        """Wait for the peer to open a logical stream and return it.
+
+        Cancellation: no stream is lost (it stays queued for the next call).
+
+        Raises:
+            anyio.EndOfStream: the peer closed the session (no more streams will come).
+            anyio.ClosedResourceError: the session is (or gets) closed.
+            anyio.BrokenResourceError: the underlying stream broke (peer crashed).
+            gntipc.RemoteProtocolError: the peer violated the protocol.
+        """
+        if self._down is None and self._control_done is None:
+            raise RuntimeError("use the session as `async with Session(stream) as session:`")
+        await checkpoint()
+        while True:
+            if self._pending:
+                stream = self._pending.popleft()
+                stream._accepted = True
+                return stream
+            if self._down is _Down.EOF or (self._peer_goaway and self._down is None):
+                raise EndOfStream
+            if self._down is not None:
+                raise self._error()
+            await self._state_signal.wait()
+
+    # -- writing ---------------------------------------------------------------------
+
+    async def _write(self, data: bytes) -> None:
+        async with self._lock:
+            await self._write_locked(data)
+
+    async def _write_locked(self, data: bytes) -> None:
+        """Write whole frames; not interruptible once started (a partial frame would
+        desynchronise the session).  Closing the session wakes it."""
+        stream = self._stream
+        if stream is None:
+            raise self._error()
+        try:
+            with anyio.CancelScope(shield=True):
+                await stream.send(data)
+        except (BrokenResourceError, ClosedResourceError, EndOfStream) as exc:
+            if not isinstance(exc, ClosedResourceError) or self._down is None:
+                self._go_down(_Down.BROKEN, exc)
+            raise self._error() from exc
+        except RemoteProtocolError as exc:
+            self._go_down(_Down.PROTOCOL, exc)
+            raise self._error() from exc
+
+    def _queue_control(self, frame: bytes) -> None:
+        self._control.append(frame)
+        self._control_signal.fire()
+
+    async def _control_writer(self) -> None:
+        try:
+            while True:
+                if self._control:
+                    frames = b"".join(self._control)
+                    self._control.clear()
+                    await self._write(frames)
+                    continue
+                if self._down is not None:
+                    if self._down is _Down.CLOSED:
+                        await self._write(_frame(_T.GOAWAY))
+                    return
+                await self._control_signal.wait()
+        except Exception:  # recorded by _write_locked: the session is down
+            pass
+        finally:
+            assert self._control_done is not None
+            self._control_done.set()
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        stream = self._stream
+        assert stream is not None
+        buf = bytearray()
+        try:
+            while True:
+                try:
+                    chunk = await stream.receive(1 << 20)
+                except EndOfStream:
+                    if buf:
+                        raise RemoteProtocolError(
+                            f"the session's stream ended inside a frame ({len(buf)} bytes)"
+                        ) from None
+                    self._go_down(_Down.EOF, None)
+                    return
+                buf += chunk
+                pos = 0
+                end = len(buf)
+                while end - pos >= HEADER_SIZE:
+                    ftype, flags, reserved, sid, value = _HEADER.unpack_from(buf, pos)
+                    size = self._check_header(ftype, flags, reserved, sid, value)
+                    if end - pos < HEADER_SIZE + size:
+                        break
+                    start = pos + HEADER_SIZE
+                    pos = start + size
+                    self._handle(ftype, sid, value, bytes(buf[start:pos]) if size else b"")
+                if pos:
+                    del buf[:pos]
+        except RemoteProtocolError as exc:
+            self._go_down(_Down.PROTOCOL, exc)
+            await self._close_stream()
+        except ClosedResourceError as exc:
+            self._go_down(_Down.CLOSED if self._stream is None else _Down.BROKEN, exc)
+        except BrokenResourceError as exc:
+            self._go_down(_Down.BROKEN, exc)
+        except Exception as exc:
+            # A bug or an unexpected error from the stream: fail the session loudly
+            # (every operation raises BrokenResourceError from it) rather than hang.
+            self._go_down(_Down.BROKEN, exc)
+            await self._close_stream()
+
+    def _check_header(self, ftype: int, flags: int, reserved: int, sid: int, value: int) -> int:
+        """Validate a header before its payload is awaited; return the payload size."""
+        if ftype > _T.GOAWAY:
+            raise RemoteProtocolError(f"unknown frame type {ftype}")
+        if flags or reserved:
+            raise RemoteProtocolError(
+                f"{_T(ftype).name} frame with nonzero flags/reserved bits ({flags}, {reserved})"
+            )
+        if not self._peer_hello and ftype != _T.HELLO:
+            raise RemoteProtocolError(f"{_T(ftype).name} frame before HELLO (not a session peer?)")
+        if ftype == _T.DATA:
+            if not 1 <= value <= MAX_FRAME:
+                raise RemoteProtocolError(
+                    f"oversize or empty DATA frame ({value} bytes; limit {MAX_FRAME})"
+                )
+            return value
+        if ftype == _T.HELLO:
+            if value != _HELLO.size:
+                raise RemoteProtocolError(f"HELLO frame of {value} bytes (expected {_HELLO.size})")
+            return value
+        return 0
+
+    def _handle(self, ftype: int, sid: int, value: int, payload: bytes) -> None:
+        if ftype == _T.HELLO:
+            self._on_hello(sid, payload)
+            return
+        if ftype == _T.GOAWAY:
+            if sid or value:
+                raise RemoteProtocolError(f"GOAWAY with stream id {sid} and value {value}")
+            if self._peer_goaway:
+                raise RemoteProtocolError("duplicate GOAWAY")
+            self._peer_goaway = True
+            self._state_signal.fire()
+            return
+        if sid == 0:
+            raise RemoteProtocolError(f"{_T(ftype).name} frame on stream id 0")
+        if ftype == _T.OPEN:
+            self._on_open(sid, value)
+            return
+        stream = self._streams.get(sid)
+        if stream is None:
+            raise RemoteProtocolError(f"{_T(ftype).name} frame for unknown stream id {sid}")
+        if stream._remote_reset:
+            raise RemoteProtocolError(f"{_T(ftype).name} frame on stream {sid} after its RESET")
+        if ftype == _T.DATA:
+            stream._on_data(payload)
+        elif ftype == _T.WINDOW:
+            stream._on_window(value)
+        elif ftype == _T.EOF:
+            if value:
+                raise RemoteProtocolError(f"EOF frame with value {value}")
+            if stream._remote_eof:
+                raise RemoteProtocolError(f"duplicate EOF on stream {sid}")
+            stream._remote_eof = True
+            stream._wake()
+        else:  # RESET
+            if value:
+                raise RemoteProtocolError(f"RESET frame with value {value}")
+            stream._remote_reset = True
+            stream._wake()
+            if stream._reset_sent:
+                self._forget(stream)
+
+    def _on_hello(self, sid: int, payload: bytes) -> None:
+        if self._peer_hello:
+            raise RemoteProtocolError("duplicate HELLO")
+        magic, version, reserved, window, max_streams = _HELLO.unpack(payload)
+        if sid or magic != _MAGIC:
+            raise RemoteProtocolError(f"bad HELLO (magic {magic!r}): the peer is not a session")
+        if version != _VERSION or reserved:
+            raise RemoteProtocolError(f"unsupported session version {version}")
+        if not _MIN_WINDOW <= window <= _MAX_WINDOW or max_streams < 1:
+            raise RemoteProtocolError(f"bad HELLO window {window} / max_streams {max_streams}")
+        self._peer_window = window
+        self._peer_max_streams = max_streams
+        self._peer_hello = True
+        self._state_signal.fire()
+
+    def _on_open(self, sid: int, value: int) -> None:
+        if value:
+            raise RemoteProtocolError(f"OPEN frame with value {value}")
+        if (sid & 1) == (1 if self.is_initiator else 0):
+            raise RemoteProtocolError(
+                f"OPEN of stream id {sid} of our parity (are both sides initiators, or both "
+                "responders?)"
+            )
+        if sid <= self._peer_last_id:
+            raise RemoteProtocolError(f"OPEN of stream id {sid} not above {self._peer_last_id}")
+        if self._peer_goaway:
+            raise RemoteProtocolError("OPEN after GOAWAY")
+        if self._theirs_open >= self.max_streams:
+            raise RemoteProtocolError(f"the peer opened more than {self.max_streams} streams")
+        self._peer_last_id = sid
+        stream = SessionStream(self, sid)
+        self._streams[sid] = stream
+        self._theirs_open += 1
+        if self._down is None:
+            self._pending.append(stream)
+            self._state_signal.fire()
+
+    def _forget(self, stream: SessionStream) -> None:
+        if self._streams.pop(stream.stream_id, None) is None:
+            return
+        if (stream.stream_id & 1) == (1 if self.is_initiator else 0):
+            self._ours_open -= 1
+        else:
+            self._theirs_open -= 1
+        self._state_signal.fire()
+
+
+class SessionStream(ByteStream):
+    """One logical stream of a :class:`Session`: an :class:`anyio.abc.ByteStream`.
+
+    Obtained from :meth:`Session.open_stream` or :meth:`Session.accept_stream`.  One task
+    may send while another receives; two concurrent senders (or receivers) raise
+    :class:`anyio.BusyResourceError`.  Extra attributes are those of the session's
+    underlying stream (e.g. :class:`gntipc.VchanAttribute`).
+
+    Errors: :meth:`receive` raises :class:`anyio.EndOfStream` once the peer sent EOF
+    (or closed the stream) and everything was read; :class:`anyio.BrokenResourceError`
+    when the stream or session ended without an EOF (peer crashed, peer closed the
+    session), again after everything received was read, and from :meth:`send` once the
+    peer closed the stream or the session is gone; :class:`anyio.ClosedResourceError`
+    after our own :meth:`aclose` (or, for sending, :meth:`send_eof`) or our close of the
+    session; :class:`gntipc.RemoteProtocolError` when the peer violated the protocol.
+    """
+
+    def __init__(self, session: Session, stream_id: int) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._offset = 0  # consumed bytes of _chunks[0]
+        self._recv_credit = session.window  # what the peer may still send us
+        self._consumed = 0  # consumed but not yet granted back
+        self._send_credit = session._peer_window
+        self._signal = _Signal()
+        self._sending = False
+        self._receiving = False
+        self._eof_sent = False
+        self._reset_sent = False
+        self._remote_eof = False
+        self._remote_reset = False
+        self._closed = False
+        self._accepted = False
+        #: How many bytes of the item of the last (or current) :meth:`send` were written:
+        #: after a cancelled send, the length of the prefix that will be delivered.
+        self.send_progress = 0
+
+    # -- introspection ---------------------------------------------------------------
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        stream = self._session._stream
+        return stream.extra_attributes if stream is not None else {}
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` ran."""
+        return self._closed
+
+    @property
+    def session(self) -> Session:
+        """The session this stream belongs to."""
+        return self._session
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<SessionStream id={self.stream_id} {state}>"
+
+    def _wake(self) -> None:
+        self._signal.fire()
+
+    # -- incoming frames (called by the session's reader) ----------------------------
+
+    def _on_data(self, payload: bytes) -> None:
+        if self._remote_eof:
+            raise RemoteProtocolError(f"DATA on stream {self.stream_id} after its EOF")
+        n = len(payload)
+        if n > self._recv_credit:
+            raise RemoteProtocolError(
+                f"flow control violated on stream {self.stream_id}: {n} bytes of DATA with"
+                f" {self._recv_credit} bytes of credit"
+            )
+        self._recv_credit -= n
+        if self._closed:
+            return  # we sent RESET: discard what was in flight
+        self._chunks.append(payload)
+        self._signal.fire()
+
+    def _on_window(self, increment: int) -> None:
+        if increment < 1 or self._send_credit + increment > self._session._peer_window:
+            raise RemoteProtocolError(
+                f"credit overflow on stream {self.stream_id}: {self._send_credit} + {increment}"
+                f" exceeds the window of {self._session._peer_window}"
+            )
+        self._send_credit += increment
+        self._signal.fire()
+
+    # -- sending ---------------------------------------------------------------------
+
+    def _check_send(self) -> None:
+        if self._closed or self._eof_sent:
+            raise ClosedResourceError
+        session = self._session
+        if session._down is not None:
+            raise session._error()
+        if self._remote_reset:
+            raise BrokenResourceError(f"the peer closed stream {self.stream_id}")
+
+    async def send(self, item: bytes | bytearray | memoryview) -> None:
+        """Send all of ``item``, waiting for credit (the peer's window) as needed.
+
+        Cancellation: an ``item`` of at most half the peer's window (128 KiB by default)
+        is sent at once when there is credit for all of it, so a cancelled send has sent
+        nothing.  A larger ``item`` goes in pieces as credit arrives; if cancelled, a
+        *prefix* of it (``send_progress`` bytes) has been sent and will be delivered.
+        The session stays consistent either way.
+
+        Raises:
+            anyio.BusyResourceError: another task is already sending.
+            anyio.BrokenResourceError: the peer closed this stream or the session, or the
+                underlying stream broke.
+            anyio.ClosedResourceError: we closed the stream or the session (also while
+                waiting), or sent EOF.
+            gntipc.RemoteProtocolError: the peer violated the protocol.
+        """
+        self._check_send()
+        if self._sending:
+            raise BusyResourceError("sending to")
+        self._sending = True
+        self.send_progress = 0
+        try:
+            await checkpoint()
+            with memoryview(item) as raw, raw.cast("B") as view:
+                total = len(view)
+                atomic = total <= self._session._peer_window // 2
+                offset = 0
+                while offset < total:
+                    need = total - offset if atomic else 1
+                    while True:
+                        self._check_send()
+                        if self._send_credit >= need:
+                            break
+                        await self._signal.wait()
+                    async with self._session._lock:
+                        self._check_send()  # a close may have been queued meanwhile
+                        n = min(self._send_credit, total - offset)
+                        self._send_credit -= n
+                        await self._session._write_locked(self._data_frames(view, offset, n))
+                    offset += n
+                    self.send_progress = offset
+        finally:
+            self._sending = False
+
+    def _data_frames(self, view: memoryview, offset: int, n: int) -> bytes:
+        parts: list[bytes | memoryview] = []
+        end = offset + n
+        while offset < end:
+            k = min(MAX_FRAME, end - offset)
+            parts.append(_frame(_T.DATA, self.stream_id, k))
+            parts.append(view[offset : offset + k])
+            offset += k
+        return b"".join(parts)
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer's :meth:`receive` raises EndOfStream once it has read
+        everything we sent; our receive direction keeps working.  Idempotent.
+
+        Raises:
+            anyio.BusyResourceError: a send is in progress.
+            anyio.ClosedResourceError: the stream (or the session) is closed.
+        """
+        if self._closed:
+            raise ClosedResourceError
+        if self._sending:
+            raise BusyResourceError("sending to")
+        if self._session._down is _Down.CLOSED:
+            raise ClosedResourceError
+        self._send_eof_frame()
+        await checkpoint()
+
+    def _send_eof_frame(self) -> None:
+        if not self._eof_sent:
+            self._eof_sent = True
+            if self._session._down is None and not self._remote_reset:
+                self._session._queue_control(_frame(_T.EOF, self.stream_id))
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _take(self, max_bytes: int) -> bytes:
+        chunks = self._chunks
+        first = chunks[0]
+        avail = len(first) - self._offset
+        if avail > max_bytes:
+            data = first[self._offset : self._offset + max_bytes]
+            self._offset += max_bytes
+        else:
+            chunks.popleft()
+            data = first[self._offset :] if self._offset else first
+            self._offset = 0
+            if chunks and len(data) + len(chunks[0]) <= max_bytes:
+                parts = [data]
+                size = len(data)
+                while chunks and size + len(chunks[0]) <= max_bytes:
+                    nxt = chunks.popleft()
+                    parts.append(nxt)
+                    size += len(nxt)
+                data = b"".join(parts)
+        self._consumed += len(data)
+        session = self._session
+        if self._consumed >= session.window // 2 and not self._remote_eof:
+            grant, self._consumed = self._consumed, 0
+            self._recv_credit += grant
+            if session._down is None:
+                session._queue_control(_frame(_T.WINDOW, self.stream_id, grant))
+        return data
+
+    def _end_of_data(self) -> BaseException:
+        session = self._session
+        if session._down in (_Down.CLOSED, _Down.PROTOCOL):
+            return session._error()
+        if self._remote_eof:
+            return EndOfStream()
+        if self._remote_reset:
+            return BrokenResourceError(f"the peer reset stream {self.stream_id}")
+        return session._error()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """Return between 1 and ``max_bytes`` bytes, waiting for data if needed.
+
+        Cancellation: nothing is consumed by a cancelled receive.
+
+        Raises:
+            anyio.EndOfStream: the peer sent EOF (or closed the stream) and everything
+                was read.
+            anyio.BrokenResourceError: the peer's side ended without EOF (it crashed,
+                closed the session, or reset the stream), after everything was read.
+            anyio.BusyResourceError: another task is already receiving.
+            anyio.ClosedResourceError: we closed the stream or the session (also while
+                waiting).
+            gntipc.RemoteProtocolError: the peer violated the protocol.
+        """
+        if self._closed:
+            raise ClosedResourceError
+        if self._receiving:
+            raise BusyResourceError("receiving from")
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        self._receiving = True
+        try:
+            await checkpoint()
+            while True:
+                if self._closed:
+                    raise ClosedResourceError
+                down = self._session._down
+                if self._chunks and down not in (_Down.CLOSED, _Down.PROTOCOL):
+                    return self._take(max_bytes)
+                if self._remote_eof or self._remote_reset or down is not None:
+                    raise self._end_of_data()
+                await self._signal.wait()
+        finally:
+            self._receiving = False
+
+    # -- closing ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close now (idempotent): the peer reads what we sent, then EndOfStream; its
+        sends then fail with BrokenResourceError.  Tasks blocked in :meth:`send` or
+        :meth:`receive` get :class:`anyio.ClosedResourceError`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._chunks.clear()
+        session = self._session
+        if session._streams.get(self.stream_id) is self:
+            self._send_eof_frame()
+            self._reset_sent = True
+            if session._down is None:
+                session._queue_control(_frame(_T.RESET, self.stream_id))
+            if self._remote_reset or session._down is not None:
+                session._forget(self)
+        self._wake()
+
+    async def aclose(self) -> None:
+        """Close the stream (see :meth:`close`; completes even when cancelled)."""
+        self.close()
+        await checkpoint()
+
+    def __del__(self) -> None:
+        if (
+            getattr(self, "_accepted", True) is not False
+            and getattr(self, "_closed", True) is False
+            and self._session._down is None
+        ):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
