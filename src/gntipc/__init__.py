@@ -22,6 +22,8 @@ from .channel import Vchan as Vchan
 from .messages import MalformedMessage as MalformedMessage
 from .messages import MessageQueue as MessageQueue
 from .messages import MessageTooLarge as MessageTooLarge
+from .session import Session as Session
+from .session import SessionStream as SessionStream
 from .streams import Listener as Listener
 from .streams import VchanAttribute as VchanAttribute
 from .streams import VchanStream as VchanStream
@@ -38,6 +40,8 @@ __all__ = [
     "MessageTooLarge",
     "ProtocolError",
     "RemoteProtocolError",
+    "Session",
+    "SessionStream",
     "Vchan",
     "VchanAttribute",
     "VchanStream",

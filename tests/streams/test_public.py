@@ -16,6 +16,8 @@ EXPECTED = {
     "MessageTooLarge",
     "ProtocolError",
     "RemoteProtocolError",
+    "Session",
+    "SessionStream",
     "Vchan",
     "VchanAttribute",
     "VchanStream",
@@ -43,3 +45,4 @@ def test_error_tree() -> None:
 
 def test_stream_is_an_anyio_byte_stream() -> None:
     assert issubclass(gntipc.VchanStream, anyio.abc.ByteStream)
+    assert issubclass(gntipc.SessionStream, anyio.abc.ByteStream)
