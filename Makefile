@@ -31,7 +31,7 @@ test: lint
 # Real Xen 4.17 under QEMU: the xen-marked tests with the xen backend, in dom0.
 test-xen: $(STAMP)
 	$(XENKIT)/run-in-xen.sh --timeout 1200 "$(CURDIR)" \
-	  'GNTIPC_BACKEND=xen $(CURDIR)/$(PY) -m pytest -m xen -q -p no:randomly tests'
+	  'GNTIPC_BACKEND=xen $(CURDIR)/$(PY) -m pytest -m xen -v --timeout=240 --durations=20 tests'
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -65,3 +65,14 @@ async def make_pair(backend: Backend) -> AsyncIterator[PairFactory]:
     finally:
         for s in made:
             await s.aclose()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Real Xen runs under emulation (10-20x slower): one event loop is enough there;
+    trio and asyncio are both covered on the simulator."""
+    skip = pytest.mark.skip(reason="xen: one event loop (asyncio); trio is covered on sim")
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params and params.params.get("backend_name") == "xen":
+            if params.params.get("anyio_backend") == "trio":
+                item.add_marker(skip)
