@@ -493,6 +493,18 @@ class Vchan:
             BrokenResourceError: the peer is gone.  ClosedResourceError: after close()
             or send_eof().  RemoteProtocolError: the peer corrupted its index.
         """
+        rings = self._rings
+        if (
+            rings is not None
+            and self._connected
+            and not (self._closed or self._eof_sent or self._peer_dead)
+        ):
+            # Fast path: the liveness check and the write in one native call.
+            n, notify = rings.write_live(ffi.from_buffer(data), len(data), all_or_nothing=False)
+            if n >= 0:
+                if notify:
+                    self._notify()
+                return n
         rings = self._writable()
         n, notify = rings.write(ffi.from_buffer(data), len(data))
         if notify:
@@ -506,6 +518,20 @@ class Vchan:
             LocalProtocolError: ``data`` is larger than the ring: it can never fit.
             (and as :meth:`write_nowait`)
         """
+        rings = self._rings
+        size = len(data)
+        if (
+            rings is not None
+            and self._connected
+            and size <= self.write_size
+            and not (self._closed or self._eof_sent or self._peer_dead)
+        ):
+            # Fast path: the liveness check and the write in one native call.
+            n, notify = rings.write_live(ffi.from_buffer(data), size, all_or_nothing=True)
+            if n >= 0:
+                if notify:
+                    self._notify()
+                return n == size or not size
         rings = self._writable()
         if len(data) > self.write_size:
             raise LocalProtocolError(
@@ -560,9 +586,16 @@ class Vchan:
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
         rings = self._live_rings()
-        ready = rings.data_ready()
-        buf = bytearray(min(max_bytes, ready) if ready else min(max_bytes, self.read_size))
-        n = self.readinto_nowait(buf)
+        if not self._connected:
+            self._peer_state(rings)
+        # Copied out of the ring once, straight into the returned bytes.
+        data, notify = rings.read_bytes(max_bytes)
+        if data:
+            if notify:
+                self._notify()
+            return data
+        buf = bytearray(min(max_bytes, self.read_size))
+        n = self._read_empty(rings, buf, all_or_nothing=False)
         del buf[n:]
         return bytes(buf)
 
