@@ -259,6 +259,7 @@ struct gnt_ring {
 #define GNT_NOTIFY_READ 2
 #define GNT_RING_EPROTO -1     /* peer index invalid: gap larger than the ring */
 #define GNT_RING_EINVAL -2     /* our own misuse: size not a power of two in range */
+#define GNT_RING_NOTLIVE -3    /* the peer's live byte is not 1: nothing done */
 #define GNT_RING_MIN_SIZE 1024
 #define GNT_RING_MAX_SIZE 1048576
 
@@ -271,6 +272,18 @@ int64_t gnt_ring_buffer_space(struct gnt_ring *r);
 int64_t gnt_ring_prepare_wait_read(struct gnt_ring *r);
 int64_t gnt_ring_prepare_wait_write(struct gnt_ring *r);
 int64_t gnt_ring_peek(struct gnt_ring *r, void *dst, size_t len, size_t skip);
+/* Fast paths (one C call per operation): a write preceded by the liveness check. */
+int64_t gnt_ring_write_live(struct gnt_ring *r, const uint8_t *peer_live, const void *src,
+                            size_t len, int all_or_nothing, int *notify);
+/* Zero-copy read in two steps: locate up to `len` readable bytes (the first contiguous
+ * piece at *first, *first_len bytes; the rest, if the total is larger, at r->data), copy
+ * them out, then consume `n` of them with commit (returns the notify flag). */
+int64_t gnt_ring_read_begin(struct gnt_ring *r, size_t len, uint8_t **first,
+                            uint32_t *first_len);
+int gnt_ring_read_commit(struct gnt_ring *r, uint32_t n);
+/* Spin (without sleeping) up to `ns` nanoseconds until the ring holds at least `want`
+ * bytes; returns the bytes readable (maybe fewer than `want` on timeout). */
+int64_t gnt_ring_spin_read(struct gnt_ring *r, uint32_t want, uint64_t ns);
 
 uint8_t gnt_load_u8(const uint8_t *p);
 void gnt_store_u8(uint8_t *p, uint8_t v);

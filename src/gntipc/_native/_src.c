@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 
 /* _build.py replaces the next line by the text of _cdefs.h (without its cffi-only part). */
 #include "_cdefs.h"
@@ -295,4 +296,82 @@ int64_t gnt_ring_peek(struct gnt_ring *r, void *dst, size_t len, size_t skip)
         return 0;
     gnt_copy_out(r, r->priv + (uint32_t)skip, (uint8_t *)dst, n);
     return n;
+}
+
+/* ------------------------------------------------------------------ fast paths */
+int64_t gnt_ring_write_live(struct gnt_ring *r, const uint8_t *peer_live, const void *src,
+                            size_t len, int all_or_nothing, int *notify)
+{
+    /* Acquire, as gnt_load_u8: liveness is checked before the write, as the slow path
+     * does; anything but "connected" sends the caller to its slow path. */
+    if (__atomic_load_n(peer_live, __ATOMIC_ACQUIRE) != 1) {
+        *notify = 0;
+        return GNT_RING_NOTLIVE;
+    }
+    return gnt_ring_write(r, src, len, all_or_nothing, notify);
+}
+
+int64_t gnt_ring_read_begin(struct gnt_ring *r, size_t len, uint8_t **first,
+                            uint32_t *first_len)
+{
+    int64_t avail;
+    uint32_t n, pos, contiguous;
+
+    *first = r->data;
+    *first_len = 0;
+    if (!gnt_ring_ok(r))
+        return GNT_RING_EINVAL;
+    /* The acquire load of prod in gnt_ring_readable orders the caller's later copies of
+     * the ring bytes after it (program order), exactly as gnt_copy_out in gnt_ring_read. */
+    avail = gnt_ring_readable(r);
+    if (avail <= 0)
+        return avail;
+    n = (uint64_t)len < (uint64_t)avail ? (uint32_t)len : (uint32_t)avail;
+    pos = r->priv & (r->size - 1);
+    contiguous = r->size - pos;
+    *first = r->data + pos;
+    *first_len = n < contiguous ? n : contiguous;
+    return n;
+}
+
+int gnt_ring_read_commit(struct gnt_ring *r, uint32_t n)
+{
+    if (n == 0)
+        return 0;
+    r->priv += n;
+    /* Release: the caller's copies out of the ring complete before the writer may reuse
+     * the space. */
+    __atomic_store_n(r->cons, r->priv, __ATOMIC_RELEASE);
+    return gnt_ring_take_notify(r, GNT_NOTIFY_READ);
+}
+
+static uint64_t gnt_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int64_t gnt_ring_spin_read(struct gnt_ring *r, uint32_t want, uint64_t ns)
+{
+    uint64_t deadline = 0;
+    unsigned i;
+    int64_t avail;
+
+    if (!gnt_ring_ok(r))
+        return GNT_RING_EINVAL;
+    for (;;) {
+        for (i = 0; i < 64; i++) {
+            avail = gnt_ring_readable(r);
+            if (avail < 0 || (uint64_t)avail >= want)
+                return avail;
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        }
+        if (deadline == 0)
+            deadline = gnt_now_ns() + ns;
+        else if (gnt_now_ns() >= deadline)
+            return gnt_ring_readable(r);
+    }
 }

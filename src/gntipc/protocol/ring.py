@@ -37,12 +37,19 @@ _EPROTO = -1
 CData = Any  # a cffi pointer
 
 
+_NOTLIVE = lib.GNT_RING_NOTLIVE
+
+
 def _check(n: int, what: str) -> int:
     if n < 0:
-        raise RemoteProtocolError(
-            f"the peer's {what} index is invalid (it claims more than the ring holds)"
-        )
+        raise _error(n, what)
     return n
+
+
+def _error(n: int, what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(
+        f"the peer's {what} index is invalid (it claims more than the ring holds)"
+    )
 
 
 class VchanRings:
@@ -62,7 +69,11 @@ class VchanRings:
         "_peer_live",
         "_peer_notify",
         "_rd",
+        "_rd_first",
+        "_rd_len",
+        "_rd_notify",
         "_wr",
+        "_wr_notify",
         "is_server",
         "read_size",
         "write_size",
@@ -106,6 +117,12 @@ class VchanRings:
         self._peer_live = ctrl + peer_live
         self._rd = self._ring(ctrl, rd_cons, rd_prod, read_buf, read_size, reader=True)
         self._wr = self._ring(ctrl, wr_cons, wr_prod, write_buf, write_size, reader=False)
+        # Out-parameters of the native calls, allocated once: one set per direction, as
+        # one reader thread and one writer thread may use the endpoint at once.
+        self._rd_notify = ffi.new("int *")
+        self._wr_notify = ffi.new("int *")
+        self._rd_first = ffi.new("uint8_t **")
+        self._rd_len = ffi.new("uint32_t *")
 
     def _ring(
         self, ctrl: CData, cons: int, prod: int, buf: CData, size: int, *, reader: bool
@@ -131,15 +148,50 @@ class VchanRings:
         Returns ``(written, notify)``; with ``all_or_nothing`` nothing is written unless
         all fits.  Raises RemoteProtocolError for a corrupt peer index.
         """
-        notify = ffi.new("int *")
+        notify = self._wr_notify
         n = lib.gnt_ring_write(self._wr, data, length, all_or_nothing, notify)
         return _check(n, "read"), bool(notify[0])
 
+    def write_live(self, data: CData, length: int, *, all_or_nothing: bool) -> tuple[int, bool]:
+        """As :meth:`write`, but only if the peer's live byte says connected (1).
+
+        Returns ``(-1, False)`` without writing otherwise: the caller then takes its
+        slow path (which reports the peer's state).  One native call.
+        """
+        notify = self._wr_notify
+        n = lib.gnt_ring_write_live(self._wr, self._peer_live, data, length, all_or_nothing, notify)
+        if n >= 0:
+            return n, bool(notify[0])
+        if n == _NOTLIVE:
+            return -1, False
+        raise _error(n, "read")
+
     def read(self, dest: CData, length: int, *, all_or_nothing: bool = False) -> tuple[int, bool]:
         """Copy up to ``length`` readable bytes to ``dest``; ``(read, notify)``."""
-        notify = ffi.new("int *")
+        notify = self._rd_notify
         n = lib.gnt_ring_read(self._rd, dest, length, all_or_nothing, notify)
         return _check(n, "write"), bool(notify[0])
+
+    def read_bytes(self, max_bytes: int) -> tuple[bytes, bool]:
+        """Up to ``max_bytes`` readable bytes as a new ``bytes`` (copied out of shared
+        memory once, straight into the result); ``(b"", False)`` if none."""
+        rd = self._rd
+        first = self._rd_first
+        first_len = self._rd_len
+        n = lib.gnt_ring_read_begin(rd, max_bytes, first, first_len)
+        if n <= 0:
+            _check(n, "write")
+            return b"", False
+        k = first_len[0]
+        data = ffi.buffer(first[0], k)[:]
+        if n > k:
+            data += ffi.buffer(rd.data, n - k)[:]
+        return data, bool(lib.gnt_ring_read_commit(rd, n))
+
+    def spin_read(self, want: int, seconds: float) -> int:
+        """Busy-wait (no syscall, GIL released) up to ``seconds`` until at least ``want``
+        bytes are readable; the bytes readable then."""
+        return _check(lib.gnt_ring_spin_read(self._rd, want, int(seconds * 1e9)), "write")
 
     def peek(self, dest: CData, length: int, skip: int = 0) -> int:
         """Copy up to ``length`` bytes starting ``skip`` bytes ahead, consuming nothing."""
