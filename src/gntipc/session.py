@@ -210,8 +210,7 @@ class Session:
             tg.start_soon(self._run_task, self._control_writer)
         except BaseException:
             await self.aclose()
-            with anyio.CancelScope(shield=True):
-                await tg.__aexit__(None, None, None)
+            await tg.__aexit__(None, None, None)
             raise
         return self
 
@@ -228,8 +227,7 @@ class Session:
             if tg is not None:
                 # Our tasks never raise (they record failures), and aclose() cancelled
                 # them, so this only waits for them; the body's exception is not wrapped.
-                with anyio.CancelScope(shield=True):
-                    await tg.__aexit__(None, None, None)
+                await tg.__aexit__(None, None, None)
 
     async def _run_task(self, fn: Callable[[], Any]) -> None:
         with anyio.CancelScope() as scope:
@@ -362,7 +360,7 @@ class Session:
                 self._streams[sid] = stream
                 self._ours_open += 1
                 await self._write_locked(_frame(_T.OPEN, sid))
-        return stream
+                return stream
 
     async def accept_stream(self) -> SessionStream:
         """Wait for the peer to open a logical stream and return it.
