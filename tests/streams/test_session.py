@@ -354,10 +354,9 @@ async def test_session_close_fails_every_stream(make_pair: PairFactory) -> None:
 
 async def test_both_initiators_is_a_protocol_error(make_pair: PairFactory) -> None:
     srv, cli = await make_pair()
-    async with Session(srv, is_initiator=True) as s, Session(cli) as c:
-        async with await c.open_stream():
-            with anyio.fail_after(5), pytest.raises(RemoteProtocolError, match="parity"):
-                await s.accept_stream()
+    async with Session(srv, is_initiator=True) as s, Session(cli) as c, await c.open_stream():
+        with anyio.fail_after(5), pytest.raises(RemoteProtocolError, match="parity"):
+            await s.accept_stream()
 
 
 async def test_bad_arguments(make_pair: PairFactory) -> None:
