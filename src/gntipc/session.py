@@ -438,31 +438,31 @@ class Session:
     async def _reader(self) -> None:
         stream = self._stream
         assert stream is not None
-        buf = bytearray()
+        rest = b""  # an incomplete frame carried over to the next chunk
         try:
             while True:
                 try:
                     chunk = await stream.receive(1 << 20)
                 except EndOfStream:
-                    if buf:
+                    if rest:
                         raise RemoteProtocolError(
-                            f"the session's stream ended inside a frame ({len(buf)} bytes)"
+                            f"the session's stream ended inside a frame ({len(rest)} bytes)"
                         ) from None
                     self._go_down(_Down.EOF, None)
                     return
-                buf += chunk
+                # Frames are sliced straight out of the received bytes (one copy each).
+                data = rest + chunk if rest else chunk
                 pos = 0
-                end = len(buf)
+                end = len(data)
                 while end - pos >= HEADER_SIZE:
-                    ftype, flags, reserved, sid, value = _HEADER.unpack_from(buf, pos)
+                    ftype, flags, reserved, sid, value = _HEADER.unpack_from(data, pos)
                     size = self._check_header(ftype, flags, reserved, sid, value)
                     if end - pos < HEADER_SIZE + size:
                         break
                     start = pos + HEADER_SIZE
                     pos = start + size
-                    self._handle(ftype, sid, value, bytes(buf[start:pos]) if size else b"")
-                if pos:
-                    del buf[:pos]
+                    self._handle(ftype, sid, value, data[start:pos] if size else b"")
+                rest = data[pos:] if pos < end else b""
         except RemoteProtocolError as exc:
             self._go_down(_Down.PROTOCOL, exc)
             await self._close_stream()
