@@ -442,7 +442,7 @@ class Session:
         try:
             while True:
                 try:
-                    chunk = await stream.receive(1 << 20)
+                    chunk = await stream.receive(1 << 18)
                 except EndOfStream:
                     if rest:
                         raise RemoteProtocolError(
