@@ -588,14 +588,9 @@ class Vchan:
         rings = self._live_rings()
         if not self._connected:
             self._peer_state(rings)
-        # Copied out of the ring once, straight into the returned bytes.
-        data, notify = rings.read_bytes(max_bytes)
-        if data:
-            if notify:
-                self._notify()
-            return data
-        buf = bytearray(min(max_bytes, self.read_size))
-        n = self._read_empty(rings, buf, all_or_nothing=False)
+        ready = rings.data_ready()
+        buf = bytearray(min(max_bytes, ready) if ready else min(max_bytes, self.read_size))
+        n = self.readinto_nowait(buf)
         del buf[n:]
         return bytes(buf)
 
