@@ -73,6 +73,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="xen: one event loop (asyncio); trio is covered on sim")
     for item in items:
         params = getattr(item, "callspec", None)
-        if params and params.params.get("backend_name") == "xen":
-            if params.params.get("anyio_backend") == "trio":
-                item.add_marker(skip)
+        if (
+            params
+            and params.params.get("backend_name") == "xen"
+            and params.params.get("anyio_backend") == "trio"
+        ):
+            item.add_marker(skip)
