@@ -494,19 +494,20 @@ class Vchan:
             or send_eof().  RemoteProtocolError: the peer corrupted its index.
         """
         rings = self._rings
+        src = ffi.from_buffer(data)  # len(src) is in bytes, whatever the item size
         if (
             rings is not None
             and self._connected
             and not (self._closed or self._eof_sent or self._peer_dead)
         ):
             # Fast path: the liveness check and the write in one native call.
-            n, notify = rings.write_live(ffi.from_buffer(data), len(data), all_or_nothing=False)
+            n, notify = rings.write_live(src, len(src), all_or_nothing=False)
             if n >= 0:
                 if notify:
                     self._notify()
                 return n
         rings = self._writable()
-        n, notify = rings.write(ffi.from_buffer(data), len(data))
+        n, notify = rings.write(src, len(src))
         if notify:
             self._notify()
         return n
@@ -519,7 +520,8 @@ class Vchan:
             (and as :meth:`write_nowait`)
         """
         rings = self._rings
-        size = len(data)
+        src = ffi.from_buffer(data)
+        size = len(src)  # bytes, whatever the item size
         if (
             rings is not None
             and self._connected
@@ -527,20 +529,20 @@ class Vchan:
             and not (self._closed or self._eof_sent or self._peer_dead)
         ):
             # Fast path: the liveness check and the write in one native call.
-            n, notify = rings.write_live(ffi.from_buffer(data), size, all_or_nothing=True)
+            n, notify = rings.write_live(src, size, all_or_nothing=True)
             if n >= 0:
                 if notify:
                     self._notify()
                 return n == size or not size
         rings = self._writable()
-        if len(data) > self.write_size:
+        if size > self.write_size:
             raise LocalProtocolError(
-                f"a {len(data)}-byte packet can never fit a {self.write_size}-byte ring"
+                f"a {size}-byte packet can never fit a {self.write_size}-byte ring"
             )
-        n, notify = rings.write(ffi.from_buffer(data), len(data), all_or_nothing=True)
+        n, notify = rings.write(src, size, all_or_nothing=True)
         if notify:
             self._notify()
-        return n == len(data) or not data
+        return n == size
 
     def readinto_nowait(self, buf: bytearray | memoryview) -> int:
         """Stream read into ``buf``: the bytes available now (0 if none yet).
@@ -554,7 +556,8 @@ class Vchan:
         rings = self._live_rings()
         if not self._connected:
             self._peer_state(rings)
-        n, notify = rings.read(ffi.from_buffer(buf, require_writable=True), len(buf))
+        dst = ffi.from_buffer(buf, require_writable=True)
+        n, notify = rings.read(dst, len(dst))
         if n:
             if notify:
                 self._notify()
@@ -567,14 +570,13 @@ class Vchan:
         # Liveness first, then drain: data written before a close is never lost.
         if self._peer_state(rings) != LIVE_GONE and not rings.peer_eof():
             return 0
-        n, notify = rings.read(
-            ffi.from_buffer(buf, require_writable=True), len(buf), all_or_nothing=all_or_nothing
-        )
+        dst = ffi.from_buffer(buf, require_writable=True)
+        n, notify = rings.read(dst, len(dst), all_or_nothing=all_or_nothing)
         if n:
             if notify:
                 self._notify()
             return n
-        if not len(buf):
+        if not len(dst):
             return 0
         raise self._end_of_stream(rings)
 
@@ -729,7 +731,7 @@ class Vchan:
         """Packet write: wait until all of ``data`` fits, then write it at once."""
         deadline = _deadline(timeout)
         while not self.send_nowait(data):
-            self._block(lambda: self.prepare_wait_write() >= len(data), deadline)
+            self._block(lambda: self.prepare_wait_write() >= memoryview(data).nbytes, deadline)
 
     # ------------------------------------------------------------------ close ---
     def close(self) -> None:

@@ -215,3 +215,18 @@ def test_bad_arguments(backend: Backend) -> None:
         Vchan.server(backend, backend.domid, fresh_path(), write_size=(1 << 20) + 1)
     with pytest.raises(LocalProtocolError):
         Vchan.server(backend, backend.domid, "bad//path")
+
+
+def test_lengths_are_bytes_for_any_buffer(backend: Backend) -> None:
+    import array
+
+    srv, cli = pair(backend, 4096, 4096)
+    with srv, cli:
+        words = array.array("I", range(100))  # 400 bytes, 100 items
+        assert cli.write_nowait(memoryview(words)) == 400
+        assert cli.send_nowait(memoryview(words))
+        assert srv.read_nowait(1000) == words.tobytes() * 2
+        into = array.array("I", bytes(400))
+        cli.write_nowait(words)
+        assert srv.readinto_nowait(memoryview(into)) == 400
+        assert into == words

@@ -30,6 +30,7 @@ import shutil
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 
 from ..._mapping import PAGE_SIZE
@@ -191,6 +192,25 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
+def _enable_wal(db: sqlite3.Connection, timeout: float = 10.0) -> None:
+    """Switch the database to WAL (persistent in the file).
+
+    Changing the journal mode needs an exclusive lock and does not wait on the busy
+    timeout, so two processes creating the runtime at the same moment retry here.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 class Runtime:
     """One backend's handle on the runtime directory: its lock and its db connection."""
 
@@ -205,7 +225,7 @@ class Runtime:
                 isolation_level=None,
                 check_same_thread=False,
             )
-            self.db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(self.db)
             self.db.execute("PRAGMA synchronous=OFF")
             with self.lock:
                 self.db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
