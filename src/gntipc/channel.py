@@ -432,6 +432,13 @@ class Vchan:
         """Bytes that can be written now (no side effects)."""
         return self._live_rings().buffer_space()
 
+    def readable(self) -> bool:
+        """True if a read would not come back empty-handed: data is ready, or there is an
+        end to report (the peer sent EOF, closed, crashed or died).  No side effects
+        beyond noticing the connection."""
+        rings = self._live_rings()
+        return rings.data_ready() > 0 or rings.peer_eof() or self._peer_state(rings) == LIVE_GONE
+
     def is_open(self) -> int:
         """0: closed (by us, or the peer is gone), 1: open, 2: server awaiting a client."""
         if self._closed:

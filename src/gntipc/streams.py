@@ -361,7 +361,7 @@ class VchanStream(ByteStream):
             anyio.ClosedResourceError: the stream is (or gets) closed.
         """
         vchan = self._recv_vchan()
-        if vchan.data_ready() or vchan.prepare_wait_read() or vchan.is_open() == 0:
+        if vchan.readable() or vchan.prepare_wait_read() or vchan.readable():
             return
         await self._dispatcher.wait()
 

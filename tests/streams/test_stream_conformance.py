@@ -295,3 +295,16 @@ async def test_unclosed_stream_warns(backend: gntipc.backends.Backend) -> None:
     closed.close()
     del closed
     gc.collect()  # a closed stream does not warn (filterwarnings = error would fail us)
+
+
+@pytest.mark.anyio
+async def test_wait_readable_returns_for_an_eof_whose_event_was_consumed(
+    make_pair: PairFactory,
+) -> None:
+    server, client = await make_pair()
+    await client.send_eof()
+    server.vchan.handle_events()  # the EOF's event is gone; the bit in the page stays
+    with anyio.fail_after(5):
+        await server.wait_readable()
+    with pytest.raises(anyio.EndOfStream):
+        server.receive_nowait()
