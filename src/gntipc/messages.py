@@ -97,9 +97,7 @@ class MessageQueue(Generic[T]):
         self.type = type
         self.max_message_size = max_message_size
         self._encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
-        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(
-            type, dec_hook=dec_hook
-        )
+        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(type, dec_hook=dec_hook)
         self._write_size = stream.extra(VchanAttribute.write_size)
         self._chunk = stream.extra(VchanAttribute.read_size)
         # Outgoing frames are encoded here, in place (no per-message allocation).
@@ -428,4 +426,3 @@ class MessageQueue(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<MessageQueue[{getattr(self.type, '__name__', self.type)}] {self.stream!r}>"
-

@@ -79,7 +79,10 @@ async def test_bytes_producer_consumer(backend: Backend, spawn: object) -> None:
     path = fresh_path()
     n = 3_000_000
     async with await gntipc.listen(
-        spawn.peer_domid, path, backend=backend, read_size=4096  # type: ignore[attr-defined]
+        spawn.peer_domid,
+        path,
+        backend=backend,
+        read_size=4096,  # type: ignore[attr-defined]
     ) as listener:
         peer = await spawn("bytes", path, n, 42)  # type: ignore[operator]
         async with await listener.accept() as stream:
@@ -115,7 +118,9 @@ async def test_typed_messages_producer_consumer(
     path = fresh_path()
     n = 50_000
     async with await gntipc.listen(
-        spawn.peer_domid, path, backend=backend  # type: ignore[attr-defined]
+        spawn.peer_domid,
+        path,
+        backend=backend,  # type: ignore[attr-defined]
     ) as listener:
         peer = await spawn("msgs", path, n, batch)  # type: ignore[operator]
         queue = gntipc.MessageQueue(await listener.accept(), Reading)
@@ -163,7 +168,9 @@ async def test_many_concurrent_clients_on_one_listener(backend: Backend, spawn: 
         results[index] = bytes(got)
 
     async with await gntipc.listen(
-        spawn.peer_domid, path, backend=backend  # type: ignore[attr-defined]
+        spawn.peer_domid,
+        path,
+        backend=backend,  # type: ignore[attr-defined]
     ) as listener:
         peers = [await spawn("echo", path) for _ in range(clients)]  # type: ignore[operator]
         with anyio.fail_after(60):
@@ -189,7 +196,10 @@ async def _send_all_then_eof(stream: gntipc.VchanStream, data: bytes) -> None:
 async def test_kill_9_of_the_producer(backend: Backend, spawn: object) -> None:
     path = fresh_path()
     async with await gntipc.listen(
-        spawn.peer_domid, path, backend=backend, read_size=65536  # type: ignore[attr-defined]
+        spawn.peer_domid,
+        path,
+        backend=backend,
+        read_size=65536,  # type: ignore[attr-defined]
     ) as listener:
         peer = await spawn("source", path)  # type: ignore[operator]
         async with await listener.accept() as stream:
@@ -232,7 +242,10 @@ async def test_kill_9_of_a_stalled_consumer_breaks_our_send(
 ) -> None:
     path = fresh_path()
     async with await gntipc.listen(
-        spawn.peer_domid, path, backend=backend, write_size=4096  # type: ignore[attr-defined]
+        spawn.peer_domid,
+        path,
+        backend=backend,
+        write_size=4096,  # type: ignore[attr-defined]
     ) as listener:
         peer = await spawn("stall", path)  # type: ignore[operator]
         async with await listener.accept() as stream:

@@ -27,9 +27,9 @@ def frame(payload: bytes) -> bytes:
     return struct.pack("<I", len(payload)) + payload
 
 
-async def queues(make_pair: PairFactory, size: int = 65536, **kw: int) -> tuple[
-    MessageQueue[Reading], MessageQueue[Reading]
-]:
+async def queues(
+    make_pair: PairFactory, size: int = 65536, **kw: int
+) -> tuple[MessageQueue[Reading], MessageQueue[Reading]]:
     srv, cli = await make_pair(read_size=size, write_size=size)
     return MessageQueue(srv, Reading, **kw), MessageQueue(cli, Reading, **kw)
 
@@ -52,9 +52,7 @@ async def test_put_many_is_one_ring_write(make_pair: PairFactory) -> None:
     batch = [Reading(i, float(i)) for i in range(1000)]
     await tx.put_many(batch)
     # all 1000 frames are in the ring at once: one write, not 1000
-    assert rx.stream.vchan.data_ready() == sum(
-        4 + len(msgspec.msgpack.encode(r)) for r in batch
-    )
+    assert rx.stream.vchan.data_ready() == sum(4 + len(msgspec.msgpack.encode(r)) for r in batch)
     got: list[Reading] = []
     while len(got) < 1000:
         got += await rx.get_many()

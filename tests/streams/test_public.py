@@ -36,8 +36,15 @@ def test_all_is_the_expected_list() -> None:
 
 
 def test_error_tree() -> None:
-    for name in ("BackendUnavailable", "XenError", "ProtocolError", "LocalProtocolError",
-                 "RemoteProtocolError", "MessageTooLarge", "MalformedMessage"):
+    for name in (
+        "BackendUnavailable",
+        "XenError",
+        "ProtocolError",
+        "LocalProtocolError",
+        "RemoteProtocolError",
+        "MessageTooLarge",
+        "MalformedMessage",
+    ):
         assert issubclass(getattr(gntipc, name), gntipc.GntipcError), name
     assert issubclass(gntipc.MalformedMessage, gntipc.RemoteProtocolError)
     assert issubclass(gntipc.XenError, OSError)

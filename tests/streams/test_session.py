@@ -33,9 +33,7 @@ WINDOW = 256 * 1024
 
 
 @asynccontextmanager
-async def sessions(
-    make_pair: PairFactory, **kwargs: int
-) -> AsyncIterator[tuple[Session, Session]]:
+async def sessions(make_pair: PairFactory, **kwargs: int) -> AsyncIterator[tuple[Session, Session]]:
     """(server session, client session) over one loopback vchan."""
     srv, cli = await make_pair()
     async with Session(srv, **kwargs) as s, Session(cli, **kwargs) as c:
@@ -392,8 +390,10 @@ OPEN_1 = HELLO + frame(T_OPEN, 1)
 HOSTILE = {
     "no-hello": (frame(T_OPEN, 1), "before HELLO"),
     "bad-magic": (frame(T_HELLO, 0, 16, b"HTTP" + HELLO_OK[4:]), "magic"),
-    "bad-version": (frame(T_HELLO, 0, 16, b"GMUX" + struct.pack("<HHII", 9, 0, 65536, 1)),
-                    "version"),
+    "bad-version": (
+        frame(T_HELLO, 0, 16, b"GMUX" + struct.pack("<HHII", 9, 0, 65536, 1)),
+        "version",
+    ),
     "unknown-type": (HELLO + frame(9, 1), "unknown frame type"),
     "flags": (HELLO + frame(T_OPEN, 1, flags=4), "nonzero flags"),
     "unknown-id": (OPEN_1 + frame(T_DATA, 3, 2, b"hi"), "unknown stream id 3"),
@@ -402,15 +402,19 @@ HOSTILE = {
     "empty-data": (OPEN_1 + frame(T_DATA, 1, 0), "empty DATA"),
     "credit-overflow": (OPEN_1 + frame(T_WINDOW, 1, 1), "credit overflow"),
     "credit-wrap": (OPEN_1 + frame(T_WINDOW, 1, 0xFFFFFFFF), "credit overflow"),
-    "flow-control": (OPEN_1 + b"".join(frame(T_DATA, 1, 65536, b"x" * 65536)
-                                       for _ in range(5)), "flow control violated"),
+    "flow-control": (
+        OPEN_1 + b"".join(frame(T_DATA, 1, 65536, b"x" * 65536) for _ in range(5)),
+        "flow control violated",
+    ),
     "our-parity": (HELLO + frame(T_OPEN, 2), "parity"),
     "id-reuse": (OPEN_1 + frame(T_OPEN, 3) + frame(T_OPEN, 1), "not above"),
     "data-after-eof": (OPEN_1 + frame(T_EOF, 1) + frame(T_DATA, 1, 1, b"x"), "after its EOF"),
     "after-reset": (OPEN_1 + frame(T_RESET, 1) + frame(T_EOF, 1), "after its RESET"),
     "stream-zero": (HELLO + frame(T_DATA, 0, 1, b"x"), "stream id 0"),
-    "too-many": (HELLO + b"".join(frame(T_OPEN, 2 * i + 1) for i in range(5)),
-                 "more than 4 streams"),
+    "too-many": (
+        HELLO + b"".join(frame(T_OPEN, 2 * i + 1) for i in range(5)),
+        "more than 4 streams",
+    ),
     "truncated": (OPEN_1 + frame(T_DATA, 1, 10, b"abc"), "inside a frame"),
 }
 
