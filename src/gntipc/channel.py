@@ -44,7 +44,7 @@ from typing import Any
 
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 
-from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError
+from ._exceptions import GntipcError, LocalProtocolError, RemoteProtocolError, XenError
 from ._native import ffi
 from .backends._abc import Backend, EventPort, Pages, Perm, Watch
 from .protocol._layout import (
@@ -757,9 +757,12 @@ class Vchan:
     def _teardown(self) -> None:
         self._closed = True
         store = self.backend.store
-        with contextlib.suppress(XenError):
+        # Best effort: a store that fails or times out (GntipcError, TimeoutError) must
+        # not keep the pages, ports and fds below from being released.
+        with contextlib.suppress(GntipcError, TimeoutError):
             if self._published_ref is not None:
                 self._unpublish(self._published_ref)
+        with contextlib.suppress(GntipcError, TimeoutError):
             if self._presence is not None:
                 store.rm(self._presence)
         self._published_ref = self._presence = None
