@@ -275,12 +275,6 @@ int64_t gnt_ring_peek(struct gnt_ring *r, void *dst, size_t len, size_t skip);
 /* Fast paths (one C call per operation): a write preceded by the liveness check. */
 int64_t gnt_ring_write_live(struct gnt_ring *r, const uint8_t *peer_live, const void *src,
                             size_t len, int all_or_nothing, int *notify);
-/* Zero-copy read in two steps: locate up to `len` readable bytes (the first contiguous
- * piece at *first, *first_len bytes; the rest, if the total is larger, at r->data), copy
- * them out, then consume `n` of them with commit (returns the notify flag). */
-int64_t gnt_ring_read_begin(struct gnt_ring *r, size_t len, uint8_t **first,
-                            uint32_t *first_len);
-int gnt_ring_read_commit(struct gnt_ring *r, uint32_t n);
 /* Spin (without sleeping) up to `ns` nanoseconds until the ring holds at least `want`
  * bytes; returns the bytes readable (maybe fewer than `want` on timeout). */
 int64_t gnt_ring_spin_read(struct gnt_ring *r, uint32_t want, uint64_t ns);

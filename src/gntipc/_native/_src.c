@@ -311,40 +311,6 @@ int64_t gnt_ring_write_live(struct gnt_ring *r, const uint8_t *peer_live, const 
     return gnt_ring_write(r, src, len, all_or_nothing, notify);
 }
 
-int64_t gnt_ring_read_begin(struct gnt_ring *r, size_t len, uint8_t **first,
-                            uint32_t *first_len)
-{
-    int64_t avail;
-    uint32_t n, pos, contiguous;
-
-    *first = r->data;
-    *first_len = 0;
-    if (!gnt_ring_ok(r))
-        return GNT_RING_EINVAL;
-    /* The acquire load of prod in gnt_ring_readable orders the caller's later copies of
-     * the ring bytes after it (program order), exactly as gnt_copy_out in gnt_ring_read. */
-    avail = gnt_ring_readable(r);
-    if (avail <= 0)
-        return avail;
-    n = (uint64_t)len < (uint64_t)avail ? (uint32_t)len : (uint32_t)avail;
-    pos = r->priv & (r->size - 1);
-    contiguous = r->size - pos;
-    *first = r->data + pos;
-    *first_len = n < contiguous ? n : contiguous;
-    return n;
-}
-
-int gnt_ring_read_commit(struct gnt_ring *r, uint32_t n)
-{
-    if (n == 0)
-        return 0;
-    r->priv += n;
-    /* Release: the caller's copies out of the ring complete before the writer may reuse
-     * the space. */
-    __atomic_store_n(r->cons, r->priv, __ATOMIC_RELEASE);
-    return gnt_ring_take_notify(r, GNT_NOTIFY_READ);
-}
-
 static uint64_t gnt_now_ns(void)
 {
     struct timespec ts;

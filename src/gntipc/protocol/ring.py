@@ -69,8 +69,6 @@ class VchanRings:
         "_peer_live",
         "_peer_notify",
         "_rd",
-        "_rd_first",
-        "_rd_len",
         "_rd_notify",
         "_wr",
         "_wr_notify",
@@ -121,8 +119,6 @@ class VchanRings:
         # one reader thread and one writer thread may use the endpoint at once.
         self._rd_notify = ffi.new("int *")
         self._wr_notify = ffi.new("int *")
-        self._rd_first = ffi.new("uint8_t **")
-        self._rd_len = ffi.new("uint32_t *")
 
     def _ring(
         self, ctrl: CData, cons: int, prod: int, buf: CData, size: int, *, reader: bool
@@ -171,22 +167,6 @@ class VchanRings:
         notify = self._rd_notify
         n = lib.gnt_ring_read(self._rd, dest, length, all_or_nothing, notify)
         return _check(n, "write"), bool(notify[0])
-
-    def read_bytes(self, max_bytes: int) -> tuple[bytes, bool]:
-        """Up to ``max_bytes`` readable bytes as a new ``bytes`` (copied out of shared
-        memory once, straight into the result); ``(b"", False)`` if none."""
-        rd = self._rd
-        first = self._rd_first
-        first_len = self._rd_len
-        n = lib.gnt_ring_read_begin(rd, max_bytes, first, first_len)
-        if n <= 0:
-            _check(n, "write")
-            return b"", False
-        k = first_len[0]
-        data = ffi.buffer(first[0], k)[:]
-        if n > k:
-            data += ffi.buffer(rd.data, n - k)[:]
-        return data, bool(lib.gnt_ring_read_commit(rd, n))
 
     def spin_read(self, want: int, seconds: float) -> int:
         """Busy-wait (no syscall, GIL released) up to ``seconds`` until at least ``want``
