@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
+import anyio.abc
 import pytest
 
 import gntipc
@@ -65,6 +66,26 @@ async def make_pair(backend: Backend) -> AsyncIterator[PairFactory]:
     finally:
         for s in made:
             await s.aclose()
+
+
+async def check_send_receive(tx: anyio.abc.ByteStream, rx: anyio.abc.ByteStream) -> None:
+    """The basic ByteStream contract both ways between ``tx`` and ``rx``: every buffer
+    type, max_bytes honoured with the rest kept in order, max_bytes < 1 refused, an empty
+    send a no-op."""
+    await tx.send(b"hello")
+    assert await rx.receive() == b"hello"
+    await rx.send(bytearray(b"world"))
+    await rx.send(memoryview(b"!!"))
+    got = b""
+    while len(got) < 7:
+        got += await tx.receive()
+    assert got == b"world!!"
+    await tx.send(b"abcdef")
+    assert await rx.receive(2) == b"ab"
+    assert await rx.receive(100) == b"cdef"
+    with pytest.raises(ValueError):
+        await rx.receive(0)
+    await tx.send(b"")  # a no-op, not an error
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -21,7 +21,7 @@ import pytest
 from anyio import BrokenResourceError, BusyResourceError, ClosedResourceError, EndOfStream
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
-from conftest import PairFactory, fresh_path
+from conftest import PairFactory, check_send_receive, fresh_path
 
 import gntipc
 from gntipc import RemoteProtocolError, Session, SessionStream, VchanAttribute
@@ -57,20 +57,7 @@ async def test_open_accept_both_ways(make_pair: PairFactory) -> None:
         async with a, b:
             assert isinstance(a, anyio.abc.ByteStream)
             assert (a.stream_id, b.stream_id) == (1, 1)
-            await a.send(b"hello")
-            assert await b.receive() == b"hello"
-            await b.send(bytearray(b"world"))
-            await b.send(memoryview(b"!!"))
-            got = b""
-            while len(got) < 7:
-                got += await a.receive()
-            assert got == b"world!!"
-            await a.send(b"abcdef")
-            assert await b.receive(2) == b"ab"
-            assert await b.receive(100) == b"cdef"
-            with pytest.raises(ValueError):
-                await b.receive(0)
-            await a.send(b"")  # a no-op
+            await check_send_receive(a, b)
             # the responder opens too, with even ids
             x = await s.open_stream()
             y = await c.accept_stream()
