@@ -10,21 +10,30 @@ waiting task (the *followers*, each parked on an :class:`anyio.Event`).  Each wo
 re-checks its own condition and, if it still has to wait, waits again (one of them
 becomes the next leader).
 
-No threads, no polling loops, no sleeps.  The caller's protocol is always: ask the peer
-for a notification (``prepare_wait_read`` / ``prepare_wait_write``), re-check the ring,
-and only then call :meth:`Dispatcher.wait`.  Because events mask the port until
-``handle_events()`` unmasks it, an event that arrives between the re-check and the wait
-keeps the descriptor readable, so it is never lost.
+No threads, no polling loops, no sleeps.  :meth:`Dispatcher.wait_for` is the async wait
+protocol: spin briefly on the ring (slices of :data:`SPIN_SLICE`, yielding to the loop
+between them; see :mod:`gntipc._spin`), then the endpoint's check → prepare → re-check
+(``poll``), and only then :meth:`Dispatcher.wait`, with no await in between.  Because
+events mask the port until ``handle_events()`` unmasks it, an event that arrives between
+the re-check and the wait keeps the descriptor readable, so it is never lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 import anyio
+from anyio.lowlevel import checkpoint
 
-__all__ = ["Dispatcher", "Endpoint"]
+from ._spin import Spinner
+
+__all__ = ["SPIN_SLICE", "Dispatcher", "Endpoint"]
+
+#: The longest an async spin holds the event loop before it yields (nanoseconds).
+SPIN_SLICE = 20_000
 
 
 class Endpoint(Protocol):
@@ -86,6 +95,40 @@ class Dispatcher:
         finally:
             self._leading = False
             self._wake_all()
+
+    async def wait_for(
+        self,
+        poll: Callable[[int], bool],
+        spin: Callable[[int, int], bool],
+        spinner: Spinner,
+        want: int,
+    ) -> None:
+        """Return once ``poll(want)`` says the caller need not wait (or spuriously: the
+        caller re-checks): spin up to ``spinner``'s budget, in slices with a checkpoint
+        between them, then poll, then :meth:`wait`.
+
+        Cancellation: at any await; nothing is consumed.
+
+        Raises:
+            anyio.ClosedResourceError: the dispatcher was closed.
+        """
+        budget = spinner.budget_ns()
+        if budget:
+            end = time.monotonic_ns() + budget
+            while True:
+                if spin(want, min(budget, SPIN_SLICE)):
+                    spinner.spun(True)
+                    return
+                budget = end - time.monotonic_ns()
+                if budget <= 0:
+                    break
+                await checkpoint()
+            spinner.spun(False)
+        if poll(want):
+            return
+        start = time.monotonic()
+        await self.wait()
+        spinner.woke(time.monotonic() - start)
 
     def _wake_all(self) -> None:
         followers, self._followers = self._followers, []

@@ -35,9 +35,15 @@ from anyio.abc import ByteStream
 from anyio.lowlevel import checkpoint
 
 from ._dispatch import Dispatcher
-from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError
+from ._endpoint import Endpoint
+from ._exceptions import LocalProtocolError
+from ._rendezvous import connect_async, resolve_path
+from ._spin import DEFAULT_SPIN, Spinner
 from .backends import Backend, get_backend
-from .channel import Vchan, _is_race
+from .channel import Vchan
+from .protocol._layout import LIVE_GONE
+
+Buffer = bytes | bytearray | memoryview
 
 __all__ = [
     "Listener",
@@ -107,6 +113,11 @@ class VchanStream(ByteStream):
     concurrent senders (or receivers) raise :class:`anyio.BusyResourceError` instead of
     interleaving bytes.
 
+    Waiting: when the ring is empty (receiving) or full (sending), the stream first
+    spins on the shared indices for up to :attr:`spin` seconds, in slices that yield to
+    the event loop, and only then sleeps on an event from the peer.  It spins only while
+    the channel has been busy recently, so an idle stream costs no CPU.
+
     Errors: :class:`anyio.EndOfStream` from :meth:`receive` after the peer closed cleanly
     (or sent EOF) and everything it wrote was received; :class:`anyio.BrokenResourceError`
     when the peer crashed or its domain died (again only after everything it wrote was
@@ -124,21 +135,16 @@ class VchanStream(ByteStream):
         _backend_ref: _SharedBackend | None = None,
     ) -> None:
         self._vchan: Vchan | None = vchan
+        self._ep = vchan.endpoint
         self._dispatcher = dispatcher if dispatcher is not None else Dispatcher(vchan)
         self._backend_ref = _backend_ref
         self._sending = False
         self._receiving = False
-        self._eof_sent = False
+        self._read_spinner = Spinner(DEFAULT_SPIN)
+        self._write_spinner = Spinner(DEFAULT_SPIN)
         #: How many bytes of the item of the last (or current) :meth:`send` were written:
         #: after a cancelled send, the length of the prefix that will be delivered.
         self.send_progress = 0
-        #: Spin-then-block policy for latency-critical users: when :meth:`receive` (and
-        #: so :meth:`MessageQueue.get`) finds the ring empty, it first busy-waits up to
-        #: ``spin`` seconds on the shared indices (no syscall, no event from the peer)
-        #: before sleeping.  It blocks the event loop (and burns a CPU) for that long, so
-        #: it is off (0.0) by default; a few tens of microseconds cut a round trip to a
-        #: few microseconds when the peer answers quickly.
-        self.spin = 0.0
         self._attrs: dict[Any, Callable[[], Any]] = {
             VchanAttribute.peer_domid: _const(vchan.peer),
             VchanAttribute.path: _const(vchan.path),
@@ -170,6 +176,23 @@ class VchanStream(ByteStream):
         """True once :meth:`aclose` (or :meth:`close`) ran."""
         return self._vchan is None
 
+    @property
+    def spin(self) -> float:
+        """The wait policy: how long (seconds) :meth:`send` and :meth:`receive` may
+        busy-wait on the ring before sleeping on an event, while the channel is busy.
+
+        Spinning trades a CPU for latency: a round trip costs a few microseconds instead
+        of a wake-up (tens of microseconds), and a bulk transfer needs no events at all
+        while both sides keep up.  The default (about one wake-up's cost) is never worse
+        than twice the optimum; 0 disables spinning (every wait sleeps at once).
+        """
+        return self._read_spinner.limit
+
+    @spin.setter
+    def spin(self, seconds: float) -> None:
+        self._read_spinner.limit = seconds
+        self._write_spinner.limit = seconds
+
     def __repr__(self) -> str:
         if self._vchan is None:
             return f"<{type(self).__name__} closed>"
@@ -180,13 +203,14 @@ class VchanStream(ByteStream):
 
     # -- sending ---------------------------------------------------------------------
 
-    def _send_vchan(self) -> Vchan:
-        vchan = self._vchan
-        if vchan is None or self._eof_sent:
+    def _check_send(self) -> Endpoint:
+        if self._vchan is None or self._ep.eof_sent:
             raise ClosedResourceError
-        return vchan
+        if self._sending:
+            raise BusyResourceError("sending to")
+        return self._ep
 
-    def send_nowait(self, item: bytes | bytearray | memoryview) -> None:
+    def send_nowait(self, item: Buffer) -> None:
         """Write all of ``item`` now, or nothing.
 
         Raises:
@@ -197,60 +221,59 @@ class VchanStream(ByteStream):
             anyio.BrokenResourceError: the peer is gone.
             anyio.ClosedResourceError: we closed the stream or sent EOF.
         """
-        vchan = self._send_vchan()
-        if self._sending:
-            raise BusyResourceError("sending to")
-        if not vchan.send_nowait(item):
+        ep = self._check_send()
+        size = memoryview(item).nbytes
+        if ep.write_nowait(item, all_or_nothing=True) != size and size:
             raise WouldBlock
 
-    async def send(self, item: bytes | bytearray | memoryview) -> None:
-        """Send all of ``item``, waiting for ring space as needed.
+    async def send(self, item: Buffer) -> None:
+        """Send all of ``item`` (any buffer: bytes, bytearray, memoryview, numpy array),
+        waiting for ring space as needed.
 
-        Cancellation: an ``item`` no larger than the ring (``write_size``) is written at
-        once, when there is room for all of it, so a cancelled send has written nothing.
-        A larger ``item`` is written in pieces; if cancelled, a *prefix* of it (possibly
-        empty) has been written and will be delivered, the rest has not.  The stream stays
-        consistent either way.
+        The writer fills whatever space is free and goes on as the reader frees more, so
+        writer and reader overlap on the ring.  A buffer that is not C-contiguous is
+        copied first.
+
+        Cancellation: a *prefix* of ``item`` (possibly empty, possibly all of it) has been
+        written and will be delivered; :attr:`send_progress` says how long it is.  The
+        stream stays consistent.
 
         Raises:
             anyio.BusyResourceError: another task is already sending.
             anyio.BrokenResourceError: the peer is gone (crashed, closed, domain died).
             anyio.ClosedResourceError: we closed the stream (also while waiting) or sent EOF.
         """
-        vchan = self._send_vchan()
-        if self._sending:
-            raise BusyResourceError("sending to")
+        ep = self._check_send()
         self._sending = True
         self.send_progress = 0
         try:
             await checkpoint()
-            total = item.nbytes if isinstance(item, memoryview) else len(item)
-            if total == 0:
-                return
-            if total <= vchan.write_size:
-                while not vchan.send_nowait(item):
-                    if vchan.prepare_wait_write() >= total:
-                        continue
-                    await self._dispatcher.wait()
-                    vchan = self._send_vchan()
-                self.send_progress = total
-                return
-            # Released explicitly: a traceback keeping the frame alive must not keep the
-            # caller's bytearray exported (it could not be resized any more).
-            with memoryview(item) as raw, raw.cast("B") as view:
-                offset = 0
-                while offset < total:
-                    n = vchan.write_nowait(view[offset:])
-                    if n:
+            with memoryview(item) as raw:
+                total = raw.nbytes
+                if not total:
+                    return
+                # Released explicitly: a traceback keeping the frame alive must not keep
+                # the caller's bytearray exported (it could not be resized any more).
+                with (raw if raw.c_contiguous else memoryview(raw.tobytes())).cast("B") as view:
+                    offset = 0
+                    while True:
+                        self._live_send()
+                        n = ep.write_nowait(view[offset:] if offset else view)
                         offset += n
                         self.send_progress = offset
-                        continue
-                    if vchan.prepare_wait_write() > 0:
-                        continue
-                    await self._dispatcher.wait()
-                    vchan = self._send_vchan()
+                        if offset >= total:
+                            return
+                        if n:
+                            continue
+                        await self._dispatcher.wait_for(
+                            ep.poll_write, ep.spin_write, self._write_spinner, 1
+                        )
         finally:
             self._sending = False
+
+    def _live_send(self) -> None:
+        if self._vchan is None:
+            raise ClosedResourceError
 
     async def send_eof(self) -> None:
         """Half-close: the peer's :meth:`receive` raises EndOfStream once it has read
@@ -262,21 +285,23 @@ class VchanStream(ByteStream):
             anyio.BusyResourceError: a send is in progress.
             anyio.ClosedResourceError: the stream is closed.
         """
-        vchan = self.vchan
+        if self._vchan is None:
+            raise ClosedResourceError
         if self._sending:
             raise BusyResourceError("sending to")
-        if not self._eof_sent:
-            self._eof_sent = True
-            vchan.send_eof()
+        self._ep.send_eof()
         await checkpoint()
 
     # -- receiving -------------------------------------------------------------------
 
-    def _recv_vchan(self) -> Vchan:
-        vchan = self._vchan
-        if vchan is None:
+    def _check_receive(self, max_bytes: int) -> Endpoint:
+        if self._vchan is None:
             raise ClosedResourceError
-        return vchan
+        if self._receiving:
+            raise BusyResourceError("receiving from")
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        return self._ep
 
     def receive_nowait(self, max_bytes: int = _DEFAULT_RING) -> bytes:
         """Return between 1 and ``max_bytes`` bytes that are available now.
@@ -289,18 +314,16 @@ class VchanStream(ByteStream):
             anyio.ClosedResourceError: we closed the stream.
             gntipc.RemoteProtocolError: the peer corrupted the shared page.
         """
-        vchan = self._recv_vchan()
-        if self._receiving:
-            raise BusyResourceError("receiving from")
-        if max_bytes < 1:
-            raise ValueError("max_bytes must be at least 1")
-        data = vchan.read_nowait(max_bytes)
+        data = self._check_receive(max_bytes).read_nowait(max_bytes)
         if not data:
             raise WouldBlock
         return data
 
     async def receive(self, max_bytes: int = _DEFAULT_RING) -> bytes:
         """Return between 1 and ``max_bytes`` bytes, waiting for data if needed.
+
+        The bytes are copied once, from the ring straight into the returned object (a
+        read that reaches the ring's end stops there; the rest comes next).
 
         Cancellation: nothing is consumed by a cancelled receive.
 
@@ -312,25 +335,40 @@ class VchanStream(ByteStream):
             anyio.ClosedResourceError: we closed the stream (also while waiting).
             gntipc.RemoteProtocolError: the peer corrupted the shared page.
         """
-        vchan = self._recv_vchan()
-        if self._receiving:
-            raise BusyResourceError("receiving from")
-        if max_bytes < 1:
-            raise ValueError("max_bytes must be at least 1")
+        ep = self._check_receive(max_bytes)
         self._receiving = True
         try:
             await checkpoint()
             while True:
-                data = vchan.read_nowait(max_bytes)
+                if self._vchan is None:
+                    raise ClosedResourceError
+                data = ep.read_nowait(max_bytes)
                 if data:
                     return data
-                # Spinning asks the peer for no event: it is cheaper for both sides.
-                if self.spin > 0 and vchan._live_rings().spin_read(1, self.spin) > 0:
-                    continue
-                if vchan.prepare_wait_read() > 0:
-                    continue
-                await self._dispatcher.wait()
-                vchan = self._recv_vchan()
+                await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
+        finally:
+            self._receiving = False
+
+    async def receive_into(self, buffer: bytearray | memoryview) -> int:
+        """Receive between 1 and ``len(buffer)`` bytes into ``buffer`` (a writable,
+        C-contiguous buffer), waiting if needed; returns the count.  No allocation:
+        one copy from the ring into ``buffer``.
+
+        Cancellation: nothing is consumed by a cancelled receive.
+
+        Raises: as :meth:`receive`, and ValueError for an empty ``buffer``.
+        """
+        ep = self._check_receive(memoryview(buffer).nbytes)
+        self._receiving = True
+        try:
+            await checkpoint()
+            while True:
+                if self._vchan is None:
+                    raise ClosedResourceError
+                n = ep.readinto_nowait(buffer)
+                if n:
+                    return n
+                await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
         finally:
             self._receiving = False
 
@@ -341,18 +379,20 @@ class VchanStream(ByteStream):
             anyio.IncompleteRead: the stream ended before ``nbytes`` arrived.
             The errors of :meth:`receive`.
         """
-        chunks: list[bytes] = []
-        remaining = nbytes
-        while remaining > 0:
-            try:
-                chunk = await self.receive(remaining)
-            except EndOfStream:
-                raise anyio.IncompleteRead from None
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks)
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < nbytes:
+                try:
+                    got += await self.receive_into(view[got:])
+                except EndOfStream:
+                    raise anyio.IncompleteRead from None
+        finally:
+            view.release()
+        return bytes(buf)
 
-    # -- waiting (for MessageQueue and other framers) --------------------------------
+    # -- waiting ---------------------------------------------------------------------
 
     async def wait_readable(self) -> None:
         """Wait until there may be data (or an end) to read; returns at once if there is.
@@ -360,10 +400,11 @@ class VchanStream(ByteStream):
         Raises:
             anyio.ClosedResourceError: the stream is (or gets) closed.
         """
-        vchan = self._recv_vchan()
-        if vchan.readable() or vchan.prepare_wait_read() or vchan.readable():
-            return
-        await self._dispatcher.wait()
+        if self._vchan is None:
+            raise ClosedResourceError
+        ep = self._ep
+        while not ep.readable():
+            await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
 
     async def wait_writable(self, nbytes: int = 1) -> None:
         """Wait until at least ``min(nbytes, write_size)`` bytes of ring space are free.
@@ -372,15 +413,16 @@ class VchanStream(ByteStream):
             anyio.BrokenResourceError: the peer is gone.
             anyio.ClosedResourceError: the stream is (or gets) closed or EOF was sent.
         """
-        vchan = self._send_vchan()
-        nbytes = min(nbytes, vchan.write_size)
-        while vchan.buffer_space() < nbytes:
-            if vchan.is_open() == 0:
+        ep = self._ep
+        if self._vchan is None or ep.eof_sent:
+            raise ClosedResourceError
+        nbytes = min(nbytes, ep.write_size)
+        while ep.buffer_space() < nbytes:
+            if ep.peer_state() == LIVE_GONE:
                 raise BrokenResourceError("the peer is gone")
-            if vchan.prepare_wait_write() >= nbytes:
-                return
-            await self._dispatcher.wait()
-            vchan = self._send_vchan()
+            await self._dispatcher.wait_for(
+                ep.poll_write, ep.spin_write, self._write_spinner, nbytes
+            )
 
     # -- closing ---------------------------------------------------------------------
 
@@ -430,7 +472,7 @@ class Listener:
     ) -> None:
         self.backend = backend
         self.peer = peer
-        self.path = Vchan.resolve_path(backend.domid, path)
+        self.path = resolve_path(backend.domid, path)
         self.read_size = read_size
         self.write_size = write_size
         self._backend_ref = _backend_ref
@@ -580,11 +622,6 @@ async def listen(
     return listener
 
 
-# Errors that mean "these keys belong to a server that is gone or already taken":
-# another attempt, after the keys change, may succeed.
-_STALE_ERRORS = (XenError, RemoteProtocolError, WouldBlock)
-
-
 async def connect(
     peer: int,
     path: str,
@@ -610,11 +647,11 @@ async def connect(
         raise LocalProtocolError(f"timeout must be >= 0 or None, not {timeout}")
     be, ref = _open_backend(backend)
     try:
-        full = Vchan.resolve_path(peer, path)
+        full = resolve_path(peer, path)
         errors: list[Exception] = []
         try:
             with anyio.fail_after(timeout):
-                vchan = await _connect_loop(be, peer, full, errors)
+                endpoint = await connect_async(be, peer, full, errors)
         except TimeoutError:
             cause = errors[0] if errors else None
             raise TimeoutError(f"no gntipc server at {full} within {timeout} s") from cause
@@ -622,22 +659,4 @@ async def connect(
         if ref is not None:
             ref.release()
         raise
-    return VchanStream(vchan, _backend_ref=ref)
-
-
-async def _connect_loop(backend: Backend, peer: int, path: str, errors: list[Exception]) -> Vchan:
-    watch = backend.store.watch(path)
-    try:
-        while True:
-            watch.read_events()
-            try:
-                return Vchan.client_nowait(backend, peer, path)
-            except _STALE_ERRORS as exc:
-                if isinstance(exc, RemoteProtocolError) and not _is_race(exc):
-                    raise  # invalid keys or control page: a clear error, not a hang
-                # Retried only after the store changes, so a permanent error costs no CPU;
-                # it becomes the cause of the TimeoutError.
-                errors[:] = [exc]
-            await anyio.wait_readable(watch.fileno())
-    finally:
-        watch.close()
+    return VchanStream(Vchan(endpoint), _backend_ref=ref)

@@ -92,7 +92,8 @@ def main() -> None:
                 print(f"sent {sent}", flush=True)
         elif mode == "scribble":
             deadline = time.monotonic() + float(args[0])
-            page = ch._pages[0].mapping.view()  # the control page, as any peer can write it
+            # the control page, as any peer can write it
+            page = ch.endpoint._pages[0].mapping.view()
             rnd = random.Random(os.getpid())
             try:
                 while time.monotonic() < deadline:
@@ -101,7 +102,7 @@ def main() -> None:
                     page[off : off + width] = rnd.randbytes(width)
                     if rnd.random() < 0.1:
                         with contextlib.suppress(XenError):  # the victim may have left
-                            ch._port.notify()  # type: ignore[union-attr]
+                            ch.endpoint._port.notify()  # type: ignore[union-attr]
             finally:
                 page.release()
             print("done", flush=True)

@@ -64,7 +64,7 @@ def decode_ctrl(line: str) -> dict[str, Any]:
 
 def own_page(v: Vchan) -> bytes:
     """Our endpoint's view of the control page (test-only peek at a private field)."""
-    page = v._pages[0].mapping.view()
+    page = v.endpoint._pages[0].mapping.view()
     try:
         return bytes(page[:4096])
     finally:

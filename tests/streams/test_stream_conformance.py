@@ -178,24 +178,27 @@ async def test_cancelled_receive_consumes_nothing(make_pair: PairFactory) -> Non
     assert await srv.receive() == b"abc"
 
 
-async def test_cancelled_send_writes_nothing_or_a_prefix(make_pair: PairFactory) -> None:
+async def test_cancelled_send_writes_a_reported_prefix(make_pair: PairFactory) -> None:
     srv, cli = await make_pair(read_size=1024, write_size=1024)
     await cli.send(b"a" * 1000)  # 24 bytes left in the ring
-    # An item that fits the ring is written at once or not at all.
+    # A send fills what is free, then waits for more: cancelled, exactly the reported
+    # prefix is delivered.
     with anyio.move_on_after(0.05) as scope:
         await cli.send(b"b" * 100)
     assert scope.cancelled_caught
-    assert cli.send_progress == 0
-    assert cli.vchan.buffer_space() == 24
-    # A larger item: exactly the reported prefix is delivered.
+    assert cli.send_progress == 24
+    assert cli.vchan.buffer_space() == 0
+    # Nothing fits now: a cancelled send has written nothing.
     big = bytes(range(256)) * 12
     with anyio.move_on_after(0.05) as scope:
         await cli.send(big)
     assert scope.cancelled_caught
-    prefix = cli.send_progress
-    assert prefix == 24
+    assert cli.send_progress == 0
+    # The all-or-nothing twin stays all or nothing.
+    with pytest.raises(WouldBlock):
+        cli.send_nowait(b"c")
     await cli.send_eof()
-    assert await drain(srv) == b"a" * 1000 + big[:prefix]
+    assert await drain(srv) == b"a" * 1000 + b"b" * 24
 
 
 async def test_nowait_twins(make_pair: PairFactory) -> None:

@@ -275,9 +275,18 @@ int64_t gnt_ring_peek(struct gnt_ring *r, void *dst, size_t len, size_t skip);
 /* Fast paths (one C call per operation): a write preceded by the liveness check. */
 int64_t gnt_ring_write_live(struct gnt_ring *r, const uint8_t *peer_live, const void *src,
                             size_t len, int all_or_nothing, int *notify);
-/* Spin (without sleeping) up to `ns` nanoseconds until the ring holds at least `want`
- * bytes; returns the bytes readable (maybe fewer than `want` on timeout). */
-int64_t gnt_ring_spin_read(struct gnt_ring *r, uint32_t want, uint64_t ns);
+/* One-copy read, in two steps around the caller's own copy out of the ring:
+ * begin: the bytes readable now from our position up to `max` and the ring's end (no
+ * wrap), their offset in `data` in *pos; nothing is consumed.
+ * commit: consume `n` of them (n <= what begin returned) and publish cons. */
+int64_t gnt_ring_read_begin(struct gnt_ring *r, size_t max, uint32_t *pos);
+int64_t gnt_ring_read_commit(struct gnt_ring *r, uint32_t n, int *notify);
+/* Spin (without sleeping, asking the peer for no event) up to `ns` nanoseconds until at
+ * least `want` bytes are readable (writer == 0) or writable (writer == 1), or the peer's
+ * live byte stops saying "connected", or (reading) the peer set the EOF bit `eof_bit` in
+ * our notify byte.  Returns the bytes readable / writable then. */
+int64_t gnt_ring_spin(struct gnt_ring *r, int writer, uint32_t want, uint64_t ns,
+                      const uint8_t *peer_live, uint8_t eof_bit);
 
 uint8_t gnt_load_u8(const uint8_t *p);
 void gnt_store_u8(uint8_t *p, uint8_t v);

@@ -318,7 +318,8 @@ static uint64_t gnt_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-int64_t gnt_ring_spin_read(struct gnt_ring *r, uint32_t want, uint64_t ns)
+int64_t gnt_ring_spin(struct gnt_ring *r, int writer, uint32_t want, uint64_t ns,
+                      const uint8_t *peer_live, uint8_t eof_bit)
 {
     uint64_t deadline = 0;
     unsigned i;
@@ -328,16 +329,63 @@ int64_t gnt_ring_spin_read(struct gnt_ring *r, uint32_t want, uint64_t ns)
         return GNT_RING_EINVAL;
     for (;;) {
         for (i = 0; i < 64; i++) {
-            avail = gnt_ring_readable(r);
+            avail = writer ? gnt_ring_writable(r) : gnt_ring_readable(r);
             if (avail < 0 || (uint64_t)avail >= want)
+                return avail;
+            /* Acquire, as gnt_load_u8: a peer that left (or said EOF) will not move the
+             * index any more, so stop spinning and let the caller report it. */
+            if (__atomic_load_n(peer_live, __ATOMIC_ACQUIRE) != 1)
+                return avail;
+            if (!writer && (__atomic_load_n(r->own_notify, __ATOMIC_ACQUIRE) & eof_bit))
                 return avail;
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
+#elif defined(__aarch64__)
+            __asm__ __volatile__("yield");
 #endif
         }
         if (deadline == 0)
             deadline = gnt_now_ns() + ns;
         else if (gnt_now_ns() >= deadline)
-            return gnt_ring_readable(r);
+            return writer ? gnt_ring_writable(r) : gnt_ring_readable(r);
     }
+}
+
+int64_t gnt_ring_read_begin(struct gnt_ring *r, size_t max, uint32_t *pos)
+{
+    int64_t avail;
+    uint32_t first;
+
+    *pos = 0;
+    if (!gnt_ring_ok(r))
+        return GNT_RING_EINVAL;
+    /* Acquire (inside gnt_ring_readable): the bytes below prod are visible before the
+     * caller copies them, which it does after this call returns. */
+    avail = gnt_ring_readable(r);
+    if (avail <= 0)
+        return avail;
+    *pos = r->priv & (r->size - 1);
+    first = r->size - *pos;
+    if ((uint64_t)avail > first)
+        avail = first;
+    if ((uint64_t)avail > (uint64_t)max)
+        avail = (int64_t)max;
+    return avail;
+}
+
+int64_t gnt_ring_read_commit(struct gnt_ring *r, uint32_t n, int *notify)
+{
+    *notify = 0;
+    if (!gnt_ring_ok(r))
+        return GNT_RING_EINVAL;
+    if (n > r->size)
+        return GNT_RING_EINVAL;
+    if (n == 0)
+        return 0;
+    r->priv += n;
+    /* Release: the caller's copy out of the ring (done before this call) completes
+     * before the writer can see the new cons and reuse the space. */
+    __atomic_store_n(r->cons, r->priv, __ATOMIC_RELEASE);
+    *notify = gnt_ring_take_notify(r, GNT_NOTIFY_READ);
+    return n;
 }

@@ -33,7 +33,6 @@ from ._layout import (
 
 __all__ = ["VchanRings"]
 
-_EPROTO = -1
 CData = Any  # a cffi pointer
 
 
@@ -69,7 +68,9 @@ class VchanRings:
         "_peer_live",
         "_peer_notify",
         "_rd",
+        "_rd_data",
         "_rd_notify",
+        "_rd_pos",
         "_wr",
         "_wr_notify",
         "is_server",
@@ -119,6 +120,8 @@ class VchanRings:
         # one reader thread and one writer thread may use the endpoint at once.
         self._rd_notify = ffi.new("int *")
         self._wr_notify = ffi.new("int *")
+        self._rd_pos = ffi.new("uint32_t *")
+        self._rd_data = ffi.cast("uint8_t *", read_buf)
 
     def _ring(
         self, ctrl: CData, cons: int, prod: int, buf: CData, size: int, *, reader: bool
@@ -139,20 +142,13 @@ class VchanRings:
 
     # -- data ------------------------------------------------------------------------
     def write(self, data: CData, length: int, *, all_or_nothing: bool = False) -> tuple[int, bool]:
-        """Copy up to ``length`` bytes from ``data`` (a cffi pointer) into the write ring.
+        """Copy up to ``length`` bytes from ``data`` (a cffi pointer) into the write ring,
+        if the peer's live byte says connected (1).
 
         Returns ``(written, notify)``; with ``all_or_nothing`` nothing is written unless
-        all fits.  Raises RemoteProtocolError for a corrupt peer index.
-        """
-        notify = self._wr_notify
-        n = lib.gnt_ring_write(self._wr, data, length, all_or_nothing, notify)
-        return _check(n, "read"), bool(notify[0])
-
-    def write_live(self, data: CData, length: int, *, all_or_nothing: bool) -> tuple[int, bool]:
-        """As :meth:`write`, but only if the peer's live byte says connected (1).
-
-        Returns ``(-1, False)`` without writing otherwise: the caller then takes its
-        slow path (which reports the peer's state).  One native call.
+        all fits.  Returns ``(-1, False)`` without writing when the peer is not connected:
+        the caller then reports the peer's state.  One native call.  Raises
+        RemoteProtocolError for a corrupt peer index.
         """
         notify = self._wr_notify
         n = lib.gnt_ring_write_live(self._wr, self._peer_live, data, length, all_or_nothing, notify)
@@ -162,16 +158,44 @@ class VchanRings:
             return -1, False
         raise _error(n, "read")
 
+    def write_unchecked(
+        self, data: CData, length: int, *, all_or_nothing: bool = False
+    ) -> tuple[int, bool]:
+        """As :meth:`write`, whatever the peer's live byte says (a server writing ahead
+        of its client's connection)."""
+        notify = self._wr_notify
+        n = lib.gnt_ring_write(self._wr, data, length, all_or_nothing, notify)
+        return _check(n, "read"), bool(notify[0])
+
     def read(self, dest: CData, length: int, *, all_or_nothing: bool = False) -> tuple[int, bool]:
         """Copy up to ``length`` readable bytes to ``dest``; ``(read, notify)``."""
         notify = self._rd_notify
         n = lib.gnt_ring_read(self._rd, dest, length, all_or_nothing, notify)
         return _check(n, "write"), bool(notify[0])
 
-    def spin_read(self, want: int, seconds: float) -> int:
-        """Busy-wait (no syscall, GIL released) up to ``seconds`` until at least ``want``
-        bytes are readable; the bytes readable then."""
-        return _check(lib.gnt_ring_spin_read(self._rd, want, int(seconds * 1e9)), "write")
+    def read_bytes(self, max_bytes: int) -> tuple[bytes, bool]:
+        """Up to ``max_bytes`` readable bytes as a new :class:`bytes`, copied once, straight
+        out of the ring (stopping at the ring's end: a wrapped remainder comes next time);
+        ``(b"", False)`` if none.  Returns ``(data, notify)``."""
+        pos = self._rd_pos
+        n = lib.gnt_ring_read_begin(self._rd, max_bytes, pos)
+        if n <= 0:
+            return b"", bool(_check(n, "write"))
+        # The one copy: from the ring into the bytes object (cffi's buffer slice).
+        data = ffi.buffer(self._rd_data + pos[0], n)[:]
+        notify = self._rd_notify
+        lib.gnt_ring_read_commit(self._rd, n, notify)
+        return data, bool(notify[0])
+
+    def spin_read(self, want: int, ns: int) -> int:
+        """Busy-wait (no syscall, no event asked of the peer, GIL released) up to ``ns``
+        nanoseconds until ``want`` bytes are readable, or the peer leaves or sends EOF;
+        the bytes readable then."""
+        return _check(lib.gnt_ring_spin(self._rd, 0, want, ns, self._peer_live, EOF_BIT), "write")
+
+    def spin_write(self, want: int, ns: int) -> int:
+        """As :meth:`spin_read`, for ``want`` bytes of free space; the space then."""
+        return _check(lib.gnt_ring_spin(self._wr, 1, want, ns, self._peer_live, 0), "read")
 
     def peek(self, dest: CData, length: int, skip: int = 0) -> int:
         """Copy up to ``length`` bytes starting ``skip`` bytes ahead, consuming nothing."""

@@ -1,0 +1,651 @@
+"""One end of a vchan: its pages, rings, event port and liveness, and the wait protocol.
+
+An :class:`Endpoint` is made by the rendezvous (:mod:`gntipc._rendezvous`) and used by
+the sync facade (:class:`gntipc.Vchan`) and the async streams.  Everything here is
+non-waiting; the waiting is done by whoever owns the endpoint's descriptor
+(:meth:`Endpoint.fileno`): the blocking waiter of the sync API or the async dispatcher.
+
+**The wait protocol**, written once, in :meth:`Endpoint.poll_read` and
+:meth:`Endpoint.poll_write`: check the ring; if the condition does not hold, ask the peer
+for a notification (set the bit in its notify byte, full fence), then re-check the ring
+*and* the peer's liveness and EOF.  Only if that re-check fails may the caller wait for
+an event; the event cannot be lost, because the peer tests the bit after moving its
+index (and closes always notify), and an event masks the port until
+:meth:`handle_events` consumes it.
+
+**Closing from any thread**: every operation runs under its direction's lock (one for
+reading, one for writing, one for event handling) and checks :attr:`closed` under it.
+:meth:`close` marks the endpoint closed, wakes every waiter (an eventfd in the
+endpoint's epoll), waits for threads blocked in :meth:`wait_fd` to leave, then takes all
+three locks, so in-flight operations finish first, and only then unmaps the memory.
+
+Liveness: a reader checks the peer's live byte and EOF bit **first**, then drains, so no
+byte written before a close or a crash is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import threading
+import time
+from typing import Any
+
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
+
+from ._exceptions import LocalProtocolError, XenError
+from ._native import ffi
+from ._rendezvous import (
+    Presence,
+    StaleKeys,
+    check_domid,
+    publish_keys,
+    resolve_path,
+    unpublish_keys,
+)
+from .backends._abc import Backend, EventPort, Pages
+from .protocol._layout import (
+    CONTROL_PAGE_SIZE,
+    LIVE_CONNECTED,
+    LIVE_GONE,
+    LIVE_WAITING,
+    NOTIFY_WRITE,
+    OFF_CLI_LIVE,
+    OFF_CLI_NOTIFY,
+    OFF_SRV_LIVE,
+    Geometry,
+    choose_orders,
+)
+from .protocol.ring import VchanRings
+
+__all__ = ["Endpoint"]
+
+# How long close() waits for threads blocked in wait_fd() to notice the wake-up.
+_CLOSE_GRACE = 5.0
+
+
+class Endpoint:
+    """One end of a vchan (see the module docstring).  Made by :meth:`server` or
+    :meth:`client`.
+
+    Thread-safety: one reader and one writer (threads or tasks) at a time, plus
+    :meth:`close` from anywhere.
+    """
+
+    backend: Backend
+    peer: int
+    path: str
+    is_server: bool
+    read_size: int
+    write_size: int
+
+    def __init__(self, backend: Backend, peer: int, path: str, *, is_server: bool) -> None:
+        self.backend = backend
+        self.peer = peer
+        self.path = path
+        self.is_server = is_server
+        self.read_size = self.write_size = 0
+        self.closed = False
+        self.eof_sent = False
+        self._peer_dead = False
+        self._connected = not is_server
+        self._peer_gntipc = False
+        self._port: EventPort | None = None
+        self._pages: list[Pages] = []
+        self._ptrs: list[Any] = []
+        self._rings: VchanRings | None = None
+        self._presence: Presence | None = None
+        self._published_ref: int | None = None
+        self._epoll: select.epoll | None = None
+        self._wake_fd = -1
+        self._rlock = threading.Lock()
+        self._wlock = threading.Lock()
+        self._evlock = threading.Lock()
+        self._state = threading.Condition()  # guards _pollers, _connected's transition
+        self._pollers = 0
+        #: Events received (statistics).
+        self.events_in = 0
+        #: Events sent (statistics).
+        self.events_out = 0
+
+    # ------------------------------------------------------------------ setup ---
+    @classmethod
+    def server(
+        cls,
+        backend: Backend,
+        peer: int,
+        path: str,
+        *,
+        read_size: int,
+        write_size: int,
+        start_index: int = 0,
+    ) -> Endpoint:
+        """Offer a channel to domain ``peer`` at store ``path`` (relative to our home).
+
+        Raises:
+            LocalProtocolError: a bad path or a ring size above 1 MiB.
+            XenError: the backend refused (e.g. ENOSPC: the gntalloc page limit).
+        """
+        check_domid(peer)
+        left, right = choose_orders(read_size, write_size)
+        geometry = Geometry.from_orders(left, right, remote=False)
+        self = cls(backend, peer, resolve_path(backend.domid, path), is_server=True)
+        try:
+            self._setup_server(geometry, start_index & 0xFFFFFFFF)
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def _setup_server(self, geometry: Geometry, start: int) -> None:
+        backend, peer = self.backend, self.peer
+        port = self._port = backend.alloc_unbound(peer)
+        ctrl = backend.share(peer, 1)
+        self._pages.append(ctrl)
+        ctrl.set_unmap_notify(OFF_SRV_LIVE, clear_byte=True, port=port)
+        left = right = None
+        if geometry.left_pages:
+            left = backend.share(peer, geometry.left_pages)
+            self._pages.append(left)
+        if geometry.right_pages:
+            right = backend.share(peer, geometry.right_pages)
+            self._pages.append(right)
+        page = ctrl.mapping.view()
+        try:
+            page[:CONTROL_PAGE_SIZE] = bytes(CONTROL_PAGE_SIZE)
+            if start:
+                for off in (0, 4, 8, 12):
+                    page[off : off + 4] = start.to_bytes(4, "little")
+            geometry.write_to(page)
+            geometry.write_grants(page, left.refs if left else (), right.refs if right else ())
+            page[OFF_CLI_LIVE] = LIVE_WAITING
+            page[OFF_SRV_LIVE] = LIVE_CONNECTED
+            page[OFF_CLI_NOTIFY] = NOTIFY_WRITE
+        finally:
+            page.release()
+        ctrl_ptr = self._pointer(ctrl)
+        read_ptr = self._pointer(left) if left else ctrl_ptr + geometry.left_offset
+        write_ptr = self._pointer(right) if right else ctrl_ptr + geometry.right_offset
+        self.read_size, self.write_size = geometry.left_size, geometry.right_size
+        self._rings = VchanRings(
+            ctrl_ptr, read_ptr, self.read_size, write_ptr, self.write_size, is_server=True
+        )
+        self._make_epoll()
+        # Presence first, keys second: a client that finds the keys also finds our node.
+        self._presence = Presence(backend, peer, backend.domid, port.port)
+        self._presence.announce("server")
+        publish_keys(backend, peer, self.path, ctrl.refs[0], port.port)
+        self._published_ref = ctrl.refs[0]
+
+    @classmethod
+    def client(cls, backend: Backend, peer: int, path: str, ref: int, port: int) -> Endpoint:
+        """Connect to the keys ``ref`` / ``port`` a server in ``peer`` published at the
+        absolute store ``path``.
+
+        Raises:
+            StaleKeys: the port or grant is gone, or another client took the server.
+            RemoteProtocolError: an invalid control page.
+        """
+        check_domid(peer)
+        self = cls(backend, peer, path, is_server=False)
+        try:
+            self._setup_client(ref, port)
+        except XenError as exc:
+            self._teardown()
+            raise StaleKeys(f"the keys at {path} are stale: {exc}") from exc
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def _setup_client(self, ref: int, remote_port: int) -> None:
+        backend, peer = self.backend, self.peer
+        port = self._port = backend.bind_interdomain(peer, remote_port)
+        ctrl = backend.map(peer, [ref], writable=True)
+        self._pages.append(ctrl)
+        page = ctrl.mapping.view()
+        try:
+            # One private copy: everything below is validated from it, never re-read.
+            snapshot = bytes(page[:CONTROL_PAGE_SIZE])
+        finally:
+            page.release()
+        geometry = Geometry.read_from(snapshot)
+        if snapshot[OFF_CLI_LIVE] != LIVE_WAITING:
+            raise StaleKeys(
+                f"the control page at {self.path} is not waiting for a client"
+                f" (cli_live={snapshot[OFF_CLI_LIVE]}): stale keys or another client won"
+            )
+        ctrl.set_unmap_notify(OFF_CLI_LIVE, clear_byte=True, port=port)
+        left_refs, right_refs = geometry.read_grants(snapshot)
+        ctrl_ptr = self._pointer(ctrl)
+        # The client writes the left ring and reads the right one.
+        if left_refs:
+            left = backend.map(peer, left_refs, writable=True)
+            self._pages.append(left)
+            write_ptr = self._pointer(left)
+        else:
+            write_ptr = ctrl_ptr + geometry.left_offset
+        if right_refs:
+            right = backend.map(peer, right_refs, writable=False)
+            self._pages.append(right)
+            read_ptr = self._pointer(right)
+        else:
+            read_ptr = ctrl_ptr + geometry.right_offset
+        self.read_size, self.write_size = geometry.right_size, geometry.left_size
+        rings = self._rings = VchanRings(
+            ctrl_ptr, read_ptr, self.read_size, write_ptr, self.write_size, is_server=False
+        )
+        self._make_epoll()
+        presence = self._presence = Presence(backend, peer, peer, remote_port)
+        presence.announce("client")
+        self._watch_peer("server")
+        rings.set_own_live(LIVE_CONNECTED)
+        rings.set_peer_notify(NOTIFY_WRITE)
+        port.notify()
+
+    def _pointer(self, pages: Pages) -> Any:
+        ptr = ffi.from_buffer("uint8_t[]", pages.mapping.mmap, require_writable=False)
+        self._ptrs.append(ptr)
+        return ptr
+
+    def _make_epoll(self) -> None:
+        assert self._port is not None
+        ep = self._epoll = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        ep.register(self._wake_fd, select.EPOLLIN)
+        ep.register(self._port.fileno(), select.EPOLLIN)
+
+    def _watch_peer(self, role: str) -> None:
+        assert self._presence is not None and self._epoll is not None
+        gntipc_peer, dead = self._presence.watch_peer(role)
+        self._peer_gntipc = gntipc_peer
+        self._peer_dead = self._peer_dead or dead
+        fd = self._presence.fileno()
+        if fd is not None:
+            self._epoll.register(fd, select.EPOLLIN)
+
+    # -------------------------------------------------------------- liveness ---
+    def _live(self) -> VchanRings:
+        """The rings, or ClosedResourceError; call with a direction lock held."""
+        rings = self._rings
+        if self.closed or rings is None:
+            raise ClosedResourceError("this vchan is closed")
+        return rings
+
+    def _notify(self) -> None:
+        assert self._port is not None
+        self.events_out += 1
+        try:  # noqa: SIM105 - the hot path: contextlib.suppress costs more
+            self._port.notify()
+        except XenError:
+            pass  # a peer that is gone is reported by the liveness checks
+
+    def _peer_state(self, rings: VchanRings) -> int:
+        """LIVE_* of the peer, folding in domain death; notices a client's connection."""
+        if self._peer_dead:
+            return LIVE_GONE
+        live = rings.peer_live()
+        if not self._connected and live == LIVE_CONNECTED:
+            self._on_connected()
+        return live
+
+    def _on_connected(self) -> None:
+        # Once, whichever thread notices first (the other waits, then sees it done).
+        with self._state:
+            if self._connected:
+                return
+            self._watch_peer("client")
+            self._connected = True
+
+    def _read_ended(self, rings: VchanRings) -> bool:
+        """True if the peer will write no more (EOF bit, closed, crashed or dead)."""
+        return rings.peer_eof() or self._peer_state(rings) == LIVE_GONE
+
+    def _end_of_stream(self, rings: VchanRings) -> BaseException:
+        """The exception for a drained ring whose peer is gone or finished."""
+        if self._peer_dead:
+            return BrokenResourceError(f"the peer domain {self.peer} died")
+        if rings.peer_eof():
+            return EndOfStream()
+        if self._peer_gntipc:
+            # A gntipc peer always sets the EOF bit before a clean close.
+            return BrokenResourceError("the peer crashed (its live byte was cleared)")
+        return EndOfStream()
+
+    def _writable(self) -> VchanRings:
+        rings = self._live()
+        if self.eof_sent:
+            raise ClosedResourceError("send_eof() was called: this side writes no more")
+        return rings
+
+    # ---------------------------------------------------------------- writing ---
+    def write_nowait(self, data: Any, *, all_or_nothing: bool = False) -> int:
+        """Write as many bytes of ``data`` (any buffer) as fit now; with
+        ``all_or_nothing``, all of them or none.  Returns the count (0 if none).
+
+        Raises:
+            BrokenResourceError: the peer is gone.  ClosedResourceError: after close()
+            or send_eof().  RemoteProtocolError: the peer corrupted its index.
+            LocalProtocolError: an ``all_or_nothing`` write larger than the ring.
+        """
+        src = ffi.from_buffer(data)  # len(src) is in bytes, whatever the item size
+        try:
+            n, notify = self._write(src, all_or_nothing)
+        finally:
+            # Released at once: a traceback keeping this frame alive must not keep the
+            # caller's buffer exported.
+            ffi.release(src)
+        if notify:
+            self._notify()
+        return n
+
+    def _write(self, src: Any, all_or_nothing: bool) -> tuple[int, bool]:
+        size = len(src)
+        with self._wlock:
+            rings = self._writable()
+            if all_or_nothing and size > self.write_size:
+                raise LocalProtocolError(
+                    f"a {size}-byte packet can never fit a {self.write_size}-byte ring"
+                )
+            n = -1
+            if not self._peer_dead:
+                # The liveness check and the write in one native call.
+                n, notify = rings.write(src, size, all_or_nothing=all_or_nothing)
+            if n < 0:
+                # Not connected: gone (report it), or a server still awaiting its client
+                # (writing ahead is allowed, as in libxenvchan).
+                if self._peer_state(rings) == LIVE_GONE:
+                    raise BrokenResourceError(f"the peer (domain {self.peer}) is gone")
+                n, notify = rings.write_unchecked(src, size, all_or_nothing=all_or_nothing)
+        return n, notify
+
+    def send_eof(self) -> None:
+        """Half-close: we write no more (idempotent).
+
+        Raises:
+            ClosedResourceError: the endpoint is closed.
+        """
+        with self._wlock:
+            rings = self._live()
+            if self.eof_sent:
+                return
+            self.eof_sent = True
+            rings.send_eof()
+        self._notify()
+
+    # ---------------------------------------------------------------- reading ---
+    def read_nowait(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` bytes available now, copied once out of the ring into the
+        returned bytes (``b""`` if none yet).
+
+        Raises:
+            EndOfStream: the peer closed cleanly (or sent EOF) and all it wrote was read.
+            BrokenResourceError: the peer crashed or its domain died, all it wrote was read.
+            ClosedResourceError: after our own close().
+            RemoteProtocolError: the peer corrupted its index.
+        """
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        with self._rlock:
+            rings = self._live()
+            if not self._connected:
+                self._peer_state(rings)
+            data, notify = rings.read_bytes(max_bytes)
+            if not data:
+                # Liveness first, then drain: data written before a close is never lost.
+                if not self._read_ended(rings):
+                    return b""
+                data, notify = rings.read_bytes(max_bytes)
+                if not data:
+                    raise self._end_of_stream(rings)
+        if notify:
+            self._notify()
+        return data
+
+    def readinto_nowait(self, buf: Any, *, all_or_nothing: bool = False) -> int:
+        """Copy the bytes available now into ``buf`` (a writable buffer); with
+        ``all_or_nothing``, exactly ``len(buf)`` bytes or none.  Returns the count.
+
+        Raises: as :meth:`read_nowait`.
+        """
+        dst = ffi.from_buffer(buf, require_writable=True)
+        try:
+            n, notify = self._readinto(dst, all_or_nothing)
+        finally:
+            ffi.release(dst)
+        if notify:
+            self._notify()
+        return n
+
+    def _readinto(self, dst: Any, all_or_nothing: bool) -> tuple[int, bool]:
+        size = len(dst)
+        with self._rlock:
+            rings = self._live()
+            if not self._connected:
+                self._peer_state(rings)
+            n, notify = rings.read(dst, size, all_or_nothing=all_or_nothing)
+            if not n and size:
+                if not self._read_ended(rings):
+                    return 0, False
+                n, notify = rings.read(dst, size, all_or_nothing=all_or_nothing)
+                if not n:
+                    raise self._end_of_stream(rings)
+        return n, notify
+
+    def peek_nowait(self, n: int, skip: int = 0) -> bytes:
+        """Up to ``n`` readable bytes, ``skip`` bytes ahead, without consuming them."""
+        buf = bytearray(n)
+        with self._rlock:
+            got = self._live().peek(ffi.from_buffer(buf, require_writable=True), n, skip)
+        del buf[got:]
+        return bytes(buf)
+
+    # ------------------------------------------------------------- status ---
+    def data_ready(self) -> int:
+        """Bytes that can be read now (no side effects)."""
+        with self._rlock:
+            return self._live().data_ready()
+
+    def buffer_space(self) -> int:
+        """Bytes that can be written now (no side effects)."""
+        with self._wlock:
+            return self._live().buffer_space()
+
+    def readable(self) -> bool:
+        """True if a read would not come back empty-handed: data is ready, or there is an
+        end to report.  No side effects beyond noticing the connection."""
+        with self._rlock:
+            rings = self._live()
+            return rings.data_ready() > 0 or self._read_ended(rings)
+
+    def peer_state(self) -> int:
+        """The peer's LIVE_* state (domain death folded in).
+
+        Raises:
+            ClosedResourceError: the endpoint is closed.
+        """
+        with self._rlock:
+            return self._peer_state(self._live())
+
+    # -------------------------------------------------------- the wait protocol ---
+    def poll_read(self, want: int = 1) -> bool:
+        """True if a read need not wait: ``want`` bytes are readable (capped at the
+        ring size), or there is an end to report.  Otherwise ask the peer to notify us
+        of its next write, re-check, and return False only if the caller must now wait
+        for an event (:meth:`fileno`).
+
+        Raises:
+            ClosedResourceError: the endpoint is closed.
+            RemoteProtocolError: the peer corrupted its index.
+        """
+        want = min(want, self.read_size)
+        with self._rlock:
+            rings = self._live()
+            if rings.data_ready() >= want or self._read_ended(rings):
+                return True
+            if rings.prepare_wait_read() >= want:
+                return True
+            # Re-check liveness and EOF too: a close that landed before our request
+            # was seen sends its event anyway, but checking costs nothing.
+            return self._read_ended(rings)
+
+    def poll_write(self, want: int = 1) -> bool:
+        """True if a write need not wait: ``want`` bytes (capped at the ring size) are
+        free, or the write would fail at once (peer gone, EOF sent).  Otherwise ask the
+        peer to notify us of its next read, re-check, and return False only if the
+        caller must now wait for an event.
+
+        Raises:
+            ClosedResourceError: the endpoint is closed.
+            RemoteProtocolError: the peer corrupted its index.
+        """
+        want = min(want, self.write_size)
+        with self._wlock:
+            rings = self._live()
+            if self.eof_sent or self._peer_state(rings) == LIVE_GONE:
+                return True
+            if rings.buffer_space() >= want or rings.prepare_wait_write() >= want:
+                return True
+            return self._peer_state(rings) == LIVE_GONE
+
+    def spin_read(self, want: int, ns: int) -> bool:
+        """Busy-wait up to ``ns`` nanoseconds (asking the peer for no event) until
+        ``want`` bytes are readable; True if they are."""
+        want = min(want, self.read_size)
+        with self._rlock:
+            return self._live().spin_read(want, ns) >= want
+
+    def spin_write(self, want: int, ns: int) -> bool:
+        """Busy-wait up to ``ns`` nanoseconds until ``want`` bytes are free."""
+        want = min(want, self.write_size)
+        with self._wlock:
+            return self._live().spin_write(want, ns) >= want
+
+    # ----------------------------------------------------------------- events ---
+    def fileno(self) -> int:
+        """A descriptor that is readable when there may be news (an event, a change of
+        the peer's presence, or our own close); then call :meth:`handle_events`.
+
+        Raises:
+            ClosedResourceError: the endpoint is closed.
+        """
+        ep = self._epoll
+        if self.closed or ep is None:
+            raise ClosedResourceError("this vchan is closed")
+        return ep.fileno()
+
+    def handle_events(self) -> None:
+        """Consume a pending event (one read and one unmask on Xen) and, when there was
+        none, the peer-presence watch.  Never blocks; a no-op once closed."""
+        with self._evlock:
+            if self.closed:
+                return
+            port, rings = self._port, self._rings
+            assert port is not None and rings is not None
+            if port.pending():
+                self.events_in += 1
+                port.unmask()
+            elif (
+                self._presence is not None
+                and self._presence.peer_vanished()
+                # The node is removed after a clean close has cleared the live byte, so
+                # a live byte still at 1 means the domain died without an unmap event.
+                and rings.peer_live() != LIVE_GONE
+            ):
+                self._peer_dead = True
+            if not self._connected:
+                self._peer_state(rings)
+
+    def wait_fd(self, timeout: float | None) -> bool:
+        """Block the calling thread until :meth:`fileno` is readable (or ``timeout``);
+        True if it is.  :meth:`close` from another thread wakes it.
+
+        Raises:
+            ClosedResourceError: the endpoint is (or gets) closed.
+        """
+        with self._state:
+            fd = self.fileno()
+            self._pollers += 1
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+            woken = bool(poller.poll(ms))
+        finally:
+            with self._state:
+                self._pollers -= 1
+                self._state.notify_all()
+        if self.closed:
+            raise ClosedResourceError("this vchan is closed")
+        return woken
+
+    # ------------------------------------------------------------------ close ---
+    def close(self) -> None:
+        """Close our end (idempotent, from any thread): EOF bit, live byte 0, an event
+        to the peer, then unmap, unshare, unbind; a server also removes its keys.
+
+        Operations in flight in other threads finish first; later ones, and threads
+        blocked waiting, raise ClosedResourceError.  Every resource is released even
+        if releasing one fails; the first such error is raised at the end.
+        """
+        with self._state:
+            if self.closed:
+                return
+            self.closed = True
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)  # wakes every waiter on fileno()
+            deadline = time.monotonic() + _CLOSE_GRACE
+            while self._pollers and time.monotonic() < deadline:
+                self._state.wait(deadline - time.monotonic())
+        with self._rlock, self._wlock, self._evlock:
+            rings = self._rings
+            if rings is not None:
+                if not self.eof_sent:
+                    rings.send_eof()
+                rings.set_own_live(LIVE_GONE)
+                self._notify()
+            self._teardown()
+
+    def _teardown(self) -> None:
+        self.closed = True
+        errors: list[BaseException] = []
+
+        def attempt(fn: Any, *args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:
+                errors.append(exc)
+
+        store = self.backend.store
+        ref, self._published_ref = self._published_ref, None
+        if ref is not None:
+            # Best effort: a store that fails or times out must not keep the pages,
+            # ports and fds below from being released.
+            with contextlib.suppress(XenError, TimeoutError, OSError):
+                unpublish_keys(store, self.path, ref)
+        presence, self._presence = self._presence, None
+        if presence is not None:
+            attempt(presence.close)
+        ep, self._epoll = self._epoll, None
+        if ep is not None:
+            attempt(ep.close)
+        wake, self._wake_fd = self._wake_fd, -1
+        if wake >= 0:
+            attempt(os.close, wake)
+        self._rings = None
+        for ptr in self._ptrs:
+            attempt(ffi.release, ptr)
+        self._ptrs.clear()
+        for pages in reversed(self._pages):
+            attempt(pages.close)
+        self._pages.clear()
+        port, self._port = self._port, None
+        if port is not None:
+            attempt(port.close)
+        if errors:
+            raise errors[0]
+
+    def __repr__(self) -> str:
+        role = "server" if self.is_server else "client"
+        return f"<gntipc endpoint {role} peer={self.peer} path={self.path!r}>"

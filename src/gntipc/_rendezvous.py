@@ -1,0 +1,276 @@
+"""Rendezvous in XenStore: publishing and finding a channel's keys, presence nodes, and
+the connect loops (blocking and async).
+
+* A server publishes ``ring-ref`` and ``event-channel`` under the channel path in one
+  transaction (owner: the server, no access for others, read for the client), and
+  removes them when it closes, unless a newer server replaced them.
+* A client reads the keys and tries them (:func:`try_connect`).  Keys of a server that is
+  gone, or that another client took first, raise :class:`StaleKeys`; the connect loops
+  retry each time the keys change (a store watch, never polling) until their deadline.
+* Presence nodes: each gntipc endpoint writes ``data/gntipc/<server>/<port>/<role>`` in
+  its own domain's home, readable by the peer, and watches the peer's.  The toolstack
+  removes a dead domain's home, so a vanished node while the live byte still says
+  "connected" means the peer's domain died (which sends no event).  A plain libxenvchan
+  peer has no presence node; its domain's death is then not detected.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio import WouldBlock
+
+from ._exceptions import GntipcError, LocalProtocolError, RemoteProtocolError, XenError
+from .backends._abc import Backend, Perm, Store, Watch
+
+if TYPE_CHECKING:
+    from ._endpoint import Endpoint
+
+__all__ = [
+    "Presence",
+    "StaleKeys",
+    "check_domid",
+    "connect_async",
+    "connect_blocking",
+    "publish_keys",
+    "resolve_path",
+    "try_connect",
+    "unpublish_keys",
+    "wait_fd",
+]
+
+MAX_PORT = (1 << 17) - 1  # EVTCHN_FIFO_NR_CHANNELS - 1
+_STORE_RETRIES = 16
+_DOMID_MAX = 0x7FEF
+
+
+class StaleKeys(GntipcError):
+    """The published keys belong to a server that is gone, or that another client took
+    first: a later attempt, after the keys change, may succeed."""
+
+
+def check_domid(domid: int) -> None:
+    """Raises ValueError unless ``domid`` is the id of a real domain (0..32751)."""
+    if not isinstance(domid, int) or not 0 <= domid <= _DOMID_MAX:
+        raise ValueError(f"domid {domid!r} is outside 0..32751")
+
+
+def resolve_path(server_domid: int, path: str) -> str:
+    """An absolute store path: a relative ``path`` is relative to the server's home
+    ``/local/domain/<server_domid>``.
+
+    Raises:
+        LocalProtocolError: an empty path or one with empty components.
+    """
+    if not path or "//" in path or path.endswith("/") or "\0" in path:
+        raise LocalProtocolError(f"invalid store path {path!r}")
+    if path.startswith("/"):
+        return path
+    return f"/local/domain/{server_domid}/{path}"
+
+
+def parse_uint(raw: bytes, what: str, limit: int) -> int:
+    """A decimal number published by the peer, validated.
+
+    Raises:
+        RemoteProtocolError: not a decimal number in ``0..limit``.
+    """
+    text = raw.split(b"\0", 1)[0]
+    if not text.isdigit() or len(text) > 10 or int(text) > limit:
+        raise RemoteProtocolError(f"the server published an invalid {what}: {raw[:32]!r}")
+    return int(text)
+
+
+def publish_keys(backend: Backend, peer: int, path: str, ref: int, port: int) -> None:
+    """Publish ``ring-ref`` and ``event-channel`` in one transaction (retried on EAGAIN).
+
+    Raises:
+        XenError: the store refused.
+    """
+    store = backend.store
+    perms = [Perm(backend.domid, "n"), Perm(peer, "r")]
+    for attempt in range(_STORE_RETRIES):
+        try:
+            with store.transaction() as tx:
+                for key, value in (("ring-ref", ref), ("event-channel", port)):
+                    tx.write(f"{path}/{key}", str(value).encode())
+                    tx.set_perms(f"{path}/{key}", perms)
+        except XenError as exc:
+            if exc.errno == errno.EAGAIN and attempt < _STORE_RETRIES - 1:
+                continue
+            raise
+        return
+
+
+def unpublish_keys(store: Store, path: str, ref: int) -> None:
+    """Remove our keys, unless a newer server already replaced them."""
+    try:
+        current = store.read(f"{path}/ring-ref")
+    except XenError:
+        return
+    if current.split(b"\0", 1)[0] == str(ref).encode():
+        store.rm(f"{path}/ring-ref")
+        store.rm(f"{path}/event-channel")
+        try:
+            if not store.directory(path):
+                store.rm(path)
+        except XenError:
+            pass
+
+
+class Presence:
+    """Our presence node and the watch on the peer's (see the module docstring).
+
+    Args:
+        backend: ours.
+        peer: the peer's domid.
+        server: the server's domid; ``server_port``: the server's event port, which
+            names the channel instance.
+    """
+
+    __slots__ = ("_backend", "_node", "_peer", "_peer_node", "_server", "_server_port", "_watch")
+
+    def __init__(self, backend: Backend, peer: int, server: int, server_port: int) -> None:
+        self._backend = backend
+        self._peer = peer
+        self._server = server
+        self._server_port = server_port
+        self._node: str | None = None
+        self._peer_node: str | None = None
+        self._watch: Watch | None = None
+
+    def _path(self, domid: int, role: str) -> str:
+        return f"/local/domain/{domid}/data/gntipc/{self._server}/{self._server_port}/{role}"
+
+    def announce(self, role: str) -> None:
+        """Write our node (readable by the peer)."""
+        node = self._node = self._path(self._backend.domid, role)
+        store = self._backend.store
+        store.write(node, b"1")
+        store.set_perms(node, [Perm(self._backend.domid, "n"), Perm(self._peer, "r")])
+
+    def watch_peer(self, role: str) -> tuple[bool, bool]:
+        """Start watching the peer's node.  Returns ``(is_gntipc, dead)``: whether the
+        peer has a node (a gntipc peer), and whether its domain is already gone."""
+        store = self._backend.store
+        node = self._path(self._peer, role)
+        if not store.exists(node):
+            # A plain libxenvchan peer, or a peer whose domain already died (its home is
+            # gone: ENOENT; EACCES only says we may not look, as in a domU).
+            try:
+                store.read(f"/local/domain/{self._peer}")
+            except XenError as exc:
+                if exc.errno == errno.ENOENT:
+                    return False, True
+            return False, False
+        self._peer_node = node
+        self._watch = store.watch(node, "gntipc-peer")
+        return True, False
+
+    def fileno(self) -> int | None:
+        """The watch's descriptor (None before :meth:`watch_peer` found a node)."""
+        return None if self._watch is None else self._watch.fileno()
+
+    def peer_vanished(self) -> bool:
+        """Consume watch events; True if the peer's node is gone."""
+        if self._watch is None or not self._watch.read_events():
+            return False
+        assert self._peer_node is not None
+        return not self._backend.store.exists(self._peer_node)
+
+    def close(self) -> None:
+        """Stop watching and remove our node (best effort: the store may be gone)."""
+        watch, self._watch = self._watch, None
+        node, self._node = self._node, None
+        try:
+            if node is not None:
+                self._backend.store.rm(node)
+        except (GntipcError, TimeoutError):
+            pass
+        finally:
+            if watch is not None:
+                watch.close()
+
+
+def try_connect(backend: Backend, peer: int, path: str) -> Endpoint:
+    """One connection attempt to the keys at the absolute store ``path``.
+
+    Raises:
+        WouldBlock: the server has not published its keys (yet).
+        StaleKeys: the keys belong to a server that is gone or already taken.
+        RemoteProtocolError: invalid keys or control page.
+        XenError: the store failed.
+    """
+    from ._endpoint import Endpoint
+
+    store = backend.store
+    try:
+        ref = parse_uint(store.read(f"{path}/ring-ref"), "ring-ref", 0xFFFFFFFF)
+        port = parse_uint(store.read(f"{path}/event-channel"), "event-channel", MAX_PORT)
+    except XenError as exc:
+        if exc.errno in (errno.ENOENT, errno.EACCES):
+            raise WouldBlock from None
+        raise
+    if port == 0:
+        raise RemoteProtocolError("the server published event-channel 0 (not a port)")
+    return Endpoint.client(backend, peer, path, ref, port)
+
+
+def connect_blocking(backend: Backend, peer: int, path: str, timeout: float | None) -> Endpoint:
+    """:func:`try_connect` until it succeeds, retrying when the keys change.
+
+    Raises:
+        TimeoutError: no connection within ``timeout`` seconds (None: wait forever).
+        RemoteProtocolError: the server published invalid keys or control page.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last: BaseException | None = None
+    with backend.store.watch(path, "gntipc-connect") as watch:
+        while True:
+            watch.read_events()
+            try:
+                return try_connect(backend, peer, path)
+            except WouldBlock:
+                pass
+            except StaleKeys as exc:
+                last = exc
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(
+                    f"no vchan server at {path} (domain {peer}) within {timeout} s"
+                    + (f"; last attempt: {last}" if last else "")
+                )
+            wait_fd(watch.fileno(), remaining)
+
+
+async def connect_async(
+    backend: Backend, peer: int, path: str, errors: list[Exception]
+) -> Endpoint:
+    """As :func:`connect_blocking` without a deadline (the caller cancels); the last
+    stale-keys error is left in ``errors``."""
+    watch = backend.store.watch(path)
+    try:
+        while True:
+            watch.read_events()
+            try:
+                return try_connect(backend, peer, path)
+            except WouldBlock:
+                pass
+            except StaleKeys as exc:
+                # Retried only after the store changes, so a permanent error costs no CPU.
+                errors[:] = [exc]
+            await anyio.wait_readable(watch.fileno())
+    finally:
+        watch.close()
+
+
+def wait_fd(fd: int, timeout: float | None) -> bool:
+    """Block until ``fd`` is readable; False on timeout."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    return bool(poller.poll(ms))

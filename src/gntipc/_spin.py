@@ -1,0 +1,84 @@
+"""Adaptive spin-then-block: how long to busy-wait on a ring before sleeping on an event.
+
+A blocking wait costs a notify from the peer, a kernel wake-up and (async) an event-loop
+iteration: tens of microseconds.  Busy-waiting on the shared index costs nothing but a
+CPU, and asks the peer for no event at all.  The classic competitive rule: spin for up to
+the cost of one block-and-wake, then block; that is never worse than twice the optimum.
+
+A :class:`Spinner` keeps that rule cheap when it does not pay:
+
+* it spins only while the channel has been busy recently (a wait ended less than
+  :data:`IDLE_AFTER` seconds ago), so an idle channel burns no CPU: after a burst, each
+  side spins at most once, then sleeps;
+* a spin that came back empty-handed halves the next budget (down to nothing), and a
+  blocking wait that ended within the full budget restores it (spinning would have won).
+
+One :class:`Spinner` per direction of an endpoint; not thread-safe (each direction has
+one user at a time).
+"""
+
+from __future__ import annotations
+
+import time
+
+__all__ = ["DEFAULT_SPIN", "IDLE_AFTER", "Spinner"]
+
+#: Default spin limit in seconds: about one block-and-wake between two processes on this
+#: kind of machine (see benchmarks/README.md), so spinning costs at most 2x the optimum.
+DEFAULT_SPIN = 50e-6
+#: A channel whose last wait ended longer ago than this is idle: no spinning.
+IDLE_AFTER = 0.01
+#: Below this budget (ns) a spin is not worth its call: block at once.
+_MIN_NS = 2_000
+
+
+class Spinner:
+    """The spin budget of one direction of one endpoint.
+
+    Args:
+        limit: the most to spin per wait, in seconds (0 disables spinning).
+    """
+
+    __slots__ = ("_budget", "_last", "_limit_ns", "spin_hits", "spins")
+
+    def __init__(self, limit: float = DEFAULT_SPIN) -> None:
+        self._limit_ns = 0
+        self._budget = 0
+        self._last = -1.0
+        self.limit = limit
+        #: Spins tried and spins that found what they waited for (statistics).
+        self.spins = 0
+        self.spin_hits = 0
+
+    @property
+    def limit(self) -> float:
+        """The spin limit in seconds (0: never spin)."""
+        return self._limit_ns / 1e9
+
+    @limit.setter
+    def limit(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"spin limit must be >= 0 seconds, not {seconds!r}")
+        self._limit_ns = self._budget = int(seconds * 1e9)
+
+    def budget_ns(self) -> int:
+        """How long to spin now, in nanoseconds (0: block at once)."""
+        if self._budget < _MIN_NS or time.monotonic() - self._last > IDLE_AFTER:
+            return 0
+        return self._budget
+
+    def spun(self, hit: bool) -> None:
+        """Record a spin's outcome: ``hit`` if it found what it waited for."""
+        self.spins += 1
+        if hit:
+            self.spin_hits += 1
+            self._budget = self._limit_ns
+            self._last = time.monotonic()
+        else:
+            self._budget //= 2
+
+    def woke(self, waited: float) -> None:
+        """Record the end of a blocking wait that lasted ``waited`` seconds."""
+        self._last = time.monotonic()
+        if waited * 1e9 <= self._limit_ns:
+            self._budget = self._limit_ns
