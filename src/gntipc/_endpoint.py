@@ -254,7 +254,7 @@ class Endpoint:
         ep = self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         ep.register(self._wake_fd, select.EPOLLIN)
-        ep.register(self._port.fileno(), select.EPOLLIN)
+        self._port.add_to(ep)
 
     def _watch_peer(self, role: str) -> None:
         assert self._presence is not None and self._epoll is not None
@@ -340,8 +340,25 @@ class Endpoint:
             self._notify()
         return n
 
-    def _write(self, src: Any, all_or_nothing: bool) -> tuple[int, bool]:
-        size = len(src)
+    def write_from(self, data: Any, offset: int) -> tuple[int, int]:
+        """Stream write of ``data[offset:]`` (``data`` any C-contiguous buffer, offsets in
+        bytes): as much as fits now.  Returns ``(written, total bytes of data)``.
+
+        Raises: as :meth:`write_nowait`; BufferError for a non-contiguous buffer.
+        """
+        src = ffi.from_buffer(data)
+        try:
+            total = len(src)
+            n, notify = self._write(src + offset if offset else src, False, total - offset)
+        finally:
+            ffi.release(src)
+        if notify:
+            self._notify()
+        return n, total
+
+    def _write(self, src: Any, all_or_nothing: bool, size: int = -1) -> tuple[int, bool]:
+        if size < 0:
+            size = len(src)
         with self._wlock:
             rings = self._writable()
             if all_or_nothing and size > self.write_size:
@@ -629,6 +646,8 @@ class Endpoint:
             attempt(presence.close)
         ep, self._epoll = self._epoll, None
         if ep is not None:
+            if self._port is not None:
+                attempt(self._port.remove_from, ep)
             attempt(ep.close)
         wake, self._wake_fd = self._wake_fd, -1
         if wake >= 0:

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["DEFAULT_SPIN", "IDLE_AFTER", "Spinner"]
+__all__ = ["DEFAULT_SPIN", "DEFAULT_SPIN_ASYNC", "IDLE_AFTER", "Spinner"]
 
-#: Default spin limit in seconds: about one block-and-wake between two processes on this
-#: kind of machine (see benchmarks/README.md), so spinning costs at most 2x the optimum.
-DEFAULT_SPIN = 50e-6
+#: Default spin limits in seconds: about one block-and-wake between two processes on
+#: different cores of this kind of machine (``benchmarks/wakeups.py``: ~60 µs for a
+#: thread blocked in poll, ~100 µs for an asyncio task), so that spinning costs at most
+#: about twice the optimum.
+DEFAULT_SPIN = 60e-6
+DEFAULT_SPIN_ASYNC = 100e-6
 #: A channel whose last wait ended longer ago than this is idle: no spinning.
 IDLE_AFTER = 0.01
 #: Below this budget (ns) a spin is not worth its call: block at once.

@@ -16,6 +16,7 @@ for :func:`connect`; for :func:`listen`, the listener *and* every stream it acce
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
@@ -38,7 +39,7 @@ from ._dispatch import Dispatcher
 from ._endpoint import Endpoint
 from ._exceptions import LocalProtocolError
 from ._rendezvous import connect_async, resolve_path
-from ._spin import DEFAULT_SPIN, Spinner
+from ._spin import DEFAULT_SPIN_ASYNC, Spinner
 from .backends import Backend, get_backend
 from .channel import Vchan
 from .protocol._layout import LIVE_GONE
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 _DEFAULT_RING = 65536
+#: A stream call that need not wait still yields to the event loop when it has not done so
+#: for this long (seconds): other tasks wait at most about this long for a busy stream.
+FAIR_SLICE = 100e-6
 
 
 class VchanAttribute(TypedAttributeSet):
@@ -140,8 +144,9 @@ class VchanStream(ByteStream):
         self._backend_ref = _backend_ref
         self._sending = False
         self._receiving = False
-        self._read_spinner = Spinner(DEFAULT_SPIN)
-        self._write_spinner = Spinner(DEFAULT_SPIN)
+        self._read_spinner = Spinner(DEFAULT_SPIN_ASYNC)
+        self._yielded = 0.0
+        self._write_spinner = Spinner(DEFAULT_SPIN_ASYNC)
         #: How many bytes of the item of the last (or current) :meth:`send` were written:
         #: after a cancelled send, the length of the prefix that will be delivered.
         self.send_progress = 0
@@ -247,33 +252,28 @@ class VchanStream(ByteStream):
         self._sending = True
         self.send_progress = 0
         try:
-            await checkpoint()
-            with memoryview(item) as raw:
-                total = raw.nbytes
-                if not total:
-                    return
-                # Released explicitly: a traceback keeping the frame alive must not keep
-                # the caller's bytearray exported (it could not be resized any more).
-                with (raw if raw.c_contiguous else memoryview(raw.tobytes())).cast("B") as view:
-                    offset = 0
-                    while True:
-                        self._live_send()
-                        n = ep.write_nowait(view[offset:] if offset else view)
-                        offset += n
-                        self.send_progress = offset
-                        if offset >= total:
-                            return
-                        if n:
-                            continue
-                        await self._dispatcher.wait_for(
-                            ep.poll_write, ep.spin_write, self._write_spinner, 1
-                        )
+            now = time.monotonic()
+            if now - self._yielded >= FAIR_SLICE:
+                self._yielded = now
+                await checkpoint()
+            try:
+                offset, total = ep.write_from(item, 0)
+            except BufferError:
+                # Not C-contiguous (a strided view): copied once, then sent.
+                item = memoryview(item).tobytes()
+                offset, total = ep.write_from(item, 0)
+            self.send_progress = offset
+            while offset < total:
+                await self._dispatcher.wait_for(
+                    ep.poll_write, ep.spin_write, self._write_spinner, 1
+                )
+                self._yielded = time.monotonic()
+                if self._vchan is None:
+                    raise ClosedResourceError
+                offset += ep.write_from(item, offset)[0]
+                self.send_progress = offset
         finally:
             self._sending = False
-
-    def _live_send(self) -> None:
-        if self._vchan is None:
-            raise ClosedResourceError
 
     async def send_eof(self) -> None:
         """Half-close: the peer's :meth:`receive` raises EndOfStream once it has read
@@ -338,7 +338,10 @@ class VchanStream(ByteStream):
         ep = self._check_receive(max_bytes)
         self._receiving = True
         try:
-            await checkpoint()
+            now = time.monotonic()
+            if now - self._yielded >= FAIR_SLICE:
+                self._yielded = now
+                await checkpoint()
             while True:
                 if self._vchan is None:
                     raise ClosedResourceError
@@ -346,6 +349,7 @@ class VchanStream(ByteStream):
                 if data:
                     return data
                 await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
+                self._yielded = time.monotonic()
         finally:
             self._receiving = False
 
@@ -361,7 +365,10 @@ class VchanStream(ByteStream):
         ep = self._check_receive(memoryview(buffer).nbytes)
         self._receiving = True
         try:
-            await checkpoint()
+            now = time.monotonic()
+            if now - self._yielded >= FAIR_SLICE:
+                self._yielded = now
+                await checkpoint()
             while True:
                 if self._vchan is None:
                     raise ClosedResourceError
@@ -369,6 +376,7 @@ class VchanStream(ByteStream):
                 if n:
                     return n
                 await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
+                self._yielded = time.monotonic()
         finally:
             self._receiving = False
 

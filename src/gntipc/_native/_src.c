@@ -173,6 +173,15 @@ static void gnt_copy_out(const struct gnt_ring *r, uint32_t idx, uint8_t *dst, u
         memcpy(dst + first, r->data, n - first);
 }
 
+/* How many bytes to copy between two index publications: a quarter of the ring, so that
+ * the two sides overlap on a ring that one large copy would fill (a writer that fills
+ * the whole ring in one publication leaves the reader idle until it ends, then waits
+ * itself for the whole drain). */
+static uint32_t gnt_publish_step(const struct gnt_ring *r)
+{
+    return r->size / 4;
+}
+
 /* After moving our index: did the peer ask to hear about it? */
 static int gnt_ring_take_notify(struct gnt_ring *r, uint8_t bit)
 {
@@ -187,7 +196,7 @@ int64_t gnt_ring_write(struct gnt_ring *r, const void *src, size_t len, int all_
                        int *notify)
 {
     int64_t space;
-    uint32_t n;
+    uint32_t n, step, done, piece;
 
     *notify = 0;
     if (!gnt_ring_ok(r))
@@ -204,10 +213,16 @@ int64_t gnt_ring_write(struct gnt_ring *r, const void *src, size_t len, int all_
     }
     if (n == 0)
         return 0;
-    gnt_copy_in(r, r->priv, (const uint8_t *)src, n);
-    r->priv += n;
-    /* Release: the bytes copied above are visible before the reader can see the new prod. */
-    __atomic_store_n(r->prod, r->priv, __ATOMIC_RELEASE);
+    step = gnt_publish_step(r);
+    for (done = 0; done < n; done += piece) {
+        piece = n - done < step ? n - done : step;
+        gnt_copy_in(r, r->priv, (const uint8_t *)src + done, piece);
+        r->priv += piece;
+        /* Release: the bytes copied above are visible before the reader can see the new
+         * prod.  Published piece by piece, so that a reader spinning on the other core
+         * starts copying out while we still copy in. */
+        __atomic_store_n(r->prod, r->priv, __ATOMIC_RELEASE);
+    }
     *notify = gnt_ring_take_notify(r, GNT_NOTIFY_WRITE);
     return n;
 }
@@ -216,7 +231,7 @@ int64_t gnt_ring_read(struct gnt_ring *r, void *dst, size_t len, int all_or_noth
                       int *notify)
 {
     int64_t avail;
-    uint32_t n;
+    uint32_t n, step, done, piece;
 
     *notify = 0;
     if (!gnt_ring_ok(r))
@@ -233,10 +248,15 @@ int64_t gnt_ring_read(struct gnt_ring *r, void *dst, size_t len, int all_or_noth
     }
     if (n == 0)
         return 0;
-    gnt_copy_out(r, r->priv, (uint8_t *)dst, n);
-    r->priv += n;
-    /* Release: our copies out of the ring complete before the writer may reuse the space. */
-    __atomic_store_n(r->cons, r->priv, __ATOMIC_RELEASE);
+    step = gnt_publish_step(r);
+    for (done = 0; done < n; done += piece) {
+        piece = n - done < step ? n - done : step;
+        gnt_copy_out(r, r->priv, (uint8_t *)dst + done, piece);
+        r->priv += piece;
+        /* Release: our copies out of the ring complete before the writer may reuse the
+         * space.  Piece by piece, so that a waiting writer refills while we copy. */
+        __atomic_store_n(r->cons, r->priv, __ATOMIC_RELEASE);
+    }
     *notify = gnt_ring_take_notify(r, GNT_NOTIFY_READ);
     return n;
 }

@@ -15,6 +15,7 @@ unbounded wait, a watch, is exposed as a file descriptor so async code waits on 
 from __future__ import annotations
 
 import enum
+import select
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,6 +139,17 @@ class EventPort(_Closeable):
     @abstractmethod
     def fileno(self) -> int:
         """A descriptor that becomes readable when an event is pending."""
+
+    def add_to(self, epoll: select.epoll) -> None:
+        """Register this port's wake-up descriptors in ``epoll`` (level-triggered,
+        readable), so that a caller waiting on many things nests no deeper than needed.
+        The default registers :meth:`fileno`; a backend whose port is itself a set of
+        descriptors registers them directly."""
+        epoll.register(self.fileno(), select.EPOLLIN)
+
+    def remove_from(self, epoll: select.epoll) -> None:
+        """Undo :meth:`add_to` (before ``epoll`` or this port is closed)."""
+        epoll.unregister(self.fileno())
 
     @abstractmethod
     def notify(self) -> None:

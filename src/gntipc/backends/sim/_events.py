@@ -7,13 +7,15 @@ wake-up; a full queue counts as delivered, since events coalesce anyway).  The
 peer port once bound; port numbers are per domain, smallest free first, like Xen's.
 
 :meth:`SimEventPort.fileno` is an epoll fd holding the socket and, once the port is
-connected, a pidfd of the peer process.  It becomes readable on an event *and* when
-the peer process dies (even by SIGKILL, even if a forked child still holds the
-peer's sockets): :meth:`SimEventPort.pending` then reaps the dead process, which
-performs its registered unmap notifications (clears the byte through the memory
-file, sends the event to this port), so the survivor sees the event and the cleared
-byte.  A killed *domain* (:func:`kill_domain`) performs none: the port just reverts
-to unbound, as on Xen.
+connected, a pidfd of the peer process (:meth:`SimEventPort.add_to` registers those two
+directly in a caller's epoll instead, one level less).  It becomes readable on an event
+*and* when the peer process dies (even by SIGKILL, even if a forked child still holds
+the peer's sockets): :meth:`SimEventPort.pending`, finding no event queued, then reaps
+the dead process, which performs its registered unmap notifications (clears the byte
+through the memory file, sends the event to this port), so the survivor sees the event
+and the cleared byte.  Consuming an event is one ``recv`` (plus one that finds the
+queue empty, so that events sent meanwhile coalesce).  A killed *domain*
+(:func:`kill_domain`) performs none: the port just reverts to unbound, as on Xen.
 
 Masking follows the evtchn device: :meth:`pending` reporting an event masks the port;
 events arriving while masked are latched (``pending`` says False) and redelivered, as
@@ -34,7 +36,7 @@ from anyio import ClosedResourceError
 
 from ..._exceptions import raise_errno
 from .._abc import EventPort, PortState
-from ._runtime import bind_dgram, drain_dgrams, proc_alive, self_start, send_dgram
+from ._runtime import bind_dgram, proc_alive, self_start, send_dgram
 
 if TYPE_CHECKING:
     from ._backend import SimBackend
@@ -60,6 +62,8 @@ class SimEventPort(EventPort):
         self._path = path
         self._ep: select.epoll | None = select.epoll()
         self._ep.register(sock.fileno(), select.EPOLLIN)
+        # Every epoll our descriptors are registered in (ours, and add_to()'s).
+        self._eps: list[select.epoll] = [self._ep]
         self._peer_sock: str | None = None
         self._peer_pid = 0
         self._pidfd = -1
@@ -85,14 +89,14 @@ class SimEventPort(EventPort):
             os.close(w)
             fd = r
         self._pidfd = fd
-        assert self._ep is not None
-        self._ep.register(fd, select.EPOLLIN)
+        for ep in self._eps:
+            ep.register(fd, select.EPOLLIN)
 
     def _drop_pidfd(self) -> None:
         fd, self._pidfd = self._pidfd, -1
         if fd >= 0:
-            if self._ep is not None:
-                self._ep.unregister(fd)
+            for ep in self._eps:
+                ep.unregister(fd)
             os.close(fd)
         self._peer_sock = None
 
@@ -160,21 +164,32 @@ class SimEventPort(EventPort):
             )
 
     def pending(self) -> bool:
-        """Consume queued events; True if one is delivered (the port is then masked).
+        """Consume a queued event; True if one is delivered (the port is then masked).
 
-        Performs the unmap notifications of a dead peer process first.
+        One ``recv`` when an event is queued.  Only when none is, the peer's death is
+        checked: a dead peer process is reaped first (its unmap notifications fire).
 
         Raises:
             ClosedResourceError: the port is closed.
         """
         sock = self._live_sock()
-        msgs = drain_dgrams(sock)
-        if b"b" in msgs or b"u" in msgs:
-            self._refresh()
-        if self._peer_dead():
-            self._reap_peer()
-            msgs += drain_dgrams(sock)
-        got = b"e" in msgs or self._latched
+        got = self._latched
+        for _ in range(8):  # bounded: each round consumes a datagram or reaps the peer
+            try:
+                msg = sock.recv(64)
+            except BlockingIOError:
+                if not self._peer_dead():
+                    break
+                self._reap_peer()  # sends us the unmap event, if one was registered
+                continue
+            if msg == b"e":
+                # Events sent before this one was consumed are the same pending event
+                # (they coalesce, as on Xen): drain them, one more recv when none are.
+                got = True
+                if self._drain(sock):
+                    self._refresh()
+                break
+            self._refresh()  # b"b" / b"u": a peer bound or unbound
         if not got:
             return False
         if self._masked:
@@ -183,6 +198,35 @@ class SimEventPort(EventPort):
         self._latched = False
         self._masked = True
         return True
+
+    @staticmethod
+    def _drain(sock: socket.socket) -> bool:
+        """Consume queued datagrams; True if a bind/unbind message was among them."""
+        changed = False
+        while True:
+            try:
+                msg = sock.recv(64)
+            except BlockingIOError:
+                return changed
+            changed = changed or msg != b"e"
+
+    def add_to(self, epoll: select.epoll) -> None:
+        """Register the socket and the peer's pidfd directly in ``epoll``."""
+        sock = self._live_sock()
+        epoll.register(sock.fileno(), select.EPOLLIN)
+        if self._pidfd >= 0:
+            epoll.register(self._pidfd, select.EPOLLIN)
+        self._eps.append(epoll)
+
+    def remove_from(self, epoll: select.epoll) -> None:
+        """Undo :meth:`add_to`."""
+        if epoll not in self._eps:
+            return
+        self._eps.remove(epoll)
+        if self._sock is not None:
+            epoll.unregister(self._sock.fileno())
+        if self._pidfd >= 0:
+            epoll.unregister(self._pidfd)
 
     def unmask(self) -> None:
         """Unmask; an event latched while masked is delivered again (fd readable).
@@ -226,6 +270,7 @@ class SimEventPort(EventPort):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path)
         ep, self._ep = self._ep, None
+        self._eps.clear()
         if ep is not None:
             ep.close()
 

@@ -116,25 +116,28 @@ def self_start() -> int:
 
 
 _sender: socket.socket | None = None
-_sender_pid = -1
 _sender_lock = threading.Lock()
 
 
+def _make_sender() -> socket.socket:
+    global _sender
+    with _sender_lock:
+        if _sender is None:
+            # Unbound and stateless: a forked child may share it safely.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            atexit.register(_close_sender)
+            _sender = sock
+        return _sender
+
+
 def send_dgram(path: str, data: bytes) -> bool:
-    """Send one datagram to the unix socket ``path`` without blocking.
+    """Send one datagram to the unix socket ``path`` without blocking (one syscall).
 
     Returns False if nobody listens there any more.  A full receive queue counts as
     delivered: the receiver has events queued already, and events coalesce.
     """
-    global _sender, _sender_pid
-    sock = _sender
-    if sock is None or _sender_pid != os.getpid():
-        with _sender_lock:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            sock.setblocking(False)
-            if _sender is None:
-                atexit.register(_close_sender)
-            _sender, _sender_pid = sock, os.getpid()
+    sock = _sender or _make_sender()
     try:
         sock.sendto(data, path)
     except BlockingIOError:
