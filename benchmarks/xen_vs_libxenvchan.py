@@ -10,7 +10,11 @@ by the receiver from the connection to the last byte:
 
 * C -> C: two ``tests/interop/vchan_peer.c`` processes (libxenvchan on both ends);
 * gntipc -> gntipc: two processes on the synchronous :class:`gntipc.Vchan`;
-* gntipc -> C: a gntipc client writing to the libxenvchan server.
+* gntipc -> C: a gntipc client writing to the libxenvchan server;
+* C -> gntipc: the libxenvchan server writing to a gntipc client (our reader alone).
+
+gntipc uses its blocking API with the default wait policy (it does not spin on a single
+CPU, the kit's default).
 """
 
 from __future__ import annotations
@@ -110,17 +114,34 @@ def run_gntipc_to_gntipc(ring: int, nbytes: int) -> float:
             if time.monotonic() > deadline:
                 sys.exit("the gntipc writer never connected")
             v.wait(1)
-        t0 = time.monotonic()
-        got = 0
-        while got < nbytes:
-            n = v.readinto_nowait(buf)
-            if n:
-                got += n
-            elif v.prepare_wait_read() == 0:
-                v.wait(5)
-        seconds = time.monotonic() - t0
+        seconds = _gntipc_read(v, buf, nbytes)
     if writer.wait(60) != 0:
         sys.exit("the gntipc writer failed")
+    return seconds
+
+
+def _gntipc_read(v: Vchan, buf: bytearray, nbytes: int) -> float:
+    """Read ``nbytes`` with the blocking API (default wait policy); the seconds taken."""
+    t0 = time.monotonic()
+    got = 0
+    while got < nbytes:
+        got += v.readinto(buf, timeout=120)
+    return time.monotonic() - t0
+
+
+def run_c_to_gntipc(exe: Path, ring: int, nbytes: int) -> float:
+    path = f"/local/domain/0/data/vchan/bench-cg-{os.getpid()}"
+    srv = subprocess.Popen(
+        [str(exe), "server", "0", path, str(ring), str(ring), str(nbytes), "0"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert srv.stdout is not None
+    if not srv.stdout.readline().startswith("LISTENING"):
+        sys.exit("vchan_peer server did not start")
+    buf = bytearray(ring)
+    with gntipc.get_backend("xen") as backend, Vchan.client(backend, 0, path, timeout=60) as v:
+        seconds = _gntipc_read(v, buf, nbytes)
+    srv.communicate(timeout=60)
     return seconds
 
 
@@ -152,6 +173,7 @@ def main() -> None:
             "libxenvchan C -> C": lambda: run_c_to_c(exe, args.ring, nbytes),
             "gntipc -> gntipc": lambda: run_gntipc_to_gntipc(args.ring, nbytes),
             "gntipc -> libxenvchan C": lambda: run_gntipc_to_c(exe, args.ring, nbytes),
+            "libxenvchan C -> gntipc": lambda: run_c_to_gntipc(exe, args.ring, nbytes),
         }
         rates: dict[str, float] = {}
         for name, case in cases.items():
@@ -164,6 +186,7 @@ def main() -> None:
     base = rates["libxenvchan C -> C"]
     print(f"ratio gntipc->gntipc / C->C: {rates['gntipc -> gntipc'] / base:.2f}")
     print(f"ratio gntipc->C / C->C:      {rates['gntipc -> libxenvchan C'] / base:.2f}")
+    print(f"ratio C->gntipc / C->C:      {rates['libxenvchan C -> gntipc'] / base:.2f}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
@@ -79,6 +80,10 @@ class Endpoint:
     is_server: bool
     read_size: int
     write_size: int
+    #: Tests only: called as ``hook(point, direction)`` at each point of the wait
+    #: protocol's window ("checked", "prepared", "waiting"; "read" or "write"), so that
+    #: a test can make the peer act exactly there.
+    window_hook: Callable[[str, str], None] | None = None
 
     def __init__(self, backend: Backend, peer: int, path: str, *, is_server: bool) -> None:
         self.backend = backend
@@ -497,15 +502,24 @@ class Endpoint:
             RemoteProtocolError: the peer corrupted its index.
         """
         want = min(want, self.read_size)
+        hook = self.window_hook
         with self._rlock:
             rings = self._live()
             if rings.data_ready() >= want or self._read_ended(rings):
                 return True
+            if hook is not None:
+                hook("checked", "read")
             if rings.prepare_wait_read() >= want:
                 return True
+            if hook is not None:
+                hook("prepared", "read")
             # Re-check liveness and EOF too: a close that landed before our request
             # was seen sends its event anyway, but checking costs nothing.
-            return self._read_ended(rings)
+            if self._read_ended(rings):
+                return True
+        if hook is not None:
+            hook("waiting", "read")
+        return False
 
     def poll_write(self, want: int = 1) -> bool:
         """True if a write need not wait: ``want`` bytes (capped at the ring size) are
@@ -518,13 +532,24 @@ class Endpoint:
             RemoteProtocolError: the peer corrupted its index.
         """
         want = min(want, self.write_size)
+        hook = self.window_hook
         with self._wlock:
             rings = self._live()
             if self.eof_sent or self._peer_state(rings) == LIVE_GONE:
                 return True
-            if rings.buffer_space() >= want or rings.prepare_wait_write() >= want:
+            if rings.buffer_space() >= want:
                 return True
-            return self._peer_state(rings) == LIVE_GONE
+            if hook is not None:
+                hook("checked", "write")
+            if rings.prepare_wait_write() >= want:
+                return True
+            if hook is not None:
+                hook("prepared", "write")
+            if self._peer_state(rings) == LIVE_GONE:
+                return True
+        if hook is not None:
+            hook("waiting", "write")
+        return False
 
     def spin_read(self, want: int, ns: int) -> bool:
         """Busy-wait up to ``ns`` nanoseconds (asking the peer for no event) until

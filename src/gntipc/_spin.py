@@ -7,6 +7,8 @@ the cost of one block-and-wake, then block; that is never worse than twice the o
 
 A :class:`Spinner` keeps that rule cheap when it does not pay:
 
+* it never spins when this process may run on one CPU only: the peer would need the
+  very CPU we burn (a single-vCPU VM, a process pinned to one core);
 * it spins only while the channel has been busy recently (a wait ended less than
   :data:`IDLE_AFTER` seconds ago), so an idle channel burns no CPU: after a burst, each
   side spins at most once, then sleeps;
@@ -19,6 +21,7 @@ one user at a time).
 
 from __future__ import annotations
 
+import os
 import time
 
 __all__ = ["DEFAULT_SPIN", "DEFAULT_SPIN_ASYNC", "IDLE_AFTER", "Spinner"]
@@ -55,14 +58,14 @@ class Spinner:
 
     @property
     def limit(self) -> float:
-        """The spin limit in seconds (0: never spin)."""
+        """The spin limit in seconds (0: never spin, also when only one CPU is ours)."""
         return self._limit_ns / 1e9
 
     @limit.setter
     def limit(self, seconds: float) -> None:
         if not seconds >= 0:
             raise ValueError(f"spin limit must be >= 0 seconds, not {seconds!r}")
-        self._limit_ns = self._budget = int(seconds * 1e9)
+        self._limit_ns = self._budget = int(seconds * 1e9) if _can_spin() else 0
 
     def budget_ns(self) -> int:
         """How long to spin now, in nanoseconds (0: block at once)."""
@@ -85,3 +88,11 @@ class Spinner:
         self._last = time.monotonic()
         if waited * 1e9 <= self._limit_ns:
             self._budget = self._limit_ns
+
+
+def _can_spin() -> bool:
+    """True if this process may run on more than one CPU (spinning can pay off)."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return (os.cpu_count() or 1) > 1
