@@ -122,7 +122,11 @@ class Dispatcher:
                 budget = end - time.monotonic_ns()
                 if budget <= 0:
                     break
-                await checkpoint()
+                try:
+                    await checkpoint()
+                except BaseException:
+                    spinner.spun(False)  # cancelled mid-spin: a miss
+                    raise
             spinner.spun(False)
         if poll(want):
             return

@@ -16,6 +16,12 @@ Bad input from the peer:
   untrusted amount of data, and nothing after it can be trusted to be in sync.
 * The stream ending inside a frame raises :class:`MalformedMessage` (then the queue
   behaves as ended).
+
+A peer that keeps the ring full cannot keep :meth:`MessageQueue.get_many` busy: one call
+returns at most ``max_items`` messages (:data:`DEFAULT_MAX_ITEMS` by default) and stops
+reading the ring once :data:`COLLECT_BYTES` were received; the rest stays for the next
+call.  A frame arriving in many pieces is joined once, when it is complete (linear in
+its size).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any, Generic, Self, TypeVar
 import anyio
 import msgspec
 from anyio import BusyResourceError, EndOfStream, WouldBlock
+from anyio.lowlevel import checkpoint
 
 from ._exceptions import ProtocolError, RemoteProtocolError
 from .streams import VchanAttribute, VchanStream
@@ -41,6 +48,11 @@ _HEADER = _U32.size
 _MAX_LIMIT = 0xFFFFFFFF
 #: The default for ``max_message_size``.
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
+#: The default for ``max_items`` of :meth:`MessageQueue.get_many`.
+DEFAULT_MAX_ITEMS = 4096
+#: :meth:`MessageQueue.get_many` reads no more from the ring once it received this many
+#: bytes in one call (it returns the messages they completed).
+COLLECT_BYTES = 1 << 20
 
 
 class MessageTooLarge(ProtocolError):
@@ -98,8 +110,8 @@ class MessageQueue(Generic[T]):
         self.max_message_size = max_message_size
         self._encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
         self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(type, dec_hook=dec_hook)
-        self._write_size = stream.extra(VchanAttribute.write_size)
         self._chunk = stream.extra(VchanAttribute.read_size)
+        self._ring = stream.extra(VchanAttribute.write_size)
         # Outgoing frames are encoded here, in place (no per-message allocation).
         self._wbuf = bytearray(256)
         self._putting = False
@@ -109,6 +121,10 @@ class MessageQueue(Generic[T]):
         self._rbuf = b""
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
+        # Chunks received after _rbuf while the frame at _rpos is incomplete: they are
+        # joined once the frame is complete (re-joining on every chunk is quadratic).
+        self._parts: list[bytes] = []
+        self._parts_len = 0
         self._ended = False
         self._deferred: BaseException | None = None
 
@@ -164,10 +180,11 @@ class MessageQueue(Generic[T]):
     async def put(self, message: T) -> None:
         """Send ``message``, waiting for ring space.
 
-        Cancellation: a frame no larger than the ring is written at once, so a cancelled
-        put wrote nothing.  A larger frame is written in pieces; if cancelled after the
-        first piece, the queue and stream are closed (the peer sees a truncated frame,
-        :class:`MalformedMessage`, never a desynchronised stream).
+        Cancellation: a cancelled put wrote nothing, or the whole frame (the message is
+        sent).  A frame that fits the ring is written at once or not at all.  A larger
+        one is written in pieces as ring space frees: cancelled after writing only part
+        of it, the queue and stream are closed (the peer sees a truncated frame,
+        :class:`MalformedMessage`), never a desynchronised stream.
 
         Raises:
             MessageTooLarge: the message exceeds ``max_message_size`` (nothing written).
@@ -190,8 +207,8 @@ class MessageQueue(Generic[T]):
         """Send ``messages`` in order, encoded into one buffer and written with as few
         ring writes (and notifications) as the free space allows: one, if it fits.
 
-        Cancellation: as for :meth:`put`; a batch no larger than the ring is all or
-        nothing.
+        Cancellation: as for :meth:`put`, for the batch as a whole: it went out entirely
+        or not at all, or else the queue and stream are closed.
 
         Raises:
             As :meth:`put` (a too-large message aborts the batch before anything is
@@ -213,6 +230,18 @@ class MessageQueue(Generic[T]):
 
     async def _send_frames(self, buf: bytearray) -> None:
         stream = self.stream
+        size = len(buf)
+        if size <= self._ring:
+            # Frames that fit the ring go out whole or not at all: a cancelled put
+            # leaves the stream framed.
+            while True:
+                try:
+                    stream.send_nowait(buf)
+                except WouldBlock:
+                    await stream.wait_writable(size)
+                    continue
+                await checkpoint()
+                return
         try:
             await stream.send(buf)
         except BaseException:
@@ -247,22 +276,42 @@ class MessageQueue(Generic[T]):
         pos = self._rpos
         if len(buf) - pos >= _HEADER:
             n: int = _U32.unpack_from(buf, pos)[0]
-            return max(self._chunk, pos + _HEADER + n - len(buf))
+            return max(self._chunk, pos + _HEADER + n - len(buf) - self._parts_len)
         return self._chunk
 
     def _append(self, data: bytes) -> None:
+        """Buffer received bytes (called after :meth:`_next` found no complete frame, so
+        a known length was checked against ``max_message_size``)."""
+        buf = self._rbuf
         pos = self._rpos
-        if pos < len(self._rbuf):
-            data = self._rbuf[pos:] + data
+        left = len(buf) - pos
+        if left >= _HEADER:
+            end: int = _HEADER + _U32.unpack_from(buf, pos)[0]
+            if left + self._parts_len + len(data) < end:
+                self._parts.append(data)
+                self._parts_len += len(data)
+                return
+        if left:
+            data = b"".join([self._rview[pos:], *self._parts, data])
+            self._parts.clear()
+            self._parts_len = 0
         self._rbuf = data
         self._rview = memoryview(data)
         self._rpos = 0
 
-    def _fail_oversize(self, n: int) -> None:
-        # Drop the buffered rest: later gets then fail on the closed stream.
+    def _buffered(self) -> int:
+        return len(self._rbuf) - self._rpos + self._parts_len
+
+    def _drop_buffered(self) -> None:
         self._rbuf = b""
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
+        self._parts.clear()
+        self._parts_len = 0
+
+    def _fail_oversize(self, n: int) -> None:
+        # Drop the buffered rest: later gets then fail on the closed stream.
+        self._drop_buffered()
         self.close()
         raise MessageTooLarge(
             f"the peer announced a {n}-byte message, more than max_message_size"
@@ -271,9 +320,9 @@ class MessageQueue(Generic[T]):
 
     def _at_end(self) -> EndOfStream:
         self._ended = True
-        if self._rpos < len(self._rbuf):
-            left = len(self._rbuf) - self._rpos
-            self._rpos = len(self._rbuf)
+        left = self._buffered()
+        if left:
+            self._drop_buffered()
             raise MalformedMessage(f"the stream ended inside a frame ({left} bytes left)")
         return EndOfStream()
 
@@ -317,15 +366,18 @@ class MessageQueue(Generic[T]):
     async def get(self) -> T:
         """Return the next message, waiting for it.
 
-        Cancellation: nothing is lost; bytes already received stay buffered.
+        Cancellation: nothing is lost; bytes already received stay buffered (also a
+        message already decoded when the cancellation arrives).
 
         Raises:
             As :meth:`get_nowait`, except that it waits instead of raising WouldBlock.
         """
         self._check_get()
+        # Cancelled before anything is taken, or not at all once a message is taken.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         message = self._next()
         if message is not _NOTHING:
-            await anyio.lowlevel.checkpoint()
+            await anyio.lowlevel.cancel_shielded_checkpoint()
             return message  # type: ignore[return-value]
         self._getting = True
         try:
@@ -341,39 +393,52 @@ class MessageQueue(Generic[T]):
         finally:
             self._getting = False
 
-    def get_many_nowait(self, max_items: int | None = None) -> list[T]:
-        """Return the messages available now (at least one, at most ``max_items``).
+    def get_many_nowait(self, max_items: int = DEFAULT_MAX_ITEMS) -> list[T]:
+        """Return the messages available now: at least one, at most ``max_items``, and
+        only those completed by at most about :data:`COLLECT_BYTES` read from the ring
+        in this call (the rest stays buffered), so it returns in bounded time and
+        memory even while the peer keeps writing.
 
         An error met after some messages were collected is raised by the next call, so
         no message is lost.
 
         Raises:
             anyio.WouldBlock: no complete message yet.
+            ValueError: ``max_items`` is less than 1.
             Otherwise as :meth:`get_nowait`.
         """
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
         first = self.get_nowait()
         return self._collect([first], max_items)
 
-    async def get_many(self, max_items: int | None = None) -> list[T]:
-        """Wait for at least one message, then return every message available without
-        waiting further (at most ``max_items``).
+    async def get_many(self, max_items: int = DEFAULT_MAX_ITEMS) -> list[T]:
+        """Wait for at least one message, then return the messages available without
+        waiting further, bounded as in :meth:`get_many_nowait` (at most ``max_items``).
+
+        Cancellation: as :meth:`get` (nothing is lost).  Each call yields to the event
+        loop as :meth:`get` does, then collects without waiting, within the bounds
+        above: a loop of ``get_many`` calls does not starve other tasks.
 
         Raises:
+            ValueError: ``max_items`` is less than 1.
             As :meth:`get` (an error after the first message is deferred to the next call).
         """
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
         first = await self.get()
         return self._collect([first], max_items)
 
-    def _collect(self, out: list[T], max_items: int | None) -> list[T]:
-        limit = max_items if max_items is not None else 1 << 62
+    def _collect(self, out: list[T], limit: int) -> list[T]:
         if limit < 1:
             raise ValueError("max_items must be at least 1")
         nxt = self._next
+        received = 0
         try:
             while len(out) < limit:
                 message = nxt()
                 if message is _NOTHING:
-                    if self._ended:
+                    if self._ended or received >= COLLECT_BYTES:
                         break
                     try:
                         data = self.stream.receive_nowait(self._needed())
@@ -382,6 +447,7 @@ class MessageQueue(Generic[T]):
                     except EndOfStream:
                         self._deferred = self._at_end()
                         break
+                    received += len(data)
                     self._append(data)
                     continue
                 out.append(message)  # type: ignore[arg-type]

@@ -15,7 +15,10 @@ multiplexes it::
 Every logical stream has its own credit-based flow control: the receiver announces a
 window (default 256 KiB) and grants credit back as the application consumes data, so a
 stream whose reader never reads stalls only its own sender; the others keep flowing.  One
-reader task per session dispatches incoming frames; writers serialise on a lock.
+reader task per session dispatches incoming frames.  Frames go out in order through one
+writer task (a send that finds room in the ring and nothing queued writes at once), so a
+send can be cancelled at any point, even while the peer does not read at all, and the
+framing stays intact.
 
 Wire format (little-endian).  Each frame is a 12-byte header, then a payload::
 
@@ -46,6 +49,7 @@ stream).  Buffered memory is bounded by ``window * max_streams`` plus one frame.
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import struct
 import warnings
@@ -60,11 +64,13 @@ from anyio import (
     BusyResourceError,
     ClosedResourceError,
     EndOfStream,
+    WouldBlock,
 )
 from anyio.abc import ByteStream
 from anyio.lowlevel import checkpoint
 
 from ._exceptions import LocalProtocolError, RemoteProtocolError
+from .streams import VchanAttribute, VchanStream
 
 __all__ = ["Session", "SessionStream"]
 
@@ -117,6 +123,20 @@ class _Signal:
         await self._event.wait()
 
 
+class _Outgoing:
+    """DATA frames a sender handed to the session's writer task."""
+
+    __slots__ = ("data", "done", "taken", "written")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        #: The writer started writing it: it goes out in full, or the session goes down.
+        self.taken = False
+        self.written = False
+        #: Set once written, or once the writer stopped (the session is down).
+        self.done = anyio.Event()
+
+
 class _Down(enum.Enum):
     CLOSED = "closed"  # we closed the session
     EOF = "eof"  # the peer closed the session (or the underlying stream) cleanly
@@ -158,8 +178,6 @@ class Session:
         if not 1 <= max_streams <= 1 << 20:
             raise LocalProtocolError("max_streams must be from 1 to 1048576")
         if is_initiator is None:
-            from .streams import VchanAttribute
-
             is_server = stream.extra(VchanAttribute.is_server, None)
             if is_server is None:
                 raise LocalProtocolError(
@@ -170,7 +188,8 @@ class Session:
         self.is_initiator = is_initiator
         self.window = window
         self.max_streams = max_streams
-        self._lock = anyio.Lock()
+        # Only a VchanStream's send_nowait is known to be all or nothing.
+        self._vchan_stream: VchanStream | None = stream if isinstance(stream, VchanStream) else None
         self._streams: dict[int, SessionStream] = {}
         self._next_id = 1 if is_initiator else 2
         self._peer_last_id = 0
@@ -181,7 +200,9 @@ class Session:
         self._ours_open = 0  # streams of our parity in _streams
         self._theirs_open = 0
         self._pending: collections.deque[SessionStream] = collections.deque()
-        self._control: list[bytes] = []
+        # Frames for the writer task, in order: control frames, and DATA of senders.
+        self._out: collections.deque[bytes | _Outgoing] = collections.deque()
+        self._writing = False  # the writer task is inside the stream's send
         self._control_signal = _Signal()
         self._state_signal = _Signal()  # hello, accept backlog, free slots, going down
         self._down: _Down | None = None
@@ -204,10 +225,10 @@ class Session:
         self._tg = tg
         try:
             hello = _HELLO.pack(_MAGIC, _VERSION, 0, self.window, self.max_streams)
-            await self._write(_frame(_T.HELLO, 0, len(hello)) + hello)
+            await self._send_raw(_frame(_T.HELLO, 0, len(hello)) + hello)
             self._control_done = anyio.Event()
             tg.start_soon(self._run_task, self._reader)
-            tg.start_soon(self._run_task, self._control_writer)
+            tg.start_soon(self._run_task, self._writer)
         except BaseException:
             await self.aclose()
             await tg.__aexit__(None, None, None)
@@ -271,6 +292,7 @@ class Session:
         self._down = how
         self._cause = cause
         self._state_signal.fire()
+        self._control_signal.fire()  # the writer flushes what is queued, then stops
         for s in self._streams.values():
             s._wake()
         for s in self._pending:
@@ -347,20 +369,16 @@ class Session:
             if not self._peer_hello or self._ours_open >= self._peer_max_streams:
                 await self._state_signal.wait()
                 continue
-            async with self._lock:
-                self._check_running()
-                if self._ours_open >= self._peer_max_streams:
-                    continue  # a concurrent opener took the slot while we waited
-                sid = self._next_id
-                if sid > _MAX_ID:
-                    raise LocalProtocolError("stream ids are exhausted")
-                self._next_id += 2
-                stream = SessionStream(self, sid)
-                stream._accepted = True
-                self._streams[sid] = stream
-                self._ours_open += 1
-                await self._write_locked(_frame(_T.OPEN, sid))
-                return stream
+            sid = self._next_id
+            if sid > _MAX_ID:
+                raise LocalProtocolError("stream ids are exhausted")
+            self._next_id += 2
+            stream = SessionStream(self, sid)
+            stream._accepted = True
+            self._streams[sid] = stream
+            self._ours_open += 1
+            self._queue_control(_frame(_T.OPEN, sid))  # queued before any DATA of it
+            return stream
 
     async def accept_stream(self) -> SessionStream:
         """Wait for the peer to open a logical stream and return it.
@@ -389,47 +407,107 @@ class Session:
 
     # -- writing ---------------------------------------------------------------------
 
-    async def _write(self, data: bytes) -> None:
-        async with self._lock:
-            await self._write_locked(data)
+    def _write_failed(self, exc: Exception) -> BaseException:
+        """Take the session down after the stream refused a write; the error to raise."""
+        if isinstance(exc, RemoteProtocolError):
+            self._go_down(_Down.PROTOCOL, exc)
+        elif not isinstance(exc, ClosedResourceError) or self._down is None:
+            self._go_down(_Down.BROKEN, exc)
+        return self._error()
 
-    async def _write_locked(self, data: bytes) -> None:
-        """Write whole frames; not interruptible once started (a partial frame would
-        desynchronise the session).  Closing the session wakes it."""
+    async def _send_raw(self, data: bytes) -> None:
+        """Write whole frames.  Only the writer task calls it (and ``__aenter__``, before
+        the writer starts), so frames never interleave.  A write cancelled half-way
+        happens only when the session goes down, and the stream is then closed."""
         stream = self._stream
         if stream is None:
             raise self._error()
         try:
-            with anyio.CancelScope(shield=True):
-                await stream.send(data)
-        except (BrokenResourceError, ClosedResourceError, EndOfStream) as exc:
-            if not isinstance(exc, ClosedResourceError) or self._down is None:
-                self._go_down(_Down.BROKEN, exc)
-            raise self._error() from exc
-        except RemoteProtocolError as exc:
-            self._go_down(_Down.PROTOCOL, exc)
-            raise self._error() from exc
+            await stream.send(data)
+        except (BrokenResourceError, ClosedResourceError, EndOfStream, RemoteProtocolError) as exc:
+            raise self._write_failed(exc) from exc
+
+    def _write_now(self, data: bytes) -> bool:
+        """Write ``data`` at once if nothing is queued before it and the ring has room for
+        all of it (all or nothing: never a partial frame); False if it must be queued.
+
+        Raises:
+            The session's error if the stream failed (the session is then down).
+        """
+        stream = self._vchan_stream
+        if stream is None or self._out or self._writing or self._stream is None:
+            return False
+        try:
+            stream.send_nowait(data)
+        except (WouldBlock, LocalProtocolError):  # no room now, or larger than the ring
+            return False
+        except (BrokenResourceError, ClosedResourceError, EndOfStream, RemoteProtocolError) as exc:
+            raise self._write_failed(exc) from exc
+        return True
 
     def _queue_control(self, frame: bytes) -> None:
-        self._control.append(frame)
+        self._out.append(frame)
         self._control_signal.fire()
 
-    async def _control_writer(self) -> None:
+    def _queue_data(self, data: bytes) -> _Outgoing:
+        out = _Outgoing(data)
+        self._out.append(out)
+        self._control_signal.fire()
+        return out
+
+    def _withdraw(self, out: _Outgoing) -> None:
+        """Remove DATA the writer has not started on (its sender gives up); its waiter
+        wakes up."""
+        with contextlib.suppress(ValueError):  # the writer stopped and dropped it already
+            self._out.remove(out)
+        out.done.set()
+
+    async def _writer(self) -> None:
+        """Write every queued frame, in order, batching what accumulated meanwhile."""
+        taken: list[_Outgoing] = []
         try:
             while True:
-                if self._control:
-                    frames = b"".join(self._control)
-                    self._control.clear()
-                    await self._write(frames)
+                out = self._out
+                if out:
+                    parts: list[bytes] = []
+                    for item in out:
+                        if isinstance(item, _Outgoing):
+                            item.taken = True
+                            taken.append(item)
+                            parts.append(item.data)
+                        else:
+                            parts.append(item)
+                    out.clear()
+                    self._writing = True
+                    try:
+                        await self._send_raw(parts[0] if len(parts) == 1 else b"".join(parts))
+                    finally:
+                        self._writing = False
+                    for item in taken:
+                        item.written = True
+                        item.done.set()
+                    taken.clear()
                     continue
                 if self._down is not None:
                     if self._down is _Down.CLOSED:
-                        await self._write(_frame(_T.GOAWAY))
+                        await self._send_raw(_frame(_T.GOAWAY))
                     return
                 await self._control_signal.wait()
-        except Exception:  # recorded by _write_locked: the session is down
-            pass
+        except Exception as exc:  # recorded by _send_raw (else a bug: fail loudly)
+            self._go_down(_Down.BROKEN, exc)
         finally:
+            if self._down is None:
+                # Cancelled from outside the session (in the middle of a frame, maybe):
+                # nothing more can be written in sync.
+                self._go_down(_Down.BROKEN, BrokenResourceError("the session's writer stopped"))
+                await self._close_stream()
+            # Wake the senders still waiting: their frames will not be written.
+            for item in taken:
+                item.done.set()
+            for item in self._out:
+                if isinstance(item, _Outgoing):
+                    item.done.set()
+            self._out.clear()
             assert self._control_done is not None
             self._control_done.set()
 
@@ -438,31 +516,47 @@ class Session:
     async def _reader(self) -> None:
         stream = self._stream
         assert stream is not None
-        rest = b""  # an incomplete frame carried over to the next chunk
+        # An incomplete frame, in the pieces received so far: they are joined once the
+        # frame is complete (joining on every chunk would copy it again and again).
+        parts: list[bytes] = []
+        have = 0  # bytes in parts
+        need = HEADER_SIZE  # bytes that complete the frame begun in parts
         try:
             while True:
                 try:
                     chunk = await stream.receive(1 << 18)
                 except EndOfStream:
-                    if rest:
+                    if parts:
                         raise RemoteProtocolError(
-                            f"the session's stream ended inside a frame ({len(rest)} bytes)"
+                            f"the session's stream ended inside a frame ({have} bytes)"
                         ) from None
                     self._go_down(_Down.EOF, None)
                     return
+                if parts:
+                    parts.append(chunk)
+                    have += len(chunk)
+                    if have < need:
+                        continue
+                    data = b"".join(parts)
+                    parts.clear()
+                else:
+                    data = chunk
                 # Frames are sliced straight out of the received bytes (one copy each).
-                data = rest + chunk if rest else chunk
                 pos = 0
                 end = len(data)
+                need = HEADER_SIZE
                 while end - pos >= HEADER_SIZE:
                     ftype, flags, reserved, sid, value = _HEADER.unpack_from(data, pos)
                     size = self._check_header(ftype, flags, reserved, sid, value)
                     if end - pos < HEADER_SIZE + size:
+                        need = HEADER_SIZE + size
                         break
                     start = pos + HEADER_SIZE
                     pos = start + size
                     self._handle(ftype, sid, value, data[start:pos] if size else b"")
-                rest = data[pos:] if pos < end else b""
+                if pos < end:
+                    parts.append(data[pos:])
+                    have = end - pos
         except RemoteProtocolError as exc:
             self._go_down(_Down.PROTOCOL, exc)
             await self._close_stream()
@@ -613,6 +707,7 @@ class SessionStream(ByteStream):
         self._send_credit = session._peer_window
         self._signal = _Signal()
         self._sending = False
+        self._queued: _Outgoing | None = None  # DATA of our send waiting for the writer
         self._receiving = False
         self._eof_sent = False
         self._reset_sent = False
@@ -688,11 +783,14 @@ class SessionStream(ByteStream):
     async def send(self, item: bytes | bytearray | memoryview) -> None:
         """Send all of ``item``, waiting for credit (the peer's window) as needed.
 
-        Cancellation: an ``item`` of at most half the peer's window (128 KiB by default)
-        is sent at once when there is credit for all of it, so a cancelled send has sent
-        nothing.  A larger ``item`` goes in pieces as credit arrives; if cancelled, a
-        *prefix* of it (``send_progress`` bytes) has been sent and will be delivered.
-        The session stays consistent either way.
+        Cancellation works at any point, also while the underlying stream is full (the
+        peer does not read).  An ``item`` of at most half the peer's window (128 KiB by
+        default) goes out as one piece when there is credit for all of it; a larger one
+        in pieces as credit arrives.  A piece is written whole: if the send is cancelled
+        after the session's writer started on a piece, that piece is still delivered.
+        So a cancelled send has sent a *prefix* of ``item`` (``send_progress`` bytes:
+        for a small item, nothing or all of it), which the peer receives intact.  The
+        session and its other streams stay consistent either way.
 
         Raises:
             anyio.BusyResourceError: another task is already sending.
@@ -720,15 +818,39 @@ class SessionStream(ByteStream):
                         if self._send_credit >= need:
                             break
                         await self._signal.wait()
-                    async with self._session._lock:
-                        self._check_send()  # a close may have been queued meanwhile
-                        n = min(self._send_credit, total - offset)
-                        self._send_credit -= n
-                        await self._session._write_locked(self._data_frames(view, offset, n))
+                    n = min(self._send_credit, total - offset)
+                    await self._send_piece(self._data_frames(view, offset, n), n, offset)
                     offset += n
                     self.send_progress = offset
         finally:
             self._sending = False
+
+    async def _send_piece(self, frames: bytes, n: int, offset: int) -> None:
+        """Write the DATA ``frames`` of ``n`` bytes of the item (from ``offset``): now if
+        the ring has room, else through the writer task."""
+        session = self._session
+        self._send_credit -= n
+        try:
+            if session._write_now(frames):
+                return
+        except BaseException:
+            self._send_credit += n
+            raise
+        out = self._queued = session._queue_data(frames)
+        try:
+            await out.done.wait()
+        except BaseException:
+            if not out.taken:
+                session._withdraw(out)  # nothing of it was written
+                self._send_credit += n
+            else:
+                self.send_progress = offset + n  # the writer writes it whole
+            raise
+        finally:
+            self._queued = None
+        if not out.written:  # withdrawn by close(), or the session went down
+            self._check_send()
+            raise session._error()
 
     def _data_frames(self, view: memoryview, offset: int, n: int) -> bytes:
         parts: list[bytes | memoryview] = []
@@ -850,6 +972,8 @@ class SessionStream(ByteStream):
         self._closed = True
         self._chunks.clear()
         session = self._session
+        if self._queued is not None and not self._queued.taken:
+            session._withdraw(self._queued)  # not sent: the blocked send raises
         if session._streams.get(self.stream_id) is self:
             self._send_eof_frame()
             self._reset_sent = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import time
 
 import anyio
 import msgspec
@@ -206,6 +207,19 @@ async def test_cancelled_put_of_a_large_frame_closes_the_queue(make_pair: PairFa
             await rx.get()
 
 
+async def test_cancelled_put_of_a_frame_that_fits_writes_nothing(make_pair: PairFactory) -> None:
+    rx, tx = await queues(make_pair, size=1024)
+    first = Reading(1, 1.0, "a" * 900)
+    await tx.put(first)  # most of the ring: the next frame does not fit yet
+    with anyio.move_on_after(0.1) as scope:
+        await tx.put(Reading(2, 2.0, "b" * 200))
+    assert scope.cancelled_caught
+    assert not tx.closed  # nothing of the second frame went out: still framed
+    assert await rx.get() == first
+    await tx.put(Reading(3, 3.0, "c"))
+    assert await rx.get() == Reading(3, 3.0, "c")
+
+
 async def test_busy_getters_and_putters(make_pair: PairFactory) -> None:
     rx, _tx = await queues(make_pair, size=1024)
     with anyio.fail_after(5):
@@ -235,3 +249,152 @@ async def test_bad_arguments(make_pair: PairFactory) -> None:
         q.put_nowait(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         q._collect([], 0)
+
+
+# -- bounded batches, linear reassembly (issue 10) ------------------------------------------
+
+
+class FakeSource:
+    """Stands in for the queue's stream: a peer that keeps the ring full.
+
+    Every receive returns up to ``piece`` bytes (and at most ``max_bytes``) of ``wire``
+    repeated forever (``wire`` holds whole frames, so the repetition stays framed), or,
+    with ``repeat=False``, of ``wire`` once.  ``handed_out`` counts the bytes returned.
+    After ``limit`` bytes it acts as if the peer had paused (WouldBlock), so that a
+    queue that never stops reading fails the test instead of hanging it.
+    """
+
+    def __init__(
+        self, wire: bytes, piece: int, *, repeat: bool = True, limit: int = 8 << 20
+    ) -> None:
+        self.wire = wire
+        self.piece = piece
+        self.repeat = repeat
+        self.limit = limit
+        self.pos = 0
+        self.handed_out = 0
+        self.closed = False
+
+    def extra(self, attribute: object, default: object = None) -> object:
+        return 65536 if attribute is gntipc.VchanAttribute.read_size else default
+
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes:
+        assert max_bytes >= 1
+        if self.handed_out >= self.limit:
+            raise WouldBlock
+        if self.pos == len(self.wire):
+            if not self.repeat:
+                raise WouldBlock
+            self.pos = 0
+        data = self.wire[self.pos : self.pos + min(max_bytes, self.piece)]
+        self.pos += len(data)
+        self.handed_out += len(data)
+        return data
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await anyio.lowlevel.checkpoint()
+        try:
+            return self.receive_nowait(max_bytes)
+        except WouldBlock:
+            await anyio.sleep_forever()
+            raise
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+def numbered_wire(count: int, label: str = "") -> bytes:
+    return b"".join(
+        frame(msgspec.msgpack.encode(Reading(i, float(i), label))) for i in range(count)
+    )
+
+
+@pytest.mark.parametrize("label", ["", "x" * 5000], ids=["small", "5k"])
+async def test_get_many_is_bounded_while_the_peer_keeps_writing(label: str) -> None:
+    # The peer refills the ring as fast as we read: get_many used to read (and return)
+    # for as long as it found data, up to millions of messages and hundreds of MiB.
+    from gntipc.messages import COLLECT_BYTES, DEFAULT_MAX_ITEMS
+
+    period = 1000
+    source = FakeSource(numbered_wire(period, label), piece=65536)
+    rx: MessageQueue[Reading] = MessageQueue(source, Reading)  # type: ignore[arg-type]
+    got: list[Reading] = []
+    for nowait in (False, True, False):
+        before = source.handed_out
+        with anyio.fail_after(10):
+            batch = rx.get_many_nowait() if nowait else await rx.get_many()
+        assert 1 <= len(batch) <= DEFAULT_MAX_ITEMS
+        # bounded memory: one call reads about COLLECT_BYTES (plus the piece that
+        # crossed it, and the first piece)
+        assert source.handed_out - before <= COLLECT_BYTES + 2 * 65536
+        got += batch
+    # nothing lost or reordered between the calls: the rest stayed buffered
+    assert [r.sensor for r in got] == [i % period for i in range(len(got))]
+    assert len(rx.get_many_nowait(max_items=3)) == 3
+    with pytest.raises(ValueError):
+        await rx.get_many(max_items=0)
+    with pytest.raises(ValueError):
+        rx.get_many_nowait(max_items=0)
+
+
+async def test_reassembling_a_large_message_is_linear() -> None:
+    # A 16 MiB message arriving 1 KiB at a time: each piece used to re-copy the whole
+    # partial frame (quadratic: 128 GiB of copying, seconds); joined once, it takes
+    # a tenth of a second.
+    payload = bytes(range(256)) * (16 << 12)
+    wire = frame(msgspec.msgpack.encode(payload)) + numbered_wire(1)
+    source = FakeSource(wire, piece=1024, repeat=False, limit=len(wire))
+    rx = MessageQueue(source, bytes | Reading, max_message_size=32 << 20)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    with anyio.fail_after(60):
+        got = await rx.get()
+    elapsed = time.perf_counter() - start
+    assert got == payload
+    assert elapsed < 1.0, f"reassembly took {elapsed:.2f} s"
+    # the bytes after the frame were kept
+    assert rx.get_nowait() == Reading(0, 0.0)
+    with pytest.raises(WouldBlock):
+        rx.get_nowait()
+
+
+async def test_a_frame_split_anywhere_reassembles() -> None:
+    # header split, payload split over many pieces, several frames in a piece
+    wire = numbered_wire(3, "y" * 3000) + numbered_wire(5)
+    for piece in (1, 3, 7, 1000, 2999, 4096):
+        source = FakeSource(wire, piece=piece, repeat=False)
+        rx: MessageQueue[Reading] = MessageQueue(source, Reading)  # type: ignore[arg-type]
+        got: list[Reading] = []
+        with anyio.fail_after(10):
+            while len(got) < 8:
+                got += await rx.get_many()
+        assert [(r.sensor, len(r.label)) for r in got] == [
+            (0, 3000), (1, 3000), (2, 3000), (0, 0), (1, 0), (2, 0), (3, 0), (4, 0)
+        ], piece  # fmt: skip
+        # a stream ending inside a frame is still reported (counting unjoined pieces)
+        source = FakeSource(wire[:5000], piece=piece, repeat=False)
+        rx = MessageQueue(source, Reading)  # type: ignore[arg-type]
+        assert (await rx.get()).sensor == 0
+        with pytest.raises(WouldBlock):
+            rx.get_nowait()
+        source.receive_nowait = _raise_end  # type: ignore[method-assign]
+        with pytest.raises(MalformedMessage, match="ended inside a frame"):
+            rx.get_nowait()
+
+
+def _raise_end(max_bytes: int = 0) -> bytes:
+    raise EndOfStream
+
+
+async def test_cancelled_get_of_a_buffered_message_loses_nothing(make_pair: PairFactory) -> None:
+    rx, tx = await queues(make_pair)
+    await tx.put_many([Reading(1, 1.0), Reading(2, 2.0)])
+    assert await rx.get() == Reading(1, 1.0)  # the second one is buffered now
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await rx.get()  # used to take the message, then be cancelled
+    assert scope.cancelled_caught
+    with anyio.fail_after(5):
+        assert await rx.get() == Reading(2, 2.0)

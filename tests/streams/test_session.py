@@ -442,6 +442,185 @@ async def test_protocol_error_fails_open_streams(make_pair: PairFactory) -> None
                 await st.send(b"x")
 
 
+# -- a peer that stops reading, frames in tiny pieces (issue 10) ----------------------------
+
+
+class PausableStream(anyio.abc.ByteStream):
+    """The peer's side of the vchan; while paused, the peer's session reads nothing (a
+    chunk it is receiving when paused is held back too)."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.running = anyio.Event()
+        self.running.set()
+
+    def pause(self) -> None:
+        self.running = anyio.Event()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await self.running.wait()
+        data = await self.stream.receive(max_bytes)
+        await self.running.wait()
+        return data
+
+    async def send(self, item: bytes) -> None:
+        await self.stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def _resume_after(stream: PausableStream, delay: float) -> None:
+    await anyio.sleep(delay)
+    stream.running.set()
+
+
+async def test_send_to_a_peer_that_stopped_reading_can_be_cancelled(
+    make_pair: PairFactory,
+) -> None:
+    # The peer's session stops reading the vchan altogether.  A send used to block in a
+    # shielded write holding the session's write lock: no timeout could get it (or any
+    # other sender, or the control frames) out until the session was closed.
+    srv, cli = await make_pair()
+    peer_stream = PausableStream(srv)
+    async with (
+        Session(cli) as c,
+        Session(peer_stream, is_initiator=False, window=1 << 20) as s,
+        anyio.create_task_group() as watchdog,
+    ):
+        # never hang, even if cancellation does not work
+        watchdog.start_soon(_resume_after, peer_stream, 6.0)
+        a, x_peer = await c.open_stream(), await s.open_stream()
+        a_peer, x = await s.accept_stream(), await c.accept_stream()
+        await a.send(b"before|")
+        assert await receive_exactly(a_peer, 7) == b"before|"
+        peer_stream.pause()
+        blob = random.Random(3).randbytes(400_000)  # one piece, far more than the ring
+        start = anyio.current_time()
+        with anyio.move_on_after(1) as scope:
+            await a.send(blob)
+        assert scope.cancelled_caught
+        assert anyio.current_time() - start < 1.5
+        # the piece the writer had started on goes out whole
+        assert a.send_progress == len(blob)
+        # other senders queue behind it and can give up too, having sent nothing
+        for st in (a, x):
+            with anyio.move_on_after(0.2) as scope:
+                await st.send(b"never sent")
+            assert scope.cancelled_caught and st.send_progress == 0
+        # receiving keeps working, on every stream
+        await x_peer.send(b"down")
+        with anyio.fail_after(5):
+            assert await receive_exactly(x, 4) == b"down"
+        # the peer reads again: everything arrives in order, the framing intact
+        peer_stream.running.set()
+        with anyio.fail_after(10):
+            await a.send(b"|after")
+            await x.send(b"up")
+            assert await receive_exactly(a_peer, len(blob) + 6) == blob + b"|after"
+            assert await receive_exactly(x_peer, 2) == b"up"
+        assert c.error is None and s.error is None
+        watchdog.cancel_scope.cancel()
+        for st in (a, a_peer, x, x_peer):
+            await st.aclose()
+
+
+async def test_close_while_the_peer_stopped_reading(make_pair: PairFactory) -> None:
+    srv, cli = await make_pair()
+    peer_stream = PausableStream(srv)
+    errors: list[type[BaseException]] = []
+
+    async def blocked(st: SessionStream) -> None:
+        try:
+            await st.send(b"b" * 400_000)
+        except ClosedResourceError as exc:
+            errors.append(type(exc))
+
+    async with (
+        Session(peer_stream, is_initiator=False, window=1 << 20) as s,
+        anyio.create_task_group() as watchdog,
+    ):
+        watchdog.start_soon(_resume_after, peer_stream, 6.0)  # never hang
+        async with Session(cli) as c:
+            a, b = await c.open_stream(), await c.open_stream()
+            peer_stream.pause()
+            with anyio.fail_after(5):  # close flushes for at most 2 s
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(blocked, a)  # the writer gets stuck writing this
+                    await anyio.sleep(0.1)
+                    tg.start_soon(blocked, b)  # queued behind it
+                    await anyio.sleep(0.1)
+                    await b.aclose()  # a sender waiting in the queue is let go
+                    while not errors:
+                        await anyio.sleep(0.01)
+                    assert errors == [ClosedResourceError]
+                    await c.aclose()
+        assert errors == [ClosedResourceError, ClosedResourceError]
+        watchdog.cancel_scope.cancel()
+        peer_stream.running.set()
+        with anyio.fail_after(5):  # the peer sees the cut (a truncated frame, maybe)
+            with pytest.raises((RemoteProtocolError, EndOfStream, BrokenResourceError)):
+                while True:
+                    await (await s.accept_stream()).aclose()
+        for st in (a, b):
+            await st.aclose()
+
+
+class CountingChunk(bytes):
+    """Received data that counts the bytes copied by concatenating onto it."""
+
+    copied = 0
+
+    def __radd__(self, other: bytes) -> bytes:
+        CountingChunk.copied += len(other) + len(self)
+        return bytes(other) + bytes(self)
+
+
+class ScriptedStream(anyio.abc.ByteStream):
+    """A peer whose bytes arrive ``piece`` bytes at a time; then it ends (no EOF frame)."""
+
+    def __init__(self, wire: bytes, piece: int) -> None:
+        self.chunks = [CountingChunk(wire[i : i + piece]) for i in range(0, len(wire), piece)]
+        self.chunks.reverse()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await anyio.lowlevel.checkpoint()
+        if not self.chunks:
+            raise EndOfStream
+        return self.chunks.pop()
+
+    async def send(self, item: bytes) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_reader_joins_a_frame_in_many_pieces_once() -> None:
+    # 64 KiB DATA frames arriving 64 bytes at a time: the reader used to re-copy the
+    # partial frame with every piece (rest + chunk: 32 MiB of copying per frame).
+    size = gntipc.session.MAX_FRAME
+    payload = random.Random(5).randbytes(8 * size)
+    wire = HELLO + frame(T_OPEN, 1)
+    wire += b"".join(
+        frame(T_DATA, 1, size, payload[i : i + size]) for i in range(0, 8 * size, size)
+    )
+    CountingChunk.copied = 0
+    async with Session(ScriptedStream(wire, 64), is_initiator=False, window=1 << 20) as s:
+        with anyio.fail_after(20):
+            async with await s.accept_stream() as st:
+                assert await receive_exactly(st, len(payload)) == payload
+                with pytest.raises(BrokenResourceError):
+                    await st.receive()  # the scripted peer ended without EOF
+    assert CountingChunk.copied <= len(wire)
+
+
 # -- cross-process ------------------------------------------------------------------------
 
 PEER_SCRIPT = str(Path(__file__).with_name("_session_peer.py"))

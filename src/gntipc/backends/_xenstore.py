@@ -17,8 +17,12 @@ errno name (``"ENOENT\\0"``).  Watch events (``XS_WATCH_EVENT``, payload
 ``path\\0token\\0``) arrive unsolicited on the connection that set the watch.
 
 Every request waits for its reply at most ``timeout`` seconds (default 10) and then
-raises :class:`XenStoreTimeout`; a late reply is recognised by its ``req_id`` and
-discarded.  Watch events arriving on a request connection are queued, not lost.
+raises :class:`XenStoreTimeout`, also while the store keeps sending other messages; a
+late reply is recognised by its ``req_id`` and discarded.  A request cut off by the
+timeout half-written would make the store misread everything after it, so the connection
+is then closed.  Watch events arriving on a connection are queued, at most
+:data:`MAX_QUEUED_EVENTS` of them (then the oldest are dropped: a watcher re-reads the
+store on any event, so coalescing them loses nothing).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from ._abc import Perm, Store, Transaction, Watch
 __all__ = [
     "DEFAULT_TIMEOUT",
     "HEADER",
+    "MAX_QUEUED_EVENTS",
     "SOCKET_PATH",
     "XENBUS_PATH",
     "XENBUS_PAYLOAD_MAX",
@@ -77,6 +82,9 @@ SOCKET_PATH = "/var/run/xenstored/socket"
 XENBUS_PATH = "/dev/xen/xenbus"
 #: Seconds a request waits for its reply.
 DEFAULT_TIMEOUT = 10.0
+#: Watch events a connection queues at most (the oldest are dropped beyond it); also the
+#: most messages one :meth:`XenWatch.read_events` reads.
+MAX_QUEUED_EVENTS = 1024
 
 # Watch tokens must be non-empty on the wire; an empty user token is sent as this.
 _EMPTY_TOKEN = "gntipc-watch"
@@ -353,9 +361,10 @@ class _Connection:
         self._lock = threading.Lock()
         self._decoder = Decoder()
         self._next_req = 1
-        self.events: deque[tuple[str, str]] = deque()
+        self.events: deque[tuple[str, str]] = deque(maxlen=MAX_QUEUED_EVENTS)
         self._sock: socket.socket | None = None
         self.fd = -1
+        self._closed_why = "closed"
         self.transport = ""
         self.payload_max = XENSTORE_PAYLOAD_MAX
         candidates = [path] if path is not None else [SOCKET_PATH, XENBUS_PATH]
@@ -390,7 +399,9 @@ class _Connection:
             " — is this a Xen domain with xenstored running (and are we root in dom0)?"
         )
 
-    def close(self) -> None:
+    def close(self, why: str = "closed") -> None:
+        if self.fd >= 0:
+            self._closed_why = why
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -400,24 +411,36 @@ class _Connection:
 
     def _live_fd(self) -> int:
         if self.fd < 0:
-            raise ClosedResourceError("the XenStore connection is closed")
+            raise ClosedResourceError(f"the XenStore connection is {self._closed_why}")
         return self.fd
 
     def _write_all(self, data: bytes, deadline: float, what: str) -> None:
+        """Write one whole request.
+
+        Raises:
+            XenStoreTimeout: not written in time.  If part of it was, the connection is
+                closed: the store would take our next request for the rest of this one.
+            XenError: the write failed (the connection is closed likewise).
+        """
         fd = self._live_fd()
         view = memoryview(data)
         poller = select.poll()
         poller.register(fd, select.POLLOUT)
-        while view:
-            try:
-                n = os.write(fd, view)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                raise_errno(exc.errno or errno.EIO, f"XenStore {what}: writing the request")
-            view = view[n:]
-            if view and not poller.poll(self._remaining_ms(deadline, what)):
-                self._timeout(what)
+        try:
+            while view:
+                try:
+                    n = os.write(fd, view)
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:
+                    raise_errno(exc.errno or errno.EIO, f"XenStore {what}: writing the request")
+                view = view[n:]
+                if view and not poller.poll(self._remaining_ms(deadline, what)):
+                    self._timeout(what)
+        except BaseException:
+            if len(view) < len(data):
+                self.close(f"closed: a request ({what}) was cut off half-written")
+            raise
 
     def _remaining_ms(self, deadline: float, what: str) -> int:
         left = deadline - time.monotonic()
@@ -456,7 +479,8 @@ class _Connection:
                 self._timeout(what)
 
     def _absorb(self, msg: Message) -> None:
-        """Queue a watch event; drop stale replies (of timed-out requests)."""
+        """Queue a watch event (the queue is bounded); drop stale replies (of timed-out
+        requests)."""
         if msg.type == MsgType.WATCH_EVENT:
             self.events.append(parse_watch_event(msg.payload))
 
@@ -466,7 +490,8 @@ class _Connection:
         Raises:
             ValueError: payload too long.
             XenError: xenstored answered with an error.
-            XenStoreTimeout: no reply in time.
+            XenStoreTimeout: no reply in time (even if the store keeps sending other
+                messages); the connection is closed if the request was cut off.
             ClosedResourceError: the connection is closed.
         """
         with self._lock:
@@ -480,11 +505,18 @@ class _Connection:
                     if msg.type != MsgType.WATCH_EVENT and msg.req_id == req_id:
                         return check_reply(msg, msg_type, what)
                     self._absorb(msg)
+                # read_some times out only when it has to wait: a store that always has
+                # something else to say must not keep us here.
+                if time.monotonic() >= deadline:
+                    self._timeout(what)
 
     def drain(self) -> None:
-        """Queue whatever events are readable now, without blocking."""
+        """Queue the events readable now, without blocking: at most about
+        :data:`MAX_QUEUED_EVENTS` messages, so that a store that never stops sending
+        cannot keep us here (the descriptor stays readable for the rest)."""
         with self._lock:
-            while True:
+            # Each read gets at most the rest of one message (a header or a payload).
+            for _ in range(2 * MAX_QUEUED_EVENTS):
                 msgs = self.read_some(None, "reading watch events")
                 if msgs is None:
                     # nothing readable now (the rest of a partial message makes the fd

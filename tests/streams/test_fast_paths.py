@@ -1,0 +1,172 @@
+"""The fast paths of VchanStream: receive(n) for every n, receive_into, send of any
+buffer, and the spin-then-block wait policy (it stops when the channel goes quiet, it
+can be cancelled, it lets other tasks run)."""
+
+from __future__ import annotations
+
+import array
+import os
+import resource
+import time
+
+import anyio
+import pytest
+from conftest import PairFactory
+
+import gntipc
+from gntipc._spin import IDLE_AFTER, Spinner, _can_spin
+
+pytestmark = pytest.mark.anyio
+
+needs_spin = pytest.mark.skipif(not _can_spin(), reason="one CPU: the policy never spins")
+
+
+def pattern(n: int) -> bytes:
+    return os.urandom(n)
+
+
+async def pump(tx: gntipc.VchanStream, data: bytes) -> None:
+    await tx.send(data)
+    await tx.send_eof()
+
+
+@pytest.mark.parametrize("ring", [1024, 65536])
+@pytest.mark.parametrize("factor", [0, 0.5, 1, 2, 4])
+async def test_receive_any_max_bytes(make_pair: PairFactory, ring: int, factor: float) -> None:
+    srv, cli = await make_pair(read_size=ring, write_size=ring)
+    size = srv.vchan.read_size
+    for n in sorted({1, 7, max(1, int(size * factor)), max(1, int(size * factor) + 1)}):
+        data = pattern(3 * size + 5)
+        got = bytearray()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cli.send, data)
+            while len(got) < len(data):
+                chunk = await srv.receive(n)
+                assert 1 <= len(chunk) <= n
+                assert isinstance(chunk, bytes)
+                got += chunk
+        assert got == data
+
+
+@pytest.mark.parametrize("buffer_size", [1, 100, 1024, 4096, 1 << 20])
+async def test_receive_into(make_pair: PairFactory, buffer_size: int) -> None:
+    srv, cli = await make_pair(read_size=1024, write_size=1024)
+    data = pattern(5000)
+    buf = bytearray(buffer_size)
+    got = bytearray()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pump, cli, data)
+        while True:
+            try:
+                n = await srv.receive_into(buf)
+            except anyio.EndOfStream:
+                break
+            assert 1 <= n <= buffer_size
+            got += buf[:n]
+    assert got == data
+    with pytest.raises(ValueError):
+        await srv.receive_into(bytearray())
+
+
+async def test_receive_into_a_memoryview_slice(make_pair: PairFactory) -> None:
+    srv, cli = await make_pair()
+    await cli.send(b"0123456789")
+    buf = bytearray(b"-" * 20)
+    n = await srv.receive_into(memoryview(buf)[5:15])
+    assert n == 10 and buf == b"-----0123456789-----"
+
+
+async def test_send_any_buffer(make_pair: PairFactory) -> None:
+    srv, cli = await make_pair(read_size=1024, write_size=1024)
+    wide = array.array("d", [float(i) for i in range(300)])  # 2400 bytes: > the ring
+    strided = memoryview(bytes(range(200)))[::2]  # not contiguous: copied once
+    matrix = memoryview(bytearray(range(64))).cast("B", (8, 8))  # 2-D, contiguous
+    expected = wide.tobytes() + strided.tobytes() + matrix.tobytes()
+    got = bytearray()
+    async with anyio.create_task_group() as tg:
+
+        async def send_all() -> None:
+            await cli.send(memoryview(wide))
+            assert cli.send_progress == 2400  # bytes, whatever the item size
+            await cli.send(strided)
+            assert cli.send_progress == 100
+            await cli.send(matrix)
+            await cli.send_eof()
+
+        tg.start_soon(send_all)
+        while True:
+            try:
+                got += await srv.receive()
+            except anyio.EndOfStream:
+                break
+    assert got == expected
+
+
+def test_spinner_goes_quiet() -> None:
+    s = Spinner(50e-6)
+    assert s.budget_ns() == 0  # a channel with no history is idle: no spinning
+    s.woke(1e-6)  # a short block: spinning would have won
+    if not _can_spin():
+        assert s.budget_ns() == 0
+        return
+    assert s.budget_ns() == 50_000
+    s.spun(False)
+    assert s.budget_ns() == 25_000  # a miss halves the budget...
+    for _ in range(5):
+        s.spun(False)
+    assert s.budget_ns() == 0  # ...down to nothing
+    s.woke(10e-6)
+    assert s.budget_ns() == 50_000  # a block shorter than the limit restores it
+    s.woke(1.0)
+    assert s.budget_ns() == 50_000
+    time.sleep(IDLE_AFTER * 2)
+    assert s.budget_ns() == 0  # quiet for a while: idle, no spinning
+    with pytest.raises(ValueError):
+        s.limit = -1
+
+
+@needs_spin
+async def test_idle_pair_uses_no_cpu(make_pair: PairFactory) -> None:
+    srv, cli = await make_pair()
+    for _ in range(200):  # a burst of traffic: the spinners are warm
+        await cli.send(b"ping")
+        await srv.send(await srv.receive())
+        await cli.receive()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    with anyio.move_on_after(0.5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(srv.receive)
+            tg.start_soon(cli.receive)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    # Each side spins at most once (100 µs) before it sleeps; 50 ms is room to spare.
+    assert cpu < 0.05, f"an idle pair used {cpu:.3f} s of CPU in 0.5 s"
+
+
+@needs_spin
+async def test_a_long_spin_is_cancellable_and_lets_others_run(make_pair: PairFactory) -> None:
+    srv, cli = await make_pair()
+    srv.spin = 2.0  # far longer than the test: only a cancellation ends it
+    await cli.send(b"x")
+    assert await srv.receive() == b"x"
+    srv._read_spinner.woke(0.0)  # the channel was just busy: the next wait spins
+    ticks = 0
+
+    async def other_task() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.sleep(0)
+
+    start = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other_task)
+        with anyio.move_on_after(0.1) as scope:
+            await srv.receive()
+        tg.cancel_scope.cancel()
+    assert scope.cancelled_caught
+    assert time.monotonic() - start < 1.0
+    assert srv._read_spinner.spins >= 1
+    assert ticks > 10  # the spin yielded to the loop between its slices
+    await cli.send(b"y")  # nothing was consumed by the cancelled receive
+    assert await srv.receive() == b"y"
