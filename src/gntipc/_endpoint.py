@@ -102,6 +102,7 @@ class Endpoint:
         self._rings: VchanRings | None = None
         self._presence: Presence | None = None
         self._published_ref: int | None = None
+        self._torn_down = False  # everything released (a close() may still be retried)
         self._epoll: select.epoll | None = None
         self._wake_fd = -1
         self._rlock = threading.Lock()
@@ -279,11 +280,16 @@ class Endpoint:
         return rings
 
     def _notify(self) -> None:
-        assert self._port is not None
+        # Called after the direction lock is released, so a close() from another thread
+        # may have torn the port down since: the call's work is done and the close sent
+        # the peer its own event, so there is nothing left to report.
+        port = self._port
+        if port is None:
+            return
         self.events_out += 1
         try:  # noqa: SIM105 - the hot path: contextlib.suppress costs more
-            self._port.notify()
-        except XenError:
+            port.notify()
+        except (XenError, ClosedResourceError):
             pass  # a peer that is gone is reported by the liveness checks
 
     def _peer_state(self, rings: VchanRings) -> int:
@@ -575,7 +581,10 @@ class Endpoint:
         ep = self._epoll
         if self.closed or ep is None:
             raise ClosedResourceError("this vchan is closed")
-        return ep.fileno()
+        try:
+            return ep.fileno()
+        except ValueError:  # closed by a close() from another thread since the check
+            raise ClosedResourceError("this vchan is closed") from None
 
     def handle_events(self) -> None:
         """Consume a pending event (one read and one unmask on Xen) and, when there was
@@ -607,13 +616,13 @@ class Endpoint:
             ClosedResourceError: the endpoint is (or gets) closed.
         """
         with self._state:
-            fd = self.fileno()
+            self.fileno()
+            ep = self._epoll
+            assert ep is not None
             self._pollers += 1
         try:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
-            woken = bool(poller.poll(ms))
+            # One epoll_wait on our own epoll (close() waits for us before closing it).
+            woken = bool(ep.poll(-1 if timeout is None else max(0.0, timeout), 4))
         finally:
             with self._state:
                 self._pollers -= 1
@@ -628,21 +637,31 @@ class Endpoint:
         to the peer, then unmap, unshare, unbind; a server also removes its keys.
 
         Operations in flight in other threads finish first; later ones, and threads
-        blocked waiting, raise ClosedResourceError.  Every resource is released even
-        if releasing one fails; the first such error is raised at the end.
+        blocked waiting, raise ClosedResourceError.  A close() racing another one
+        returns once the endpoint is torn down.
+
+        Every resource is released even if releasing one fails; the first such error is
+        raised at the end.  Pages that could not be released (MappingInUse: a memoryview
+        of them is still alive) are kept, and a later close() releases them.
+
+        Raises:
+            MappingInUse: views of a mapping are alive (everything else was released).
+            XenError: the backend failed to release something.
         """
         with self._state:
-            if self.closed:
+            if self._torn_down:
                 return
-            self.closed = True
-            if self._wake_fd >= 0:
-                os.eventfd_write(self._wake_fd, 1)  # wakes every waiter on fileno()
+            if not self.closed:
+                self.closed = True
+                if self._wake_fd >= 0:
+                    os.eventfd_write(self._wake_fd, 1)  # wakes every waiter on fileno()
             deadline = time.monotonic() + _CLOSE_GRACE
             while self._pollers and time.monotonic() < deadline:
                 self._state.wait(deadline - time.monotonic())
         with self._rlock, self._wlock, self._evlock:
             rings = self._rings
             if rings is not None:
+                # Whichever close() gets the locks first tells the peer, once.
                 if not self.eof_sent:
                     rings.send_eof()
                 rings.set_own_live(LIVE_GONE)
@@ -650,6 +669,10 @@ class Endpoint:
             self._teardown()
 
     def _teardown(self) -> None:
+        """Release everything still held.  Called with all three locks held, or before
+        the endpoint was handed out.  Each step runs even if an earlier one failed;
+        pages whose release failed stay in ``_pages`` for a later attempt; the first
+        error is raised at the end."""
         self.closed = True
         errors: list[BaseException] = []
 
@@ -681,12 +704,18 @@ class Endpoint:
         for ptr in self._ptrs:
             attempt(ffi.release, ptr)
         self._ptrs.clear()
+        kept: list[Pages] = []
         for pages in reversed(self._pages):
-            attempt(pages.close)
-        self._pages.clear()
+            try:
+                pages.close()
+            except Exception as exc:
+                errors.append(exc)
+                kept.append(pages)
+        self._pages[:] = reversed(kept)
         port, self._port = self._port, None
         if port is not None:
             attempt(port.close)
+        self._torn_down = not self._pages
         if errors:
             raise errors[0]
 

@@ -12,8 +12,12 @@ A :class:`Spinner` keeps that rule cheap when it does not pay:
 * it spins only while the channel has been busy recently (a wait ended less than
   :data:`IDLE_AFTER` seconds ago), so an idle channel burns no CPU: after a burst, each
   side spins at most once, then sleeps;
-* a spin that came back empty-handed halves the next budget (down to nothing), and a
-  blocking wait that ended within the full budget restores it (spinning would have won).
+* a spin that came back empty-handed halves the next budget, down to nothing; a spin
+  that found what it waited for doubles it, up to the limit.  With the budget at
+  nothing, one wait in :data:`PROBE_EVERY` still spins a little (a quarter of the limit)
+  to find out whether spinning pays again.  So when the machine is oversubscribed (the
+  peer cannot run while we spin, and only runs once we sleep), spinning fades out on its
+  own instead of adding its budget to every wait.
 
 One :class:`Spinner` per direction of an endpoint; not thread-safe (each direction has
 one user at a time).
@@ -24,7 +28,7 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["DEFAULT_SPIN", "DEFAULT_SPIN_ASYNC", "IDLE_AFTER", "Spinner"]
+__all__ = ["DEFAULT_SPIN", "DEFAULT_SPIN_ASYNC", "IDLE_AFTER", "PROBE_EVERY", "Spinner"]
 
 #: Default spin limits in seconds: about one block-and-wake between two processes on
 #: different cores of this kind of machine (``benchmarks/wakeups.py``: ~60 µs for a
@@ -34,6 +38,8 @@ DEFAULT_SPIN = 60e-6
 DEFAULT_SPIN_ASYNC = 100e-6
 #: A channel whose last wait ended longer ago than this is idle: no spinning.
 IDLE_AFTER = 0.01
+#: With spinning faded out, one wait in this many still probes with a short spin.
+PROBE_EVERY = 16
 #: Below this budget (ns) a spin is not worth its call: block at once.
 _MIN_NS = 2_000
 
@@ -45,12 +51,13 @@ class Spinner:
         limit: the most to spin per wait, in seconds (0 disables spinning).
     """
 
-    __slots__ = ("_budget", "_last", "_limit_ns", "spin_hits", "spins")
+    __slots__ = ("_budget", "_last", "_limit_ns", "_skipped", "spin_hits", "spins")
 
     def __init__(self, limit: float = DEFAULT_SPIN) -> None:
         self._limit_ns = 0
         self._budget = 0
         self._last = -1.0
+        self._skipped = 0
         self.limit = limit
         #: Spins tried and spins that found what they waited for (statistics).
         self.spins = 0
@@ -69,25 +76,30 @@ class Spinner:
 
     def budget_ns(self) -> int:
         """How long to spin now, in nanoseconds (0: block at once)."""
-        if self._budget < _MIN_NS or time.monotonic() - self._last > IDLE_AFTER:
+        if not self._limit_ns or time.monotonic() - self._last > IDLE_AFTER:
             return 0
-        return self._budget
+        if self._budget >= _MIN_NS:
+            return self._budget
+        self._skipped += 1
+        if self._skipped < PROBE_EVERY:
+            return 0
+        self._skipped = 0
+        return max(_MIN_NS, self._limit_ns // 4)  # a probe
 
     def spun(self, hit: bool) -> None:
         """Record a spin's outcome: ``hit`` if it found what it waited for."""
         self.spins += 1
         if hit:
             self.spin_hits += 1
-            self._budget = self._limit_ns
+            self._budget = min(self._limit_ns, max(2 * self._budget, self._limit_ns // 2))
             self._last = time.monotonic()
         else:
             self._budget //= 2
 
     def woke(self, waited: float) -> None:
-        """Record the end of a blocking wait that lasted ``waited`` seconds."""
+        """Record the end of a blocking wait (of ``waited`` seconds): the channel is
+        busy now."""
         self._last = time.monotonic()
-        if waited * 1e9 <= self._limit_ns:
-            self._budget = self._limit_ns
 
 
 def _can_spin() -> bool:

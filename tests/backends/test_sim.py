@@ -207,3 +207,38 @@ def test_store_write_is_fast() -> None:
             b.store.write("data/k", b"%d" % i)
         per_write = (time.perf_counter() - t) / 200
         assert per_write < 0.01  # generous: the target is well under 1 ms
+
+
+def test_watch_events_go_out_after_the_change_is_committed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A watcher woken before COMMIT would read the store, miss the change, and sleep
+    # forever (a connect that never saw the server's keys).  Every watch event must find
+    # the change visible to another process's connection.
+    import sqlite3
+
+    from gntipc.backends.sim import _store
+
+    with SimBackend(domid=0) as b:
+        base = f"/local/domain/0/data/gntipc-test/{os.getpid()}"
+        db_path = os.path.join(b._rt.path, "state.db")
+        seen: list[bool] = []
+        real_send = _store.send_dgram
+
+        def checking_send(path: str, msg: bytes) -> bool:
+            other = sqlite3.connect(db_path)
+            try:
+                row = other.execute("SELECT 1 FROM nodes WHERE path=?", (base + "/k",))
+                seen.append(row.fetchone() is not None)
+            finally:
+                other.close()
+            return real_send(path, msg)
+
+        monkeypatch.setattr(_store, "send_dgram", checking_send)
+        with b.store.watch(base, "t"):
+            b.store.write(base + "/k", b"1")
+            with b.store.transaction() as tx:
+                tx.write(base + "/k", b"2")
+            b.store.rm(base)
+        # the first event is the one every new watch gets at once
+        assert seen[1:3] == [True, True]

@@ -14,7 +14,7 @@ import pytest
 from conftest import PairFactory
 
 import gntipc
-from gntipc._spin import IDLE_AFTER, Spinner, _can_spin
+from gntipc._spin import IDLE_AFTER, PROBE_EVERY, Spinner, _can_spin
 
 pytestmark = pytest.mark.anyio
 
@@ -105,7 +105,7 @@ async def test_send_any_buffer(make_pair: PairFactory) -> None:
 def test_spinner_goes_quiet() -> None:
     s = Spinner(50e-6)
     assert s.budget_ns() == 0  # a channel with no history is idle: no spinning
-    s.woke(1e-6)  # a short block: spinning would have won
+    s.woke(1e-6)  # the channel is busy now
     if not _can_spin():
         assert s.budget_ns() == 0
         return
@@ -114,11 +114,15 @@ def test_spinner_goes_quiet() -> None:
     assert s.budget_ns() == 25_000  # a miss halves the budget...
     for _ in range(5):
         s.spun(False)
-    assert s.budget_ns() == 0  # ...down to nothing
-    s.woke(10e-6)
-    assert s.budget_ns() == 50_000  # a block shorter than the limit restores it
-    s.woke(1.0)
+    # ...down to nothing: blocking at once, but for one probe in PROBE_EVERY waits
+    budgets = [s.budget_ns() for _ in range(PROBE_EVERY)]
+    assert budgets[:-1] == [0] * (PROBE_EVERY - 1) and budgets[-1] == 12_500
+    s.spun(True)  # the probe found data: spinning pays again, the budget grows back
+    assert s.budget_ns() == 25_000
+    s.spun(True)
     assert s.budget_ns() == 50_000
+    s.spun(True)
+    assert s.budget_ns() == 50_000  # never above the limit
     time.sleep(IDLE_AFTER * 2)
     assert s.budget_ns() == 0  # quiet for a while: idle, no spinning
     with pytest.raises(ValueError):

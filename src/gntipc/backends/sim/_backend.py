@@ -20,7 +20,7 @@ from .._abc import DOMID_MAX, Backend, CopySegment
 from ._events import SimEventPort, alloc_unbound, bind_interdomain
 from ._grants import SimPages, grant_copy, map_refs, share_pages
 from ._runtime import Runtime, default_runtime_dir, leftovers, proc_alive, release_bid, self_start
-from ._store import SimStore, fire_watches
+from ._store import SimStore, send_watch_events, watch_events
 
 __all__ = ["SimBackend", "assert_cleaned_up", "kill_domain"]
 
@@ -70,6 +70,7 @@ class SimBackend(Backend):
         try:
             self._rt.reap_dead()
             home = f"/local/domain/{domid}"
+            events: list[tuple[str, bytes]] = []
             with self._rt.write() as db:
                 cur = db.execute(
                     "INSERT INTO procs (pid, start, domid) VALUES (?, ?, ?)",
@@ -90,7 +91,8 @@ class SimBackend(Backend):
                             (f"{home}/domid", str(domid).encode(), f"n{domid}"),
                         ],
                     )
-                    fire_watches(db, [home, "@introduceDomain"])
+                    events = watch_events(db, [home, "@introduceDomain"])
+            send_watch_events(events)
         except BaseException:
             self._rt.close()
             raise
@@ -268,7 +270,8 @@ def kill_domain(domid: int, runtime_dir: str | None = None, *, timeout: float = 
                 (home, home + "/", home + "0"),
             )
             db.execute("UPDATE domains SET dead=0 WHERE domid=?", (domid,))
-            fire_watches(db, [home, "@releaseDomain"])
+            events = watch_events(db, [home, "@releaseDomain"])
+        send_watch_events(events)
         return sorted(p for p, _ in victims)
     finally:
         rt.close()

@@ -33,7 +33,7 @@ from ._runtime import bind_dgram, drain_dgrams, send_dgram
 if TYPE_CHECKING:
     from ._backend import SimBackend
 
-__all__ = ["SimStore", "fire_watches"]
+__all__ = ["SimStore", "send_watch_events", "watch_events"]
 
 _PATH_RE = re.compile(r"^(/|(/[A-Za-z0-9_\-.@:]+)+)$")
 _MAX_PATH = 3072
@@ -191,11 +191,17 @@ def _children_of(paths: Iterable[str], path: str) -> list[str]:
     )
 
 
-def fire_watches(db: sqlite3.Connection, changed: Iterable[str]) -> None:
-    """Send an event to every watch affected by the ``changed`` paths."""
+def watch_events(db: sqlite3.Connection, changed: Iterable[str]) -> list[tuple[str, bytes]]:
+    """The events (socket, message) for every watch affected by the ``changed`` paths.
+
+    Computed inside the write transaction; send them with :func:`send_watch_events`
+    only after it commits, or a watcher woken early reads the store before the change
+    is visible, goes back to sleep and is never woken again.
+    """
     changed = list(dict.fromkeys(changed))
     if not changed:
-        return
+        return []
+    out: list[tuple[str, bytes]] = []
     for wpath, token, sock in db.execute("SELECT path, token, sock FROM watches").fetchall():
         for path in changed:
             if path.startswith("@"):
@@ -210,7 +216,14 @@ def fire_watches(db: sqlite3.Connection, changed: Iterable[str]) -> None:
             else:
                 hit = False
             if hit:
-                send_dgram(sock, f"{event}\0{token}".encode())
+                out.append((sock, f"{event}\0{token}".encode()))
+    return out
+
+
+def send_watch_events(events: list[tuple[str, bytes]]) -> None:
+    """Deliver :func:`watch_events` (after the transaction committed)."""
+    for sock, msg in events:
+        send_dgram(sock, msg)
 
 
 class SimStore(_Ops, Store):
@@ -274,7 +287,8 @@ class SimStore(_Ops, Store):
             self._pending = []
             with rt.write() as db:
                 result = getattr(_Ops, op)(self, *args)
-                fire_watches(db, self._pending)
+                events = watch_events(db, self._pending)
+            send_watch_events(events)
             return result
 
     # Reads need no write lock; mutations run in one write transaction each.
@@ -419,25 +433,30 @@ class SimTransaction(_Ops, Transaction):
         self._ensure_open()
         self._done = True
         rt = self._store._backend._rt
-        with rt.lock, rt.write() as db:
-            for path, gen in self._seen.items():
-                row = db.execute("SELECT gen FROM nodes WHERE path=?", (path,)).fetchone()
-                if (None if row is None else int(row[0])) != gen:
-                    raise_errno(errno.EAGAIN, "xenstore: transaction conflict")
-            if not self._dirty:
-                return
-            db.execute("UPDATE meta SET v = v + 1 WHERE k='gen'")
-            (gen,) = db.execute("SELECT v FROM meta WHERE k='gen'").fetchone()
-            for path in sorted(self._dirty):
-                node = self._nodes.get(path)
-                if node is None:
-                    db.execute("DELETE FROM nodes WHERE path=?", (path,))
-                else:
-                    db.execute(
-                        "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?)",
-                        (path, node[0], node[1], gen),
-                    )
-            fire_watches(db, self._changes)
+        with rt.lock:
+            with rt.write() as db:
+                events = self._commit(db)
+            send_watch_events(events)
+
+    def _commit(self, db: sqlite3.Connection) -> list[tuple[str, bytes]]:
+        for path, gen in self._seen.items():
+            row = db.execute("SELECT gen FROM nodes WHERE path=?", (path,)).fetchone()
+            if (None if row is None else int(row[0])) != gen:
+                raise_errno(errno.EAGAIN, "xenstore: transaction conflict")
+        if not self._dirty:
+            return []
+        db.execute("UPDATE meta SET v = v + 1 WHERE k='gen'")
+        (gen,) = db.execute("SELECT v FROM meta WHERE k='gen'").fetchone()
+        for path in sorted(self._dirty):
+            node = self._nodes.get(path)
+            if node is None:
+                db.execute("DELETE FROM nodes WHERE path=?", (path,))
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?)",
+                    (path, node[0], node[1], gen),
+                )
+        return watch_events(db, self._changes)
 
     def abort(self) -> None:
         """Discard (idempotent)."""
