@@ -231,13 +231,11 @@ def connect_blocking(backend: Backend, peer: int, path: str, timeout: float | No
     last: BaseException | None = None
     with backend.store.watch(path, "gntipc-connect") as watch:
         while True:
-            watch.read_events()
-            try:
-                return try_connect(backend, peer, path)
-            except WouldBlock:
-                pass
-            except StaleKeys as exc:
-                last = exc
+            got = _attempt(watch, backend, peer, path)
+            if isinstance(got, StaleKeys):
+                last = got
+            elif got is not None:
+                return got
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(
@@ -255,17 +253,27 @@ async def connect_async(
     watch = backend.store.watch(path)
     try:
         while True:
-            watch.read_events()
-            try:
-                return try_connect(backend, peer, path)
-            except WouldBlock:
-                pass
-            except StaleKeys as exc:
-                # Retried only after the store changes, so a permanent error costs no CPU.
-                errors[:] = [exc]
+            got = _attempt(watch, backend, peer, path)
+            if isinstance(got, StaleKeys):
+                errors[:] = [got]
+            elif got is not None:
+                return got
             await anyio.wait_readable(watch.fileno())
     finally:
         watch.close()
+
+
+def _attempt(watch: Watch, backend: Backend, peer: int, path: str) -> Endpoint | StaleKeys | None:
+    """One round of a connect loop: consume the watch's events, then :func:`try_connect`.
+    Returns the endpoint, the stale-keys error (retried only after the store changes, so
+    a permanent error costs no CPU), or None (no keys yet)."""
+    watch.read_events()
+    try:
+        return try_connect(backend, peer, path)
+    except WouldBlock:
+        return None
+    except StaleKeys as exc:
+        return exc
 
 
 def wait_fd(fd: int, timeout: float | None) -> bool:

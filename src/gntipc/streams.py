@@ -15,12 +15,13 @@ for :func:`connect`; for :func:`listen`, the listener *and* every stream it acce
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 from anyio import (
@@ -37,7 +38,7 @@ from anyio.lowlevel import checkpoint
 
 from ._dispatch import Dispatcher
 from ._endpoint import Endpoint
-from ._exceptions import LocalProtocolError
+from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError
 from ._rendezvous import connect_async, resolve_path
 from ._spin import DEFAULT_SPIN_ASYNC, Spinner
 from .backends import Backend, get_backend
@@ -45,6 +46,8 @@ from .channel import Vchan
 from .protocol._layout import LIVE_GONE
 
 Buffer = bytes | bytearray | memoryview
+_A = TypeVar("_A")
+_R = TypeVar("_R")
 
 __all__ = [
     "Listener",
@@ -55,6 +58,11 @@ __all__ = [
 ]
 
 _DEFAULT_RING = 65536
+#: Where :class:`Listener` reports the clients it dropped and the channels it could not offer.
+logger = logging.getLogger(__name__)
+#: :meth:`Listener.serve` retries a failed offer of a channel after a pause that doubles
+#: from the first to the second value (seconds).
+SERVE_RETRY = (0.05, 5.0)
 #: A stream call that need not wait still yields to the event loop when it has not done so
 #: for this long (seconds): other tasks wait at most about this long for a busy stream.
 FAIR_SLICE = 100e-6
@@ -336,22 +344,7 @@ class VchanStream(ByteStream):
             gntipc.RemoteProtocolError: the peer corrupted the shared page.
         """
         ep = self._check_receive(max_bytes)
-        self._receiving = True
-        try:
-            now = time.monotonic()
-            if now - self._yielded >= FAIR_SLICE:
-                self._yielded = now
-                await checkpoint()
-            while True:
-                if self._vchan is None:
-                    raise ClosedResourceError
-                data = ep.read_nowait(max_bytes)
-                if data:
-                    return data
-                await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
-                self._yielded = time.monotonic()
-        finally:
-            self._receiving = False
+        return await self._receive_with(ep.read_nowait, max_bytes)
 
     async def receive_into(self, buffer: bytearray | memoryview) -> int:
         """Receive between 1 and ``len(buffer)`` bytes into ``buffer`` (a writable,
@@ -363,6 +356,12 @@ class VchanStream(ByteStream):
         Raises: as :meth:`receive`, and ValueError for an empty ``buffer``.
         """
         ep = self._check_receive(memoryview(buffer).nbytes)
+        return await self._receive_with(ep.readinto_nowait, buffer)
+
+    async def _receive_with(self, read: Callable[[_A], _R], arg: _A) -> _R:
+        """``read(arg)`` (a non-waiting endpoint read) until it returns something, waiting
+        between attempts: the body of :meth:`receive` and :meth:`receive_into`."""
+        ep = self._ep
         self._receiving = True
         try:
             now = time.monotonic()
@@ -372,9 +371,9 @@ class VchanStream(ByteStream):
             while True:
                 if self._vchan is None:
                     raise ClosedResourceError
-                n = ep.readinto_nowait(buffer)
-                if n:
-                    return n
+                got = read(arg)
+                if got:
+                    return got
                 await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
                 self._yielded = time.monotonic()
         finally:
@@ -491,40 +490,68 @@ class Listener:
     async def accept(self) -> VchanStream:
         """Publish keys, wait for one client and return its stream.
 
+        A client that breaks the protocol while connecting (e.g. an invalid live byte in
+        the control page), or a store failure while its connection is set up, costs only
+        that client: it is logged (:data:`logger`) and dropped, and fresh keys are
+        published for the next one.
+
         Cancellation: the keys are withdrawn; no client is lost (a client that connected
         meanwhile sees the stream closed).
 
         Raises:
             anyio.ClosedResourceError: the listener is (or gets) closed.
-            gntipc.XenError: the backend refused (e.g. gntalloc limit reached: ENOSPC).
+            gntipc.XenError: the backend refused to offer a channel (e.g. gntalloc limit
+                reached: ENOSPC; the store failed while publishing the keys).
         """
         if self._closed:
             raise ClosedResourceError
         async with self._lock:
-            if self._closed:
-                raise ClosedResourceError
-            vchan = Vchan.server(
-                self.backend,
-                self.peer,
-                self.path,
-                read_size=self.read_size,
-                write_size=self.write_size,
-            )
-            dispatcher = Dispatcher(vchan)
-            self._pending = (vchan, dispatcher)
-            try:
-                while vchan.is_open() == 2:
-                    await dispatcher.wait()
-                    if self._closed:
-                        raise ClosedResourceError
-            except BaseException:
-                dispatcher.close()
-                vchan.close()
-                raise
-            finally:
-                self._pending = None
-            ref = self._backend_ref.acquire() if self._backend_ref is not None else None
-            return VchanStream(vchan, dispatcher=dispatcher, _backend_ref=ref)
+            while True:
+                if self._closed:
+                    raise ClosedResourceError
+                vchan = Vchan.server(
+                    self.backend,
+                    self.peer,
+                    self.path,
+                    read_size=self.read_size,
+                    write_size=self.write_size,
+                )
+                try:
+                    dispatcher = Dispatcher(vchan)
+                except BaseException:
+                    vchan.close()
+                    raise
+                self._pending = (vchan, dispatcher)
+                try:
+                    while vchan.is_open() == 2:
+                        await dispatcher.wait()
+                        if self._closed:
+                            raise ClosedResourceError
+                except (RemoteProtocolError, XenError) as exc:
+                    logger.warning(
+                        "gntipc listener at %s: dropped a client of domain %d while it "
+                        "connected: %s",
+                        self.path,
+                        self.peer,
+                        exc,
+                    )
+                    dispatcher.close()
+                    self._close_dropped(vchan)
+                    continue
+                except BaseException:
+                    dispatcher.close()
+                    vchan.close()
+                    raise
+                finally:
+                    self._pending = None
+                ref = self._backend_ref.acquire() if self._backend_ref is not None else None
+                return VchanStream(vchan, dispatcher=dispatcher, _backend_ref=ref)
+
+    def _close_dropped(self, vchan: Vchan) -> None:
+        try:
+            vchan.close()
+        except Exception as exc:  # the channel is gone either way: report, go on
+            logger.warning("gntipc listener at %s: closing a dropped channel: %s", self.path, exc)
 
     async def serve(
         self,
@@ -534,20 +561,52 @@ class Listener:
         """Accept clients forever, running ``handler(stream)`` for each in a task group.
 
         The stream is closed when its handler returns.  Runs until cancelled or the
-        listener is closed (then returns after the running handlers end).  An exception
-        from a handler propagates (cancelling the others), as usual in a task group.
+        listener is closed (then returns after the running handlers end).
+
+        One bad peer costs only its own connection, logged (:data:`logger`) and
+        dropped: a client that breaks the protocol while connecting (see
+        :meth:`accept`), and a handler that fails with
+        :class:`gntipc.RemoteProtocolError` (the peer corrupted the shared page) or
+        :class:`anyio.BrokenResourceError` (the peer crashed or its domain died).  A
+        failure to offer a channel (:class:`gntipc.XenError`: the store failed, the
+        gntalloc limit was reached) is logged and retried after a pause that grows up to
+        :data:`SERVE_RETRY`.  Any other exception from a handler propagates (cancelling
+        the others), as usual in a task group.
         """
 
         async def run(stream: VchanStream) -> None:
             async with stream:
-                await handler(stream)
+                try:
+                    await handler(stream)
+                except (RemoteProtocolError, BrokenResourceError) as exc:
+                    logger.warning(
+                        "gntipc listener at %s: dropped a connection: %s: %s",
+                        self.path,
+                        type(exc).__name__,
+                        exc,
+                    )
 
         async def loop(tg: anyio.abc.TaskGroup) -> None:
+            pause = 0.0
             while True:
                 try:
                     stream = await self.accept()
                 except ClosedResourceError:
                     return
+                except XenError as exc:
+                    pause = min(max(2 * pause, SERVE_RETRY[0]), SERVE_RETRY[1])
+                    logger.error(
+                        "gntipc listener at %s: cannot offer a channel (retrying in %.2g s): %s",
+                        self.path,
+                        pause,
+                        exc,
+                    )
+                    # In slices, so that closing the listener ends serve() promptly.
+                    deadline = time.monotonic() + pause
+                    while not self._closed and (left := deadline - time.monotonic()) > 0:
+                        await anyio.sleep(min(0.05, left))
+                    continue
+                pause = 0.0
                 tg.start_soon(run, stream)
 
         if task_group is not None:
