@@ -17,7 +17,10 @@ index (and closes always notify), and an event masks the port until
 reading, one for writing, one for event handling) and checks :attr:`closed` under it.
 :meth:`close` marks the endpoint closed, wakes every waiter (an eventfd in the
 endpoint's epoll), waits for threads blocked in :meth:`wait_fd` to leave, then takes all
-three locks, so in-flight operations finish first, and only then unmaps the memory.
+three locks, so in-flight operations finish first, and only then unmaps the memory.  (An
+event a call sends after releasing its lock finds the port gone and is skipped: the
+close told the peer.)  The teardown releases everything it can even when one release
+fails, and keeps what it could not release for a later :meth:`close`.
 
 Liveness: a reader checks the peer's live byte and EOF bit **first**, then drains, so no
 byte written before a close or a crash is lost.
@@ -179,8 +182,8 @@ class Endpoint:
         )
         self._make_epoll()
         # Presence first, keys second: a client that finds the keys also finds our node.
-        self._presence = Presence(backend, peer, backend.domid, port.port)
-        self._presence.announce("server")
+        self._presence = Presence(backend, peer, backend.domid, port.port, ctrl.refs[0])
+        self._presence.announce_server()
         publish_keys(backend, peer, self.path, ctrl.refs[0], port.port)
         self._published_ref = ctrl.refs[0]
 
@@ -243,9 +246,10 @@ class Endpoint:
             ctrl_ptr, read_ptr, self.read_size, write_ptr, self.write_size, is_server=False
         )
         self._make_epoll()
-        presence = self._presence = Presence(backend, peer, peer, remote_port)
-        presence.announce("client")
+        presence = self._presence = Presence(backend, peer, peer, remote_port, ref)
+        # The server's node first: ours copies its value (see Presence).
         self._watch_peer("server")
+        presence.announce_client()
         rings.set_own_live(LIVE_CONNECTED)
         rings.set_peer_notify(NOTIFY_WRITE)
         port.notify()
@@ -324,12 +328,6 @@ class Endpoint:
             return BrokenResourceError("the peer crashed (its live byte was cleared)")
         return EndOfStream()
 
-    def _writable(self) -> VchanRings:
-        rings = self._live()
-        if self.eof_sent:
-            raise ClosedResourceError("send_eof() was called: this side writes no more")
-        return rings
-
     # ---------------------------------------------------------------- writing ---
     def write_nowait(self, data: Any, *, all_or_nothing: bool = False) -> int:
         """Write as many bytes of ``data`` (any buffer) as fit now; with
@@ -342,14 +340,31 @@ class Endpoint:
         """
         src = ffi.from_buffer(data)  # len(src) is in bytes, whatever the item size
         try:
-            n, notify = self._write(src, all_or_nothing)
-        finally:
+            n, notify = self._write(src, all_or_nothing, len(src))
+        except BaseException:
             # Released at once: a traceback keeping this frame alive must not keep the
-            # caller's buffer exported.
+            # caller's buffer exported.  (On return, `src` dies with the frame.)
             ffi.release(src)
+            raise
         if notify:
             self._notify()
         return n
+
+    def send_nowait(self, data: Any) -> bool:
+        """Packet write: all of ``data`` (True) or nothing (False) if it does not fit now.
+
+        Raises: as :meth:`write_nowait` with ``all_or_nothing``.
+        """
+        src = ffi.from_buffer(data)
+        size = len(src)
+        try:
+            n, notify = self._write(src, True, size)
+        except BaseException:
+            ffi.release(src)
+            raise
+        if notify:
+            self._notify()
+        return n == size
 
     def write_from(self, data: Any, offset: int) -> tuple[int, int]:
         """Stream write of ``data[offset:]`` (``data`` any C-contiguous buffer, offsets in
@@ -358,20 +373,23 @@ class Endpoint:
         Raises: as :meth:`write_nowait`; BufferError for a non-contiguous buffer.
         """
         src = ffi.from_buffer(data)
+        total = len(src)
         try:
-            total = len(src)
             n, notify = self._write(src + offset if offset else src, False, total - offset)
-        finally:
+        except BaseException:
             ffi.release(src)
+            raise
         if notify:
             self._notify()
         return n, total
 
-    def _write(self, src: Any, all_or_nothing: bool, size: int = -1) -> tuple[int, bool]:
-        if size < 0:
-            size = len(src)
+    def _write(self, src: Any, all_or_nothing: bool, size: int) -> tuple[int, bool]:
         with self._wlock:
-            rings = self._writable()
+            rings = self._rings
+            if self.closed or rings is None:
+                raise ClosedResourceError("this vchan is closed")
+            if self.eof_sent:
+                raise ClosedResourceError("send_eof() was called: this side writes no more")
             if all_or_nothing and size > self.write_size:
                 raise LocalProtocolError(
                     f"a {size}-byte packet can never fit a {self.write_size}-byte ring"
@@ -379,7 +397,7 @@ class Endpoint:
             n = -1
             if not self._peer_dead:
                 # The liveness check and the write in one native call.
-                n, notify = rings.write(src, size, all_or_nothing=all_or_nothing)
+                n, notify = rings.write(src, size, all_or_nothing)
             if n < 0:
                 # Not connected: gone (report it), or a server still awaiting its client
                 # (writing ahead is allowed, as in libxenvchan).

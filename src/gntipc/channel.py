@@ -207,8 +207,7 @@ class Vchan:
             LocalProtocolError: ``data`` is larger than the ring: it can never fit.
             (and as :meth:`write_nowait`)
         """
-        size = memoryview(data).nbytes
-        return self.endpoint.write_nowait(data, all_or_nothing=True) == size
+        return self.endpoint.send_nowait(data)
 
     def readinto_nowait(self, buf: bytearray | memoryview) -> int:
         """Stream read into ``buf``: the bytes available now (0 if none yet).

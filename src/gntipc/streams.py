@@ -234,9 +234,7 @@ class VchanStream(ByteStream):
             anyio.BrokenResourceError: the peer is gone.
             anyio.ClosedResourceError: we closed the stream or sent EOF.
         """
-        ep = self._check_send()
-        size = memoryview(item).nbytes
-        if ep.write_nowait(item, all_or_nothing=True) != size and size:
+        if not self._check_send().send_nowait(item):
             raise WouldBlock
 
     async def send(self, item: Buffer) -> None:

@@ -141,7 +141,7 @@ class VchanRings:
         return r
 
     # -- data ------------------------------------------------------------------------
-    def write(self, data: CData, length: int, *, all_or_nothing: bool = False) -> tuple[int, bool]:
+    def write(self, data: CData, length: int, all_or_nothing: bool = False) -> tuple[int, bool]:
         """Copy up to ``length`` bytes from ``data`` (a cffi pointer) into the write ring,
         if the peer's live byte says connected (1).
 
