@@ -44,8 +44,11 @@ test-xen-all: $(STAMP)
 bench-xen: $(STAMP)
 	$(XENKIT)/run-in-xen.sh --timeout 900 "$(CURDIR)" '$(CURDIR)/$(PY) benchmarks/xen_vs_libxenvchan.py'
 
+# Every figure is also saved to benchmarks/results/<UTC timestamp>.json.
+# `make bench BENCH_ARGS="--quick --only latency"` passes options through.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build src/*.egg-info src/gntipc/_native/_lib*.so src/gntipc/_native/_lib.c
