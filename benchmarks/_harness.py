@@ -266,13 +266,10 @@ def v_client(path: str) -> Iterator[Vchan]:
         backend.close()
 
 
-# The sim store sends a watch's event *before* the writing transaction commits
-# (backends/sim/_store.py: fire_watches runs inside rt.write()).  A client woken in that
-# window reads the store before the keys are visible, goes back to sleep, and is never
-# woken again: connect() then waits forever although the keys are there.  Rare (about
-# one connection in a few hundred here, more under load) but it used to cost a whole row
-# ("the latency section's gntipc async row can fail to connect").  Until the sim is
-# fixed, connect in short attempts; each retry is noted (printed, and in the JSON).
+# The sim store used to send a watch's event before the writing transaction committed: a
+# client woken in that window missed the keys and slept forever (fixed in the sim store,
+# with a regression test).  Connecting in short attempts stays as a guard: a retry would
+# show a regression, and it is noted (printed, and in the JSON), never hidden.
 def _connect_timed_out(backend: Any, path: str) -> None:
     keys = f"{Vchan.resolve_path(SERVER_DOM, path)}/ring-ref"
     try:
@@ -282,7 +279,8 @@ def _connect_timed_out(backend: Any, path: str) -> None:
     else:
         note(
             f"gntipc connect: the keys at {path} were published but the store watch never"
-            f" woke the client within {CONNECT_ATTEMPT:g} s (sim bug); retrying"
+            f" woke the client within {CONNECT_ATTEMPT:g} s (a lost store watch event);"
+            " retrying"
         )
 
 
