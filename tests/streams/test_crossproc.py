@@ -173,11 +173,14 @@ async def test_many_concurrent_clients_on_one_listener(backend: Backend, spawn: 
         backend=backend,  # type: ignore[attr-defined]
     ) as listener:
         peers = [await spawn("echo", path) for _ in range(clients)]  # type: ignore[operator]
-        with anyio.fail_after(60):
+        with anyio.fail_after(240 if backend.name == "xen" else 60):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(listener.serve, handler)
                 for p in peers:
-                    assert await p.line() == "ready"
+                    # Six interpreters start at once: on the emulated single vCPU of the
+                    # Xen kit the first "ready" came at 30-31 s (measured: imports, not
+                    # wake-ups), so real Xen gets the emulation factor.
+                    assert await p.line(120 if backend.name == "xen" else 30) == "ready"
                 for _i, p in enumerate(peers):
                     line = await p.line()
                     assert line.startswith("echoed "), line
