@@ -12,20 +12,32 @@ the connect loops (blocking and async).
   removes a dead domain's home, so a vanished node while the live byte still says
   "connected" means the peer's domain died (which sends no event).  A plain libxenvchan
   peer has no presence node; its domain's death is then not detected.
+
+  A node names the channel instance it belongs to: the server writes
+  ``<ring-ref>:<nonce>`` (its control page's grant and a random nonce, written before
+  the keys), the client copies the server's value into its own node.  A node left by a
+  crashed process (nobody removes it) therefore never passes for the node of a later
+  peer on the same path and port, e.g. a plain libxenvchan one, whose clean close would
+  otherwise be reported as a crash.  Such stale nodes do not pile up: a server removes
+  whatever an earlier holder of its port left (ports are unique in a domain while bound,
+  and reused), and every endpoint removes its node, and the directories it leaves empty,
+  on close (read, compare and remove in one transaction).
 """
 
 from __future__ import annotations
 
 import errno
+import secrets
 import select
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio import WouldBlock
 
 from ._exceptions import GntipcError, LocalProtocolError, RemoteProtocolError, XenError
-from .backends._abc import Backend, Perm, Store, Watch
+from .backends._abc import Backend, Perm, Store, Transaction, Watch
 
 if TYPE_CHECKING:
     from ._endpoint import Endpoint
@@ -36,6 +48,7 @@ __all__ = [
     "check_domid",
     "connect_async",
     "connect_blocking",
+    "in_transaction",
     "publish_keys",
     "resolve_path",
     "try_connect",
@@ -85,20 +98,17 @@ def parse_uint(raw: bytes, what: str, limit: int) -> int:
     return int(text)
 
 
-def publish_keys(backend: Backend, peer: int, path: str, ref: int, port: int) -> None:
-    """Publish ``ring-ref`` and ``event-channel`` in one transaction (retried on EAGAIN).
+def in_transaction(store: Store, body: Callable[[Transaction], None]) -> None:
+    """Run ``body`` in a store transaction and commit, retrying on EAGAIN (a conflicting
+    writer).
 
     Raises:
-        XenError: the store refused.
+        XenError: the store refused (or EAGAIN after every retry).
     """
-    store = backend.store
-    perms = [Perm(backend.domid, "n"), Perm(peer, "r")]
     for attempt in range(_STORE_RETRIES):
         try:
             with store.transaction() as tx:
-                for key, value in (("ring-ref", ref), ("event-channel", port)):
-                    tx.write(f"{path}/{key}", str(value).encode())
-                    tx.set_perms(f"{path}/{key}", perms)
+                body(tx)
         except XenError as exc:
             if exc.errno == errno.EAGAIN and attempt < _STORE_RETRIES - 1:
                 continue
@@ -106,20 +116,73 @@ def publish_keys(backend: Backend, peer: int, path: str, ref: int, port: int) ->
         return
 
 
+def publish_keys(backend: Backend, peer: int, path: str, ref: int, port: int) -> None:
+    """Publish ``ring-ref`` and ``event-channel`` in one transaction (retried on EAGAIN).
+
+    Raises:
+        XenError: the store refused.
+    """
+    perms = [Perm(backend.domid, "n"), Perm(peer, "r")]
+
+    def body(tx: Transaction) -> None:
+        for key, value in (("ring-ref", ref), ("event-channel", port)):
+            tx.write(f"{path}/{key}", str(value).encode())
+            tx.set_perms(f"{path}/{key}", perms)
+
+    in_transaction(backend.store, body)
+
+
 def unpublish_keys(store: Store, path: str, ref: int) -> None:
-    """Remove our keys, unless a newer server already replaced them."""
-    try:
-        current = store.read(f"{path}/ring-ref")
-    except XenError:
-        return
-    if current.split(b"\0", 1)[0] == str(ref).encode():
-        store.rm(f"{path}/ring-ref")
-        store.rm(f"{path}/event-channel")
+    """Remove our keys (and the path node, if that leaves it empty), unless a newer
+    server already replaced them: read, compare and remove in one transaction, so that
+    keys published meanwhile are never removed.
+
+    Raises:
+        XenError: the store failed.
+    """
+    ours = str(ref).encode()
+
+    def body(tx: Transaction) -> None:
         try:
-            if not store.directory(path):
-                store.rm(path)
-        except XenError:
-            pass
+            current = tx.read(f"{path}/ring-ref")
+        except XenError as exc:
+            if exc.errno in (errno.ENOENT, errno.EACCES):
+                return  # gone already (or no longer ours to see)
+            raise
+        if current.split(b"\0", 1)[0] != ours:
+            return
+        tx.rm(f"{path}/ring-ref")
+        tx.rm(f"{path}/event-channel")
+        try:
+            if not tx.directory(path):
+                tx.rm(path)
+        except XenError as exc:
+            if exc.errno == errno.EAGAIN:
+                raise
+            # the path node itself may not be ours to list or remove
+
+    in_transaction(store, body)
+
+
+def _remove_own_node(store: Store, node: str, value: bytes, keep: str) -> None:
+    """Remove ``node`` if it still holds ``value``, then its ancestors that this leaves
+    empty, up to (not including) ``keep``; in one transaction."""
+
+    def body(tx: Transaction) -> None:
+        try:
+            if tx.read(node) != value:
+                return  # replaced by a later endpoint of the same name: not ours
+        except XenError as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            raise
+        tx.rm(node)
+        parent = node.rsplit("/", 1)[0]
+        while parent != keep and not tx.directory(parent):
+            tx.rm(parent)
+            parent = parent.rsplit("/", 1)[0]
+
+    in_transaction(store, body)
 
 
 class Presence:
@@ -129,36 +192,93 @@ class Presence:
         backend: ours.
         peer: the peer's domid.
         server: the server's domid; ``server_port``: the server's event port, which
-            names the channel instance.
+            names the channel in the store.
+        ref: the grant ref of the control page, which (with the server's nonce) names
+            the channel instance.
     """
 
-    __slots__ = ("_backend", "_node", "_peer", "_peer_node", "_server", "_server_port", "_watch")
+    __slots__ = (
+        "_backend",
+        "_node",
+        "_peer",
+        "_peer_node",
+        "_ref",
+        "_server",
+        "_server_port",
+        "_value",
+        "_watch",
+    )
 
-    def __init__(self, backend: Backend, peer: int, server: int, server_port: int) -> None:
+    def __init__(
+        self, backend: Backend, peer: int, server: int, server_port: int, ref: int
+    ) -> None:
         self._backend = backend
         self._peer = peer
         self._server = server
         self._server_port = server_port
+        self._ref = ref
         self._node: str | None = None
+        #: The value of the server's node: ours (server), or the one we found (client).
+        self._value: bytes | None = None
         self._peer_node: str | None = None
         self._watch: Watch | None = None
 
     def _path(self, domid: int, role: str) -> str:
         return f"/local/domain/{domid}/data/gntipc/{self._server}/{self._server_port}/{role}"
 
-    def announce(self, role: str) -> None:
-        """Write our node (readable by the peer)."""
-        node = self._node = self._path(self._backend.domid, role)
+    def _perms(self) -> list[Perm]:
+        return [Perm(self._backend.domid, "n"), Perm(self._peer, "r")]
+
+    def announce_server(self) -> None:
+        """Write the server's node, naming this instance, after removing whatever an
+        earlier holder of our port left there (one transaction).  Call it before the
+        keys are published: a client that finds the keys also finds the node."""
+        node = self._path(self._backend.domid, "server")
+        value = f"{self._ref}:{secrets.token_hex(8)}".encode()
+        perms = self._perms()
+
+        def body(tx: Transaction) -> None:
+            # We hold the port now, so every node under it is stale (a process that
+            # crashed, or a server killed before its client noticed).
+            tx.rm(node.rsplit("/", 1)[0])
+            tx.write(node, value)
+            tx.set_perms(node, perms)
+
+        in_transaction(self._backend.store, body)
+        self._node, self._value = node, value
+
+    def announce_client(self) -> None:
+        """Write the client's node: the server's value (after :meth:`watch_peer`), so
+        that the server recognises it as this instance's."""
+        node = self._path(self._backend.domid, "client")
+        value = self._value if self._value is not None else f"{self._ref}:".encode()
         store = self._backend.store
-        store.write(node, b"1")
-        store.set_perms(node, [Perm(self._backend.domid, "n"), Perm(self._peer, "r")])
+        store.write(node, value)
+        self._node, self._value = node, value
+        store.set_perms(node, self._perms())
+
+    def _matches(self, role: str, value: bytes) -> bool:
+        if role == "client":  # we are the server: the client copied our value
+            return value == self._value
+        ref, sep, nonce = value.partition(b":")
+        if sep and nonce and ref == str(self._ref).encode():
+            self._value = value
+            return True
+        return False
 
     def watch_peer(self, role: str) -> tuple[bool, bool]:
         """Start watching the peer's node.  Returns ``(is_gntipc, dead)``: whether the
-        peer has a node (a gntipc peer), and whether its domain is already gone."""
+        peer has a node of this channel instance (a gntipc peer), and whether its domain
+        is already gone.  A stale node (of a crashed process) counts as none."""
         store = self._backend.store
         node = self._path(self._peer, role)
-        if not store.exists(node):
+        try:
+            value: bytes | None = store.read(node)
+        except XenError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EACCES):
+                raise
+            value = None
+        if value is None:
             # A plain libxenvchan peer, or a peer whose domain already died (its home is
             # gone: ENOENT; EACCES only says we may not look, as in a domU).
             try:
@@ -166,6 +286,8 @@ class Presence:
             except XenError as exc:
                 if exc.errno == errno.ENOENT:
                     return False, True
+            return False, False
+        if not self._matches(role, value):
             return False, False
         self._peer_node = node
         self._watch = store.watch(node, "gntipc-peer")
@@ -183,12 +305,14 @@ class Presence:
         return not self._backend.store.exists(self._peer_node)
 
     def close(self) -> None:
-        """Stop watching and remove our node (best effort: the store may be gone)."""
+        """Stop watching; remove our node, if it is still ours, and the directories that
+        leaves empty (best effort: the store may be gone)."""
         watch, self._watch = self._watch, None
         node, self._node = self._node, None
         try:
-            if node is not None:
-                self._backend.store.rm(node)
+            if node is not None and self._value is not None:
+                keep = f"/local/domain/{self._backend.domid}/data"
+                _remove_own_node(self._backend.store, node, self._value, keep)
         except (GntipcError, TimeoutError):
             pass
         finally:
