@@ -141,6 +141,26 @@ class MessageQueue(Generic[T]):
             )
         _U32.pack_into(buf, start, n)
 
+    def _encode_batch(self, messages: Iterable[T]) -> bytearray:
+        """Frame every message into the write buffer, in one loop (the batch path of
+        :meth:`_encode_into`).  A too-large message empties the buffer and raises."""
+        buf = self._wbuf
+        del buf[:]
+        encode_into = self._encoder.encode_into
+        pack_into = _U32.pack_into
+        most = self.max_message_size
+        for message in messages:
+            start = len(buf)
+            encode_into(message, buf, start + _HEADER)
+            n = len(buf) - start - _HEADER
+            if n > most:
+                del buf[:]
+                raise MessageTooLarge(
+                    f"message encodes to {n} bytes, more than max_message_size ({most})"
+                )
+            pack_into(buf, start, n)
+        return buf
+
     def put_nowait(self, message: T) -> None:
         """Send ``message`` now, or not at all.
 
@@ -169,11 +189,7 @@ class MessageQueue(Generic[T]):
         """
         if self._putting:
             raise BusyResourceError("sending to")
-        buf = self._wbuf
-        del buf[:]
-        encode = self._encode_into
-        for message in messages:
-            encode(message, buf, len(buf))
+        buf = self._encode_batch(messages)
         if buf:
             self.stream.send_nowait(buf)
 
@@ -218,11 +234,7 @@ class MessageQueue(Generic[T]):
             raise BusyResourceError("sending to")
         self._putting = True
         try:
-            buf = self._wbuf
-            del buf[:]
-            encode = self._encode_into
-            for message in messages:
-                encode(message, buf, len(buf))
+            buf = self._encode_batch(messages)
             if buf:
                 await self._send_frames(buf)
         finally:
@@ -269,6 +281,31 @@ class MessageQueue(Generic[T]):
             return self._decoder.decode(self._rview[pos + _HEADER : end])
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise MalformedMessage(f"undecodable {n}-byte message skipped: {exc}") from exc
+
+    def _decode_ready(self, out: list[T], limit: int) -> None:
+        """Append to ``out`` (up to ``limit``) every complete frame buffered in one piece:
+        the batch path of :meth:`_next`, in one loop.  It stops before an oversized or
+        undecodable frame, and before a frame split across received pieces, for
+        :meth:`_next` to handle."""
+        buf = self._rbuf
+        view = self._rview
+        pos = self._rpos
+        size = len(buf)
+        most = self.max_message_size
+        unpack = _U32.unpack_from
+        decode = self._decoder.decode
+        append = out.append
+        try:
+            while len(out) < limit and size - pos >= _HEADER:
+                (n,) = unpack(buf, pos)
+                end = pos + _HEADER + n
+                if n > most or end > size:
+                    break
+                append(decode(view[pos + _HEADER : end]))
+                pos = end
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass  # left to _next(), which skips the frame and reports it
+        self._rpos = pos
 
     def _needed(self) -> int:
         """How many more bytes complete the current frame (at least one chunk)."""
@@ -436,6 +473,9 @@ class MessageQueue(Generic[T]):
         received = 0
         try:
             while len(out) < limit:
+                self._decode_ready(out, limit)
+                if len(out) >= limit:
+                    break
                 message = nxt()
                 if message is _NOTHING:
                     if self._ended or received >= COLLECT_BYTES:
