@@ -112,6 +112,7 @@ def run_pair(
     proc = CTX.Process(target=_child_main, args=(child, res, args, tx), daemon=True)
     proc.start()
     tx.close()  # else rx never sees EOF when the child dies
+    pinned = pin_pair(proc.pid)
     clean = False
     try:
         with _deadline(budget + ROW_SLACK):
@@ -128,6 +129,8 @@ def run_pair(
         clean = True
         return mine, theirs
     finally:
+        if pinned is not None:
+            os.sched_setaffinity(0, pinned)
         rx.close()
         proc.join(10 if clean else 0.5)
         if proc.is_alive():
@@ -135,6 +138,21 @@ def run_pair(
             proc.join()
         if isinstance(res, str):  # a tmp_sock() path: its private directory goes
             shutil.rmtree(os.path.dirname(res), ignore_errors=True)
+
+
+def pin_pair(child_pid: int) -> set[int] | None:
+    """Put this process and ``child_pid`` on two different CPUs (the first two we may
+    use), the same for every transport: the figures are for "processes on different
+    cores", not for wherever the scheduler happens to put them.  Returns our previous
+    affinity (to restore), or None with fewer than two CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    before = set(cpus)
+    os.sched_setaffinity(0, {cpus[0]})
+    with contextlib.suppress(ProcessLookupError):
+        os.sched_setaffinity(child_pid, {cpus[1]})
+    return before
 
 
 def _child_main(

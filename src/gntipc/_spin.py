@@ -7,8 +7,8 @@ the cost of one block-and-wake, then block; that is never worse than twice the o
 
 A :class:`Spinner` keeps that rule cheap when it does not pay:
 
-* it never spins when this process may run on one CPU only: the peer would need the
-  very CPU we burn (a single-vCPU VM, a process pinned to one core);
+* it never spins on a machine with one CPU: the peer would need the very CPU we burn
+  (a single-vCPU VM);
 * it spins only while the channel has been busy recently (a wait ended less than
   :data:`IDLE_AFTER` seconds ago), so an idle channel burns no CPU: after a burst, each
   side spins at most once, then sleeps;
@@ -65,7 +65,7 @@ class Spinner:
 
     @property
     def limit(self) -> float:
-        """The spin limit in seconds (0: never spin, also when only one CPU is ours)."""
+        """The spin limit in seconds (0: never spin, also on a one-CPU machine)."""
         return self._limit_ns / 1e9
 
     @limit.setter
@@ -103,8 +103,7 @@ class Spinner:
 
 
 def _can_spin() -> bool:
-    """True if this process may run on more than one CPU (spinning can pay off)."""
-    try:
-        return len(os.sched_getaffinity(0)) > 1
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return (os.cpu_count() or 1) > 1
+    """True if the machine has more than one CPU (spinning can pay off).  A process
+    pinned to one core may still spin: its peer may well be pinned to another (and if it
+    shares our core, the misses fade spinning out)."""
+    return (os.cpu_count() or 1) > 1
