@@ -130,9 +130,8 @@ class Dispatcher:
             spinner.spun(False)
         if poll(want):
             return
-        start = time.monotonic()
         await self.wait()
-        spinner.woke(time.monotonic() - start)
+        spinner.woke()
 
     def _wake_all(self) -> None:
         followers, self._followers = self._followers, []

@@ -96,10 +96,10 @@ class Spinner:
         else:
             self._budget //= 2
 
-    def woke(self, waited: float) -> None:
-        """Record the end of a blocking wait (of ``waited`` seconds): the channel is
-        busy now."""
-        self._last = time.monotonic()
+    def woke(self) -> None:
+        """Record the end of a blocking wait: the channel is busy now."""
+        if self._limit_ns:
+            self._last = time.monotonic()
 
 
 def _can_spin() -> bool:

@@ -72,11 +72,10 @@ class BlockingWaiter:
                 return
         if poll(want):
             return
-        start = time.monotonic()
-        if deadline is not None and deadline <= start:
+        if deadline is not None and deadline <= time.monotonic():
             raise TimeoutError("vchan operation timed out")
         self.await_news(gen, deadline)
-        spinner.woke(time.monotonic() - start)
+        spinner.woke()
 
     def generation(self) -> int:
         """The count of event rounds handled so far (take it before a check)."""

@@ -105,7 +105,7 @@ async def test_send_any_buffer(make_pair: PairFactory) -> None:
 def test_spinner_goes_quiet() -> None:
     s = Spinner(50e-6)
     assert s.budget_ns() == 0  # a channel with no history is idle: no spinning
-    s.woke(1e-6)  # the channel is busy now
+    s.woke()  # the channel is busy now
     if not _can_spin():
         assert s.budget_ns() == 0
         return
@@ -153,7 +153,7 @@ async def test_a_long_spin_is_cancellable_and_lets_others_run(make_pair: PairFac
     srv.spin = 2.0  # far longer than the test: only a cancellation ends it
     await cli.send(b"x")
     assert await srv.receive() == b"x"
-    srv._read_spinner.woke(0.0)  # the channel was just busy: the next wait spins
+    srv._read_spinner.woke()  # the channel was just busy: the next wait spins
     ticks = 0
 
     async def other_task() -> None:
