@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 XENKIT := tools/xen-vm
 
-.PHONY: demo test test-xen test-xen-all bench-xen lint bench install clean
+.PHONY: demo test test-xen test-xen-all bench-xen lint bench install clean stress
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ bench-xen: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+# The long stress runs of tests/stress (make test runs short versions): SIGKILL chaos,
+# a hostile peer fuzzing the shared pages (C core under AddressSanitizer), a leak soak
+# and exhaustion.  Prints a table of counts; fails on any failed count.
+# STRESS=medium for a shorter run; GNTIPC_STRESS_ASAN=0 without AddressSanitizer.
+STRESS ?= full
+stress: $(STAMP)
+	GNTIPC_STRESS=$(STRESS) $(PY) -m pytest -m "not xen" -q -rxX tests/stress
 
 clean:
 	rm -rf build src/*.egg-info src/gntipc/_native/_lib*.so src/gntipc/_native/_lib.c

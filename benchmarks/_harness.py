@@ -9,12 +9,12 @@ hangs is reported and skipped; it never stops the run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import multiprocessing as mp
 import os
 import resource
 import shutil
 import signal
-import sqlite3
 import statistics
 import sys
 import tempfile
@@ -195,13 +195,13 @@ def attempt(name: str, fn: Callable[..., tuple[Any, Any]], *args: Any, **kw: Any
 
 # ------------------------------------------------------------------------- gntipc ---
 def sim_backend(domid: int) -> gntipc.backends.Backend:
-    # Two processes creating the sim runtime at the same instant can meet sqlite's
-    # "database is locked" (a sim start-up race, reported): retry briefly.
+    # Two processes creating the sim runtime at the same instant can meet a state database
+    # still locked (a sim start-up race, reported; XenError EBUSY): retry briefly.
     for attempt_no in range(50):
         try:
             return gntipc.get_backend("sim", domid=domid)
-        except sqlite3.OperationalError:
-            if attempt_no == 49:
+        except gntipc.XenError as exc:
+            if exc.errno != errno.EBUSY or attempt_no == 49:
                 raise
             time.sleep(0.01)
     raise AssertionError("unreachable")

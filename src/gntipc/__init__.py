@@ -14,14 +14,18 @@ from __future__ import annotations
 from ._exceptions import BackendUnavailable as BackendUnavailable
 from ._exceptions import GntipcError as GntipcError
 from ._exceptions import LocalProtocolError as LocalProtocolError
+from ._exceptions import MalformedMessage as MalformedMessage
+from ._exceptions import MappingInUse as MappingInUse
+from ._exceptions import MessageTooLarge as MessageTooLarge
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import RemoteProtocolError as RemoteProtocolError
+from ._exceptions import StaleKeys as StaleKeys
 from ._exceptions import XenError as XenError
+from ._exceptions import XenStoreTimeout as XenStoreTimeout
 from .backends import get_backend as get_backend
 from .channel import Vchan as Vchan
-from .messages import MalformedMessage as MalformedMessage
 from .messages import MessageQueue as MessageQueue
-from .messages import MessageTooLarge as MessageTooLarge
+from .protocol import VchanState as VchanState
 from .session import Session as Session
 from .session import SessionStream as SessionStream
 from .streams import Listener as Listener
@@ -36,16 +40,20 @@ __all__ = [
     "Listener",
     "LocalProtocolError",
     "MalformedMessage",
+    "MappingInUse",
     "MessageQueue",
     "MessageTooLarge",
     "ProtocolError",
     "RemoteProtocolError",
     "Session",
     "SessionStream",
+    "StaleKeys",
     "Vchan",
     "VchanAttribute",
+    "VchanState",
     "VchanStream",
     "XenError",
+    "XenStoreTimeout",
     "connect",
     "get_backend",
     "listen",

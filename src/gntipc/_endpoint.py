@@ -38,18 +38,17 @@ from typing import Any
 
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 
-from ._exceptions import LocalProtocolError, XenError
+from ._domid import check_domid
+from ._exceptions import LocalProtocolError, StaleKeys, XenError
 from ._native import ffi
 from ._rendezvous import (
     Presence,
-    StaleKeys,
-    check_domid,
     publish_keys,
     resolve_path,
     unpublish_keys,
 )
 from .backends._abc import Backend, EventPort, Pages
-from .protocol._layout import (
+from .protocol import (
     CONTROL_PAGE_SIZE,
     LIVE_CONNECTED,
     LIVE_GONE,
@@ -59,9 +58,9 @@ from .protocol._layout import (
     OFF_CLI_NOTIFY,
     OFF_SRV_LIVE,
     Geometry,
+    VchanRings,
     choose_orders,
 )
-from .protocol.ring import VchanRings
 
 __all__ = ["Endpoint"]
 

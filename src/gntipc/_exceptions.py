@@ -1,8 +1,20 @@
-"""The gntipc error tree.
+"""The gntipc error tree: every exception class gntipc defines, in one module.
 
 Everything gntipc raises on its own account derives from :class:`GntipcError`.  Stream
 conditions (end of stream, a broken or closed stream, two concurrent senders) reuse
-anyio's exceptions so that gntipc streams behave like every other anyio stream.
+anyio's exceptions so that gntipc streams behave like every other anyio stream::
+
+    GntipcError
+    ├── BackendUnavailable
+    ├── XenError (also OSError: keeps errno)
+    ├── XenStoreTimeout (also TimeoutError)
+    ├── MappingInUse (also BufferError)
+    ├── StaleKeys
+    └── ProtocolError
+        ├── LocalProtocolError (also ValueError: caller misuse)
+        ├── RemoteProtocolError (the peer misbehaved)
+        │   └── MalformedMessage
+        └── MessageTooLarge
 """
 
 from __future__ import annotations
@@ -14,9 +26,14 @@ __all__ = [
     "BackendUnavailable",
     "GntipcError",
     "LocalProtocolError",
+    "MalformedMessage",
+    "MappingInUse",
+    "MessageTooLarge",
     "ProtocolError",
     "RemoteProtocolError",
+    "StaleKeys",
     "XenError",
+    "XenStoreTimeout",
     "raise_errno",
 ]
 
@@ -40,6 +57,19 @@ class XenError(GntipcError, OSError):
     """
 
 
+class XenStoreTimeout(GntipcError, TimeoutError):
+    """XenStore did not answer a request in time (is xenstored running?)."""
+
+
+class MappingInUse(GntipcError, BufferError):
+    """A mapping cannot be closed while memoryviews or pointers into it are alive."""
+
+
+class StaleKeys(GntipcError):
+    """The published keys belong to a server that is gone, or that another client took
+    first: a later attempt, after the keys change, may succeed."""
+
+
 class ProtocolError(GntipcError):
     """The vchan protocol was violated."""
 
@@ -50,6 +80,19 @@ class LocalProtocolError(ProtocolError, ValueError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer wrote something invalid into shared memory or the store."""
+
+
+class MessageTooLarge(ProtocolError):
+    """A message (its encoded payload) exceeds the queue's ``max_message_size``.
+
+    Raised by the put methods before anything is written (the queue stays usable), and by
+    the get methods for an announced frame that is too large (the queue is then closed).
+    """
+
+
+class MalformedMessage(RemoteProtocolError):
+    """The peer sent a frame that does not decode as the expected type (the frame is
+    skipped), or the stream ended in the middle of a frame."""
 
 
 def raise_errno(err: int, what: str) -> None:

@@ -12,22 +12,19 @@ import contextlib
 import mmap
 import warnings
 from collections.abc import Callable
-from types import TracebackType
 
 from anyio import ClosedResourceError
 
-from ._exceptions import GntipcError
+from ._exceptions import LocalProtocolError
+from ._exceptions import MappingInUse as MappingInUse
+from ._resource import Closeable
 
 __all__ = ["Mapping", "MappingInUse", "PAGE_SIZE"]
 
 PAGE_SIZE = 4096
 
 
-class MappingInUse(GntipcError, BufferError):
-    """A mapping cannot be closed while memoryviews or pointers into it are alive."""
-
-
-class Mapping:
+class Mapping(Closeable):
     """Pages mapped into this process.
 
     ``view()`` gives a memoryview (read-only when the mapping is).  ``close()`` unmaps,
@@ -74,6 +71,25 @@ class Mapping:
         """The underlying mmap object (for ``ffi.from_buffer``)."""
         return self._live()
 
+    def check_unmap_notify(self, offset: object, *, clear_byte: bool) -> int:
+        """``offset`` if an unmap notification may be set there (every backend's
+        ``set_unmap_notify`` checks its arguments here).
+
+        Raises:
+            TypeError: ``offset`` is not an int.
+            LocalProtocolError: ``offset`` is outside the mapping, or ``clear_byte`` on a
+                read-only mapping (the kernel refuses it for a read-only gntdev map).
+        """
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TypeError(f"unmap-notify offset must be an int, not {type(offset).__name__}")
+        if not 0 <= offset < self.size:
+            raise LocalProtocolError(
+                f"unmap-notify offset {offset} is outside the {self.size}-byte mapping"
+            )
+        if clear_byte and not self.writable:
+            raise LocalProtocolError("clear_byte unmap notification on a read-only mapping")
+        return offset
+
     def close(self) -> None:
         """Unmap the pages (idempotent).
 
@@ -94,17 +110,6 @@ class Mapping:
         release, self._release = self._release, None
         if release is not None:
             release()
-
-    def __enter__(self) -> Mapping:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if getattr(self, "_mm", None) is not None:

@@ -37,6 +37,7 @@ import anyio
 from anyio import WouldBlock
 
 from ._exceptions import GntipcError, LocalProtocolError, RemoteProtocolError, XenError
+from ._exceptions import StaleKeys as StaleKeys
 from .backends._abc import Backend, Perm, Store, Transaction, Watch
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 __all__ = [
     "Presence",
     "StaleKeys",
-    "check_domid",
     "connect_async",
     "connect_blocking",
     "in_transaction",
@@ -58,18 +58,6 @@ __all__ = [
 
 MAX_PORT = (1 << 17) - 1  # EVTCHN_FIFO_NR_CHANNELS - 1
 _STORE_RETRIES = 16
-_DOMID_MAX = 0x7FEF
-
-
-class StaleKeys(GntipcError):
-    """The published keys belong to a server that is gone, or that another client took
-    first: a later attempt, after the keys change, may succeed."""
-
-
-def check_domid(domid: int) -> None:
-    """Raises ValueError unless ``domid`` is the id of a real domain (0..32751)."""
-    if not isinstance(domid, int) or not 0 <= domid <= _DOMID_MAX:
-        raise ValueError(f"domid {domid!r} is outside 0..32751")
 
 
 def resolve_path(server_domid: int, path: str) -> str:

@@ -8,7 +8,7 @@ send/recv = packet), a thin facade over three parts: the rendezvous
 blocking waiter (:mod:`gntipc._waiter`: spin-then-block for threads).  Every operation
 has a non-waiting form (``*_nowait``) and a blocking form for scripts and threads.
 
-Setup, byte-exact with libxenvchan (see ``protocol._layout``):
+Setup, byte-exact with libxenvchan (see :mod:`gntipc.protocol`):
 
 * server: allocate an unbound port for the client, share the control page with an unmap
   notification on ``srv_live``, write orders/grants/live/notify bytes, share the external
@@ -39,26 +39,27 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from types import TracebackType
 
 from anyio import ClosedResourceError
 
+from ._domid import check_domid
 from ._endpoint import Endpoint
 from ._exceptions import LocalProtocolError
-from ._rendezvous import check_domid, connect_blocking, resolve_path, try_connect
+from ._rendezvous import connect_blocking, resolve_path, try_connect
+from ._resource import Closeable
 from ._spin import DEFAULT_SPIN
 from ._waiter import BlockingWaiter
 from .backends._abc import Backend
-from .protocol._layout import LIVE_GONE, LIVE_WAITING
+from .protocol import DEFAULT_RING_SIZE as DEFAULT_RING_SIZE
+from .protocol import VchanState
 
 __all__ = ["DEFAULT_RING_SIZE", "Vchan"]
 
-DEFAULT_RING_SIZE = 65536
 
 Buffer = bytes | bytearray | memoryview
 
 
-class Vchan:
+class Vchan(Closeable):
     """One end of a vchan.  Use :meth:`server` or :meth:`client` to make one.
 
     Thread-safety: one reader thread and one writer thread may use it at once, and
@@ -103,8 +104,10 @@ class Vchan:
     ) -> Vchan:
         """Offer a channel to domain ``peer`` at store ``path`` and return at once.
 
-        :meth:`is_open` is 2 until a client connects.  Ring sizes are rounded up to
-        libxenvchan's choice of orders (up to 1 MiB each way).  ``start_index`` sets the
+        :meth:`is_open` is ``WAITING`` until a client connects.  ``read_size`` and
+        ``write_size`` are minimum sizes, rounded up to libxenvchan's choice of orders (up
+        to 1 MiB each way) as ``libxenvchan_server_init`` does (the rules:
+        :mod:`gntipc.protocol`).  ``start_index`` sets the
         initial ring indices (tests use it to cross the u32 wrap).
 
         Raises:
@@ -268,17 +271,15 @@ class Vchan:
         end to report (the peer sent EOF, closed, crashed or died)."""
         return self.endpoint.readable()
 
-    def is_open(self) -> int:
-        """0: closed (by us, or the peer is gone), 1: open, 2: server awaiting a client."""
+    def is_open(self) -> VchanState:
+        """``CLOSED`` (0: closed by us, or the peer is gone), ``CONNECTED`` (1) or
+        ``WAITING`` (2: a server awaiting its client), as ``libxenvchan_is_open``."""
         if self.endpoint.closed:
-            return 0
+            return VchanState.CLOSED
         try:
-            live = self.endpoint.peer_state()
+            return VchanState(self.endpoint.peer_state())
         except ClosedResourceError:
-            return 0
-        if live == LIVE_WAITING:
-            return 2
-        return 0 if live == LIVE_GONE else 1
+            return VchanState.CLOSED
 
     def prepare_wait_read(self) -> int:
         """Ask the peer to notify us when it writes; the fresh :meth:`data_ready` (at least
@@ -389,17 +390,6 @@ class Vchan:
     @property
     def closed(self) -> bool:
         return self.endpoint.closed
-
-    def __enter__(self) -> Vchan:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         endpoint = getattr(self, "endpoint", None)

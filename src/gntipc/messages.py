@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 import anyio
 import msgspec
 from anyio import BusyResourceError, EndOfStream, WouldBlock
+from anyio.abc import AsyncResource
 from anyio.lowlevel import checkpoint
 
-from ._exceptions import ProtocolError, RemoteProtocolError
+from ._exceptions import MalformedMessage as MalformedMessage
+from ._exceptions import MessageTooLarge as MessageTooLarge
 from .streams import VchanAttribute, VchanStream
 
 __all__ = ["MalformedMessage", "MessageQueue", "MessageTooLarge"]
@@ -55,19 +56,6 @@ DEFAULT_MAX_ITEMS = 4096
 COLLECT_BYTES = 1 << 20
 
 
-class MessageTooLarge(ProtocolError):
-    """A message (its encoded payload) exceeds the queue's ``max_message_size``.
-
-    Raised by the put methods before anything is written (the queue stays usable), and by
-    the get methods for an announced frame that is too large (the queue is then closed).
-    """
-
-
-class MalformedMessage(RemoteProtocolError):
-    """The peer sent a frame that does not decode as the expected type (the frame is
-    skipped), or the stream ended in the middle of a frame."""
-
-
 class _Nothing:
     pass
 
@@ -75,7 +63,7 @@ class _Nothing:
 _NOTHING = _Nothing()
 
 
-class MessageQueue(Generic[T]):
+class MessageQueue(AsyncResource, Generic[T]):
     """Typed messages over a :class:`~gntipc.VchanStream` (msgspec MessagePack).
 
     ``MessageQueue(stream, Reading)`` sends and receives ``Reading`` values (any type
@@ -518,17 +506,6 @@ class MessageQueue(Generic[T]):
     async def aclose(self) -> None:
         """Close the queue and its stream (idempotent)."""
         await self.stream.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         return f"<MessageQueue[{getattr(self.type, '__name__', self.type)}] {self.stream!r}>"

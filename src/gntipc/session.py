@@ -493,8 +493,13 @@ class Session:
                         await self._send_raw(_frame(_T.GOAWAY))
                     return
                 await self._control_signal.wait()
-        except Exception as exc:  # recorded by _send_raw (else a bug: fail loudly)
+        except Exception as exc:
+            # _send_raw has taken the session down for the stream's own errors; anything
+            # else (a bug, an unexpected error from the stream) is recorded here.  Either
+            # way a frame may be half-written: close the stream, so that the peer sees the
+            # end instead of waiting for the rest.
             self._go_down(_Down.BROKEN, exc)
+            await self._close_stream()
         finally:
             if self._down is None:
                 # Cancelled from outside the session (in the middle of a frame, maybe):

@@ -20,8 +20,7 @@ import math
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from anyio import (
@@ -33,17 +32,19 @@ from anyio import (
     WouldBlock,
     typed_attribute,
 )
-from anyio.abc import ByteStream
+from anyio.abc import AsyncResource, ByteStream
 from anyio.lowlevel import checkpoint
 
 from ._dispatch import Dispatcher
+from ._domid import check_domid
 from ._endpoint import Endpoint
 from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError
 from ._rendezvous import connect_async, resolve_path
 from ._spin import DEFAULT_SPIN_ASYNC, Spinner
 from .backends import Backend, get_backend
 from .channel import Vchan
-from .protocol._layout import LIVE_GONE
+from .protocol import DEFAULT_RING_SIZE as _DEFAULT_RING
+from .protocol import LIVE_GONE, VchanState, check_ring_size
 
 Buffer = bytes | bytearray | memoryview
 _A = TypeVar("_A")
@@ -57,7 +58,6 @@ __all__ = [
     "listen",
 ]
 
-_DEFAULT_RING = 65536
 #: Where :class:`Listener` reports the clients it dropped and the channels it could not offer.
 logger = logging.getLogger(__name__)
 #: :meth:`Listener.serve` retries a failed offer of a channel after a pause that doubles
@@ -402,6 +402,10 @@ class VchanStream(ByteStream):
     async def wait_readable(self) -> None:
         """Wait until there may be data (or an end) to read; returns at once if there is.
 
+        For callers that read with :meth:`receive_nowait` (or parse in place) and want to
+        wait without taking any bytes out of the ring.  Cancellation leaves the stream as
+        it was.
+
         Raises:
             anyio.ClosedResourceError: the stream is (or gets) closed.
         """
@@ -413,6 +417,11 @@ class VchanStream(ByteStream):
 
     async def wait_writable(self, nbytes: int = 1) -> None:
         """Wait until at least ``min(nbytes, write_size)`` bytes of ring space are free.
+
+        For callers that write all or nothing with :meth:`send_nowait`:
+        :class:`gntipc.MessageQueue` waits here for room for a whole frame, so that a
+        cancelled put never leaves half a frame in the ring.  Cancellation leaves the
+        stream as it was.
 
         Raises:
             anyio.BrokenResourceError: the peer is gone.
@@ -457,7 +466,7 @@ class VchanStream(ByteStream):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
 
 
-class Listener:
+class Listener(AsyncResource):
     """Accepts clients on one channel path, one client per :meth:`accept`.
 
     Each :meth:`accept` publishes fresh keys at the path and waits for one client; the
@@ -476,7 +485,7 @@ class Listener:
         _backend_ref: _SharedBackend | None = None,
     ) -> None:
         self.backend = backend
-        self.peer = peer
+        self.peer = check_domid(peer)
         self.path = resolve_path(backend.domid, path)
         self.read_size = read_size
         self.write_size = write_size
@@ -521,7 +530,7 @@ class Listener:
                     raise
                 self._pending = (vchan, dispatcher)
                 try:
-                    while vchan.is_open() == 2:
+                    while vchan.is_open() == VchanState.WAITING:
                         await dispatcher.wait()
                         if self._closed:
                             raise ClosedResourceError
@@ -632,17 +641,6 @@ class Listener:
         self.close()
         await checkpoint()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<Listener peer={self.peer} path={self.path!r} {state}>"
@@ -668,12 +666,12 @@ async def listen(
     server→client.
 
     Raises:
-        ValueError: bad ring sizes or domid.
+        ValueError: bad ring sizes or domid (a :class:`gntipc.LocalProtocolError`).
+        TypeError: ``peer`` is not an int.
         gntipc.BackendUnavailable: the chosen backend cannot run here.
     """
-    for name, size in (("read_size", read_size), ("write_size", write_size)):
-        if size < 1024 or size > 1 << 20 or size & (size - 1):
-            raise ValueError(f"{name} must be a power of two from 1024 to 1048576, not {size}")
+    check_ring_size(read_size, "read_size")
+    check_ring_size(write_size, "write_size")
     be, ref = _open_backend(backend)
     try:
         listener = Listener(
@@ -706,8 +704,10 @@ async def connect(
             its ``__cause__`` is the last failed attempt, if any.
         gntipc.RemoteProtocolError: the server published invalid keys or control page.
         gntipc.LocalProtocolError: bad arguments.
+        TypeError: ``peer`` is not an int.
         gntipc.BackendUnavailable: the chosen backend cannot run here.
     """
+    check_domid(peer)
     if timeout is not None and (math.isnan(timeout) or timeout < 0):
         raise LocalProtocolError(f"timeout must be >= 0 or None, not {timeout}")
     be, ref = _open_backend(backend)

@@ -267,6 +267,10 @@ def test_port_closed_by_peer_becomes_unbound(backend: Backend, peer: Peer) -> No
     with port:
         peer.call("close", peer_port)
         assert port.status() in (PortState.UNBOUND, PortState.CLOSED)
+        assert not port.closed  # the peer's close does not close our end
+    assert port.closed
+    port.close()  # idempotent
+    assert port.closed
 
 
 def test_bind_to_wrong_domain_fails(backend: Backend, peer: Peer) -> None:

@@ -28,6 +28,7 @@ import time
 from gntipc._exceptions import XenError
 from gntipc.backends import get_backend
 from gntipc.channel import Vchan
+from gntipc.protocol import VchanState
 
 
 def pattern(seed: int, n: int) -> bytes:
@@ -45,7 +46,7 @@ def main() -> None:
     if role == "server":
         ch = Vchan.server(backend, int(peer), path, read_size=1 << 16, write_size=1 << 16)
         print("ready", flush=True)
-        while ch.is_open() == 2:
+        while ch.is_open() == VchanState.WAITING:
             ch.wait(10)
     else:
         ch = Vchan.client(backend, int(peer), path, timeout=30)

@@ -9,10 +9,11 @@ import struct
 import pytest
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream, WouldBlock
 
+from gntipc import protocol as L
 from gntipc._exceptions import LocalProtocolError, RemoteProtocolError
 from gntipc.backends import Backend
 from gntipc.channel import Vchan
-from gntipc.protocol import _layout as L
+from gntipc.protocol import VchanState
 
 SIZES = [1024, 2048, 4096, 8192, 65536, 1 << 20]
 _paths = itertools.count()
@@ -40,7 +41,7 @@ def test_server_publishes_then_client_connects(backend: Backend) -> None:
     with Vchan.server(backend, backend.domid, path) as srv:
         full = Vchan.resolve_path(backend.domid, path)
         assert srv.path == full
-        assert srv.is_open() == 2
+        assert srv.is_open() == VchanState.WAITING
         ref = int(backend.store.read(f"{full}/ring-ref"))
         assert ref == srv.endpoint._pages[0].refs[0]
         perms = [str(p) for p in backend.store.get_perms(f"{full}/ring-ref")]
@@ -48,7 +49,7 @@ def test_server_publishes_then_client_connects(backend: Backend) -> None:
         assert perms == [f"n{backend.domid}", f"r{backend.domid}"]
         with Vchan.client(backend, backend.domid, path, timeout=10) as cli:
             srv.handle_events()
-            assert srv.is_open() == 1 and cli.is_open() == 1
+            assert srv.is_open() == VchanState.CONNECTED and cli.is_open() == VchanState.CONNECTED
             assert (srv.read_size, srv.write_size) == (65536, 65536)
             assert (cli.read_size, cli.write_size) == (65536, 65536)
         # the server removes its keys on close
@@ -111,7 +112,7 @@ def test_close_then_drain_then_end_of_stream(backend: Backend) -> None:
         cli.close()
         cli.close()  # idempotent
         srv.handle_events()
-        assert srv.is_open() == 0
+        assert srv.is_open() == VchanState.CLOSED
         # everything written before the close is still read
         assert srv.read_nowait(100) == b"last words"
         with pytest.raises(EndOfStream):

@@ -25,6 +25,7 @@ from anyio import ClosedResourceError
 
 from gntipc.backends import Backend
 from gntipc.channel import Vchan
+from gntipc.protocol import VchanState
 
 from .test_channel import pair
 
@@ -131,7 +132,7 @@ def test_a_notify_racing_close_is_no_error(backend: Backend, direction: str) -> 
         srv.handle_events()
         if direction == "write":
             assert srv.read_nowait(4096) == b"w" * 100
-        assert srv.is_open() == 0
+        assert srv.is_open() == VchanState.CLOSED
 
 
 @pytest.mark.parametrize("blocked", ["read", "recv", "write", "send", "wait"])

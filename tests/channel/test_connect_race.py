@@ -17,6 +17,7 @@ from anyio import ClosedResourceError
 
 from gntipc.backends import Backend
 from gntipc.channel import Vchan
+from gntipc.protocol import VchanState
 
 from .test_channel import fresh_path
 
@@ -74,7 +75,7 @@ def test_racing_threads_register_one_watch(backend: Backend, round_: int) -> Non
             for t in threads:
                 t.join(10)
             assert not errors, errors
-            assert srv.is_open() == 1
+            assert srv.is_open() == VchanState.CONNECTED
             # one watch per side: the client's on the server's node, the server's on
             # the client's
             assert _peer_watches(backend) - before == 2

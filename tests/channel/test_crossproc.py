@@ -19,6 +19,7 @@ from anyio import BrokenResourceError, EndOfStream
 from gntipc._exceptions import RemoteProtocolError
 from gntipc.backends import Backend
 from gntipc.channel import Vchan
+from gntipc.protocol import VchanState
 
 from .test_channel import fresh_path
 
@@ -187,7 +188,7 @@ def test_hostile_peer_scribbling_the_control_page(backend: Backend, peers: list[
         while time.monotonic() < deadline:
             ops += 1
             try:
-                if ch.is_open() == 0:
+                if ch.is_open() == VchanState.CLOSED:
                     break
                 ch.write_nowait(b"x" * random.randint(1, 5000))
                 ch.read_nowait(random.randint(1, 70000))

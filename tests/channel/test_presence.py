@@ -19,11 +19,12 @@ import pytest
 from anyio import EndOfStream
 
 from gntipc import _endpoint, _rendezvous
+from gntipc import protocol as L
 from gntipc._exceptions import XenError
 from gntipc.backends import Backend, get_backend
 from gntipc.backends._abc import Transaction
 from gntipc.channel import Vchan
-from gntipc.protocol import _layout as L
+from gntipc.protocol import VchanState
 
 from .test_channel import fresh_path, pair
 from .test_crossproc import Peer, peers  # the fixture, used by name
@@ -93,7 +94,7 @@ def test_the_server_node_is_written_before_the_keys(
         assert backend.store.read(node(backend.domid, backend.domid, port, "client")) == seen[0]
         assert cli.endpoint._peer_gntipc
         srv.handle_events()
-        assert srv.is_open() == 1 and srv.endpoint._peer_gntipc
+        assert srv.is_open() == VchanState.CONNECTED and srv.endpoint._peer_gntipc
 
 
 def test_nodes_and_their_directories_go_on_close(backend: Backend) -> None:
@@ -185,7 +186,7 @@ def test_a_crashed_clients_node_is_not_taken_for_a_plain_peers(
         crashed = Peer(backend, other_domain.domid, "client", str(backend.domid), full, "sink")
         peers.append(crashed)
         crashed.expect("ready")
-        while srv.is_open() == 2:
+        while srv.is_open() == VchanState.WAITING:
             srv.wait(5)
         assert srv.endpoint._peer_gntipc
         crashed.kill()
@@ -199,7 +200,7 @@ def test_a_crashed_clients_node_is_not_taken_for_a_plain_peers(
         plain = Vchan.client(other_domain, backend.domid, full, timeout=10)
         monkeypatch.undo()
         with plain:
-            while srv2.is_open() == 2:
+            while srv2.is_open() == VchanState.WAITING:
                 srv2.wait(5)
             assert not srv2.endpoint._peer_gntipc  # the stale node was recognised
             plain.write_nowait(b"bye")
@@ -212,7 +213,7 @@ def test_a_crashed_clients_node_is_not_taken_for_a_plain_peers(
     with Vchan.server(backend, other_domain.domid, path) as srv3:
         assert server_port(srv3) == port
         with Vchan.client(other_domain, backend.domid, full, timeout=10):
-            while srv3.is_open() == 2:
+            while srv3.is_open() == VchanState.WAITING:
                 srv3.wait(5)
             assert srv3.endpoint._peer_gntipc
     assert not other_domain.store.exists(gntipc_dir(other_domain.domid))

@@ -16,6 +16,7 @@ from gntipc._mapping import MappingInUse
 from gntipc.backends import Backend
 from gntipc.backends.sim import assert_cleaned_up
 from gntipc.channel import Vchan
+from gntipc.protocol import VchanState
 
 from .test_channel import pair
 
@@ -53,7 +54,7 @@ def test_a_viewed_mapping_keeps_only_itself(backend: Backend, side: str) -> None
         assert all(p.mapping.closed for p in rings)
         assert port.closed and ep._port is None and ep._epoll is None and ep._wake_fd < 0
         assert ep._pages == [ctrl] and not ctrl.mapping.closed
-        assert mine.closed and mine.is_open() == 0
+        assert mine.closed and mine.is_open() == VchanState.CLOSED
         with pytest.raises(ClosedResourceError):
             mine.read_nowait(1)
         if side == "server":

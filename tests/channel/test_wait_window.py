@@ -22,6 +22,7 @@ from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 from gntipc import VchanStream
 from gntipc.backends import Backend
 from gntipc.channel import Vchan
+from gntipc.protocol import VchanState
 
 from .test_channel import fresh_path
 from .test_crossproc import other_domid
@@ -83,7 +84,7 @@ def window(backend: Backend) -> Iterator[tuple[Vchan, WindowPeer]]:
     try:
         peer.expect("ready")
         deadline = time.monotonic() + 30
-        while srv.is_open() == 2:
+        while srv.is_open() == VchanState.WAITING:
             assert time.monotonic() < deadline, "the peer never connected"
             srv.wait(1)
         # One exchange first: the peer's first write takes the WRITE request the client

@@ -24,7 +24,7 @@ from anyio import BrokenResourceError, EndOfStream
 
 from gntipc import Vchan
 from gntipc.backends import Backend
-from gntipc.protocol._layout import choose_orders
+from gntipc.protocol import VchanState, choose_orders
 
 from ._util import SEED_CLIENT, SEED_SERVER, Proc, exchange, pattern
 from .conftest import XEN_ONLY
@@ -133,16 +133,16 @@ def test_gntipc_server_c_client(xen: Backend, vchan_peer: Path, procs: list[Proc
         )
 
         deadline = time.monotonic() + 30
-        while v.is_open() == 2 and time.monotonic() < deadline:
+        while v.is_open() == VchanState.WAITING and time.monotonic() < deadline:
             v.wait(1)
-        assert v.is_open() == 1
+        assert v.is_open() == VchanState.CONNECTED
         got = exchange(v, pattern(SEED_SERVER, NBYTES), NBYTES)
         assert got == pattern(SEED_CLIENT, NBYTES)
         received = cli.expect("RECEIVED")
         assert received.split()[1] == str(NBYTES) and received.endswith(" ok"), cli.output()
         with pytest.raises(EndOfStream):
             v.read(1, timeout=30)
-        assert v.is_open() == 0
+        assert v.is_open() == VchanState.CLOSED
     assert cli.wait() == 0, cli.output()
 
 
@@ -165,7 +165,7 @@ def test_killed_c_peer_detected(
         seed = SEED_CLIENT if c_role == "client" else SEED_SERVER
         assert exchange(v, b"", n) == pattern(seed, n)
         peer.expect("HOLDING")
-        assert v.is_open() == 1
+        assert v.is_open() == VchanState.CONNECTED
         t0 = time.monotonic()
         os.kill(peer.proc.pid, signal.SIGKILL)
         # The kernel's unmap notification clears the C peer's live byte and sends the event.
@@ -173,7 +173,7 @@ def test_killed_c_peer_detected(
             v.read(1, timeout=10)
         elapsed = time.monotonic() - t0
         assert elapsed < 10
-        assert v.is_open() == 0
+        assert v.is_open() == VchanState.CLOSED
         live = own_page(v)[20 if c_role == "client" else 21]
         assert live == 0
     assert peer.proc.wait(10) == -signal.SIGKILL
@@ -205,7 +205,7 @@ def test_socket_proxy_client_gntipc_server(xen: Backend, procs: list[Proc]) -> N
         writer.start()
         try:
             deadline = time.monotonic() + 60
-            while v.is_open() == 2 and time.monotonic() < deadline:
+            while v.is_open() == VchanState.WAITING and time.monotonic() < deadline:
                 v.wait(1)
             got = exchange(v, b"", len(request))
             assert got == request

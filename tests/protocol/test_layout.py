@@ -9,8 +9,8 @@ import struct
 
 import pytest
 
+from gntipc import protocol as L
 from gntipc._exceptions import LocalProtocolError, RemoteProtocolError
-from gntipc.protocol import _layout as L
 
 VECTORS = json.loads((pathlib.Path(__file__).parent / "data" / "libxenvchan-4.17.json").read_text())
 INIT = [r for r in VECTORS["records"] if r["stage"] == "after_server_init"]

@@ -126,7 +126,9 @@ async def test_typed_messages_producer_consumer(
         queue = gntipc.MessageQueue(await listener.accept(), Reading)
         async with queue:
             expected = 0
-            with anyio.fail_after(60):
+            # Real Xen under the kit's emulation: 48-67 s measured for the one-message
+            # batches (per-message Python cost x10-20, no wake-up lost: it passes alone).
+            with anyio.fail_after(180 if backend.name == "xen" else 60):
                 async for batch_ in _batches(queue):
                     for r in batch_:
                         assert r.seq == expected

@@ -16,9 +16,9 @@ from conftest import fresh_path
 
 import gntipc
 from gntipc import _endpoint, _rendezvous
+from gntipc import protocol as L
 from gntipc._exceptions import XenError
 from gntipc.backends import Backend, EventPort, Pages
-from gntipc.protocol import _layout as L
 
 pytestmark = pytest.mark.anyio
 

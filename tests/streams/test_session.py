@@ -715,3 +715,29 @@ async def test_peer_process_opens_many_streams_one_stalled_then_dies(
             with anyio.move_on_after(10, shield=True):
                 await proc.wait()
             await proc.aclose()
+
+
+async def test_unexpected_writer_error_is_recorded_and_ends_the_peer(
+    make_pair: PairFactory,
+) -> None:
+    async with sessions(make_pair) as (s, c):
+        a = await c.open_stream()
+        b = await s.accept_stream()
+        boom = RuntimeError("an unexpected error from the stream")
+
+        async def failing_send(data: bytes) -> None:
+            raise boom
+
+        stream = c._stream
+        assert stream is not None
+        stream.send = failing_send  # type: ignore[method-assign]
+        with pytest.raises(BrokenResourceError) as info:
+            await a.send(bytes(200_000))  # larger than the ring: goes through the writer
+        assert info.value.__cause__ is boom
+        assert c.closed and c.error is boom
+        # the peer is not left waiting for the rest of a frame: it sees the end
+        with anyio.fail_after(10), pytest.raises((BrokenResourceError, EndOfStream)):
+            await drain(b)
+        with anyio.fail_after(10):
+            while not s.closed:
+                await anyio.sleep(0.01)

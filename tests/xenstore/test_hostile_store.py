@@ -15,8 +15,8 @@ import pytest
 from anyio import ClosedResourceError
 
 from gntipc._exceptions import RemoteProtocolError
-from gntipc.backends import _xenstore
-from gntipc.backends._xenstore import (
+from gntipc.backends.xen import _xenstore
+from gntipc.backends.xen._xenstore import (
     HEADER,
     MAX_QUEUED_EVENTS,
     Message,

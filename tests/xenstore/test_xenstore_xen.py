@@ -13,8 +13,8 @@ from anyio import ClosedResourceError
 
 from gntipc._exceptions import LocalProtocolError, XenError
 from gntipc.backends._abc import EventPort, Perm, PortState
-from gntipc.backends._xenstore import SOCKET_PATH, XENBUS_PATH, XenStore
 from gntipc.backends.xen import XenBackend
+from gntipc.backends.xen._xenstore import SOCKET_PATH, XENBUS_PATH, XenStore
 
 pytestmark = [
     pytest.mark.xen,
@@ -149,7 +149,7 @@ def test_transaction_conflict_is_eagain(store: XenStore) -> None:
 
 
 def _wait_events(w: object, want: int, timeout: float = 10.0) -> list[tuple[str, str]]:
-    from gntipc.backends._xenstore import XenWatch
+    from gntipc.backends.xen._xenstore import XenWatch
 
     assert isinstance(w, XenWatch)
     got: list[tuple[str, str]] = []
@@ -189,7 +189,7 @@ def test_watch_empty_token_and_special_paths(store: XenStore) -> None:
 
 def test_events_on_the_request_connection_do_not_confuse_replies(store: XenStore) -> None:
     # a watch set on a plain Store connection (as a raw request) queues its events
-    from gntipc.backends._xenstore import MsgType, join_strings
+    from gntipc.backends.xen._xenstore import MsgType, join_strings
 
     b = _base(store)
     store.write(f"{b}/raw", b"1")

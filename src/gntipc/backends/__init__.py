@@ -5,33 +5,20 @@ from __future__ import annotations
 import os
 
 from .._exceptions import BackendUnavailable
-from ._abc import (
-    Backend,
-    CopySegment,
-    EventPort,
-    ForeignRef,
-    Pages,
-    Perm,
-    PortState,
-    Store,
-    Transaction,
-    Watch,
-)
+from . import _abc
+from ._abc import Backend as Backend
+from ._abc import CopySegment as CopySegment
+from ._abc import EventPort as EventPort
+from ._abc import ForeignRef as ForeignRef
+from ._abc import Pages as Pages
+from ._abc import Perm as Perm
+from ._abc import PortState as PortState
+from ._abc import Store as Store
+from ._abc import Transaction as Transaction
+from ._abc import Watch as Watch
 
-__all__ = [
-    "Backend",
-    "CopySegment",
-    "EventPort",
-    "ForeignRef",
-    "Pages",
-    "Perm",
-    "PortState",
-    "Store",
-    "Transaction",
-    "Watch",
-    "get_backend",
-    "select_backend_name",
-]
+# The interfaces (listed once, in _abc.__all__) and backend selection.
+__all__ = [*_abc.__all__, "get_backend", "select_backend_name"]
 
 _NAMES = ("xen", "sim")
 

@@ -20,9 +20,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import ClassVar, Literal, Self
+from typing import ClassVar, Literal
 
+from .._domid import DOMID_MAX as DOMID_MAX
 from .._mapping import Mapping
+from .._resource import Closeable
 
 #: What a local grant-copy endpoint may be (mmap objects too).
 Buffer = bytes | bytearray | memoryview
@@ -40,27 +42,9 @@ __all__ = [
     "Watch",
 ]
 
-DOMID_MAX = 0x7FEF  # DOMID_FIRST_RESERVED - 1: the largest domid of a real domain
 
 
-class _Closeable(ABC):
-    @abstractmethod
-    def close(self) -> None:
-        """Release the resource (idempotent)."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class Pages(_Closeable):
+class Pages(Closeable):
     """Pages shared with a domain (by :meth:`Backend.share`) or mapped from one (by
     :meth:`Backend.map`), contiguous in :attr:`mapping`.
 
@@ -123,7 +107,7 @@ class PortState(enum.IntEnum):
     IPI = 5
 
 
-class EventPort(_Closeable):
+class EventPort(Closeable):
     """One event-channel port with its own file descriptor.
 
     Xen semantics: an event masks the port until :meth:`unmask`; events sent while it is
@@ -135,6 +119,11 @@ class EventPort(_Closeable):
     port: int
     #: The domain at the other end.
     remote_domid: int
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
 
     @abstractmethod
     def fileno(self) -> int:
@@ -242,7 +231,7 @@ class _StoreOps(ABC):
         return True
 
 
-class Transaction(_StoreOps, _Closeable):
+class Transaction(_StoreOps, Closeable):
     """A XenStore transaction: a consistent snapshot, committed all or nothing.
 
     Used as a context manager it commits on a clean exit and aborts on an exception.
@@ -271,7 +260,7 @@ class Transaction(_StoreOps, _Closeable):
             self.abort()
 
 
-class Watch(_Closeable):
+class Watch(Closeable):
     """A XenStore watch on a path (and everything below it).
 
     Like XenStore, it fires once right after it is set, then on every change.
@@ -286,7 +275,7 @@ class Watch(_Closeable):
         """Queued ``(path, token)`` events, without blocking (maybe an empty list)."""
 
 
-class Store(_StoreOps, _Closeable):
+class Store(_StoreOps, Closeable):
     """A connection to the XenStore of this domain."""
 
     #: Our own domain id.
@@ -301,7 +290,7 @@ class Store(_StoreOps, _Closeable):
         """Watch ``path`` (``@releaseDomain`` and ``@introduceDomain`` allowed)."""
 
 
-class Backend(_Closeable):
+class Backend(Closeable):
     """A hypervisor: grants, event channels and a store, as seen by one process."""
 
     #: ``"xen"`` or ``"sim"``.

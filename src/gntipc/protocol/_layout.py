@@ -16,6 +16,12 @@ Shared control page, native little-endian (libxenvchan-compatible)::
 Order 10 puts a ring inside the control page at 1024, order 11 at 2048; orders 12..20 use
 ``2**(order-12)`` separately granted pages.
 
+Ring sizes, the one place for their rules: a ring is a power of two from 1 KiB to 1 MiB
+(:func:`check_ring_size`, for callers that name exact sizes: ``gntipc.listen`` and the ring
+state); a server that names minimum sizes gets them rounded up to libxenvchan's choice of
+orders (:func:`order_for_size`, :func:`choose_orders`: ``Vchan.server``, as
+``libxenvchan_server_init``).  :data:`DEFAULT_RING_SIZE` is the default of both.
+
 gntipc extension (ignored by libxenvchan, which only ever touches bits 0x1 and 0x2 of the
 notify bytes): bit 0x80 of the byte a side *sets bits in* (srv_notify for the client,
 cli_notify for the server) means "I will write no more" (half-close).
@@ -23,6 +29,7 @@ cli_notify for the server) means "I will write no more" (half-close).
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass
 
@@ -30,13 +37,16 @@ from .._exceptions import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "CONTROL_PAGE_SIZE",
+    "DEFAULT_RING_SIZE",
     "EOF_BIT",
     "Geometry",
     "LIVE_CONNECTED",
     "LIVE_GONE",
     "LIVE_WAITING",
     "MAX_ORDER",
+    "MAX_RING_SIZE",
     "MIN_ORDER",
+    "MIN_RING_SIZE",
     "NOTIFY_READ",
     "NOTIFY_WRITE",
     "OFF_CLI_LIVE",
@@ -50,6 +60,8 @@ __all__ = [
     "OFF_RIGHT_PROD",
     "OFF_SRV_LIVE",
     "OFF_SRV_NOTIFY",
+    "VchanState",
+    "check_ring_size",
     "choose_orders",
     "order_for_size",
 ]
@@ -73,6 +85,19 @@ LIVE_GONE = 0
 LIVE_CONNECTED = 1
 LIVE_WAITING = 2  # cli_live only: the server is waiting for a client
 
+
+class VchanState(enum.IntEnum):
+    """The state of a vchan as ``Vchan.is_open`` reports it; the members compare equal to
+    the values ``libxenvchan_is_open`` returns (and to the live bytes they come from)."""
+
+    #: Closed by us, or the peer is gone (crashed, closed or its domain died).
+    CLOSED = LIVE_GONE
+    #: Both sides are connected.
+    CONNECTED = LIVE_CONNECTED
+    #: A server waiting for its client.
+    WAITING = LIVE_WAITING
+
+
 NOTIFY_WRITE = 0x1  # "tell me when you write"
 NOTIFY_READ = 0x2  # "tell me when you read"
 EOF_BIT = 0x80  # gntipc: "I will write no more"
@@ -81,8 +106,28 @@ MIN_ORDER = 10
 MAX_ORDER = 20  # 1 MiB per direction
 SMALL_ORDER = 10  # in-page ring at offset 1024
 LARGE_ORDER = 11  # in-page ring at offset 2048
+MIN_RING_SIZE = 1 << MIN_ORDER
+MAX_RING_SIZE = 1 << MAX_ORDER
+#: The ring size of each direction when the caller names none (``listen``, ``Vchan.server``).
+DEFAULT_RING_SIZE = 1 << 16
 
 _ORDERS = struct.Struct("<HH")
+
+
+def check_ring_size(size: int, name: str = "ring size") -> int:
+    """``size`` if it is the exact size of a ring: a power of two from 1 KiB to 1 MiB.
+
+    Raises:
+        TypeError: ``size`` is not an int.
+        LocalProtocolError: (a :class:`ValueError`) any other size.
+    """
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"{name} must be an int, not {type(size).__name__}")
+    if size & (size - 1) or not MIN_RING_SIZE <= size <= MAX_RING_SIZE:
+        raise LocalProtocolError(
+            f"{name} must be a power of two from {MIN_RING_SIZE} to {MAX_RING_SIZE}, not {size}"
+        )
+    return size
 
 
 def order_for_size(size: int) -> int:
@@ -92,8 +137,8 @@ def order_for_size(size: int) -> int:
     Raises:
         LocalProtocolError: ``size`` is negative or above 1 MiB.
     """
-    if size < 0 or size > 1 << MAX_ORDER:
-        raise LocalProtocolError(f"ring size {size} is outside 0..{1 << MAX_ORDER} bytes")
+    if size < 0 or size > MAX_RING_SIZE:
+        raise LocalProtocolError(f"ring size {size} is outside 0..{MAX_RING_SIZE} bytes")
     return max(MIN_ORDER, (size - 1).bit_length()) if size > 1 else MIN_ORDER
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._exceptions import LocalProtocolError, RemoteProtocolError
+from .._exceptions import RemoteProtocolError
 from .._native import ffi, lib
 from ._layout import (
     EOF_BIT,
@@ -29,6 +29,7 @@ from ._layout import (
     OFF_RIGHT_PROD,
     OFF_SRV_LIVE,
     OFF_SRV_NOTIFY,
+    check_ring_size,
 )
 
 __all__ = ["VchanRings"]
@@ -126,8 +127,7 @@ class VchanRings:
     def _ring(
         self, ctrl: CData, cons: int, prod: int, buf: CData, size: int, *, reader: bool
     ) -> CData:
-        if size & (size - 1) or not 1024 <= size <= 1 << 20:
-            raise LocalProtocolError(f"ring size {size} is not a power of two in 1 KiB..1 MiB")
+        check_ring_size(size)
         r = ffi.new("struct gnt_ring *")
         r.cons = ffi.cast("uint32_t *", ctrl + cons)
         r.prod = ffi.cast("uint32_t *", ctrl + prod)

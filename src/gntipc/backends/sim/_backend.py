@@ -15,8 +15,9 @@ from typing import ClassVar
 
 from anyio import ClosedResourceError
 
-from ..._mapping import MappingInUse
-from .._abc import DOMID_MAX, Backend, CopySegment
+from ..._domid import check_domid
+from ..._exceptions import MappingInUse
+from .._abc import Backend, CopySegment
 from ._events import SimEventPort, alloc_unbound, bind_interdomain
 from ._grants import SimPages, grant_copy, map_refs, share_pages
 from ._runtime import Runtime, default_runtime_dir, leftovers, proc_alive, release_bid, self_start
@@ -26,14 +27,6 @@ __all__ = ["SimBackend", "assert_cleaned_up", "kill_domain"]
 
 _open_backends: weakref.WeakSet[SimBackend] = weakref.WeakSet()
 _names = itertools.count()
-
-
-def _check_domid(domid: int) -> int:
-    if isinstance(domid, bool) or not isinstance(domid, int):
-        raise TypeError(f"a domid is an int, not {type(domid).__name__}")
-    if not 0 <= domid <= DOMID_MAX:
-        raise ValueError(f"domid {domid} out of range 0..{DOMID_MAX}")
-    return domid
 
 
 class SimBackend(Backend):
@@ -61,7 +54,7 @@ class SimBackend(Backend):
     ) -> None:
         if domid is None:
             domid = int(os.environ.get("GNTIPC_SIM_DOMID", "0"))
-        self.domid = _check_domid(domid)
+        self.domid = check_domid(domid)
         if page_limit < 1:
             raise ValueError(f"page_limit must be >= 1, not {page_limit}")
         self.page_limit = page_limit
@@ -123,7 +116,7 @@ class SimBackend(Backend):
             ClosedResourceError: the backend is closed.
         """
         self._check()
-        _check_domid(domid)
+        check_domid(domid)
         if count < 1:
             raise ValueError(f"count must be >= 1, not {count}")
         return share_pages(self, domid, count, writable)
@@ -138,7 +131,7 @@ class SimBackend(Backend):
             ClosedResourceError: the backend is closed.
         """
         self._check()
-        _check_domid(domid)
+        check_domid(domid)
         if not refs:
             raise ValueError("map needs at least one grant ref")
         return map_refs(self, domid, [int(r) for r in refs], writable)
@@ -158,7 +151,7 @@ class SimBackend(Backend):
     def alloc_unbound(self, remote_domid: int) -> SimEventPort:
         """See :meth:`Backend.alloc_unbound`.  Raises ClosedResourceError if closed."""
         self._check()
-        _check_domid(remote_domid)
+        check_domid(remote_domid)
         return alloc_unbound(self, remote_domid)
 
     def bind_interdomain(self, remote_domid: int, remote_port: int) -> SimEventPort:
@@ -170,7 +163,7 @@ class SimBackend(Backend):
             ClosedResourceError: the backend is closed.
         """
         self._check()
-        _check_domid(remote_domid)
+        check_domid(remote_domid)
         return bind_interdomain(self, remote_domid, remote_port)
 
     def close(self) -> None:
@@ -225,7 +218,7 @@ def kill_domain(domid: int, runtime_dir: str | None = None, *, timeout: float = 
     Raises:
         TimeoutError: a process did not exit within ``timeout`` seconds.
     """
-    _check_domid(domid)
+    check_domid(domid)
     rt = Runtime(os.path.abspath(runtime_dir or default_runtime_dir()))
     try:
         me = os.getpid()

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 
 from anyio import ClosedResourceError
 
+from ..._domid import DOMID_MAX
 from ..._exceptions import LocalProtocolError, raise_errno
 from ..._mapping import PAGE_SIZE, Mapping
 from .._abc import EventPort, Pages
-from ._runtime import drop_file_if_unused
+from ._runtime import clear_byte_in_file, drop_file_if_unused
 
 if TYPE_CHECKING:
     from ._backend import SimBackend
@@ -33,6 +34,13 @@ __all__ = ["SimPages", "map_refs", "share_pages"]
 
 #: The first ref handed out (Xen reserves refs 0..7 of every grant table).
 FIRST_REF = 8
+
+# The grant-copy statuses the sim reports (Xen's GNTST_* values).
+GNTST_OKAY = 0
+GNTST_BAD_DOMAIN = -2
+GNTST_BAD_GNTREF = -4
+GNTST_PERMISSION_DENIED = -8
+GNTST_BAD_COPY_ARG = -10
 
 
 class SimPages(Pages):
@@ -75,12 +83,7 @@ class SimPages(Pages):
         """
         if self._closed:
             raise ClosedResourceError("the pages are closed")
-        if not 0 <= offset < self.mapping.size:
-            raise LocalProtocolError(
-                f"unmap-notify offset {offset} outside the {self.mapping.size}-byte mapping"
-            )
-        if clear_byte and not self.mapping.writable:
-            raise LocalProtocolError("a read-only mapping cannot use the clear-byte notification")
+        self.mapping.check_unmap_notify(offset, clear_byte=clear_byte)
         from ._events import SimEventPort
 
         if port is not None and not (
@@ -129,12 +132,7 @@ class SimPages(Pages):
             offset, clear, port = note
             if clear:
                 file, off = self._pages[offset // PAGE_SIZE]
-                with contextlib.suppress(OSError):
-                    fd = os.open(file, os.O_WRONLY | os.O_CLOEXEC)
-                    try:
-                        os.pwrite(fd, b"\0", off + offset % PAGE_SIZE)
-                    finally:
-                        os.close(fd)
+                clear_byte_in_file(file, off + offset % PAGE_SIZE)
             if port is not None:
                 with contextlib.suppress(Exception):
                     port.notify()
@@ -292,7 +290,7 @@ def grant_copy(backend: SimBackend, segments: Sequence[object]) -> list[int]:
             if length < 0 or foreign.offset < 0 or foreign.offset + length > PAGE_SIZE:
                 statuses.append(GNTST_BAD_COPY_ARG)
                 continue
-            if not 0 <= foreign.domid <= 0x7FEF:
+            if not 0 <= foreign.domid <= DOMID_MAX:
                 statuses.append(GNTST_BAD_DOMAIN)
                 continue
             row = db.execute(
@@ -337,15 +335,3 @@ def grant_copy(backend: SimBackend, segments: Sequence[object]) -> list[int]:
             statuses.append(GNTST_OKAY)
     return statuses
 
-
-GNTST_OKAY = 0
-GNTST_GENERAL_ERROR = -1
-GNTST_BAD_DOMAIN = -2
-GNTST_BAD_GNTREF = -4
-GNTST_PERMISSION_DENIED = -8
-GNTST_BAD_COPY_ARG = -10
-
-
-def _check_open(pages: SimPages) -> None:
-    if pages.closed:
-        raise ClosedResourceError("the pages are closed")

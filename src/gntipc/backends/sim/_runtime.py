@@ -5,7 +5,10 @@ Layout of ``<runtime dir>`` (mode 0700, owned by the user):
 ``state.db``
     sqlite3 database in WAL mode: the process registry (``procs``), per-domain counters
     (``domains``), grants, mappings, event-channel ports, unmap notifications, store
-    nodes and watches.  Every mutation runs in one ``BEGIN IMMEDIATE`` transaction.
+    nodes and watches.  Every mutation runs in one ``BEGIN IMMEDIATE`` transaction.  An
+    sqlite error becomes a :class:`~gntipc.XenError` (``EBUSY`` for a database still locked
+    after the busy timeout, ``EIO`` otherwise) in :class:`StateDb`, so none leaks through
+    the backend API.
 ``m/<bid>-<n>``
     sparse memory files holding granted pages (a grant ref names one page of one file).
 ``p/<bid>-<n>``, ``w/<bid>-<n>``
@@ -21,7 +24,6 @@ event-channel peer (through a pidfd), or any backend opening or closing, or
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import fcntl
@@ -31,9 +33,11 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
-from ..._mapping import PAGE_SIZE
+from ..._exceptions import XenError, raise_errno
+from ..._process import datagram_sender
 
 __all__ = [
     "Runtime",
@@ -115,43 +119,19 @@ def self_start() -> int:
     return start
 
 
-_sender: socket.socket | None = None
-_sender_lock = threading.Lock()
-
-
-def _make_sender() -> socket.socket:
-    global _sender
-    with _sender_lock:
-        if _sender is None:
-            # Unbound and stateless: a forked child may share it safely.
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            sock.setblocking(False)
-            atexit.register(_close_sender)
-            _sender = sock
-        return _sender
-
-
 def send_dgram(path: str, data: bytes) -> bool:
     """Send one datagram to the unix socket ``path`` without blocking (one syscall).
 
     Returns False if nobody listens there any more.  A full receive queue counts as
     delivered: the receiver has events queued already, and events coalesce.
     """
-    sock = _sender or _make_sender()
     try:
-        sock.sendto(data, path)
+        datagram_sender().sendto(data, path)
     except BlockingIOError:
         return True
     except (ConnectionRefusedError, FileNotFoundError):
         return False
     return True
-
-
-def _close_sender() -> None:
-    global _sender
-    sock, _sender = _sender, None
-    if sock is not None:
-        sock.close()
 
 
 def bind_dgram(path: str) -> socket.socket:
@@ -195,7 +175,52 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
-def _enable_wal(db: sqlite3.Connection, timeout: float = 10.0) -> None:
+def _raise_sqlite(exc: sqlite3.Error) -> None:
+    """Raise the :class:`XenError` for an sqlite error of the state database."""
+    text = str(exc)
+    busy = "locked" in text or "busy" in text
+    raise_errno(errno.EBUSY if busy else errno.EIO, f"sim state database ({text})")
+
+
+class StateDb(sqlite3.Connection):
+    """The connection to ``state.db``: every statement raises :class:`XenError`, never an
+    sqlite error (the one place they are translated)."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.Error as exc:
+            _raise_sqlite(exc)
+            raise  # unreachable: for the type checker
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
+        try:
+            return super().executemany(sql, parameters)
+        except sqlite3.Error as exc:
+            _raise_sqlite(exc)
+            raise
+
+    def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
+        try:
+            return super().executescript(sql_script)
+        except sqlite3.Error as exc:
+            _raise_sqlite(exc)
+            raise
+
+
+def _connect(path: str) -> StateDb:
+    try:
+        db = sqlite3.connect(
+            path, timeout=10.0, isolation_level=None, check_same_thread=False, factory=StateDb
+        )
+    except sqlite3.Error as exc:
+        _raise_sqlite(exc)
+        raise
+    assert isinstance(db, StateDb)
+    return db
+
+
+def _enable_wal(db: StateDb, timeout: float = 10.0) -> None:
     """Switch the database to WAL (persistent in the file).
 
     Changing the journal mode needs an exclusive lock and does not wait on the busy
@@ -208,8 +233,8 @@ def _enable_wal(db: sqlite3.Connection, timeout: float = 10.0) -> None:
                 return
             db.execute("PRAGMA journal_mode=WAL")
             return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
+        except XenError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
             time.sleep(0.005)
 
@@ -222,12 +247,7 @@ class Runtime:
         self._dirfd = _lock_dir_shared(path)
         self.lock = threading.RLock()
         try:
-            self.db = sqlite3.connect(
-                os.path.join(path, "state.db"),
-                timeout=10.0,
-                isolation_level=None,
-                check_same_thread=False,
-            )
+            self.db = _connect(os.path.join(path, "state.db"))
             _enable_wal(self.db)
             self.db.execute("PRAGMA synchronous=OFF")
             with self.lock:
@@ -432,5 +452,3 @@ def leftovers(rt: Runtime) -> list[str]:
                     out.append(f"{table}: {row[1:]} of backend #{row[0]}")
     return out
 
-
-PAGE = PAGE_SIZE

@@ -3,7 +3,7 @@
 Over the device wrappers of :mod:`gntipc.devices` (``/dev/xen/gntalloc`` to share pages,
 ``/dev/xen/gntdev`` to map and grant-copy, ``/dev/xen/evtchn`` for event channels,
 ``/dev/xen/privcmd`` for EVTCHNOP_status) and the XenStore client of
-:mod:`gntipc.backends._xenstore`.
+:mod:`gntipc.backends.xen._xenstore`.
 
 As libxenvchan does, every :class:`EventPort` has its own ``/dev/xen/evtchn`` handle, so
 its :meth:`~EventPort.fileno` becomes readable only for its own events.
@@ -25,16 +25,16 @@ import mmap
 import os
 import threading
 import warnings
-import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from anyio import ClosedResourceError
 
-from .._exceptions import BackendUnavailable, LocalProtocolError, XenError
-from .._mapping import Mapping
-from ._abc import (
-    DOMID_MAX,
+from ..._domid import check_domid
+from ..._exceptions import BackendUnavailable, LocalProtocolError, XenError
+from ..._mapping import Mapping
+from ..._process import drop_in_forked_child
+from .._abc import (
     Backend,
     CopySegment,
     EventPort,
@@ -42,9 +42,8 @@ from ._abc import (
     PortState,
     Store,
 )
-
-if TYPE_CHECKING:
-    from ..devices import Evtchn, Gntalloc, GntallocShare, Gntdev, GntdevMap, Privcmd
+from ._devices import Evtchn, Gntalloc, GntallocShare, Gntdev, GntdevMap, Privcmd
+from ._xenstore import XenStore
 
 __all__ = ["XenBackend"]
 
@@ -52,33 +51,10 @@ __all__ = ["XenBackend"]
 REQUIRED_DEVICES = ("/dev/xen/gntdev", "/dev/xen/gntalloc", "/dev/xen/evtchn")
 
 
-# Everything a forked child must drop (see the module docstring).
-_LIVE_BACKENDS: weakref.WeakSet[XenBackend] = weakref.WeakSet()
-_LIVE_PORTS: weakref.WeakSet[_XenPort] = weakref.WeakSet()
-_LIVE_PAGES: weakref.WeakSet[_XenPages] = weakref.WeakSet()
-
-
-def _drop_in_forked_child() -> None:
-    # Devices first: then closing pages only unmaps (their release ioctls see the closed
-    # device and leave the grants to the parent).
-    for backend in list(_LIVE_BACKENDS):
-        with contextlib.suppress(Exception):
-            backend.close()
-    for port in list(_LIVE_PORTS):
-        with contextlib.suppress(Exception):
-            port.close()
-    for pages in list(_LIVE_PAGES):
-        with contextlib.suppress(Exception):
-            pages._drop_in_child()
-
-
-os.register_at_fork(after_in_child=_drop_in_forked_child)
-
-
-def _check_domid(domid: int) -> int:
-    if not isinstance(domid, int) or isinstance(domid, bool) or not 0 <= domid <= DOMID_MAX:
-        raise ValueError(f"domid {domid!r} out of range (0..{DOMID_MAX})")
-    return domid
+# What a forked child drops (see the module docstring), in stages: devices first, so that
+# closing pages then only unmaps (their release ioctls see the closed device and leave
+# the grants to the parent).
+_DROP_BACKENDS, _DROP_PORTS, _DROP_PAGES = 0, 1, 2
 
 
 class _XenPages(Pages):
@@ -91,7 +67,7 @@ class _XenPages(Pages):
         self.mapping: Mapping = inner.mapping
         with contextlib.suppress(OSError, ValueError):
             inner.mapping.mmap.madvise(mmap.MADV_DONTFORK)
-        _LIVE_PAGES.add(self)
+        drop_in_forked_child(self, _XenPages._drop_in_child, stage=_DROP_PAGES)
 
     def _drop_in_child(self) -> None:
         inner = self._inner
@@ -117,12 +93,7 @@ class _XenPages(Pages):
         inner = self._inner
         if inner is None:
             raise ClosedResourceError("the pages are closed")
-        if not isinstance(offset, int) or not 0 <= offset < self.mapping.size:
-            raise LocalProtocolError(
-                f"unmap-notify offset {offset!r} outside the {self.mapping.size}-byte mapping"
-            )
-        if clear_byte and not self.mapping.writable:
-            raise LocalProtocolError("clear_byte unmap notification on a read-only mapping")
+        self.mapping.check_unmap_notify(offset, clear_byte=clear_byte)
         port_number: int | None = None
         if port is not None:
             if not isinstance(port, _XenPort):
@@ -152,7 +123,7 @@ class _XenPort(EventPort):
         self.remote_domid = remote_domid
         # The NOTIFY ioctl's argument, built once (notify is the hot path).
         self._notify_arg = evtchn.notify_arg(port)
-        _LIVE_PORTS.add(self)
+        drop_in_forked_child(self, _XenPort.close, stage=_DROP_PORTS)
 
     def _live(self) -> Evtchn:
         ev = self._evtchn
@@ -197,6 +168,10 @@ class _XenPort(EventPort):
             self._evtchn = None
             ev.close()  # closing the handle unbinds its ports
 
+    @property
+    def closed(self) -> bool:
+        return self._evtchn is None
+
     def __del__(self) -> None:
         if getattr(self, "_evtchn", None) is not None:
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
@@ -229,10 +204,6 @@ class XenBackend(Backend):
                 " (not a Xen domain, or the xen-gntdev/xen-gntalloc/xen-evtchn modules are"
                 " not loaded)"
             )
-        from ..devices import Evtchn, Gntalloc, Gntdev, Privcmd
-
-        self._evtchn_cls = Evtchn
-        self._privcmd_cls = Privcmd
         self._lock = threading.Lock()
         self._privcmd: Privcmd | None = None
         self._gntdev: Gntdev | None = None
@@ -243,15 +214,13 @@ class XenBackend(Backend):
             self._gntdev = Gntdev()
             self._gntalloc = Gntalloc()
             if store is None:
-                from ._xenstore import XenStore
-
                 store = XenStore()
         except BaseException:
             self._close_devices()
             raise
         self.store = store
         self.domid = store.domid
-        _LIVE_BACKENDS.add(self)
+        drop_in_forked_child(self, XenBackend.close, stage=_DROP_BACKENDS)
 
     def _check(self) -> None:
         if self._closed:
@@ -271,7 +240,7 @@ class XenBackend(Backend):
             XenError: ENOSPC at the gntalloc page limit.
         """
         _, gntalloc = self._devs()
-        _check_domid(domid)
+        check_domid(domid)
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be a positive int, not {count!r}")
         return _XenPages(gntalloc.share(domid, count, writable=writable), domid)
@@ -284,7 +253,7 @@ class XenBackend(Backend):
             XenError: a ref is not granted to us (or not writable when ``writable``).
         """
         gntdev, _ = self._devs()
-        _check_domid(domid)
+        check_domid(domid)
         refs = tuple(refs)
         if not refs:
             raise ValueError("map needs at least one grant ref")
@@ -301,9 +270,9 @@ class XenBackend(Backend):
 
     def alloc_unbound(self, remote_domid: int) -> EventPort:
         """A fresh port on its own evtchn handle that ``remote_domid`` may bind to."""
-        _check_domid(remote_domid)
+        check_domid(remote_domid)
         self._check()
-        evtchn = self._evtchn_cls()
+        evtchn = Evtchn()
         try:
             port = evtchn.bind_unbound_port(remote_domid)
         except BaseException:
@@ -320,9 +289,9 @@ class XenBackend(Backend):
         """
         if not isinstance(remote_port, int) or remote_port <= 0:
             raise ValueError(f"bad event-channel port {remote_port!r}")
-        _check_domid(remote_domid)
+        check_domid(remote_domid)
         self._check()
-        evtchn = self._evtchn_cls()
+        evtchn = Evtchn()
         try:
             port = evtchn.bind_interdomain(remote_domid, remote_port)
         except BaseException:
@@ -334,7 +303,7 @@ class XenBackend(Backend):
         with self._lock:
             self._check()
             if self._privcmd is None:
-                self._privcmd = self._privcmd_cls()
+                self._privcmd = Privcmd()
             privcmd = self._privcmd
         try:
             return int(privcmd.evtchn_status(port).status)

@@ -43,8 +43,9 @@ from dataclasses import dataclass
 
 from anyio import ClosedResourceError
 
-from .._exceptions import BackendUnavailable, GntipcError, RemoteProtocolError, raise_errno
-from ._abc import Perm, Store, Transaction, Watch
+from ..._exceptions import BackendUnavailable, RemoteProtocolError, XenError, raise_errno
+from ..._exceptions import XenStoreTimeout as XenStoreTimeout
+from .._abc import Perm, Store, Transaction, Watch
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -115,10 +116,6 @@ class MsgType(enum.IntEnum):
     SET_TARGET = 19
     RESET_WATCHES = 21
     DIRECTORY_PART = 22
-
-
-class XenStoreTimeout(GntipcError, TimeoutError):
-    """XenStore did not answer a request in time (is xenstored running?)."""
 
 
 # --------------------------------------------------------------------------- codec
@@ -576,8 +573,6 @@ class _Ops:
         Raises:
             XenError: EACCES if denied.
         """
-        from .._exceptions import XenError
-
         try:
             self._c().request(
                 MsgType.RM, _check_path(path) + b"\0", self._tx_id, what=f"rm {path!r}"
@@ -665,8 +660,6 @@ class XenTransaction(_Ops, Transaction):
         if self._store is None or self._store._conn is None:
             self._store = None
             return
-        from .._exceptions import XenError
-
         with contextlib.suppress(XenError, XenStoreTimeout):
             self._end(False)  # the transaction is gone either way when this fails
 
@@ -783,8 +776,6 @@ class XenStore(_Ops, Store):
         return self._c().transport
 
     def _read_domid(self) -> int:
-        from .._exceptions import XenError
-
         try:
             raw = self.read("domid")
         except XenError as exc:

@@ -1,0 +1,286 @@
+"""A hostile vchan peer (run as a script): it follows the protocol (publishes or connects,
+writes and reads data, sends events) but, driven by a seed, rewrites fields of the shared
+control page and the rings at random moments.
+
+    python -m stress._fuzz_hostile ROLE PATH SEED STOPFILE
+
+ROLE ``server`` offers channels at PATH to the target's domain, one episode after the
+other (and sometimes corrupts the page *before* the target maps it: orders, grants,
+live byte); ``client`` connects to the target's listener at PATH, again and again.
+
+Mutations: indices (its own and the target's) behind, ahead, a ring ahead and far past
+the ring; orders; live and notify bytes (with and without the EOF bit); grants[]; bytes
+of both rings; message frames with lying headers, undecodable payloads and truncations;
+bursts of events.  Stops when STOPFILE exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import struct
+import sys
+import time
+
+import msgspec
+
+from gntipc._exceptions import GntipcError
+from gntipc.backends import get_backend
+from gntipc.channel import Vchan
+from gntipc.protocol._layout import (
+    OFF_CLI_LIVE,
+    OFF_CLI_NOTIFY,
+    OFF_GRANTS,
+    OFF_LEFT_CONS,
+    OFF_LEFT_ORDER,
+    OFF_LEFT_PROD,
+    OFF_RIGHT_CONS,
+    OFF_RIGHT_ORDER,
+    OFF_RIGHT_PROD,
+    OFF_SRV_LIVE,
+    OFF_SRV_NOTIFY,
+)
+
+from ._common import die_with_parent
+
+TARGET_DOM = 3
+HOSTILE_DOM = 4
+SIZES = [1024, 2048, 4096, 8192, 65536]
+
+U32 = struct.Struct("<I")
+U16 = struct.Struct("<H")
+
+
+class Msg(msgspec.Struct, array_like=True):
+    """What the target's MessageQueue expects."""
+
+    seq: int
+    body: bytes
+
+
+ENC = msgspec.msgpack.Encoder()
+
+
+class Hostile:
+    def __init__(self, role: str, ch: Vchan, rnd: random.Random) -> None:
+        self.role = role
+        self.ch = ch
+        self.rnd = rnd
+        ep = ch.endpoint
+        pages = ep._pages
+        self.views = [p.mapping.view() for p in pages]
+        self.ctrl = self.views[0]
+        left_order, right_order = struct.unpack_from("<HH", self.ctrl, OFF_LEFT_ORDER)
+        self.orders = (left_order, right_order)
+        # Ring memory (where writable): in-page rings live in the control page.
+        rings: list[memoryview] = []
+        ext = iter(self.views[1:])
+        for order in (left_order, right_order):
+            if order <= 11:
+                off = 1024 if order == 10 else 2048
+                rings.append(self.ctrl[off : off + (1 << order)])
+            else:
+                v = next(ext, None)
+                if v is not None and not v.readonly:
+                    rings.append(v)
+        self.rings = rings
+        server = role == "server"
+        # (own index offset, target index offset) of the ring we write and the one we read.
+        self.own = (OFF_RIGHT_PROD, OFF_LEFT_CONS) if server else (OFF_LEFT_PROD, OFF_RIGHT_CONS)
+        self.theirs = (OFF_LEFT_PROD, OFF_RIGHT_CONS) if server else (OFF_RIGHT_PROD, OFF_LEFT_CONS)
+        self.sizes = {
+            OFF_LEFT_CONS: 1 << left_order,
+            OFF_LEFT_PROD: 1 << left_order,
+            OFF_RIGHT_CONS: 1 << right_order,
+            OFF_RIGHT_PROD: 1 << right_order,
+        }
+        self.seq = 0
+        self.ops = 0
+
+    def close(self) -> None:
+        for v in self.rings:
+            v.release()
+        for v in self.views:
+            v.release()
+        self.ch.close()
+
+    # -- mutations ---------------------------------------------------------------------
+    def index_value(self, off: int) -> int:
+        cur: int = U32.unpack_from(self.ctrl, off)[0]
+        size = self.sizes[off]
+        delta = self.rnd.choice(
+            (-size - 1, -size, -1, 1, 2, size - 1, size, size + 1, 2 * size, 1 << 31, None)
+        )
+        if delta is None:
+            return self.rnd.getrandbits(32)
+        return (cur + delta) & 0xFFFFFFFF
+
+    def mutate(self) -> None:
+        rnd, ctrl = self.rnd, self.ctrl
+        what = rnd.randrange(10)
+        if what <= 1:  # our own indices: behind, ahead, far past the ring
+            off = rnd.choice(self.own)
+            U32.pack_into(ctrl, off, self.index_value(off))
+        elif what == 2:  # the target's indices (it must trust only its private copies)
+            off = rnd.choice(self.theirs)
+            U32.pack_into(ctrl, off, self.index_value(off))
+        elif what == 3:
+            U16.pack_into(ctrl, rnd.choice((OFF_LEFT_ORDER, OFF_RIGHT_ORDER)), rnd.getrandbits(16))
+        elif what == 4:
+            off = rnd.choice((OFF_CLI_LIVE, OFF_SRV_LIVE))
+            ctrl[off] = rnd.choice((0, 1, 1, 2, 3, 0x80, 0xFF))
+        elif what == 5:
+            off = rnd.choice((OFF_CLI_NOTIFY, OFF_SRV_NOTIFY))
+            ctrl[off] = rnd.choice((0, 1, 2, 3, 0x80, 0x81, 0x83, 0xFF, rnd.getrandbits(8)))
+        elif what == 6:
+            n = rnd.randrange(1, 8)
+            off = OFF_GRANTS + 4 * rnd.randrange(0, 16)
+            if off + 4 * n <= 1024:
+                ctrl[off : off + 4 * n] = rnd.randbytes(4 * n)
+        elif what == 7 and self.rings:  # ring contents, published or not
+            ring = rnd.choice(self.rings)
+            n = rnd.randrange(1, 64)
+            pos = rnd.randrange(0, len(ring) - n)
+            ring[pos : pos + n] = rnd.randbytes(n)
+        elif what == 8:  # a burst of events
+            for _ in range(rnd.randrange(1, 20)):
+                with contextlib.suppress(GntipcError):
+                    self.ch.endpoint._port.notify()  # type: ignore[union-attr]
+        else:  # put things back, so that an episode is not over at the first blow
+            ctrl[OFF_SRV_LIVE if self.role == "server" else OFF_CLI_LIVE] = 1
+            rings = self.ch.endpoint._rings
+            if rings is not None:
+                U32.pack_into(ctrl, self.own[0], rings._wr.priv)
+                U32.pack_into(ctrl, self.own[1], rings._rd.priv)
+
+    def frame(self) -> bytes:
+        rnd = self.rnd
+        self.seq += 1
+        kind = rnd.randrange(8)
+        good = ENC.encode(Msg(self.seq, rnd.randbytes(rnd.randrange(0, 300))))
+        if kind <= 2:
+            return U32.pack(len(good)) + good
+        if kind == 3:  # a header larger than any limit
+            return U32.pack(rnd.choice((1 << 20, (1 << 20) + 1, 0x7FFFFFFF, 0xFFFFFFFF))) + good
+        if kind == 4:  # undecodable payload
+            junk = rnd.randbytes(rnd.randrange(0, 64))
+            return U32.pack(len(junk)) + junk
+        if kind == 5:  # the wrong type
+            other = ENC.encode({"seq": "x", "body": [1, 2, 3]})
+            return U32.pack(len(other)) + other
+        if kind == 6:  # a header that lies by a little
+            return U32.pack(max(0, len(good) + rnd.choice((-3, -1, 1, 5)))) + good
+        return U32.pack(0)  # an empty payload
+
+    def traffic(self) -> None:
+        rnd, ch = self.rnd, self.ch
+        try:
+            if rnd.random() < 0.5:
+                if rnd.random() < 0.5:
+                    data = b"".join(self.frame() for _ in range(rnd.randrange(1, 6)))
+                else:
+                    data = rnd.randbytes(rnd.randrange(1, 5000))
+                ch.write_nowait(data)
+            else:
+                ch.read_nowait(rnd.randrange(1, 70000))
+        except Exception:
+            pass
+
+    def episode(self, seconds: float) -> None:
+        rnd = self.rnd
+        deadline = time.monotonic() + seconds
+        calm = rnd.random() < 0.4  # some episodes mostly follow the protocol
+        while time.monotonic() < deadline:
+            self.ops += 1
+            if rnd.random() < (0.05 if calm else 0.4):
+                self.mutate()
+            self.traffic()
+            if self.ch.endpoint._rings is None:
+                return
+            ctrl = self.ctrl
+            peer_live = ctrl[OFF_CLI_LIVE if self.role == "server" else OFF_SRV_LIVE]
+            if peer_live == 0 and rnd.random() < 0.2:
+                return  # the target (probably) left
+            if rnd.random() < 0.3:
+                time.sleep(rnd.choice((0, 0.0001, 0.001)))
+
+
+def corrupt_before_connect(ch: Vchan, rnd: random.Random) -> None:
+    """A server that publishes a bad control page: the client must refuse it cleanly."""
+    page = ch.endpoint._pages[0].mapping.view()
+    try:
+        what = rnd.randrange(5)
+        if what == 0:
+            U16.pack_into(
+                page,
+                rnd.choice((OFF_LEFT_ORDER, OFF_RIGHT_ORDER)),
+                rnd.choice((0, 9, 21, 31, 0xFFFF, 10, 11, 12, 20)),
+            )
+        elif what == 1:
+            page[OFF_GRANTS : OFF_GRANTS + 8] = rnd.randbytes(8)
+        elif what == 2:
+            page[OFF_CLI_LIVE] = rnd.choice((0, 1, 3, 0xFF))
+        elif what == 3:
+            for off in (OFF_LEFT_CONS, OFF_LEFT_PROD, OFF_RIGHT_CONS, OFF_RIGHT_PROD):
+                U32.pack_into(page, off, rnd.getrandbits(32))
+        else:
+            page[OFF_SRV_LIVE] = rnd.choice((0, 2, 0xFF))
+    finally:
+        page.release()
+
+
+def main() -> None:
+    die_with_parent()
+    role, path, seed, stop = sys.argv[1:]
+    rnd = random.Random(int(seed))
+    backend = get_backend("sim", domid=HOSTILE_DOM)
+    try:
+        while not os.path.exists(stop):
+            try:
+                ch = open_channel(role, backend, path, rnd)
+            except (TimeoutError, GntipcError):
+                continue
+            if ch is None:
+                continue
+            try:
+                h = Hostile(role, ch, rnd)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    ch.close()
+                continue
+            try:
+                h.episode(rnd.choice((0.005, 0.05, 0.2, 0.5)))
+            finally:
+                with contextlib.suppress(Exception):
+                    h.close()
+    finally:
+        backend.close()
+
+
+def open_channel(role: str, backend: object, path: str, rnd: random.Random) -> Vchan | None:
+    if role == "client":
+        return Vchan.client(backend, TARGET_DOM, path, timeout=0.5)  # type: ignore[arg-type]
+    ch = Vchan.server(
+        backend,  # type: ignore[arg-type]
+        TARGET_DOM,
+        path,
+        read_size=rnd.choice(SIZES),
+        write_size=rnd.choice(SIZES),
+    )
+    if rnd.random() < 0.15:
+        corrupt_before_connect(ch, rnd)
+    deadline = time.monotonic() + 0.3
+    try:
+        while ch.is_open() == 2 and time.monotonic() < deadline:
+            ch.wait(0.02)
+        if ch.is_open() != 2:
+            return ch
+    except GntipcError:
+        return ch  # a client that wrote garbage: go on scribbling at it
+    ch.close()  # nobody came (or our page was refused): offer a fresh one
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Bugs the stress tests found, each pinned by a small deterministic reproducer
+(``xfail(strict=True)``: the test starts passing, and so fails, once the bug is fixed —
+then drop the mark)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+import gntipc
+from gntipc.backends.sim import SimBackend, SimEventPort
+
+from ._common import worker_env
+
+pytestmark = pytest.mark.anyio
+
+
+class Msg(msgspec.Struct):
+    seq: int
+    body: bytes
+
+
+async def _pair(backend: SimBackend, size: int) -> tuple[gntipc.VchanStream, gntipc.VchanStream]:
+    path = f"data/found-bugs/{os.getpid()}"
+    async with await gntipc.listen(
+        0, path, read_size=size, write_size=size, backend=backend
+    ) as listener:
+        got: list[gntipc.VchanStream] = []
+
+        async def accept() -> None:
+            got.append(await listener.accept())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(accept)
+            client = await gntipc.connect(0, path, timeout=10, backend=backend)
+    return got[0], client
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug 1: MessageQueue._send_frames closes the whole stream when a put larger "
+    "than the ring fails after a partial write, also when it failed because the peer is "
+    "gone (BrokenResourceError): the receive direction then raises ClosedResourceError "
+    "and loses the messages the peer wrote before it left",
+)
+async def test_failed_partial_put_keeps_receive_direction() -> None:
+    with SimBackend(0) as backend:
+        a, b = await _pair(backend, 4096)
+        qa, qb = gntipc.MessageQueue(a, Msg), gntipc.MessageQueue(b, Msg)
+        try:
+            await qb.put_many([Msg(i, b"x") for i in range(3)])  # b -> a, then b leaves
+
+            async def leave() -> None:
+                await anyio.sleep(0.1)
+                await qb.aclose()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(leave)
+                with pytest.raises(anyio.BrokenResourceError):
+                    # More than the 4 KiB ring, and b never reads: a partial write.
+                    await qa.put_many([Msg(i, bytes(100)) for i in range(100)])
+            # Everything b sent before it left must still be delivered.
+            assert [m.seq for m in await qa.get_many()] == [0, 1, 2]
+        finally:
+            await qa.aclose()
+            await qb.aclose()
+
+
+_DIE_AFTER_BIND = """
+import os, signal
+import gntipc.backends.sim._store as store
+from gntipc.backends.sim import SimBackend, SimEventPort
+
+real = store.bind_dgram
+
+def bind_then_die(path):
+    real(path)
+    os.kill(os.getpid(), signal.SIGKILL)  # killed between bind and the watches row
+
+store.bind_dgram = bind_then_die
+SimBackend(9).store.watch("/local/domain/9/x")
+"""
+
+_WATCH = """
+from gntipc.backends.sim import SimBackend, SimEventPort
+with SimBackend(9) as b:
+    b.store.watch("/local/domain/9/x").close()
+print("ok")
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug 2: sim: a process SIGKILLed between creating a runtime file (socket of "
+    "a watch or port, memory file) and recording it in the db leaves an orphan file; "
+    "backend ids (procs.bid, INTEGER PRIMARY KEY without AUTOINCREMENT) are reused "
+    "after reaping, so a later process gets the same file name and fails with OSError "
+    "EADDRINUSE (FileExistsError for a memory file)",
+)
+def test_killed_mid_setup_leaves_no_file_that_breaks_a_later_process(tmp_path: Path) -> None:
+    # A private runtime dir (short: AF_UNIX paths), so the orphan cannot trip the
+    # suite's leak check after this test.
+    sim = f"/tmp/gntipc-bug2-{os.getpid()}"
+    env = worker_env(9, GNTIPC_SIM_DIR=sim)
+    try:
+        a = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(_DIE_AFTER_BIND)],
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert a.returncode == -9
+        b = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(_WATCH)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert b.stdout.strip() == "ok", b.stderr[-1500:]
+        assert not os.listdir(os.path.join(sim, "w")) if os.path.isdir(sim) else True
+    finally:
+        import shutil
+
+        shutil.rmtree(sim, ignore_errors=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug 4: sim: an event port caches its peer's socket; when the peer unbinds "
+    "(no message is sent) and another port binds, a notify before the new bind message "
+    "is consumed goes to the stale socket, fails, and raises ENOTCONN instead of "
+    "delivering the event: the endpoint drops it (a lost wake-up; a client then waits "
+    "forever with data in its ring). Happens when a client read the previous server's "
+    "keys (port numbers are reused), bound the new server's port and backed out",
+)
+def test_notify_reaches_a_peer_that_bound_after_another_unbound() -> None:
+    with SimBackend(0) as server, SimBackend(5) as clients:
+        port = server.alloc_unbound(5)
+        first = clients.bind_interdomain(0, port.port)
+        assert not port.pending()  # consumes the bind message: the peer is cached
+        first.close()  # unbinds silently, as on Xen
+        second = clients.bind_interdomain(0, port.port)
+        try:
+            port.notify()  # connected (to the second port): must be delivered
+            assert second.pending()
+        finally:
+            second.close()
+            port.close()
+
+
+def _pidfds() -> set[int]:
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "pidfd" in os.readlink(f"/proc/self/fd/{fd}"):
+                fds.add(int(fd))
+    return fds
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug 5: sim: SimEventPort.notify() refreshes its cached peer (_refresh -> "
+    "_set_peer: pidfd_open and epoll registration) without a lock, and the endpoint calls "
+    "notify() outside its locks, concurrently with close() from another thread (see "
+    "Endpoint._notify): a notify that passed the closed check before close() opens a "
+    "pidfd after close() dropped the port's, and it is never closed (the soak leaks one "
+    "per race; close() has also been seen raising FileNotFoundError from "
+    "epoll.unregister in remove_from)",
+)
+def test_notify_racing_close_leaks_no_pidfd() -> None:
+    import sys
+    import threading
+    import time
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # let the two threads interleave finely
+    try:
+        with SimBackend(0) as server, SimBackend(5) as clients:
+            before = _pidfds()
+            errors: list[BaseException] = []
+            for i in range(400):
+                port = server.alloc_unbound(5)
+                peer = clients.bind_interdomain(0, port.port)  # not yet seen by `port`
+                barrier = threading.Barrier(2)
+                delay = (i % 6) * 20e-6  # 0-100 us: where the two calls overlap
+
+                def notify(port: SimEventPort, barrier: threading.Barrier) -> None:
+                    barrier.wait()
+                    with contextlib.suppress(gntipc.XenError, anyio.ClosedResourceError):
+                        port.notify()
+
+                def close(port: SimEventPort, barrier: threading.Barrier, delay: float) -> None:
+                    barrier.wait()
+                    time.sleep(delay)
+                    try:
+                        port.close()
+                    except Exception as exc:
+                        errors.append(exc)
+
+                threads = [
+                    threading.Thread(target=notify, args=(port, barrier)),
+                    threading.Thread(target=close, args=(port, barrier, delay)),
+                ]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                if not port.closed:  # its close() failed: try again
+                    with contextlib.suppress(Exception):
+                        port.close()
+                peer.close()
+            leaked = _pidfds() - before
+    finally:
+        sys.setswitchinterval(interval)
+    for fd in leaked:  # every port is closed: nobody else holds them
+        os.close(fd)
+    assert (len(leaked), errors) == (0, [])
