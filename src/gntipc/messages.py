@@ -32,7 +32,7 @@ from typing import Any, Generic, Self, TypeVar
 
 import anyio
 import msgspec
-from anyio import BusyResourceError, EndOfStream, WouldBlock
+from anyio import BrokenResourceError, BusyResourceError, EndOfStream, WouldBlock
 from anyio.abc import AsyncResource
 from anyio.lowlevel import checkpoint
 
@@ -244,6 +244,9 @@ class MessageQueue(AsyncResource, Generic[T]):
                 return
         try:
             await stream.send(buf)
+        except BrokenResourceError:
+            raise  # the peer is gone: no later send can go wrong, and what it wrote
+            # before it left stays readable (closing here would lose it)
         except BaseException:
             if 0 < stream.send_progress < len(buf):
                 # A partial frame went out: nothing we send later could be framed right.

@@ -49,13 +49,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug 1: MessageQueue._send_frames closes the whole stream when a put larger "
-    "than the ring fails after a partial write, also when it failed because the peer is "
-    "gone (BrokenResourceError): the receive direction then raises ClosedResourceError "
-    "and loses the messages the peer wrote before it left",
-)
 async def test_failed_partial_put_keeps_receive_direction() -> None:
     with SimBackend(0) as backend:
         a, b = await _pair(backend, 4096)
@@ -139,15 +132,6 @@ def test_killed_mid_setup_leaves_no_file_that_breaks_a_later_process(tmp_path: P
         shutil.rmtree(sim, ignore_errors=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug 4: sim: an event port caches its peer's socket; when the peer unbinds "
-    "(no message is sent) and another port binds, a notify before the new bind message "
-    "is consumed goes to the stale socket, fails, and raises ENOTCONN instead of "
-    "delivering the event: the endpoint drops it (a lost wake-up; a client then waits "
-    "forever with data in its ring). Happens when a client read the previous server's "
-    "keys (port numbers are reused), bound the new server's port and backed out",
-)
 def test_notify_reaches_a_peer_that_bound_after_another_unbound() -> None:
     with SimBackend(0) as server, SimBackend(5) as clients:
         port = server.alloc_unbound(5)
@@ -172,16 +156,6 @@ def _pidfds() -> set[int]:
     return fds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug 5: sim: SimEventPort.notify() refreshes its cached peer (_refresh -> "
-    "_set_peer: pidfd_open and epoll registration) without a lock, and the endpoint calls "
-    "notify() outside its locks, concurrently with close() from another thread (see "
-    "Endpoint._notify): a notify that passed the closed check before close() opens a "
-    "pidfd after close() dropped the port's, and it is never closed (the soak leaks one "
-    "per race; close() has also been seen raising FileNotFoundError from "
-    "epoll.unregister in remove_from)",
-)
 def test_notify_racing_close_leaks_no_pidfd() -> None:
     import sys
     import threading

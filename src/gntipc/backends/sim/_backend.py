@@ -112,7 +112,7 @@ class SimBackend(Backend):
 
         Raises:
             ValueError: ``count`` < 1 or ``domid`` out of range.
-            XenError: ENOSPC (message names gntalloc) past ``page_limit``.
+            XenError: ENOSPC past ``page_limit`` (the message names the knob).
             ClosedResourceError: the backend is closed.
         """
         self._check()

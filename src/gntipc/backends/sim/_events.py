@@ -29,6 +29,7 @@ import errno
 import os
 import select
 import socket
+import threading
 import warnings
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,7 @@ class SimEventPort(EventPort):
         self._pidfd = -1
         self._masked = False
         self._latched = False
+        self._lock = threading.Lock()  # guards the peer tracking against close()
         backend._children.add(self)
 
     # -- peer tracking ----------------------------------------------------------------
@@ -101,7 +103,16 @@ class SimEventPort(EventPort):
         self._peer_sock = None
 
     def _refresh(self) -> None:
-        """Learn from the shared table whom we are connected to (peer may change)."""
+        """Learn from the shared table whom we are connected to (peer may change).
+
+        Under the port's lock: a notify from one thread may refresh while another closes
+        the port (a pidfd opened after close() would leak)."""
+        with self._lock:
+            if self._sock is None:
+                return
+            self._refresh_locked()
+
+    def _refresh_locked(self) -> None:
         db = self._backend._rt.db
         with self._backend._rt.lock:
             row = db.execute(
@@ -156,8 +167,14 @@ class SimEventPort(EventPort):
         if peer is None:
             self._refresh()
             peer = self._peer_sock
+        if peer is not None and send_dgram(peer, b"e"):
+            return
+        # The cached peer is gone: it may have been replaced (a peer that unbound, then
+        # another that bound, before we read the bind message).  Look again, and send to
+        # the current peer if there is one: an event is never dropped for a stale cache.
+        self._refresh()
+        peer = self._peer_sock
         if peer is None or not send_dgram(peer, b"e"):
-            self._refresh()
             raise_errno(
                 errno.ENOTCONN,
                 f"evtchn: notify port {self.port}: not connected to domain {self.remote_domid}",
@@ -255,20 +272,25 @@ class SimEventPort(EventPort):
 
     def close(self) -> None:
         """Unbind (idempotent): the peer port silently reverts to unbound."""
-        sock, self._sock = self._sock, None
+        with self._lock:
+            sock, self._sock = self._sock, None
         if sock is None:
             return
         self._backend._children.discard(self)
+        # The socket goes first, the table row second: a peer still sending to its cached
+        # copy of our socket then fails and looks the table up again, never delivering
+        # an event to a port that is on its way out while its new peer waits.
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path)
         rt = self._backend._rt
         if not rt.closed:
             from ._runtime import unbind_port
 
             with rt.write() as db:
                 unbind_port(db, self._backend.domid, self.port)
-        sock.close()
-        self._drop_pidfd()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path)
+        with self._lock:
+            self._drop_pidfd()
         ep, self._ep = self._ep, None
         self._eps.clear()
         if ep is not None:

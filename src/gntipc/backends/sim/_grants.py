@@ -172,8 +172,9 @@ def share_pages(backend: SimBackend, domid: int, count: int, writable: bool) -> 
         if used + count > backend.page_limit:
             raise_errno(
                 errno.ENOSPC,
-                f"gntalloc: sharing {count} pages: domain {backend.domid} already shares "
-                f"{used} of its limit of {backend.page_limit}",
+                f"sim grants: sharing {count} pages: domain {backend.domid} already shares "
+                f"{used} of its limit of {backend.page_limit} (close channels, or raise the "
+                "limit: SimBackend(page_limit=...))",
             )
         row = db.execute("SELECT next_ref FROM domains WHERE domid=?", (backend.domid,)).fetchone()
         first = FIRST_REF if row is None or row[0] is None else int(row[0])
