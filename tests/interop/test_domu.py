@@ -121,7 +121,11 @@ def test_dom0_server_domu_client(domus: list[Domu]) -> None:
     path = f"data/vchan/gntipc-domu-{os.getpid()}-{next(_names)}"
     d = Domu("client", "0", path, str(NBYTES), str(NMSG))
     domus.append(d)
-    anyio.run(peer.run, "server", d.domid, path, NBYTES, NMSG, False)
+    try:
+        anyio.run(peer.run, "server", d.domid, path, NBYTES, NMSG, False)
+    except BaseException:
+        print("domU client said:\n" + d.wait(60)[1])  # why our end failed, if it did
+        raise
     rc, out = d.wait()
     assert rc == 0, out
     for line in ("CONNECTED", f"BYTES ok {NBYTES}", f"MESSAGES ok {NMSG}", "DONE"):
