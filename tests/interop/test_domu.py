@@ -97,6 +97,15 @@ class Domu:
             self.finished = (r.returncode, r.stdout + r.stderr)
         return self.finished
 
+    @contextlib.contextmanager
+    def told_on_failure(self) -> Iterator[None]:
+        """Print the domU's console (its side of the story) if the block raises."""
+        try:
+            yield
+        except BaseException:
+            print(f"domU {self.name} said:\n" + self.wait(60)[1])
+            raise
+
     def destroy(self) -> None:
         subprocess.run([_xl(), "destroy", self.name], capture_output=True, timeout=120)
 
@@ -121,11 +130,8 @@ def test_dom0_server_domu_client(domus: list[Domu]) -> None:
     path = f"data/vchan/gntipc-domu-{os.getpid()}-{next(_names)}"
     d = Domu("client", "0", path, str(NBYTES), str(NMSG))
     domus.append(d)
-    try:
+    with d.told_on_failure():
         anyio.run(peer.run, "server", d.domid, path, NBYTES, NMSG, False)
-    except BaseException:
-        print("domU client said:\n" + d.wait(60)[1])  # why our end failed, if it did
-        raise
     rc, out = d.wait()
     assert rc == 0, out
     for line in ("CONNECTED", f"BYTES ok {NBYTES}", f"MESSAGES ok {NMSG}", "DONE"):
@@ -136,7 +142,8 @@ def test_domu_server_dom0_client(domus: list[Domu]) -> None:
     path = f"data/vchan/gntipc-domu-{next(_names)}"
     d = Domu("server", "0", path, str(NBYTES), str(NMSG))
     domus.append(d)
-    anyio.run(peer.run, "client", d.domid, path, NBYTES, NMSG, False)
+    with d.told_on_failure():
+        anyio.run(peer.run, "client", d.domid, path, NBYTES, NMSG, False)
     rc, out = d.wait()
     assert rc == 0, out
     for line in ("CONNECTED", f"BYTES ok {NBYTES}", f"MESSAGES ok {NMSG}", "EOF ok", "DONE"):
