@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 XENKIT := tools/xen-vm
 
-.PHONY: demo test test-xen test-xen-all bench-xen lint bench install clean stress
+.PHONY: demo test test-xen test-xen-domu test-xen-all bench-xen lint bench install clean stress
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +31,20 @@ test: lint
 # Real Xen 4.17 under QEMU: the xen-marked tests with the xen backend, in dom0.  Code runs
 # 10-20x slower under emulation, so CI runs a subset (XEN_TESTS); `make test-xen-all` runs
 # every xen-marked test (stream conformance, sessions, message queues too: ~25 min).
-XEN_TESTS ?= tests/native tests/xenstore tests/backends tests/channel tests/interop \
+# The dom0<->domU tests (tests/interop/test_domu.py) are not in the CI subset: in this kit
+# a dom0 process talking to a freshly booted domU sometimes has a heap page written behind
+# its back (core dumps show bytes of another address space in it; see issue 13), so they
+# run in `make test-xen-domu` and `make test-xen-all` until that is understood.
+XEN_TESTS ?= tests/native tests/xenstore tests/backends tests/channel \
+	tests/interop/test_libxenvchan.py \
 	tests/streams/test_crossproc.py tests/streams/test_listener.py
 XEN_PYTEST = GNTIPC_BACKEND=xen $(CURDIR)/$(PY) -m pytest -m xen -v --timeout=240 --durations=20
 
 test-xen: $(STAMP)
 	$(XENKIT)/run-in-xen.sh --timeout 1500 "$(CURDIR)" '$(XEN_PYTEST) $(XEN_TESTS)'
+
+test-xen-domu: $(STAMP)
+	$(XENKIT)/run-in-xen.sh --timeout 1500 "$(CURDIR)" '$(XEN_PYTEST) tests/interop/test_domu.py'
 
 test-xen-all: $(STAMP)
 	$(XENKIT)/run-in-xen.sh --timeout 3600 "$(CURDIR)" '$(XEN_PYTEST) tests'
