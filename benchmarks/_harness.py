@@ -8,6 +8,7 @@ hangs is reported and skipped; it never stops the run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import multiprocessing as mp
@@ -19,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
@@ -319,6 +320,53 @@ def await_ready(path: str, timeout: float = 30.0) -> None:
         if time.monotonic() > end:
             raise TimeoutError(f"the peer never bound {path}")
         time.sleep(0.001)
+
+
+StreamPair = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Any]]
+
+
+def serve_unix_once(sock_path: str, handle: StreamPair, limit: int = 1 << 16) -> Any:
+    """The parent of an asyncio unix-socket pair: in a fresh event loop, accept one
+    connection at ``sock_path``, run ``handle(reader, writer)`` on it, close it, and
+    return what ``handle`` returned."""
+
+    async def main() -> Any:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                done.set_result(await handle(reader, writer))
+            except Exception as exc:
+                done.set_exception(exc)
+            finally:
+                writer.close()
+
+        server = await asyncio.start_unix_server(on_connect, sock_path, limit=limit)
+        signal_ready(sock_path)
+        try:
+            return await done
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    return asyncio.run(main())
+
+
+def connect_unix(sock_path: str, run: StreamPair, limit: int = 1 << 16) -> Any:
+    """The child of an asyncio unix-socket pair: in a fresh event loop, connect to
+    ``sock_path`` once the parent listens, run ``run(reader, writer)``, close the
+    connection, and return what ``run`` returned."""
+
+    async def main() -> Any:
+        await_ready(sock_path)
+        reader, writer = await asyncio.open_unix_connection(sock_path, limit=limit)
+        try:
+            return await run(reader, writer)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    return asyncio.run(main())
 
 
 # --------------------------------------------------------------------------- pyzmq ---

@@ -22,7 +22,7 @@ from _harness import (
     KiB,
     Meter,
     attempt,
-    await_ready,
+    connect_unix,
     fmt,
     fresh_path,
     g_client,
@@ -30,7 +30,7 @@ from _harness import (
     percentiles,
     ratio,
     run_pair,
-    signal_ready,
+    serve_unix_once,
     table,
     tmp_sock,
     v_client,
@@ -178,48 +178,30 @@ def pipe_child(res: Any, path: str, rounds: int, spin: float | None) -> Result:
 
 # ------------------------------------------------------------- asyncio unix socket ---
 def unix_parent(res: Any, path: str, rounds: int, spin: float | None) -> Result:
-    sock_path = res
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Result:
+        times = []
+        clock = time.perf_counter
+        meter = Meter()
+        for _ in range(rounds):
+            t = clock()
+            writer.write(PING)
+            await reader.readexactly(64)
+            times.append(clock() - t)
+        return _result(times, rounds, meter)
 
-    async def main() -> Result:
-        done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            times = []
-            clock = time.perf_counter
-            meter = Meter()
-            for _ in range(rounds):
-                t = clock()
-                writer.write(PING)
-                await reader.readexactly(64)
-                times.append(clock() - t)
-            done.set_result(_result(times, rounds, meter))
-            writer.close()
-
-        server = await asyncio.start_unix_server(handle, sock_path)
-        signal_ready(sock_path)
-        result = await done
-        server.close()
-        await server.wait_closed()
-        return result
-
-    return asyncio.run(main())
+    result: Result = serve_unix_once(res, handle)
+    return result
 
 
 def unix_child(res: Any, path: str, rounds: int, spin: float | None) -> Result:
-    sock_path = res
-
-    async def main() -> Result:
-        await_ready(sock_path)
-        reader, writer = await asyncio.open_unix_connection(sock_path)
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Result:
         meter = Meter()
         for _ in range(rounds):
             writer.write(await reader.readexactly(64))
-        use = meter.stop()
-        writer.close()
-        await writer.wait_closed()
-        return use._asdict()
+        return meter.stop()._asdict()
 
-    return asyncio.run(main())
+    result: Result = connect_unix(res, run)
+    return result
 
 
 # --------------------------------------------------------------------------- pyzmq ---

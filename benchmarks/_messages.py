@@ -18,14 +18,14 @@ import zmq
 from _harness import (
     MiB,
     attempt,
-    await_ready,
+    connect_unix,
     fmt,
     fresh_path,
     g_client,
     g_server,
     ratio,
     run_pair,
-    signal_ready,
+    serve_unix_once,
     table,
     tmp_sock,
     zmq_bind,
@@ -115,61 +115,46 @@ def gntipc_child(_: Any, path: str, batched: bool, secs: float) -> None:
 
 # ------------------------------------------------------------- asyncio unix socket ---
 def unix_parent(res: Any, path: str, batched: bool, secs: float) -> float:
-    sock_path = res
     decode = msgspec.msgpack.Decoder(Sample).decode
 
-    async def main() -> float:
-        done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            count = 0
-            t0 = 0.0
-            if batched:
-                pending = b""
-                while data := await reader.read(MiB):
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+        count = 0
+        t0 = 0.0
+        if batched:
+            pending = b""
+            while data := await reader.read(MiB):
+                if not t0:
+                    t0 = time.perf_counter()
+                buf = pending + data if pending else data
+                view = memoryview(buf)
+                pos, end = 0, len(buf)
+                while end - pos >= 4:
+                    (n,) = _U32.unpack_from(buf, pos)
+                    if pos + 4 + n > end:
+                        break
+                    decode(view[pos + 4 : pos + 4 + n])
+                    pos += 4 + n
+                    count += 1
+                pending = buf[pos:]
+        else:
+            readexactly = reader.readexactly
+            try:
+                while True:
+                    (n,) = _U32.unpack(await readexactly(4))
+                    decode(await readexactly(n))
                     if not t0:
                         t0 = time.perf_counter()
-                    buf = pending + data if pending else data
-                    view = memoryview(buf)
-                    pos, end = 0, len(buf)
-                    while end - pos >= 4:
-                        (n,) = _U32.unpack_from(buf, pos)
-                        if pos + 4 + n > end:
-                            break
-                        decode(view[pos + 4 : pos + 4 + n])
-                        pos += 4 + n
-                        count += 1
-                    pending = buf[pos:]
-            else:
-                readexactly = reader.readexactly
-                try:
-                    while True:
-                        (n,) = _U32.unpack(await readexactly(4))
-                        decode(await readexactly(n))
-                        if not t0:
-                            t0 = time.perf_counter()
-                        count += 1
-                except asyncio.IncompleteReadError:
-                    pass
-            done.set_result(count / (time.perf_counter() - t0))
-            writer.close()
+                    count += 1
+            except asyncio.IncompleteReadError:
+                pass
+        return count / (time.perf_counter() - t0)
 
-        server = await asyncio.start_unix_server(handle, sock_path, limit=MiB)
-        signal_ready(sock_path)
-        result = await done
-        server.close()
-        await server.wait_closed()
-        return result
-
-    return asyncio.run(main())
+    rate: float = serve_unix_once(res, handle, limit=MiB)
+    return rate
 
 
 def unix_child(res: Any, path: str, batched: bool, secs: float) -> None:
-    sock_path = res
-
-    async def main() -> None:
-        await_ready(sock_path)
-        _, writer = await asyncio.open_unix_connection(sock_path)
+    async def run(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         samples = make_samples(256)
         encode = msgspec.msgpack.Encoder().encode
         end = time.perf_counter() + secs
@@ -188,10 +173,8 @@ def unix_child(res: Any, path: str, batched: bool, secs: float) -> None:
                     payload = encode(m)
                     writer.write(_U32.pack(len(payload)) + payload)
                     await writer.drain()
-        writer.close()
-        await writer.wait_closed()
 
-    asyncio.run(main())
+    connect_unix(res, run)
 
 
 # --------------------------------------------------------------------------- pyzmq ---

@@ -28,14 +28,14 @@ from _harness import (
     Meter,
     MiB,
     attempt,
-    await_ready,
+    connect_unix,
     fmt,
     fresh_path,
     g_client,
     g_server,
     ratio,
     run_pair,
-    signal_ready,
+    serve_unix_once,
     table,
     tmp_sock,
     v_client,
@@ -144,38 +144,22 @@ def gntipc_sync_child(_: Any, path: str, ring: int, secs: float) -> Result:
 
 # --------------------------------------------------------------- asyncio unix socket ---
 def asyncio_parent(res: Any, path: str, ring: int, secs: float) -> Result:
-    sock_path = res
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Result:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ring)
+        await reader.read(ring)
+        total = 0
+        meter = Meter()
+        while data := await reader.read(ring):
+            total += len(data)
+        return {"bytes": total, **meter.stop()._asdict()}
 
-    async def main() -> Result:
-        done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, ring)
-            await reader.read(ring)
-            total = 0
-            meter = Meter()
-            while data := await reader.read(ring):
-                total += len(data)
-            done.set_result({"bytes": total, **meter.stop()._asdict()})
-            writer.close()
-
-        server = await asyncio.start_unix_server(handle, sock_path, limit=ring)
-        signal_ready(sock_path)
-        result = await done
-        server.close()
-        await server.wait_closed()
-        return result
-
-    return asyncio.run(main())
+    result: Result = serve_unix_once(res, handle, limit=ring)
+    return result
 
 
 def asyncio_child(res: Any, path: str, ring: int, secs: float) -> Result:
-    sock_path = res
-
-    async def main() -> Result:
-        await_ready(sock_path)
-        _, writer = await asyncio.open_unix_connection(sock_path)
+    async def run(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Result:
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, ring)
         block = bytes(BLOCK)
         meter = Meter()
@@ -188,7 +172,8 @@ def asyncio_child(res: Any, path: str, ring: int, secs: float) -> Result:
         await writer.wait_closed()
         return meter.stop()._asdict()
 
-    return asyncio.run(main())
+    result: Result = connect_unix(res, run)
+    return result
 
 
 # --------------------------------------------------------------------------- os.pipe ---
