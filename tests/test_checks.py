@@ -149,7 +149,20 @@ def test_protocol_package_exports_its_api() -> None:
     from gntipc import protocol
     from gntipc.protocol import _layout
 
-    assert set(protocol.__all__) == {*_layout.__all__, "VchanRings"}
+    assert set(protocol.__all__) == {
+        *_layout.__all__,
+        "VchanRings",
+        # the sans-I/O message framing and session codec (protocol.framing / protocol.mux)
+        "DEFAULT_MAX_MESSAGE_SIZE",
+        "FRAME_HEADER_SIZE",
+        "MAX_MESSAGE_SIZE_LIMIT",
+        "NEED_DATA",
+        "NeedData",
+        "MessageFramer",
+        "FrameType",
+        "MuxEvent",
+        "SessionDecoder",
+    }
     for name in protocol.__all__:
         assert getattr(protocol, name) is not None
 

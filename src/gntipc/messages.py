@@ -1,10 +1,31 @@
-"""Typed message queues over a byte stream: :class:`MessageQueue`.
+"""Typed message queues over any byte stream: :class:`MessageQueue`.
 
-Wire format: each message is one *frame*, a little-endian u32 payload length followed by
-the msgspec MessagePack encoding of the message.  Frames are written with as few ring
-operations as possible (:meth:`MessageQueue.put_many` writes a whole batch with one ring
-write and at most one notification) and read in large chunks that are copied out of
-shared memory before anything is decoded (the peer can rewrite the ring at any time).
+The framing is the sans-I/O :class:`gntipc.protocol.MessageFramer` (a little-endian u32
+payload length, then the msgspec MessagePack encoding of the message); this module does
+the I/O.  The stream may be any :class:`anyio.abc.ByteStream`: a
+:class:`~gntipc.VchanStream`, a :class:`~gntipc.SessionStream`, anyio's TCP, unix or TLS
+streams...  The same typed protocol then runs to a VM on this host over a vchan and to a
+process on another host over TCP.
+
+On a :class:`~gntipc.VchanStream` the queue uses the ring directly: frames are written
+with as few ring operations as possible (:meth:`MessageQueue.put_many` writes a whole
+batch with one ring write and at most one notification), a frame that fits the ring is
+written whole or not at all, and every method works, the ``*_nowait`` ones included.  On
+any other stream:
+
+* :meth:`~MessageQueue.put_nowait` and :meth:`~MessageQueue.put_many_nowait` raise
+  :class:`NotImplementedError` (a generic stream cannot send without waiting: use
+  :meth:`~MessageQueue.put`);
+* :meth:`~MessageQueue.get_nowait` and :meth:`~MessageQueue.get_many_nowait` return only
+  messages already received (by an earlier ``get``/``get_many``), else raise
+  :class:`anyio.WouldBlock`, unless the stream has a ``receive_nowait(max_bytes)``
+  raising :class:`anyio.WouldBlock` as :class:`~gntipc.VchanStream` does, which they use;
+* a cancelled :meth:`~MessageQueue.put` closes the queue unless the stream tells how much
+  of the frame went out (a :class:`~gntipc.SessionStream` does: it sends a small frame
+  whole or not at all), because a partial frame would desynchronise the peer;
+* :meth:`~MessageQueue.close` (synchronous) closes only a :class:`~gntipc.VchanStream` or
+  :class:`~gntipc.SessionStream` at once; other streams are closed by
+  :meth:`~MessageQueue.aclose` (the queue is marked closed at once either way).
 
 Bad input from the peer:
 
@@ -17,54 +38,53 @@ Bad input from the peer:
 * The stream ending inside a frame raises :class:`MalformedMessage` (then the queue
   behaves as ended).
 
-A peer that keeps the ring full cannot keep :meth:`MessageQueue.get_many` busy: one call
-returns at most ``max_items`` messages (:data:`DEFAULT_MAX_ITEMS` by default) and stops
-reading the ring once :data:`COLLECT_BYTES` were received; the rest stays for the next
-call.  A frame arriving in many pieces is joined once, when it is complete (linear in
-its size).
+A peer that keeps the stream full cannot keep :meth:`MessageQueue.get_many` busy: one
+call returns at most ``max_items`` messages (:data:`DEFAULT_MAX_ITEMS` by default) and
+stops reading once :data:`COLLECT_BYTES` were received; the rest stays for the next call.
+A frame arriving in many pieces is joined once, when it is complete (linear in its size).
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, Self, TypeVar
 
 import anyio
-import msgspec
-from anyio import BrokenResourceError, BusyResourceError, EndOfStream, WouldBlock
-from anyio.abc import AsyncResource
+from anyio import (
+    BrokenResourceError,
+    BusyResourceError,
+    ClosedResourceError,
+    EndOfStream,
+    WouldBlock,
+)
+from anyio.abc import AsyncResource, ByteStream
 from anyio.lowlevel import checkpoint
 
 from ._exceptions import MalformedMessage as MalformedMessage
 from ._exceptions import MessageTooLarge as MessageTooLarge
+from .protocol.framing import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
+from .protocol.framing import NEED_DATA, MessageFramer
+from .session import SessionStream
 from .streams import VchanAttribute, VchanStream
 
 __all__ = ["MalformedMessage", "MessageQueue", "MessageTooLarge"]
 
 T = TypeVar("T")
 
-_U32 = struct.Struct("<I")
-_HEADER = _U32.size
-_MAX_LIMIT = 0xFFFFFFFF
-#: The default for ``max_message_size``.
-DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
 #: The default for ``max_items`` of :meth:`MessageQueue.get_many`.
 DEFAULT_MAX_ITEMS = 4096
-#: :meth:`MessageQueue.get_many` reads no more from the ring once it received this many
-#: bytes in one call (it returns the messages they completed).
+#: :meth:`MessageQueue.get_many` reads no more from the stream once it received this
+#: many bytes in one call (it returns the messages they completed).
 COLLECT_BYTES = 1 << 20
-
-
-class _Nothing:
-    pass
-
-
-_NOTHING = _Nothing()
+# Receive sizes on a generic stream: at least a chunk, at most what completes the frame
+# being received up to a cap (trio's socket receive allocates max_bytes up front).
+_GENERIC_CHUNK = 65536
+_GENERIC_MAX_READ = 1 << 20
 
 
 class MessageQueue(AsyncResource, Generic[T]):
-    """Typed messages over a :class:`~gntipc.VchanStream` (msgspec MessagePack).
+    """Typed messages over a byte stream (msgspec MessagePack, length-prefixed).
 
     ``MessageQueue(stream, Reading)`` sends and receives ``Reading`` values (any type
     msgspec can encode and validate: Structs, dataclasses, builtins, unions…).  Both
@@ -73,6 +93,10 @@ class MessageQueue(AsyncResource, Generic[T]):
     closes the other.  ``async for message in queue`` iterates until the peer ends the
     stream.
 
+    Any :class:`anyio.abc.ByteStream` works; a :class:`~gntipc.VchanStream` gets the fast
+    paths and the non-waiting methods (see the module documentation for what differs on
+    other streams).
+
     Args:
         stream: a connected stream (the queue takes it over; do not read or write it
             directly any more).
@@ -80,83 +104,63 @@ class MessageQueue(AsyncResource, Generic[T]):
         max_message_size: the largest encoded message, in bytes, accepted in either
             direction (at most 2**32 - 1).
         enc_hook, dec_hook: passed to msgspec's encoder and decoder for custom types.
+
+    Raises:
+        ValueError: ``max_message_size`` out of range.
     """
 
     def __init__(
         self,
-        stream: VchanStream,
+        stream: ByteStream,
         type: type[T],
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        enc_hook: Any = None,
-        dec_hook: Any = None,
+        enc_hook: Callable[[Any], Any] | None = None,
+        dec_hook: Callable[[type, Any], Any] | None = None,
     ) -> None:
-        if not 0 < max_message_size <= _MAX_LIMIT:
-            raise ValueError(f"max_message_size must be in 1..{_MAX_LIMIT}")
+        self._framer = MessageFramer(
+            type, max_message_size=max_message_size, enc_hook=enc_hook, dec_hook=dec_hook
+        )
         self.stream = stream
         self.type = type
-        self.max_message_size = max_message_size
-        self._encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
-        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(type, dec_hook=dec_hook)
-        self._chunk = stream.extra(VchanAttribute.read_size)
-        self._ring = stream.extra(VchanAttribute.write_size)
+        # The fast paths: a VchanStream sends all or nothing without waiting; a stream
+        # with receive_nowait can be drained without waiting.
+        self._vchan = stream if isinstance(stream, VchanStream) else None
+        self._receive_nowait: Callable[[int], bytes] | None = getattr(
+            stream, "receive_nowait", None
+        )
+        self._chunk: int = stream.extra(VchanAttribute.read_size, _GENERIC_CHUNK)
+        self._ring: int = stream.extra(VchanAttribute.write_size, 0)
         # Outgoing frames are encoded here, in place (no per-message allocation).
         self._wbuf = bytearray(256)
         self._putting = False
         self._getting = False
-        # Received bytes (immutable, already copied out of shared memory), the view
-        # decoding slices from, and the position of the next unread frame.
-        self._rbuf = b""
-        self._rview = memoryview(self._rbuf)
-        self._rpos = 0
-        # Chunks received after _rbuf while the frame at _rpos is incomplete: they are
-        # joined once the frame is complete (re-joining on every chunk is quadratic).
-        self._parts: list[bytes] = []
-        self._parts_len = 0
         self._ended = False
+        self._closed = False
         self._deferred: BaseException | None = None
 
-    # -- encoding --------------------------------------------------------------------
+    @property
+    def max_message_size(self) -> int:
+        """The largest encoded message, in bytes, accepted in either direction."""
+        return self._framer.max_message_size
 
-    def _encode_into(self, message: T, buf: bytearray, start: int) -> None:
-        self._encoder.encode_into(message, buf, start + _HEADER)
-        n = len(buf) - start - _HEADER
-        if n > self.max_message_size:
-            del buf[start:]
-            raise MessageTooLarge(
-                f"message encodes to {n} bytes, more than max_message_size"
-                f" ({self.max_message_size})"
-            )
-        _U32.pack_into(buf, start, n)
+    # -- sending ---------------------------------------------------------------------
 
-    def _encode_batch(self, messages: Iterable[T]) -> bytearray:
-        """Frame every message into the write buffer, in one loop (the batch path of
-        :meth:`_encode_into`).  A too-large message empties the buffer and raises."""
-        buf = self._wbuf
-        del buf[:]
-        encode_into = self._encoder.encode_into
-        pack_into = _U32.pack_into
-        most = self.max_message_size
-        for message in messages:
-            start = len(buf)
-            encode_into(message, buf, start + _HEADER)
-            n = len(buf) - start - _HEADER
-            if n > most:
-                del buf[:]
-                raise MessageTooLarge(
-                    f"message encodes to {n} bytes, more than max_message_size ({most})"
-                )
-            pack_into(buf, start, n)
-        return buf
+    def _no_nowait(self, what: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"{what} needs a gntipc.VchanStream (a ring that takes a frame without"
+            f" waiting); over a {type(self.stream).__name__}, use the async method"
+        )
 
     def put_nowait(self, message: T) -> None:
-        """Send ``message`` now, or not at all.
+        """Send ``message`` now, or not at all (a :class:`~gntipc.VchanStream` only).
 
         Raises:
             anyio.WouldBlock: no room in the ring right now (nothing was written).
             MessageTooLarge: the message exceeds ``max_message_size`` (nothing written).
             gntipc.LocalProtocolError: the frame is larger than the whole ring (use
                 :meth:`put`).
+            NotImplementedError: the stream is not a :class:`~gntipc.VchanStream`.
             anyio.BusyResourceError: another task is inside :meth:`put`/:meth:`put_many`.
             anyio.BrokenResourceError: the peer is gone.
             anyio.ClosedResourceError: the queue is closed.
@@ -164,12 +168,16 @@ class MessageQueue(AsyncResource, Generic[T]):
         """
         if self._putting:
             raise BusyResourceError("sending to")
+        vchan = self._vchan
+        if vchan is None:
+            raise self._no_nowait("put_nowait")
         buf = self._wbuf
-        self._encode_into(message, buf, 0)
-        self.stream.send_nowait(buf)
+        self._framer.encode_into(message, buf)
+        vchan.send_nowait(buf)
 
     def put_many_nowait(self, messages: Iterable[T]) -> None:
-        """Send all ``messages`` now with one ring write, or none of them.
+        """Send all ``messages`` now with one ring write, or none of them (a
+        :class:`~gntipc.VchanStream` only).
 
         Raises:
             anyio.WouldBlock: not enough room for the whole batch right now.
@@ -177,18 +185,25 @@ class MessageQueue(AsyncResource, Generic[T]):
         """
         if self._putting:
             raise BusyResourceError("sending to")
-        buf = self._encode_batch(messages)
+        vchan = self._vchan
+        if vchan is None:
+            raise self._no_nowait("put_many_nowait")
+        buf = self._wbuf
+        self._framer.encode_many_into(messages, buf)
         if buf:
-            self.stream.send_nowait(buf)
+            vchan.send_nowait(buf)
 
     async def put(self, message: T) -> None:
-        """Send ``message``, waiting for ring space.
+        """Send ``message``, waiting for room.
 
         Cancellation: a cancelled put wrote nothing, or the whole frame (the message is
-        sent).  A frame that fits the ring is written at once or not at all.  A larger
-        one is written in pieces as ring space frees: cancelled after writing only part
-        of it, the queue and stream are closed (the peer sees a truncated frame,
-        :class:`MalformedMessage`), never a desynchronised stream.
+        sent), or else the queue and its stream are closed (the peer sees a truncated
+        frame, :class:`MalformedMessage`), never a desynchronised stream.  On a
+        :class:`~gntipc.VchanStream`, a frame that fits the ring is written at once or
+        not at all, and a larger one is written in pieces as ring space frees; on a
+        :class:`~gntipc.SessionStream`, a frame of at most half the peer's window goes
+        out whole or not at all; on other streams, how much of a frame went out is not
+        known, so a put cancelled while sending closes the queue.
 
         Raises:
             MessageTooLarge: the message exceeds ``max_message_size`` (nothing written).
@@ -202,14 +217,15 @@ class MessageQueue(AsyncResource, Generic[T]):
         self._putting = True
         try:
             buf = self._wbuf
-            self._encode_into(message, buf, 0)
+            self._framer.encode_into(message, buf)
             await self._send_frames(buf)
         finally:
             self._putting = False
 
     async def put_many(self, messages: Iterable[T]) -> None:
         """Send ``messages`` in order, encoded into one buffer and written with as few
-        ring writes (and notifications) as the free space allows: one, if it fits.
+        writes as possible: on a :class:`~gntipc.VchanStream`, as few ring writes (and
+        notifications) as the free space allows, one if it fits.
 
         Cancellation: as for :meth:`put`, for the batch as a whole: it went out entirely
         or not at all, or else the queue and stream are closed.
@@ -222,14 +238,20 @@ class MessageQueue(AsyncResource, Generic[T]):
             raise BusyResourceError("sending to")
         self._putting = True
         try:
-            buf = self._encode_batch(messages)
+            buf = self._wbuf
+            self._framer.encode_many_into(messages, buf)
             if buf:
                 await self._send_frames(buf)
         finally:
             self._putting = False
 
     async def _send_frames(self, buf: bytearray) -> None:
-        stream = self.stream
+        stream = self._vchan
+        if stream is None:
+            # The stream may keep a reference to what it is given after send returns
+            # (asyncio's transports do): give it bytes, not our reused buffer.
+            await self._send_generic(bytes(buf))
+            return
         size = len(buf)
         if size <= self._ring:
             # Frames that fit the ring go out whole or not at all: a cancelled put
@@ -250,108 +272,37 @@ class MessageQueue(AsyncResource, Generic[T]):
         except BaseException:
             if 0 < stream.send_progress < len(buf):
                 # A partial frame went out: nothing we send later could be framed right.
-                stream.close()
+                self.close()
             raise
 
-    # -- decoding --------------------------------------------------------------------
-
-    def _next(self) -> T | _Nothing:
-        """Decode the next complete buffered frame, if there is one."""
-        buf = self._rbuf
-        pos = self._rpos
-        if len(buf) - pos < _HEADER:
-            return _NOTHING
-        (n,) = _U32.unpack_from(buf, pos)
-        if n > self.max_message_size:
-            self._fail_oversize(n)
-        end = pos + _HEADER + n
-        if end > len(buf):
-            return _NOTHING
-        self._rpos = end
+    async def _send_generic(self, data: bytes) -> None:
+        if self._closed:
+            raise ClosedResourceError
+        stream = self.stream
         try:
-            return self._decoder.decode(self._rview[pos + _HEADER : end])
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise MalformedMessage(f"undecodable {n}-byte message skipped: {exc}") from exc
+            await stream.send(data)
+        except (BrokenResourceError, BusyResourceError):
+            raise  # the peer is gone (see above), or nothing was sent
+        except BaseException:
+            if isinstance(stream, SessionStream):
+                partial = 0 < stream.send_progress < len(data)
+            else:
+                partial = True  # unknown: assume the worst
+            if partial:
+                await self._abort()
+            raise
 
-    def _decode_ready(self, out: list[T], limit: int) -> None:
-        """Append to ``out`` (up to ``limit``) every complete frame buffered in one piece:
-        the batch path of :meth:`_next`, in one loop.  It stops before an oversized or
-        undecodable frame, and before a frame split across received pieces, for
-        :meth:`_next` to handle."""
-        buf = self._rbuf
-        view = self._rview
-        pos = self._rpos
-        size = len(buf)
-        most = self.max_message_size
-        unpack = _U32.unpack_from
-        decode = self._decoder.decode
-        append = out.append
-        try:
-            while len(out) < limit and size - pos >= _HEADER:
-                (n,) = unpack(buf, pos)
-                end = pos + _HEADER + n
-                if n > most or end > size:
-                    break
-                append(decode(view[pos + _HEADER : end]))
-                pos = end
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            pass  # left to _next(), which skips the frame and reports it
-        self._rpos = pos
+    # -- receiving -------------------------------------------------------------------
 
-    def _needed(self) -> int:
-        """How many more bytes complete the current frame (at least one chunk)."""
-        buf = self._rbuf
-        pos = self._rpos
-        if len(buf) - pos >= _HEADER:
-            n: int = _U32.unpack_from(buf, pos)[0]
-            return max(self._chunk, pos + _HEADER + n - len(buf) - self._parts_len)
-        return self._chunk
-
-    def _append(self, data: bytes) -> None:
-        """Buffer received bytes (called after :meth:`_next` found no complete frame, so
-        a known length was checked against ``max_message_size``)."""
-        buf = self._rbuf
-        pos = self._rpos
-        left = len(buf) - pos
-        if left >= _HEADER:
-            end: int = _HEADER + _U32.unpack_from(buf, pos)[0]
-            if left + self._parts_len + len(data) < end:
-                self._parts.append(data)
-                self._parts_len += len(data)
-                return
-        if left:
-            data = b"".join([self._rview[pos:], *self._parts, data])
-            self._parts.clear()
-            self._parts_len = 0
-        self._rbuf = data
-        self._rview = memoryview(data)
-        self._rpos = 0
-
-    def _buffered(self) -> int:
-        return len(self._rbuf) - self._rpos + self._parts_len
-
-    def _drop_buffered(self) -> None:
-        self._rbuf = b""
-        self._rview = memoryview(self._rbuf)
-        self._rpos = 0
-        self._parts.clear()
-        self._parts_len = 0
-
-    def _fail_oversize(self, n: int) -> None:
-        # Drop the buffered rest: later gets then fail on the closed stream.
-        self._drop_buffered()
-        self.close()
-        raise MessageTooLarge(
-            f"the peer announced a {n}-byte message, more than max_message_size"
-            f" ({self.max_message_size}); the queue is closed"
-        )
+    def _receive_size(self) -> int:
+        missing = self._framer.missing()
+        if self._vchan is None:
+            missing = min(missing, _GENERIC_MAX_READ)
+        return max(self._chunk, missing)
 
     def _at_end(self) -> EndOfStream:
         self._ended = True
-        left = self._buffered()
-        if left:
-            self._drop_buffered()
-            raise MalformedMessage(f"the stream ended inside a frame ({left} bytes left)")
+        self._framer.end_of_stream()  # raises MalformedMessage inside a frame
         return EndOfStream()
 
     def _check_get(self) -> None:
@@ -360,11 +311,14 @@ class MessageQueue(AsyncResource, Generic[T]):
         if self._deferred is not None:
             exc, self._deferred = self._deferred, None
             raise exc
+        if self._closed:
+            raise ClosedResourceError
         if self._ended:
             raise EndOfStream
 
     def get_nowait(self) -> T:
-        """Return the next message if one is available now.
+        """Return the next message if one is available now (on a stream without
+        ``receive_nowait``, only a message already received; see the module docs).
 
         Raises:
             anyio.WouldBlock: no complete message yet.
@@ -378,16 +332,24 @@ class MessageQueue(AsyncResource, Generic[T]):
             anyio.ClosedResourceError: the queue is closed.
         """
         self._check_get()
-        message = self._next()
-        if message is not _NOTHING:
-            return message  # type: ignore[return-value]
+        framer = self._framer
         try:
-            data = self.stream.receive_nowait(self._needed())
-        except EndOfStream:
-            raise self._at_end() from None
-        self._append(data)
-        message = self._next()
-        if message is _NOTHING:
+            message = framer.next_message()
+            if message is not NEED_DATA:
+                return message  # type: ignore[return-value]
+            receive_nowait = self._receive_nowait
+            if receive_nowait is None:
+                raise WouldBlock
+            try:
+                data = receive_nowait(self._receive_size())
+            except EndOfStream:
+                raise self._at_end() from None
+            framer.feed(data)
+            message = framer.next_message()
+        except MessageTooLarge:
+            self.close()
+            raise
+        if message is NEED_DATA:
             raise WouldBlock
         return message  # type: ignore[return-value]
 
@@ -403,29 +365,36 @@ class MessageQueue(AsyncResource, Generic[T]):
         self._check_get()
         # Cancelled before anything is taken, or not at all once a message is taken.
         await anyio.lowlevel.checkpoint_if_cancelled()
-        message = self._next()
-        if message is not _NOTHING:
-            await anyio.lowlevel.cancel_shielded_checkpoint()
-            return message  # type: ignore[return-value]
-        self._getting = True
+        framer = self._framer
         try:
-            while True:
-                try:
-                    data = await self.stream.receive(self._needed())
-                except EndOfStream:
-                    raise self._at_end() from None
-                self._append(data)
-                message = self._next()
-                if message is not _NOTHING:
-                    return message  # type: ignore[return-value]
-        finally:
-            self._getting = False
+            message = framer.next_message()
+            if message is not NEED_DATA:
+                await anyio.lowlevel.cancel_shielded_checkpoint()
+                return message  # type: ignore[return-value]
+            self._getting = True
+            try:
+                receive = self.stream.receive
+                while True:
+                    try:
+                        data = await receive(self._receive_size())
+                    except EndOfStream:
+                        raise self._at_end() from None
+                    framer.feed(data if type(data) is bytes else bytes(data))
+                    message = framer.next_message()
+                    if message is not NEED_DATA:
+                        return message  # type: ignore[return-value]
+            finally:
+                self._getting = False
+        except MessageTooLarge:
+            await self._abort()
+            raise
 
     def get_many_nowait(self, max_items: int = DEFAULT_MAX_ITEMS) -> list[T]:
         """Return the messages available now: at least one, at most ``max_items``, and
-        only those completed by at most about :data:`COLLECT_BYTES` read from the ring
-        in this call (the rest stays buffered), so it returns in bounded time and
-        memory even while the peer keeps writing.
+        only those completed by at most about :data:`COLLECT_BYTES` read from the
+        stream in this call (the rest stays buffered), so it returns in bounded time
+        and memory even while the peer keeps writing.  On a stream without
+        ``receive_nowait``, only messages already received.
 
         An error met after some messages were collected is raised by the next call, so
         no message is lost.
@@ -460,28 +429,30 @@ class MessageQueue(AsyncResource, Generic[T]):
     def _collect(self, out: list[T], limit: int) -> list[T]:
         if limit < 1:
             raise ValueError("max_items must be at least 1")
-        nxt = self._next
+        framer = self._framer
+        receive_nowait = self._receive_nowait
         received = 0
         try:
             while len(out) < limit:
-                self._decode_ready(out, limit)
-                if len(out) >= limit:
-                    break
-                message = nxt()
-                if message is _NOTHING:
-                    if self._ended or received >= COLLECT_BYTES:
-                        break
-                    try:
-                        data = self.stream.receive_nowait(self._needed())
-                    except WouldBlock:
-                        break
-                    except EndOfStream:
-                        self._deferred = self._at_end()
-                        break
-                    received += len(data)
-                    self._append(data)
+                got = framer.next_messages(limit - len(out))
+                if got:
+                    out += got
                     continue
-                out.append(message)  # type: ignore[arg-type]
+                # Every complete message was taken: read more, within the bounds.
+                if receive_nowait is None or self._ended or received >= COLLECT_BYTES:
+                    break
+                try:
+                    data = receive_nowait(self._receive_size())
+                except WouldBlock:
+                    break
+                except EndOfStream:
+                    self._deferred = self._at_end()
+                    break
+                received += len(data)
+                framer.feed(data)
+        except MessageTooLarge as exc:
+            self.close()
+            self._deferred = exc
         except Exception as exc:  # deliver what we have; raise the error next time
             self._deferred = exc
         return out
@@ -499,16 +470,35 @@ class MessageQueue(AsyncResource, Generic[T]):
 
     @property
     def closed(self) -> bool:
-        """True once the queue (or its stream) is closed."""
-        return self.stream.closed
+        """True once the queue (or its :class:`~gntipc.VchanStream` or
+        :class:`~gntipc.SessionStream`) is closed."""
+        if self._closed:
+            return True
+        stream = self.stream
+        return isinstance(stream, (VchanStream, SessionStream)) and stream.closed
 
     def close(self) -> None:
-        """Close the queue and its stream (idempotent)."""
-        self.stream.close()
+        """Close the queue (idempotent).  A :class:`~gntipc.VchanStream` or
+        :class:`~gntipc.SessionStream` is closed at once; any other stream (it has no
+        synchronous close) when :meth:`aclose` is called."""
+        self._closed = True
+        stream = self.stream
+        if isinstance(stream, (VchanStream, SessionStream)):
+            stream.close()
 
     async def aclose(self) -> None:
         """Close the queue and its stream (idempotent)."""
+        self._closed = True
         await self.stream.aclose()
+
+    async def _abort(self) -> None:
+        """Close the queue and its stream at once, after the framing broke (a partial
+        frame went out, or the peer announced an oversized one)."""
+        self.close()
+        if not isinstance(self.stream, (VchanStream, SessionStream)):
+            # Forcefully: a TLS stream's graceful close would wait for the peer.
+            with contextlib.suppress(BrokenResourceError, ClosedResourceError, OSError):
+                await anyio.aclose_forcefully(self.stream)
 
     def __repr__(self) -> str:
         return f"<MessageQueue[{getattr(self.type, '__name__', self.type)}] {self.stream!r}>"

@@ -20,25 +20,14 @@ writer task (a send that finds room in the ring and nothing queued writes at onc
 send can be cancelled at any point, even while the peer does not read at all, and the
 framing stays intact.
 
-Wire format (little-endian).  Each frame is a 12-byte header, then a payload::
+The wire format (a 12-byte header per frame; HELLO, OPEN, DATA, WINDOW, EOF, RESET,
+GOAWAY) is defined, encoded and decoded by the sans-I/O :mod:`gntipc.protocol.mux`; this
+module does the I/O and keeps the per-stream state.
 
-    u8 type | u8 flags (0) | u16 reserved (0) | u32 stream id | u32 value
-
-=========  =========  ==================================================================
-type       stream id  value / payload
-=========  =========  ==================================================================
-HELLO 0    0          payload length (16): ``b"GMUX"``, u16 version 1, u16 0,
-                      u32 receive window per stream, u32 max streams the sender accepts
-OPEN 1     new id     0.  The initiator's ids are odd, the responder's even; each side's
-                      ids strictly increase.
-DATA 2     open id    payload length, 1 .. 65536, at most the credit the receiver granted
-WINDOW 3   open id    credit increment (>= 1); credit never exceeds the window
-EOF 4      open id    0: the sender sends no more data on this stream
-RESET 5    open id    0: the sender will not read (nor send) any more on this stream; it is
-                      the last frame a side sends on a stream id.  An id is freed once
-                      each side has sent and received a RESET.
-GOAWAY 6   0          0: the sender closes the session (it opens no more streams)
-=========  =========  ==================================================================
+The underlying stream may be any :class:`anyio.abc.ByteStream`: a
+:class:`gntipc.VchanStream` (the side that called :func:`gntipc.connect` is the
+initiator, and frames that fit the ring are written without a task switch), or e.g.
+anyio's TCP, unix or TLS streams (pass ``is_initiator``: one side True, the other False).
 
 Everything the peer sends is validated; a violation (unknown stream id, oversize frame,
 credit overflow, bad header, ...) raises :class:`gntipc.RemoteProtocolError` from every
@@ -51,7 +40,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
-import struct
 import warnings
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -70,38 +58,34 @@ from anyio.abc import ByteStream
 from anyio.lowlevel import checkpoint
 
 from ._exceptions import LocalProtocolError, RemoteProtocolError
+from .protocol.mux import DEFAULT_MAX_STREAMS as DEFAULT_MAX_STREAMS
+from .protocol.mux import DEFAULT_WINDOW as DEFAULT_WINDOW
+from .protocol.mux import HEADER_SIZE as HEADER_SIZE
+from .protocol.mux import MAX_FRAME as MAX_FRAME
+from .protocol.mux import (
+    MAX_STREAM_ID,
+    MAX_STREAMS_LIMIT,
+    MAX_WINDOW,
+    MIN_WINDOW,
+    Data,
+    Eof,
+    FrameType,
+    GoAway,
+    Hello,
+    MuxEvent,
+    Open,
+    SessionDecoder,
+    Window,
+    encode_data,
+    encode_frame,
+    encode_hello,
+)
 from .streams import VchanAttribute, VchanStream
 
 __all__ = ["Session", "SessionStream"]
 
-_HEADER = struct.Struct("<BBHII")
-_HELLO = struct.Struct("<4sHHII")
-_MAGIC = b"GMUX"
-_VERSION = 1
-HEADER_SIZE = _HEADER.size
-#: Largest DATA payload (a larger frame from the peer is a protocol error).
-MAX_FRAME = 65536
-DEFAULT_WINDOW = 256 * 1024
-DEFAULT_MAX_STREAMS = 256
-_MIN_WINDOW = 1024
-_MAX_WINDOW = 1 << 30
-_MAX_ID = 0xFFFFFFFF
 #: How long :meth:`Session.aclose` waits to flush pending control frames and GOAWAY.
 _FLUSH_TIMEOUT = 2.0
-
-
-class _T(enum.IntEnum):
-    HELLO = 0
-    OPEN = 1
-    DATA = 2
-    WINDOW = 3
-    EOF = 4
-    RESET = 5
-    GOAWAY = 6
-
-
-def _frame(ftype: _T, sid: int = 0, value: int = 0) -> bytes:
-    return _HEADER.pack(ftype, 0, 0, sid, value)
 
 
 class _Signal:
@@ -148,11 +132,13 @@ class Session:
     """A multiplexer of many :class:`SessionStream` over one byte stream.
 
     Args:
-        stream: a connected byte stream (typically a :class:`gntipc.VchanStream`).  The
+        stream: any connected :class:`anyio.abc.ByteStream`: a
+            :class:`gntipc.VchanStream`, or e.g. anyio's TCP, unix or TLS streams.  The
             session owns it from now on: closing the session closes it.
         is_initiator: which side this is (the two sides must differ).  ``None``: the
             client of a :class:`gntipc.VchanStream` (the side that called
-            :func:`gntipc.connect`) is the initiator.
+            :func:`gntipc.connect`) is the initiator; required for any other stream
+            (e.g. True on the side that connected a TCP socket).
         window: our receive window per logical stream, in bytes (1 KiB .. 1 GiB).
         max_streams: how many streams the peer may have open towards us at once
             (:meth:`accept_stream` backlog included); the peer's :meth:`open_stream`
@@ -173,15 +159,16 @@ class Session:
         window: int = DEFAULT_WINDOW,
         max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
-        if not _MIN_WINDOW <= window <= _MAX_WINDOW:
-            raise LocalProtocolError(f"window must be from {_MIN_WINDOW} to {_MAX_WINDOW}")
-        if not 1 <= max_streams <= 1 << 20:
-            raise LocalProtocolError("max_streams must be from 1 to 1048576")
+        if not MIN_WINDOW <= window <= MAX_WINDOW:
+            raise LocalProtocolError(f"window must be from {MIN_WINDOW} to {MAX_WINDOW}")
+        if not 1 <= max_streams <= MAX_STREAMS_LIMIT:
+            raise LocalProtocolError(f"max_streams must be from 1 to {MAX_STREAMS_LIMIT}")
         if is_initiator is None:
             is_server = stream.extra(VchanAttribute.is_server, None)
             if is_server is None:
                 raise LocalProtocolError(
                     "is_initiator is required unless the stream is a gntipc.VchanStream"
+                    " (pass True on one side and False on the other)"
                 )
             is_initiator = not is_server
         self._stream: ByteStream | None = stream
@@ -197,6 +184,7 @@ class Session:
         self._peer_window = 0
         self._peer_max_streams = 0
         self._peer_goaway = False
+        self._decoder = SessionDecoder()
         self._ours_open = 0  # streams of our parity in _streams
         self._theirs_open = 0
         self._pending: collections.deque[SessionStream] = collections.deque()
@@ -224,8 +212,7 @@ class Session:
         await tg.__aenter__()
         self._tg = tg
         try:
-            hello = _HELLO.pack(_MAGIC, _VERSION, 0, self.window, self.max_streams)
-            await self._send_raw(_frame(_T.HELLO, 0, len(hello)) + hello)
+            await self._send_raw(encode_hello(self.window, self.max_streams))
             self._control_done = anyio.Event()
             tg.start_soon(self._run_task, self._reader)
             tg.start_soon(self._run_task, self._writer)
@@ -370,14 +357,14 @@ class Session:
                 await self._state_signal.wait()
                 continue
             sid = self._next_id
-            if sid > _MAX_ID:
+            if sid > MAX_STREAM_ID:
                 raise LocalProtocolError("stream ids are exhausted")
             self._next_id += 2
             stream = SessionStream(self, sid)
             stream._accepted = True
             self._streams[sid] = stream
             self._ours_open += 1
-            self._queue_control(_frame(_T.OPEN, sid))  # queued before any DATA of it
+            self._queue_control(encode_frame(FrameType.OPEN, sid))  # queued before any DATA of it
             return stream
 
     async def accept_stream(self) -> SessionStream:
@@ -490,7 +477,7 @@ class Session:
                     continue
                 if self._down is not None:
                     if self._down is _Down.CLOSED:
-                        await self._send_raw(_frame(_T.GOAWAY))
+                        await self._send_raw(encode_frame(FrameType.GOAWAY))
                     return
                 await self._control_signal.wait()
         except Exception as exc:
@@ -521,47 +508,17 @@ class Session:
     async def _reader(self) -> None:
         stream = self._stream
         assert stream is not None
-        # An incomplete frame, in the pieces received so far: they are joined once the
-        # frame is complete (joining on every chunk would copy it again and again).
-        parts: list[bytes] = []
-        have = 0  # bytes in parts
-        need = HEADER_SIZE  # bytes that complete the frame begun in parts
+        decoder = self._decoder
         try:
             while True:
                 try:
                     chunk = await stream.receive(1 << 18)
                 except EndOfStream:
-                    if parts:
-                        raise RemoteProtocolError(
-                            f"the session's stream ended inside a frame ({have} bytes)"
-                        ) from None
+                    decoder.end_of_stream()
                     self._go_down(_Down.EOF, None)
                     return
-                if parts:
-                    parts.append(chunk)
-                    have += len(chunk)
-                    if have < need:
-                        continue
-                    data = b"".join(parts)
-                    parts.clear()
-                else:
-                    data = chunk
-                # Frames are sliced straight out of the received bytes (one copy each).
-                pos = 0
-                end = len(data)
-                need = HEADER_SIZE
-                while end - pos >= HEADER_SIZE:
-                    ftype, flags, reserved, sid, value = _HEADER.unpack_from(data, pos)
-                    size = self._check_header(ftype, flags, reserved, sid, value)
-                    if end - pos < HEADER_SIZE + size:
-                        need = HEADER_SIZE + size
-                        break
-                    start = pos + HEADER_SIZE
-                    pos = start + size
-                    self._handle(ftype, sid, value, data[start:pos] if size else b"")
-                if pos < end:
-                    parts.append(data[pos:])
-                    have = end - pos
+                for event in decoder.feed(chunk):
+                    self._handle(event)
         except RemoteProtocolError as exc:
             self._go_down(_Down.PROTOCOL, exc)
             await self._close_stream()
@@ -575,87 +532,45 @@ class Session:
             self._go_down(_Down.BROKEN, exc)
             await self._close_stream()
 
-    def _check_header(self, ftype: int, flags: int, reserved: int, sid: int, value: int) -> int:
-        """Validate a header before its payload is awaited; return the payload size."""
-        if ftype > _T.GOAWAY:
-            raise RemoteProtocolError(f"unknown frame type {ftype}")
-        if flags or reserved:
-            raise RemoteProtocolError(
-                f"{_T(ftype).name} frame with nonzero flags/reserved bits ({flags}, {reserved})"
-            )
-        if not self._peer_hello and ftype != _T.HELLO:
-            raise RemoteProtocolError(f"{_T(ftype).name} frame before HELLO (not a session peer?)")
-        if ftype == _T.DATA:
-            if not 1 <= value <= MAX_FRAME:
-                raise RemoteProtocolError(
-                    f"oversize or empty DATA frame ({value} bytes; limit {MAX_FRAME})"
-                )
-            return value
-        if ftype == _T.HELLO:
-            if value != _HELLO.size:
-                raise RemoteProtocolError(f"HELLO frame of {value} bytes (expected {_HELLO.size})")
-            return value
-        return 0
-
-    def _handle(self, ftype: int, sid: int, value: int, payload: bytes) -> None:
-        if ftype == _T.HELLO:
-            self._on_hello(sid, payload)
+    def _handle(self, event: MuxEvent) -> None:
+        """Apply one decoded frame (the decoder validated it on its own; what needs
+        the session's state is checked here)."""
+        if isinstance(event, Hello):
+            self._peer_window = event.window
+            self._peer_max_streams = event.max_streams
+            self._peer_hello = True
+            self._state_signal.fire()
             return
-        if ftype == _T.GOAWAY:
-            if sid or value:
-                raise RemoteProtocolError(f"GOAWAY with stream id {sid} and value {value}")
-            if self._peer_goaway:
-                raise RemoteProtocolError("duplicate GOAWAY")
+        if isinstance(event, GoAway):
             self._peer_goaway = True
             self._state_signal.fire()
             return
-        if sid == 0:
-            raise RemoteProtocolError(f"{_T(ftype).name} frame on stream id 0")
-        if ftype == _T.OPEN:
-            self._on_open(sid, value)
+        if isinstance(event, Open):
+            self._on_open(event.stream_id)
             return
+        sid = event.stream_id
         stream = self._streams.get(sid)
+        name = type(event).__name__.upper()
         if stream is None:
-            raise RemoteProtocolError(f"{_T(ftype).name} frame for unknown stream id {sid}")
+            raise RemoteProtocolError(f"{name} frame for unknown stream id {sid}")
         if stream._remote_reset:
-            raise RemoteProtocolError(f"{_T(ftype).name} frame on stream {sid} after its RESET")
-        if ftype == _T.DATA:
-            stream._on_data(payload)
-        elif ftype == _T.WINDOW:
-            stream._on_window(value)
-        elif ftype == _T.EOF:
-            if value:
-                raise RemoteProtocolError(f"EOF frame with value {value}")
+            raise RemoteProtocolError(f"{name} frame on stream {sid} after its RESET")
+        if isinstance(event, Data):
+            stream._on_data(event.data)
+        elif isinstance(event, Window):
+            stream._on_window(event.increment)
+        elif isinstance(event, Eof):
             if stream._remote_eof:
                 raise RemoteProtocolError(f"duplicate EOF on stream {sid}")
             stream._remote_eof = True
             stream._wake()
-        else:  # RESET
-            if value:
-                raise RemoteProtocolError(f"RESET frame with value {value}")
+        else:  # Reset
             stream._remote_reset = True
             stream._wake()
             if stream._reset_sent:
                 self._forget(stream)
 
-    def _on_hello(self, sid: int, payload: bytes) -> None:
-        if self._peer_hello:
-            raise RemoteProtocolError("duplicate HELLO")
-        magic, version, reserved, window, max_streams = _HELLO.unpack(payload)
-        if sid or magic != _MAGIC:
-            raise RemoteProtocolError(f"bad HELLO (magic {magic!r}): the peer is not a session")
-        if version != _VERSION or reserved:
-            raise RemoteProtocolError(f"unsupported session version {version}")
-        if not _MIN_WINDOW <= window <= _MAX_WINDOW or max_streams < 1:
-            raise RemoteProtocolError(f"bad HELLO window {window} / max_streams {max_streams}")
-        self._peer_window = window
-        self._peer_max_streams = max_streams
-        self._peer_hello = True
-        self._state_signal.fire()
-
-    def _on_open(self, sid: int, value: int) -> None:
-        if value:
-            raise RemoteProtocolError(f"OPEN frame with value {value}")
+    def _on_open(self, sid: int) -> None:
         if (sid & 1) == (1 if self.is_initiator else 0):
             raise RemoteProtocolError(
                 f"OPEN of stream id {sid} of our parity (are both sides initiators, or both "
@@ -663,8 +578,6 @@ class Session:
             )
         if sid <= self._peer_last_id:
             raise RemoteProtocolError(f"OPEN of stream id {sid} not above {self._peer_last_id}")
-        if self._peer_goaway:
-            raise RemoteProtocolError("OPEN after GOAWAY")
         if self._theirs_open >= self.max_streams:
             raise RemoteProtocolError(f"the peer opened more than {self.max_streams} streams")
         self._peer_last_id = sid
@@ -824,7 +737,8 @@ class SessionStream(ByteStream):
                             break
                         await self._signal.wait()
                     n = min(self._send_credit, total - offset)
-                    await self._send_piece(self._data_frames(view, offset, n), n, offset)
+                    frames = encode_data(self.stream_id, view[offset : offset + n])
+                    await self._send_piece(frames, n, offset)
                     offset += n
                     self.send_progress = offset
         finally:
@@ -857,16 +771,6 @@ class SessionStream(ByteStream):
             self._check_send()
             raise session._error()
 
-    def _data_frames(self, view: memoryview, offset: int, n: int) -> bytes:
-        parts: list[bytes | memoryview] = []
-        end = offset + n
-        while offset < end:
-            k = min(MAX_FRAME, end - offset)
-            parts.append(_frame(_T.DATA, self.stream_id, k))
-            parts.append(view[offset : offset + k])
-            offset += k
-        return b"".join(parts)
-
     async def send_eof(self) -> None:
         """Half-close: the peer's :meth:`receive` raises EndOfStream once it has read
         everything we sent; our receive direction keeps working.  Idempotent.
@@ -888,7 +792,7 @@ class SessionStream(ByteStream):
         if not self._eof_sent:
             self._eof_sent = True
             if self._session._down is None and not self._remote_reset:
-                self._session._queue_control(_frame(_T.EOF, self.stream_id))
+                self._session._queue_control(encode_frame(FrameType.EOF, self.stream_id))
 
     # -- receiving -------------------------------------------------------------------
 
@@ -917,7 +821,7 @@ class SessionStream(ByteStream):
             grant, self._consumed = self._consumed, 0
             self._recv_credit += grant
             if session._down is None:
-                session._queue_control(_frame(_T.WINDOW, self.stream_id, grant))
+                session._queue_control(encode_frame(FrameType.WINDOW, self.stream_id, grant))
         return data
 
     def _end_of_data(self) -> BaseException:
@@ -983,7 +887,7 @@ class SessionStream(ByteStream):
             self._send_eof_frame()
             self._reset_sent = True
             if session._down is None:
-                session._queue_control(_frame(_T.RESET, self.stream_id))
+                session._queue_control(encode_frame(FrameType.RESET, self.stream_id))
             if self._remote_reset or session._down is not None:
                 session._forget(self)
         self._wake()

@@ -1,15 +1,17 @@
-"""MessageQueue: typed framing, batching, limits, hostile frames, cancellation."""
+"""MessageQueue on a VchanStream: ring batching, limits, cancellation, bounded batches.
+
+What every stream kind must do (hostile frames, end of stream, cancelled gets, the wire
+format) is in test_queue_conformance.py, which runs on vchans too."""
 
 from __future__ import annotations
 
 import contextlib
-import struct
-import time
 
 import anyio
 import msgspec
 import pytest
-from anyio import BusyResourceError, ClosedResourceError, EndOfStream, WouldBlock
+from _pairs import Reading, frame
+from anyio import BusyResourceError, EndOfStream, WouldBlock
 from conftest import PairFactory
 
 import gntipc
@@ -18,34 +20,11 @@ from gntipc import MalformedMessage, MessageQueue, MessageTooLarge
 pytestmark = pytest.mark.anyio
 
 
-class Reading(msgspec.Struct):
-    sensor: int
-    value: float
-    label: str = ""
-
-
-def frame(payload: bytes) -> bytes:
-    return struct.pack("<I", len(payload)) + payload
-
-
 async def queues(
     make_pair: PairFactory, size: int = 65536, **kw: int
 ) -> tuple[MessageQueue[Reading], MessageQueue[Reading]]:
     srv, cli = await make_pair(read_size=size, write_size=size)
     return MessageQueue(srv, Reading, **kw), MessageQueue(cli, Reading, **kw)
-
-
-async def test_put_get_in_order(make_pair: PairFactory) -> None:
-    rx, tx = await queues(make_pair)
-    for i in range(100):
-        await tx.put(Reading(i, i / 2, "x" * (i % 7)))
-    for i in range(100):
-        assert await rx.get() == Reading(i, i / 2, "x" * (i % 7))
-    # the wire format is a u32 length + msgpack
-    await tx.put(Reading(1, 2.0))
-    raw = rx.stream.receive_nowait()
-    body = msgspec.msgpack.encode(Reading(1, 2.0))
-    assert raw == frame(body)
 
 
 async def test_put_many_is_one_ring_write(make_pair: PairFactory) -> None:
@@ -113,54 +92,6 @@ async def test_oversized_put_writes_nothing_and_keeps_the_queue(make_pair: PairF
     assert await rx.get() == Reading(3, 3.0)
 
 
-async def test_oversized_frame_from_peer_closes_the_queue(make_pair: PairFactory) -> None:
-    srv, cli = await make_pair()
-    rx = MessageQueue(srv, Reading, max_message_size=1000)
-    good = msgspec.msgpack.encode(Reading(1, 1.0))
-    await cli.send(frame(good) + struct.pack("<I", 1001) + b"\0" * 50)
-    assert await rx.get() == Reading(1, 1.0)
-    with pytest.raises(MessageTooLarge, match="1001-byte"):
-        await rx.get()
-    assert rx.closed
-    with pytest.raises(ClosedResourceError):
-        await rx.get()
-    # the peer sees the channel closed
-    with anyio.fail_after(5):
-        with pytest.raises(EndOfStream):
-            await cli.receive()
-
-
-async def test_malformed_frame_is_skipped_without_desync(make_pair: PairFactory) -> None:
-    srv, cli = await make_pair()
-    rx = MessageQueue(srv, Reading)
-    good = msgspec.msgpack.encode(Reading(7, 7.0))
-    wrong_type = msgspec.msgpack.encode({"sensor": "not an int", "value": 1.0})
-    garbage = b"\xc1\xc1\xc1"  # 0xc1 is never valid msgpack
-    await cli.send(frame(wrong_type) + frame(garbage) + frame(good))
-    with pytest.raises(MalformedMessage):
-        await rx.get()
-    with pytest.raises(MalformedMessage):
-        rx.get_nowait()
-    assert await rx.get() == Reading(7, 7.0)
-    # in a batch: the good messages before the bad frame are delivered first
-    await cli.send(frame(good) + frame(garbage) + frame(good))
-    assert await rx.get_many() == [Reading(7, 7.0)]
-    with pytest.raises(MalformedMessage):
-        await rx.get_many()
-    assert await rx.get_many() == [Reading(7, 7.0)]
-
-
-async def test_stream_ending_inside_a_frame(make_pair: PairFactory) -> None:
-    srv, cli = await make_pair()
-    rx = MessageQueue(srv, Reading)
-    await cli.send(struct.pack("<I", 50) + b"\x01" * 10)
-    await cli.send_eof()
-    with pytest.raises(MalformedMessage, match="ended inside a frame"):
-        await rx.get()
-    with pytest.raises(EndOfStream):
-        await rx.get()
-
-
 async def test_frames_split_one_byte_at_a_time(make_pair: PairFactory) -> None:
     srv, cli = await make_pair()
     rx = MessageQueue(srv, Reading)
@@ -182,18 +113,6 @@ async def test_messages_larger_than_the_ring(make_pair: PairFactory) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(tx.put, big)
             assert await rx.get() == big
-
-
-async def test_cancelled_get_loses_nothing(make_pair: PairFactory) -> None:
-    rx, tx = await queues(make_pair)
-    with anyio.move_on_after(0.05):
-        await rx.get()
-    wire = frame(msgspec.msgpack.encode(Reading(5, 5.0)))
-    await tx.stream.send(wire[:3])  # half a header arrives while nobody waits
-    with anyio.move_on_after(0.05):
-        await rx.get()  # buffers the 3 bytes, then is cancelled
-    await tx.stream.send(wire[3:])
-    assert await rx.get() == Reading(5, 5.0)
 
 
 async def test_cancelled_put_of_a_large_frame_closes_the_queue(make_pair: PairFactory) -> None:
@@ -274,6 +193,7 @@ class FakeSource:
         self.pos = 0
         self.handed_out = 0
         self.closed = False
+        self.ended = False  # set: the peer ended the stream (what is left is not delivered)
 
     def extra(self, attribute: object, default: object = None) -> object:
         return 65536 if attribute is gntipc.VchanAttribute.read_size else default
@@ -282,6 +202,8 @@ class FakeSource:
         assert max_bytes >= 1
         if self.handed_out >= self.limit:
             raise WouldBlock
+        if self.ended:
+            raise EndOfStream
         if self.pos == len(self.wire):
             if not self.repeat:
                 raise WouldBlock
@@ -342,18 +264,16 @@ async def test_get_many_is_bounded_while_the_peer_keeps_writing(label: str) -> N
 
 async def test_reassembling_a_large_message_is_linear() -> None:
     # A 16 MiB message arriving 1 KiB at a time: each piece used to re-copy the whole
-    # partial frame (quadratic: 128 GiB of copying, seconds); joined once, it takes
-    # a tenth of a second.
+    # partial frame (quadratic: 128 GiB of copying, minutes); joined once, it takes a
+    # tenth of a second.  (tests/protocol/test_framing.py checks deterministically that
+    # nothing is joined before the frame is complete; the deadline here is functional.)
     payload = bytes(range(256)) * (16 << 12)
     wire = frame(msgspec.msgpack.encode(payload)) + numbered_wire(1)
     source = FakeSource(wire, piece=1024, repeat=False, limit=len(wire))
     rx = MessageQueue(source, bytes | Reading, max_message_size=32 << 20)  # type: ignore[arg-type]
-    start = time.perf_counter()
     with anyio.fail_after(60):
         got = await rx.get()
-    elapsed = time.perf_counter() - start
     assert got == payload
-    assert elapsed < 1.0, f"reassembly took {elapsed:.2f} s"
     # the bytes after the frame were kept
     assert rx.get_nowait() == Reading(0, 0.0)
     with pytest.raises(WouldBlock):
@@ -379,22 +299,6 @@ async def test_a_frame_split_anywhere_reassembles() -> None:
         assert (await rx.get()).sensor == 0
         with pytest.raises(WouldBlock):
             rx.get_nowait()
-        source.receive_nowait = _raise_end  # type: ignore[method-assign]
+        source.ended = True
         with pytest.raises(MalformedMessage, match="ended inside a frame"):
             rx.get_nowait()
-
-
-def _raise_end(max_bytes: int = 0) -> bytes:
-    raise EndOfStream
-
-
-async def test_cancelled_get_of_a_buffered_message_loses_nothing(make_pair: PairFactory) -> None:
-    rx, tx = await queues(make_pair)
-    await tx.put_many([Reading(1, 1.0), Reading(2, 2.0)])
-    assert await rx.get() == Reading(1, 1.0)  # the second one is buffered now
-    with anyio.CancelScope() as scope:
-        scope.cancel()
-        await rx.get()  # used to take the message, then be cancelled
-    assert scope.cancelled_caught
-    with anyio.fail_after(5):
-        assert await rx.get() == Reading(2, 2.0)

@@ -1,8 +1,12 @@
-"""The sans-I/O vchan protocol: wire layout and ring state.  No fds, no waits.
+"""The sans-I/O protocols: vchan wire layout and ring state, message framing, session
+multiplexing.  No fds, no waits, no event loop: bytes in, messages or events out.
 
-``_layout`` is the one source of the wire format (offsets, live and notify values, ring
-orders and sizes); ``ring`` keeps one endpoint's ring state.  Code outside this package
-imports from here, never from the private modules.
+``_layout`` is the one source of the vchan wire format (offsets, live and notify values,
+ring orders and sizes); ``ring`` keeps one endpoint's ring state; ``framing`` frames
+typed messages (:class:`MessageFramer`, used by :class:`gntipc.MessageQueue`); ``mux``
+encodes and decodes session frames (:class:`SessionDecoder`, used by
+:class:`gntipc.Session`).  Code outside this package imports from here, never from the
+private modules.
 """
 
 from __future__ import annotations
@@ -36,7 +40,29 @@ from ._layout import VchanState as VchanState
 from ._layout import check_ring_size as check_ring_size
 from ._layout import choose_orders as choose_orders
 from ._layout import order_for_size as order_for_size
+from .framing import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
+from .framing import FRAME_HEADER_SIZE as FRAME_HEADER_SIZE
+from .framing import MAX_MESSAGE_SIZE_LIMIT as MAX_MESSAGE_SIZE_LIMIT
+from .framing import NEED_DATA as NEED_DATA
+from .framing import MessageFramer as MessageFramer
+from .framing import NeedData as NeedData
+from .mux import FrameType as FrameType
+from .mux import MuxEvent as MuxEvent
+from .mux import SessionDecoder as SessionDecoder
 from .ring import VchanRings as VchanRings
 
-# The wire format's names (listed once, in _layout.__all__) and the ring state.
-__all__ = [*_layout.__all__, "VchanRings"]
+# The wire format's names (listed once, in _layout.__all__), the ring state, the message
+# framing; the session codec's names (events, encoders, limits) are in .mux.
+__all__ = [
+    *_layout.__all__,
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "FRAME_HEADER_SIZE",
+    "MAX_MESSAGE_SIZE_LIMIT",
+    "NEED_DATA",
+    "FrameType",
+    "MessageFramer",
+    "MuxEvent",
+    "NeedData",
+    "SessionDecoder",
+    "VchanRings",
+]

@@ -1,0 +1,243 @@
+"""The sans-I/O message framing: every split of the input, hostile headers, garbage."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gntipc import MalformedMessage, MessageTooLarge
+from gntipc.protocol import NEED_DATA, MessageFramer
+
+# Deterministic (the same examples every run) and no per-example time limit: a loaded
+# CI machine must not turn a slow example into a failure.
+STABLE: dict[str, bool | None] = {"deadline": None, "derandomize": True}
+
+
+class Reading(msgspec.Struct):
+    sensor: int
+    value: float
+    label: str = ""
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("<I", len(payload)) + payload
+
+
+readings = st.builds(
+    Reading, st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=300)
+)
+
+
+def drain(framer: MessageFramer[Reading]) -> list[Reading]:
+    out: list[Reading] = []
+    while (message := framer.next_message()) is not NEED_DATA:
+        out.append(message)  # type: ignore[arg-type]
+    return out
+
+
+def cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+# -- the wire format, pinned ------------------------------------------------------------
+
+
+def test_wire_format_is_a_u32_length_and_msgpack() -> None:
+    framer = MessageFramer(Reading)
+    body = msgspec.msgpack.encode(Reading(1, 2.0, "x"))
+    assert framer.encode(Reading(1, 2.0, "x")) == struct.pack("<I", len(body)) + body
+    batch = [Reading(i, i / 3) for i in range(5)]
+    expected = b"".join(frame(msgspec.msgpack.encode(r)) for r in batch)
+    assert framer.encode_many(batch) == expected
+    buf = bytearray(b"keep")
+    framer.encode_many_into(batch, buf, 4)
+    assert buf == b"keep" + expected
+    framer.encode_into(batch[0], buf, 4)
+    assert buf == b"keep" + framer.encode(batch[0])
+    assert framer.encode_many([]) == b""
+
+
+def test_encoding_too_large_or_unencodable_writes_nothing() -> None:
+    framer = MessageFramer(Reading, max_message_size=50)
+    buf = bytearray(b"ab")
+    with pytest.raises(MessageTooLarge, match="more than max_message_size"):
+        framer.encode_into(Reading(1, 1.0, "x" * 100), buf, 2)
+    assert buf == b"ab"
+    with pytest.raises(MessageTooLarge):
+        framer.encode_many_into([Reading(1, 1.0), Reading(2, 2.0, "y" * 60)], buf, 1)
+    assert buf == b"a"
+    with pytest.raises(TypeError):
+        framer.encode_into(object(), buf)  # type: ignore[arg-type]
+    assert buf == b""
+    for bad in (0, 2**32):
+        with pytest.raises(ValueError):
+            MessageFramer(Reading, max_message_size=bad)
+
+
+def test_feed_takes_bytes_only() -> None:
+    framer = MessageFramer(Reading)
+    with pytest.raises(TypeError):
+        framer.feed(bytearray(b"1234"))  # type: ignore[arg-type]
+    framer.feed(b"")
+    assert framer.next_message() is NEED_DATA
+    assert framer.buffered == 0
+    assert repr(NEED_DATA) == "NEED_DATA"
+
+
+# -- every split of the input ------------------------------------------------------------
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], **STABLE)
+@given(st.lists(readings, max_size=20), st.lists(st.integers(min_value=0), max_size=30))
+def test_any_split_decodes_the_same_messages(messages: list[Reading], cuts: list[int]) -> None:
+    framer = MessageFramer(Reading)
+    wire = framer.encode_many(messages)
+    got: list[Reading] = []
+    for piece in cut(wire, cuts):
+        framer.feed(piece)
+        got += drain(framer)
+    assert got == messages
+    assert framer.buffered == 0
+    framer.end_of_stream()  # ended on a frame boundary: no error
+
+
+@settings(max_examples=100, **STABLE)
+@given(st.lists(readings, min_size=1, max_size=10), st.integers(min_value=1, max_value=7))
+def test_one_byte_at_a_time_and_missing(messages: list[Reading], batch: int) -> None:
+    framer = MessageFramer(Reading)
+    wire = framer.encode_many(messages)
+    got: list[Reading] = []
+    pos = 0
+    while pos < len(wire):
+        # missing() never overshoots: feeding exactly that much completes the frame
+        # (or its header), and never asks for nothing
+        need = framer.missing()
+        assert need >= 1
+        chunk = wire[pos : pos + need]
+        for i in range(len(chunk)):
+            framer.feed(chunk[i : i + 1])
+        pos += len(chunk)
+        got += framer.next_messages(batch)
+    while rest := framer.next_messages(batch):
+        got += rest
+    assert got == messages
+
+
+@settings(max_examples=100, **STABLE)
+@given(
+    st.lists(readings, min_size=1, max_size=30),
+    st.lists(st.integers(min_value=0), max_size=10),
+    st.integers(min_value=1, max_value=5),
+)
+def test_next_messages_is_bounded_and_ordered(
+    messages: list[Reading], cuts: list[int], limit: int
+) -> None:
+    framer = MessageFramer(Reading)
+    for piece in cut(framer.encode_many(messages), cuts):
+        framer.feed(piece)  # fed without taking anything in between
+    got: list[Reading] = []
+    while batch := framer.next_messages(limit):
+        assert 1 <= len(batch) <= limit
+        got += batch
+    assert got == messages
+    with pytest.raises(ValueError):
+        framer.next_messages(0)
+
+
+# -- hostile input ---------------------------------------------------------------------
+
+
+@settings(max_examples=300, **STABLE)
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0), max_size=8))
+def test_garbage_raises_only_the_documented_errors(garbage: bytes, cuts: list[int]) -> None:
+    # Any bytes at all: each frame decodes, is skipped as malformed, or the length is
+    # refused; nothing else escapes, and the framer never loops or loses sync.
+    framer: MessageFramer[object] = MessageFramer(object, max_message_size=200)
+    for piece in cut(garbage, cuts):
+        framer.feed(piece)
+        while True:
+            try:
+                if framer.next_message() is NEED_DATA:
+                    break
+            except MalformedMessage:
+                continue
+            except MessageTooLarge:
+                with pytest.raises(MessageTooLarge):
+                    framer.next_message()  # broken for good
+                with pytest.raises(MessageTooLarge):
+                    framer.feed(b"more")
+                return
+    try:
+        framer.end_of_stream()
+    except MalformedMessage:
+        assert framer.buffered == 0
+
+
+@settings(**STABLE)
+@given(st.integers(min_value=101, max_value=2**32 - 1), st.integers(min_value=1, max_value=4))
+def test_oversized_header_is_refused_as_soon_as_it_is_complete(n: int, split: int) -> None:
+    framer = MessageFramer(Reading, max_message_size=100)
+    good = framer.encode(Reading(1, 1.0))
+    header = struct.pack("<I", n)
+    framer.feed(good + header[:split])
+    assert framer.next_message() == Reading(1, 1.0)
+    if split < 4:
+        assert framer.next_message() is NEED_DATA
+        framer.feed(header[split:])
+    with pytest.raises(MessageTooLarge, match=f"{n}-byte"):
+        framer.next_message()  # before any of the announced payload arrived
+    assert framer.buffered == 0
+
+
+def test_malformed_frames_are_skipped_in_place() -> None:
+    framer = MessageFramer(Reading)
+    good = framer.encode(Reading(7, 7.0))
+    wrong_type = frame(msgspec.msgpack.encode({"sensor": "x", "value": 1.0}))
+    garbage = frame(b"\xc1\xc1")  # 0xc1 is never valid msgpack
+    deep = frame(b"\x91" * 100_000)  # nesting past msgspec's recursion limit
+    framer.feed(good + wrong_type + good + garbage + deep + good)
+    # a batch stops before a bad frame; the next call reports it, then goes on
+    assert framer.next_messages(10) == [Reading(7, 7.0)]
+    with pytest.raises(MalformedMessage, match="skipped"):
+        framer.next_messages(10)
+    assert framer.next_messages(10) == [Reading(7, 7.0)]
+    with pytest.raises(MalformedMessage):
+        framer.next_message()
+    with pytest.raises(MalformedMessage):
+        framer.next_message()
+    assert framer.next_message() == Reading(7, 7.0)
+
+
+def test_truncated_input_is_reported_at_end_of_stream() -> None:
+    framer = MessageFramer(Reading)
+    wire = framer.encode(Reading(1, 1.0, "abc"))
+    framer.feed(wire[:-1])
+    assert framer.next_message() is NEED_DATA
+    assert framer.missing() == 1
+    with pytest.raises(MalformedMessage, match="ended inside a frame"):
+        framer.end_of_stream()
+    assert framer.buffered == 0
+    framer.end_of_stream()
+
+
+def test_reassembly_is_linear() -> None:
+    # Deterministic: pieces of an incomplete frame are kept as they are (no join, no
+    # copy) until the frame is complete; then it is joined once.
+    framer = MessageFramer(bytes, max_message_size=1 << 20)
+    wire = framer.encode(bytes(500_000)) + framer.encode(b"next")
+    pieces = [wire[i : i + 1000] for i in range(0, len(wire), 1000)]
+    framer.feed(pieces[0])
+    first = framer._rbuf
+    for piece in pieces[1:-1]:
+        framer.feed(piece)
+        assert framer.next_message() is NEED_DATA
+        assert framer._rbuf is first  # nothing was joined
+    framer.feed(pieces[-1])
+    assert framer.next_message() == bytes(500_000)
+    assert framer.next_message() == b"next"
