@@ -1,13 +1,27 @@
-"""The ``gntipc`` command: a netcat for vchans, and a few backend tools.
+"""The ``gntipc`` command: a netcat and a socket bridge for vchans, a diagnosis, benchmarks.
 
     gntipc info                       which backend, which domain
     gntipc listen PEER PATH           serve one client; stdin -> peer, peer -> stdout
     gntipc connect PEER PATH          connect to a server; stdin -> peer, peer -> stdout
+    gntipc proxy PEER PATH SOCKET     bridge a vchan and a unix/TCP socket (vchan-socket-proxy)
+    gntipc doctor                     check the backend, devices, limits and store; advice
+    gntipc bench                      run the benchmarks of a source checkout
     gntipc sim-kill-domain DOMID      make a simulated domain die (no unmap notifications)
 
 ``--backend`` (or ``GNTIPC_BACKEND``) picks ``xen`` or ``sim``; ``GNTIPC_SIM_DOMID`` sets
-the simulated domain of this process.  Exit status: 0 on a clean end of stream, 1 when
-the peer broke the channel, 2 on bad usage.
+the simulated domain of this process.  ``gntipc COMMAND --help`` describes each command.
+
+Exit status:
+    0  success: a clean end of stream; proxy stopped by SIGINT/SIGTERM; doctor found
+       nothing wrong
+    1  failure at run time: the peer broke the channel, no server within the timeout, a
+       Xen or store error, a benchmark failed
+    2  bad usage (bad arguments)
+    3  something needed is missing: the backend cannot run here, doctor found a
+       problem, the benchmarks are not available
+    130 interrupted (SIGINT) during listen/connect
+
+Errors are reported on one line of standard error, without a traceback.
 """
 
 from __future__ import annotations
@@ -20,13 +34,49 @@ from typing import BinaryIO
 import anyio
 import anyio.to_thread
 
-from ._exceptions import GntipcError
+from . import _cli_bench, _cli_doctor, _cli_proxy
+from ._exceptions import BackendUnavailable, GntipcError, LocalProtocolError
 from .backends import Backend, get_backend, select_backend_name
 from .streams import VchanStream, connect, listen
 
-__all__ = ["main"]
+__all__ = ["EXIT_FAILURE", "EXIT_MISSING", "EXIT_OK", "EXIT_USAGE", "main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_MISSING = 3
+EXIT_INTERRUPTED = 130
 
 _CHUNK = 65536
+
+_EPILOG = """\
+exit status: 0 success (clean end of stream; proxy stopped by SIGINT/SIGTERM; doctor: all
+well), 1 failure at run time (channel broken, timeout, Xen or store error, benchmark
+failed), 2 bad usage, 3 something missing (backend unavailable, doctor found a problem,
+benchmarks not available), 130 interrupted.  Environment: GNTIPC_BACKEND (xen|sim),
+GNTIPC_SIM_DOMID (our simulated domain), GNTIPC_SIM_DIR (sim state directory)."""
+
+_PROXY_EPILOG = (
+    """\
+examples (domain 0 serves a unix socket program to domain 5; a client there uses it):
+  in domain 0:  gntipc proxy --mode server 5 data/vchan/5/web tcp:127.0.0.1:8080
+  in domain 5:  gntipc proxy 0 data/vchan/5/web /run/web.sock
+Plain mode uses one vchan per connection and interoperates with Xen's vchan-socket-proxy
+on the other side (against "vchan-socket-proxy -m server" only its first connection: it
+offers its vchan once and waits for a reconnect to the same page, which gntipc refuses
+as stale); --mux carries every connection over one vchan (gntipc proxy --mux on both
+sides).  A half-close (shutdown SHUT_WR) crosses over to a gntipc peer and in --mux; with a
+plain libxenvchan peer a socket's EOF closes the vchan and the vchan's end closes the
+socket.  Runs until SIGINT/SIGTERM; --mux in client mode also ends when the peer closes
+the session; SOCKET - serves one connection on stdin/stdout.
+
+"""
+    + _EPILOG
+)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
 
 
 async def _pump(stream: VchanStream, stdin: BinaryIO, stdout: BinaryIO) -> None:
@@ -54,54 +104,148 @@ async def _pump(stream: VchanStream, stdin: BinaryIO, stdout: BinaryIO) -> None:
         # the peer finished sending; finish ours (the task group waits for upstream)
 
 
-async def _run(args: argparse.Namespace, backend: Backend) -> None:
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+async def _stdio_pump(stream: VchanStream) -> None:
+    await _pump(stream, sys.stdin.buffer, sys.stdout.buffer)
+
+
+async def _netcat(args: argparse.Namespace, backend: Backend) -> None:
     if args.command == "listen":
         async with (
             await listen(args.peer, args.path, backend=backend) as listener,
             await listener.accept() as stream,
         ):
-            await _pump(stream, stdin, stdout)
+            await _stdio_pump(stream)
     else:
         async with await connect(args.peer, args.path, timeout=args.timeout, backend=backend) as s:
-            await _pump(s, stdin, stdout)
+            await _stdio_pump(s)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gntipc",
+        description=(
+            "vchan tools: shared-memory channels between Xen domains (or the simulated"
+            " hypervisor, sim)"
+        ),
+        epilog=_EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["xen", "sim"],
+        default=None,
+        help="the backend (default: $GNTIPC_BACKEND, else xen when /dev/xen/gntdev exists,"
+        " else sim)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, epilog: str = _EPILOG) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, description=help, epilog=epilog, formatter_class=_Formatter
+        )
+
+    command("info", "show the backend and our domain id")
+    for name, what in (
+        ("listen", "serve one client of domain PEER at PATH"),
+        ("connect", "connect to the server in domain PEER at PATH"),
+    ):
+        p = command(name, f"{what}; copy stdin to the peer and the peer to stdout")
+        p.add_argument("peer", type=int, help="the other side's domain id")
+        p.add_argument(
+            "path",
+            help="store path (relative: under the server's home /local/domain/<server>/)",
+        )
+        if name == "connect":
+            p.add_argument(
+                "--timeout",
+                type=float,
+                default=30.0,
+                help="seconds to wait for the server (default 30)",
+            )
+    _cli_proxy.add_arguments(
+        command(
+            "proxy",
+            "bridge a vchan and a local unix or TCP socket (like Xen's vchan-socket-proxy)",
+            _PROXY_EPILOG,
+        )
+    )
+    _cli_doctor.add_arguments(
+        command(
+            "doctor",
+            "check what gntipc needs here (backend, domain, devices and limits, store, sim"
+            " state) and advise on each problem",
+        )
+    )
+    _cli_bench.add_arguments(
+        command(
+            "bench",
+            "run the benchmarks (benchmarks/run.py of a source checkout; they are not part"
+            " of an installed wheel)",
+            _cli_bench.EPILOG + "\n\n" + _EPILOG,
+        )
+    )
+    kill = command("sim-kill-domain", "kill a simulated domain (sim backend only)")
+    kill.add_argument("domid", type=int, help="the simulated domain to kill")
+    return parser
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real exception inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        # (asyncio's CancelledError, trio's Cancelled: no event loop runs any more)
+        inner = [e for e in exc.exceptions if "Cancel" not in type(e).__name__]
+        exc = (inner or list(exc.exceptions))[0]
+    return exc
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"gntipc: {message}", file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "sim-kill-domain":
+        from .backends.sim import kill_domain
+
+        pids = kill_domain(args.domid)
+        print(f"domain {args.domid}: killed {len(pids)} processes")
+        return EXIT_OK
+    if args.command == "doctor":
+        return _cli_doctor.run(args)
+    if args.command == "bench":
+        return _cli_bench.run(args)
+    with get_backend(args.backend) as backend:
+        if args.command == "info":
+            print(f"backend {select_backend_name(args.backend)}, domain {backend.domid}")
+        elif args.command == "proxy":
+            anyio.run(_cli_proxy.run_proxy, args, backend, _stdio_pump)
+        else:
+            anyio.run(_netcat, args, backend)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gntipc`` command; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="gntipc", description="vchan tools (gntipc)")
-    parser.add_argument("--backend", choices=["xen", "sim"], default=None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="show the backend and our domain id")
-    for name in ("listen", "connect"):
-        p = sub.add_parser(name, help=f"{name} and copy stdin/stdout")
-        p.add_argument("peer", type=int, help="the other side's domid")
-        p.add_argument("path", help="store path (relative to the server's home)")
-        if name == "connect":
-            p.add_argument("--timeout", type=float, default=30.0)
-    kill = sub.add_parser("sim-kill-domain", help="kill a simulated domain")
-    kill.add_argument("domid", type=int)
+    """Entry point of the ``gntipc`` command; returns the exit status (see the module
+    docstring).  Bad arguments exit with status 2 (argparse's SystemExit)."""
+    parser = _parser()
     args = parser.parse_args(argv)
-
     try:
-        if args.command == "sim-kill-domain":
-            from .backends.sim import kill_domain
-
-            pids = kill_domain(args.domid)
-            print(f"domain {args.domid}: killed {len(pids)} processes")
-            return 0
-        with get_backend(args.backend) as backend:
-            if args.command == "info":
-                print(f"backend {select_backend_name(args.backend)}, domain {backend.domid}")
-                return 0
-            anyio.run(_run, args, backend)
-    except anyio.BrokenResourceError as exc:
-        print(f"gntipc: the channel broke: {exc}", file=sys.stderr)
-        return 1
-    except (GntipcError, TimeoutError) as exc:
-        print(f"gntipc: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return _run(args)
+    except BaseException as raised:
+        exc = _leaf(raised)
+        if isinstance(exc, KeyboardInterrupt):
+            return EXIT_INTERRUPTED
+        if isinstance(exc, _cli_proxy.UsageError | LocalProtocolError):
+            return _fail(f"{args.command}: {exc} (see gntipc {args.command} --help)", EXIT_USAGE)
+        if isinstance(exc, BackendUnavailable):
+            return _fail(f"{exc} (see: gntipc doctor)", EXIT_MISSING)
+        if isinstance(exc, anyio.BrokenResourceError):
+            return _fail(f"the channel broke: {exc or 'the peer is gone'}", EXIT_FAILURE)
+        if isinstance(exc, GntipcError | TimeoutError | OSError | ValueError):
+            return _fail(str(exc) or type(exc).__name__, EXIT_FAILURE)
+        if exc is not raised:
+            raise exc from raised
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,471 @@
+"""``gntipc proxy``: bridge a vchan and a local socket (unix or TCP), so that unmodified
+socket programs talk across VMs.
+
+Two roles, as Xen's ``vchan-socket-proxy``:
+
+* ``--mode client`` (the default): listen on the local socket; each accepted connection
+  is carried to the proxy in domain PEER (the vchan server at PATH).
+* ``--mode server``: be the vchan server at PATH for domain PEER; each connection that
+  arrives over the vchan is connected to the local socket.
+
+Plain mode carries each socket connection over a vchan of its own, as raw bytes both
+ways, so the other side may be Debian's ``vchan-socket-proxy`` (or any libxenvchan
+program) as well as ``gntipc proxy``.  ``--mux`` carries every connection over one vchan
+as :class:`gntipc.Session` streams (``gntipc proxy --mux`` on both sides).
+
+One limit with ``vchan-socket-proxy -m server`` on the other side: it sets up its vchan
+server once and, after its first client left, waits for a client to reconnect to that
+same control page (a libxenvchan client does); a gntipc client refuses a page whose
+client live byte no longer says "waiting" (stale keys), so only the first connection
+gets through; the next ones end after ``--timeout``.
+
+Ends of connections: with a gntipc peer (it announces itself in the store) and in
+``--mux``, a half-close travels through (a socket's EOF becomes the vchan's EOF and the
+other side's socket ``shutdown(SHUT_WR)``), and a connection ends when both directions
+ended.  With a plain libxenvchan peer, which has no half-close, a socket's EOF closes the
+vchan and the vchan's end closes the socket, as ``vchan-socket-proxy`` does; nothing
+written before is lost in either case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import ipaddress
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
+from anyio.abc import ByteStream, SocketStream
+
+from ._domid import check_domid
+from ._exceptions import GntipcError
+from .backends import Backend
+from .protocol import VchanState, check_ring_size
+from .session import Session
+from .streams import Listener, VchanStream, connect, listen
+
+__all__ = ["SocketAddress", "add_arguments", "parse_socket_address", "run_proxy"]
+
+_CHUNK = 65536
+#: Errors that end one connection (logged, the proxy goes on): the peer or the socket
+#: program went away or misbehaved.
+_CONNECTION_ERRORS = (BrokenResourceError, ClosedResourceError, GntipcError, OSError)
+
+
+class UsageError(ValueError):
+    """A bad command-line value (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class SocketAddress:
+    """A local socket: ``kind`` is ``"unix"`` (``path``), ``"tcp"`` (``host``, ``port``)
+    or ``"stdio"`` (standard input and output)."""
+
+    kind: str
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "tcp":
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            return f"tcp:{host}:{self.port}"
+        return "-"
+
+
+def parse_socket_address(text: str) -> SocketAddress:
+    """``PATH`` or ``unix:PATH``, ``tcp:HOST:PORT`` (``[V6]:PORT``), ``tcp:PORT``
+    (127.0.0.1), or ``-`` (stdin/stdout).
+
+    Raises:
+        UsageError: the address cannot be parsed.
+    """
+    if text == "-":
+        return SocketAddress("stdio")
+    if text.startswith("tcp:"):
+        rest = text[4:]
+        host = "127.0.0.1"
+        if ":" in rest:
+            host, _, rest = rest.rpartition(":")
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            if not host:
+                raise UsageError(f"no host in {text!r}")
+        try:
+            port = int(rest)
+        except ValueError:
+            raise UsageError(f"bad TCP port in {text!r} (expected tcp:HOST:PORT)") from None
+        if not 0 <= port <= 65535:
+            raise UsageError(f"TCP port out of range in {text!r}")
+        with contextlib.suppress(ValueError):
+            host = str(ipaddress.ip_address(host))
+        return SocketAddress("tcp", host=host, port=port)
+    path = text[5:] if text.startswith("unix:") else text
+    if not path:
+        raise UsageError("empty unix socket path")
+    if len(os.fsencode(path)) > 107:
+        raise UsageError(f"unix socket path longer than 107 bytes: {path!r}")
+    return SocketAddress("unix", path=path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options and arguments of ``gntipc proxy``."""
+    p.add_argument("peer", type=int, help="the other side's domain id")
+    p.add_argument(
+        "path",
+        help="the vchan's store path (relative: under the vchan server's home,"
+        " /local/domain/<server domid>/PATH)",
+    )
+    p.add_argument(
+        "socket",
+        metavar="SOCKET",
+        help="PATH or unix:PATH, tcp:HOST:PORT, tcp:PORT (127.0.0.1), or - (stdin/stdout,"
+        " one connection)",
+    )
+    p.add_argument(
+        "-m",
+        "--mode",
+        choices=("client", "server"),
+        default="client",
+        help="client (default): listen on SOCKET, connect to the vchan server in PEER for"
+        " each connection; server: serve the vchan at PATH, connect to SOCKET for each"
+        " connection that arrives",
+    )
+    p.add_argument(
+        "--mux",
+        action="store_true",
+        help="carry all connections over one vchan (gntipc proxy --mux on both sides)",
+    )
+    p.add_argument(
+        "-s",
+        "--state-path",
+        metavar="STORE_PATH",
+        help='write "running" to this store path once ready (as vchan-socket-proxy -s)',
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="client mode: seconds to wait for the vchan server (default 30)",
+    )
+    p.add_argument(
+        "--ring-size",
+        type=int,
+        default=65536,
+        help="server mode: size in bytes of each ring (a power of two, 1024..1048576;"
+        " default 65536)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="connections carried at once (more wait; default 256)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log each connection on stderr")
+
+
+# ---------------------------------------------------------------------- relaying ---
+
+
+def _log(message: str) -> None:
+    print(f"gntipc proxy: {message}", file=sys.stderr, flush=True)
+
+
+def _peer_understands_eof(stream: VchanStream) -> bool:
+    # Only a gntipc peer (which announces itself in the store) knows the EOF bit of a
+    # half-close; a plain libxenvchan peer would see nothing until we close.
+    return bool(getattr(stream.vchan.endpoint, "_peer_gntipc", False))
+
+
+def _peer_closed(stream: ByteStream) -> bool:
+    """True if ``stream`` is a vchan whose peer closed it (not just sent EOF): nothing
+    will read what the other direction would carry, so the connection is over."""
+    return isinstance(stream, VchanStream) and stream.vchan.is_open() != VchanState.CONNECTED
+
+
+async def relay(channel: ByteStream, sock: ByteStream, *, half_close: bool) -> None:
+    """Copy bytes both ways between ``channel`` and ``sock`` until the connection ends;
+    then close both.
+
+    ``half_close``: an end of one direction is passed on as a half-close and the
+    connection ends when both directions ended; otherwise an end of either direction
+    closes both (after everything written before it was delivered).  An error of
+    either side (a broken peer, a reset socket) ends both at once.
+    """
+    async with channel, sock, anyio.create_task_group() as tg:
+
+        async def copy(src: ByteStream, dst: ByteStream) -> None:
+            try:
+                while True:
+                    try:
+                        data = await src.receive(_CHUNK)
+                    except EndOfStream:
+                        break
+                    await dst.send(data)
+                if not half_close or _peer_closed(src):
+                    tg.cancel_scope.cancel()
+                    return
+                await dst.send_eof()
+            except _CONNECTION_ERRORS:
+                tg.cancel_scope.cancel()
+
+        tg.start_soon(copy, channel, sock)
+        tg.start_soon(copy, sock, channel)
+
+
+async def _connect_socket(address: SocketAddress) -> SocketStream:
+    if address.kind == "unix":
+        return await anyio.connect_unix(address.path)
+    return await anyio.connect_tcp(address.host, address.port)
+
+
+@contextlib.asynccontextmanager
+async def _socket_listener(address: SocketAddress) -> AsyncIterator[anyio.abc.Listener[Any]]:
+    """A listening socket at ``address``; a unix socket file we created is removed on exit.
+
+    Raises:
+        OSError: the address is in use (a live listener), or the bind failed.
+    """
+    if address.kind == "tcp":
+        tcp = await anyio.create_tcp_listener(local_host=address.host, local_port=address.port)
+        async with tcp:
+            yield tcp
+        return
+    path = address.path
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            pass  # a stale socket file (its listener is gone): replaced below
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path}: another program listens there")
+        finally:
+            probe.close()
+    unix = await anyio.create_unix_listener(path)
+    ino = os.stat(path).st_ino
+    try:
+        async with unix:
+            yield unix
+    finally:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == ino:
+                os.unlink(path)
+
+
+def _sockname(listener: anyio.abc.Listener[Any], address: SocketAddress) -> str:
+    if address.kind != "tcp":
+        return str(address)
+    listeners = getattr(listener, "listeners", [listener])
+    local = listeners[0].extra(anyio.abc.SocketAttribute.local_address)
+    return str(SocketAddress("tcp", host=str(local[0]), port=int(local[1])))
+
+
+# ------------------------------------------------------------------------ roles ---
+
+
+class _Proxy:
+    """One ``gntipc proxy`` run: the parsed arguments, the backend, the counters."""
+
+    def __init__(self, args: argparse.Namespace, backend: Backend, address: SocketAddress) -> None:
+        self.args = args
+        self.backend = backend
+        self.address = address
+        self.limiter = anyio.CapacityLimiter(args.max_connections)
+        self.count = 0
+
+    def verbose(self, message: str) -> None:
+        if self.args.verbose:
+            _log(message)
+
+    def ready(self, where: str) -> None:
+        state_path = self.args.state_path
+        if state_path:
+            self.backend.store.write(state_path, b"running")
+        self.verbose(f"ready: {where}")
+
+    async def _connect(self) -> VchanStream:
+        return await connect(
+            self.args.peer, self.args.path, timeout=self.args.timeout, backend=self.backend
+        )
+
+    async def _listen(self) -> Listener:
+        size = self.args.ring_size
+        return await listen(
+            self.args.peer, self.args.path, read_size=size, write_size=size, backend=self.backend
+        )
+
+    async def _relay(self, n: str, channel: ByteStream, sock: ByteStream, half: bool) -> None:
+        self.verbose(f"connection {n}: open")
+        await relay(channel, sock, half_close=half)
+        self.verbose(f"connection {n}: closed")
+
+    async def carry(self, n: str, channel: ByteStream, *, half_close: bool) -> None:
+        """Server side: connect ``channel`` (connection ``n``) to the local socket."""
+        try:
+            sock = await _connect_socket(self.address)
+        except OSError as exc:
+            _log(f"connection {n}: cannot connect to {self.address}: {exc.strerror or exc}")
+            await channel.aclose()
+            return
+        await self._relay(n, channel, sock, half_close)
+
+    # -- client mode: a local listener, vchans out ----------------------------------
+
+    async def client(self) -> None:
+        async with _socket_listener(self.address) as listener:
+            if not self.args.mux:
+                self.ready(_sockname(listener, self.address))
+                await listener.serve(lambda sock: self._client_connection(sock, None))
+                return
+            async with Session(await self._connect()) as session, anyio.create_task_group() as tg:
+                self.ready(f"{_sockname(listener, self.address)}, mux")
+                tg.start_soon(listener.serve, lambda sock: self._client_connection(sock, session))
+                await self._until_session_ends(session)
+                tg.cancel_scope.cancel()
+
+    async def _until_session_ends(self, session: Session) -> None:
+        """Wait until the peer ends ``session`` (streams it opens are refused).
+
+        Raises:
+            anyio.BrokenResourceError: the session broke (the peer crashed).
+            gntipc.RemoteProtocolError: the peer broke the session protocol.
+        """
+        while True:
+            try:
+                stream = await session.accept_stream()
+            except EndOfStream:
+                _log(f"the peer in domain {self.args.peer} closed the session")
+                return
+            await stream.aclose()  # connections are opened from this side only
+
+    async def _client_connection(self, sock: ByteStream, session: Session | None) -> None:
+        async with self.limiter:
+            self.count += 1
+            n = self.count
+            try:
+                channel: ByteStream
+                if session is not None:
+                    channel, half_close = await session.open_stream(), True
+                else:
+                    vchan = await self._connect()
+                    channel, half_close = vchan, _peer_understands_eof(vchan)
+            except (TimeoutError, EndOfStream, GntipcError, *_CONNECTION_ERRORS) as exc:
+                _log(f"connection {n}: no channel to domain {self.args.peer}: {exc}")
+                await sock.aclose()
+                return
+            await self._relay(str(n), channel, sock, half_close)
+
+    # -- server mode: a vchan listener, sockets out ----------------------------------
+
+    async def server(self) -> None:
+        async with await self._listen() as listener:
+            self.ready(f"{listener.path}{', mux' if self.args.mux else ''}")
+            await listener.serve(self._server_channel)
+
+    async def _server_channel(self, stream: VchanStream) -> None:
+        self.count += 1
+        n = self.count
+        if not self.args.mux:
+            async with self.limiter:
+                await self.carry(str(n), stream, half_close=_peer_understands_eof(stream))
+            return
+        self.verbose(f"session {n}: open")
+        try:
+            async with Session(stream) as session, anyio.create_task_group() as tg:
+                k = 0
+                while True:
+                    try:
+                        channel = await session.accept_stream()
+                    except EndOfStream:
+                        self.verbose(f"session {n}: closed by the peer")
+                        break
+                    except _CONNECTION_ERRORS as exc:
+                        _log(f"session {n}: ended: {type(exc).__name__}: {exc}")
+                        break
+                    k += 1
+                    tg.start_soon(self._carry_limited, f"{n}.{k}", channel)
+                # The streams still carried end as the session's end reaches them.
+        except _CONNECTION_ERRORS as exc:  # the session could not even start
+            _log(f"session {n}: {type(exc).__name__}: {exc}")
+
+    async def _carry_limited(self, n: str, channel: ByteStream) -> None:
+        async with self.limiter:
+            await self.carry(n, channel, half_close=True)
+
+    # -- stdin/stdout ----------------------------------------------------------------
+
+    async def stdio(self, pump: Callable[[VchanStream], Awaitable[None]]) -> None:
+        if self.args.mode == "client":
+            stream = await self._connect()
+        else:
+            async with await self._listen() as listener:
+                self.ready(listener.path)
+                stream = await listener.accept()
+        async with stream:
+            await pump(stream)
+
+
+async def run_proxy(
+    args: argparse.Namespace,
+    backend: Backend,
+    pump: Callable[[VchanStream], Awaitable[None]],
+) -> None:
+    """Run ``gntipc proxy`` until SIGINT/SIGTERM (then return), or until the channel of
+    ``-`` or of a ``--mux`` client ends.
+
+    Raises:
+        UsageError: bad arguments.
+        OSError: the local socket cannot be set up.
+        TimeoutError: ``--mux`` client: no vchan server within ``--timeout``.
+        anyio.BrokenResourceError: the session of a ``--mux`` client broke.
+    """
+    # Checked now, not at the first connection: a bad value is a usage error at once.
+    check_domid(args.peer)
+    check_ring_size(args.ring_size, "--ring-size")
+    if not args.timeout >= 0:
+        raise UsageError(f"--timeout must be >= 0, not {args.timeout}")
+    address = parse_socket_address(args.socket)
+    if args.max_connections < 1:
+        raise UsageError("--max-connections must be at least 1")
+    if address.kind == "stdio" and args.mux:
+        raise UsageError("--mux needs a socket, not - (stdin/stdout is one connection)")
+    proxy = _Proxy(args, backend, address)
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    proxy.verbose(f"{signal.Signals(signum).name}: stopping")
+                    tg.cancel_scope.cancel()
+                    return
+
+        async def main() -> None:
+            if address.kind == "stdio":
+                await proxy.stdio(pump)
+            elif args.mode == "client":
+                await proxy.client()
+            else:
+                await proxy.server()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(stop_on_signal)
+        tg.start_soon(main)

@@ -1,0 +1,336 @@
+"""``gntipc proxy`` end to end on sim: a Python socket echo server and socket clients in
+their own processes, the two proxies as ``gntipc`` subprocesses of two simulated domains.
+
+Every wait has a functional deadline (the step must happen), never a timing assertion."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from interop import conftest as interop_conftest
+from interop._util import Proc
+
+from gntipc._cli_proxy import SocketAddress, UsageError, parse_socket_address
+from gntipc.cli import main
+
+_paths = itertools.count()
+#: The fixture of the interop tests: the processes a test starts, killed after it.
+procs = interop_conftest.procs
+
+#: A socket echo server: echoes each connection until its EOF, then half-closes.
+ECHO_SERVER = r"""
+import socket, sys, threading
+addr = sys.argv[1]
+if addr == "tcp":
+    srv = socket.create_server(("127.0.0.1", 0))
+    print("READY tcp:127.0.0.1:%d" % srv.getsockname()[1], flush=True)
+else:
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(addr)
+    srv.listen(128)
+    print("READY " + addr, flush=True)
+def serve(conn):
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+#: N concurrent socket clients; each sends SIZE+i random bytes and checks the echo.
+#: "halfclose": send everything, shutdown(SHUT_WR), read until EOF (the EOF must cross
+#: both proxies and come back).  "exact": read exactly what was sent, then close.
+CLIENTS = r"""
+import os, socket, sys, threading
+addr, n, size, how = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+failures = []
+def connect():
+    if addr.startswith("tcp:"):
+        host, port = addr[4:].rsplit(":", 1)
+        return socket.create_connection((host, int(port)), timeout=120)
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(120)
+    s.connect(addr)
+    return s
+def one(i):
+    try:
+        data = os.urandom(size + i)
+        with connect() as s:
+            def send():
+                s.sendall(data)
+                if how == "halfclose":
+                    s.shutdown(socket.SHUT_WR)
+            sender = threading.Thread(target=send)
+            sender.start()
+            got = bytearray()
+            while how == "halfclose" or len(got) < len(data):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            sender.join()
+            if bytes(got) != data:
+                failures.append("connection %d: %d of %d bytes, equal prefix: %s"
+                                % (i, len(got), len(data), bytes(got) == data[:len(got)]))
+    except Exception as exc:
+        failures.append("connection %d: %r" % (i, exc))
+threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("FAIL " + "; ".join(failures) if failures else "OK %d" % n, flush=True)
+sys.exit(1 if failures else 0)
+"""
+
+
+def _env(domid: int) -> dict[str, str]:
+    return dict(os.environ, GNTIPC_BACKEND="sim", GNTIPC_SIM_DOMID=str(domid))
+
+
+def gntipc(domid: int, *args: str) -> Proc:
+    return Proc([sys.executable, "-m", "gntipc.cli", *args], env=_env(domid))
+
+
+def python(script: str, *args: str) -> Proc:
+    return Proc([sys.executable, "-c", script, *args])
+
+
+def stop(proc: Proc, timeout: float = 60) -> int:
+    """SIGTERM, then the exit status (the proxy must stop by itself)."""
+    proc.proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout)
+
+
+def ready_address(proc: Proc) -> str:
+    """The socket address in a proxy's ready line."""
+    line = proc.expect("gntipc proxy: ready: ")
+    return line.split("ready: ", 1)[1].split(",")[0]
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A directory with a short path (unix socket paths are limited to 107 bytes)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gpx") as d:
+        yield Path(d)
+
+
+def vchan_path() -> str:
+    return f"data/cli-proxy/{os.getpid()}-{next(_paths)}"
+
+
+def run_clients(address: str, n: int, size: int, how: str) -> None:
+    clients = python(CLIENTS, address, str(n), str(size), how)
+    try:
+        line = clients.expect("", timeout=240)
+        assert line == f"OK {n}", clients.output()
+        assert clients.wait() == 0
+    finally:
+        clients.kill()
+
+
+def start_pair(
+    procs: list[Proc], client_socket: str, *, mux: bool, echo: str = "tcp", limit: int = 256
+) -> tuple[Proc, Proc, str]:
+    """Echo server, server proxy (domain 0) and client proxy (domain 4, carrying at most
+    ``limit`` connections at once); returns the proxies and the clients' address."""
+    server = python(ECHO_SERVER, echo)
+    procs.append(server)
+    backend_addr = server.expect("READY ").split()[1]
+    path = vchan_path()
+    extra = ["--mux"] if mux else []
+    srv = gntipc(0, "proxy", "-v", *extra, "--mode", "server", "4", path, backend_addr)
+    procs.append(srv)
+    srv.expect("gntipc proxy: ready: ")
+    cli = gntipc(4, "proxy", "-v", *extra, f"--max-connections={limit}", "0", path, client_socket)
+    procs.append(cli)
+    return srv, cli, ready_address(cli)
+
+
+@pytest.mark.parametrize("how", ["halfclose", "exact"])
+def test_plain_proxy_unix_client_tcp_server(procs: list[Proc], short_tmp: Path, how: str) -> None:
+    """One vchan per connection: several at once, each checked byte for byte."""
+    sock = str(short_tmp / "c.sock")
+    srv, cli, address = start_pair(procs, sock, mux=False)
+    assert address == f"unix:{sock}"
+    run_clients(sock, 6, 150_000, how)
+    run_clients(sock, 1, 10, how)  # the proxies serve connection after connection
+    assert stop(cli) == 0, cli.output()
+    assert stop(srv) == 0, srv.output()
+    assert not os.path.exists(sock)  # our socket file is removed on exit
+    assert "connection 7: closed" in srv.output()
+
+
+@pytest.mark.parametrize("how", ["halfclose", "exact"])
+def test_mux_proxy_many_concurrent_connections(
+    procs: list[Proc], short_tmp: Path, how: str
+) -> None:
+    """--mux: forty connections at once over one vchan, to a unix-socket echo server."""
+    srv, cli, address = start_pair(procs, "tcp:0", mux=True, echo=str(short_tmp / "e.sock"))
+    assert address.startswith("tcp:127.0.0.1:") and not address.endswith(":0")
+    run_clients(address, 40, 60_000, how)
+    assert stop(cli) == 0, cli.output()
+    assert stop(srv) == 0, srv.output()
+    assert srv.output().count("session 1: open") == 1  # one vchan for all of them
+
+
+@pytest.mark.parametrize("mux", [False, True], ids=["plain", "mux"])
+def test_connections_beyond_the_limit_wait_their_turn(procs: list[Proc], mux: bool) -> None:
+    srv, cli, address = start_pair(procs, "tcp:0", mux=mux, limit=2)
+    run_clients(address, 7, 20_000, "halfclose")
+    assert stop(cli) == 0, cli.output()
+    assert stop(srv) == 0, srv.output()
+    # The client proxy logs from one event loop: its log order is the order of events.
+    carried = peak = 0
+    for line in cli.lines:
+        carried += line.endswith(": open") - line.endswith(": closed")
+        peak = max(peak, carried)
+    assert peak <= 2 and carried == 0
+    assert cli.output().count(": closed") == 7
+
+
+def test_mux_client_ends_when_the_server_proxy_stops(procs: list[Proc]) -> None:
+    srv, cli, address = start_pair(procs, "tcp:0", mux=True)
+    run_clients(address, 2, 1000, "exact")
+    assert stop(srv) == 0, srv.output()
+    assert cli.wait(60) == 0, cli.output()
+    assert "closed the session" in cli.output()
+
+
+def test_server_proxy_without_socket_program(procs: list[Proc], short_tmp: Path) -> None:
+    """Nobody listens on the server side's socket: each connection is refused (its
+    socket closed at once), logged in one line, and the proxies go on."""
+    path = vchan_path()
+    missing = str(short_tmp / "nobody.sock")
+    srv = gntipc(0, "proxy", "--mode", "server", "4", path, missing)
+    procs.append(srv)
+    cli = gntipc(4, "proxy", "-v", "0", path, str(short_tmp / "c.sock"))
+    procs.append(cli)
+    ready_address(cli)
+    for _ in range(2):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(60)
+            s.connect(str(short_tmp / "c.sock"))
+            # (nothing sent first: unread bytes would turn the close into a reset)
+            assert s.recv(10) == b""  # closed: nothing to talk to
+    line = srv.expect("gntipc proxy: connection 1: cannot connect")
+    assert missing in line
+    assert "Traceback" not in srv.output()
+    assert stop(cli) == 0 and stop(srv) == 0
+
+
+def test_mux_client_without_server_fails_in_one_line(short_tmp: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gntipc.cli", "proxy", "--mux", "--timeout", "0.3", "0",
+         vchan_path(), str(short_tmp / "c.sock")],
+        env=_env(4), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("gntipc: no gntipc server at /local/domain/0/data/cli-proxy/")
+    assert len(proc.stderr.splitlines()) == 1
+    assert not (short_tmp / "c.sock").exists()
+
+
+def test_socket_in_use_is_refused(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sock = short_tmp / "busy.sock"
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(sock))
+        other.listen(1)
+        assert main(["--backend", "sim", "proxy", "0", "data/x", str(sock)]) == 1
+    assert "another program listens there" in capsys.readouterr().err
+    assert sock.exists()  # not stolen
+
+
+def test_not_a_socket_is_refused(short_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain = short_tmp / "file"
+    plain.write_text("mine")
+    assert main(["--backend", "sim", "proxy", "0", "data/x", str(plain)]) == 1
+    assert "exists and is not a socket" in capsys.readouterr().err
+    assert plain.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("/run/x.sock", SocketAddress("unix", path="/run/x.sock")),
+        ("unix:rel.sock", SocketAddress("unix", path="rel.sock")),
+        ("tcp:8080", SocketAddress("tcp", host="127.0.0.1", port=8080)),
+        ("tcp:0.0.0.0:1", SocketAddress("tcp", host="0.0.0.0", port=1)),
+        ("tcp:[::1]:22", SocketAddress("tcp", host="::1", port=22)),
+        ("tcp:localhost:22", SocketAddress("tcp", host="localhost", port=22)),
+        ("-", SocketAddress("stdio")),
+    ],
+)
+def test_socket_addresses(text: str, expected: SocketAddress) -> None:
+    assert parse_socket_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["tcp:", "tcp:x", "tcp:70000", "tcp::80", "unix:", "/" * 120])
+def test_bad_socket_addresses(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_socket_address(text)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["0", "p", "tcp:nope"], "bad TCP port"),
+        (["--mux", "0", "p", "-"], "--mux needs a socket"),
+        (["--max-connections", "0", "0", "p", "x.sock"], "--max-connections"),
+        (["--mode", "server", "--ring-size", "1000", "0", "p", "x.sock"], "ring"),
+        (["70000", "p", "x.sock"], "domid 70000"),
+    ],
+)
+def test_proxy_usage_errors(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--backend", "sim", "proxy", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert err.startswith("gntipc: proxy: ") and message in err
+    assert err.rstrip().endswith("(see gntipc proxy --help)")
+
+
+@pytest.mark.parametrize("proxy_mode", ["server", "client"])
+def test_stdio_proxy_pairs_with_the_netcat(proxy_mode: str) -> None:
+    """SOCKET ``-``: one connection on stdin/stdout, as vchan-socket-proxy's ``-``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = vchan_path()
+    env0, env4 = _env(0), _env(4)
+    if proxy_mode == "server":
+        a = ["proxy", "--mode", "server", "4", path, "-"]
+        b = ["connect", "0", path]
+    else:
+        a = ["listen", "4", path]
+        b = ["proxy", "0", path, "-"]
+    up, down = os.urandom(200_000), os.urandom(70_000)
+    cmd = [sys.executable, "-m", "gntipc.cli"]
+    pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    first = subprocess.Popen([*cmd, *a], env=env0, **pipes)  # type: ignore[call-overload]
+    second = subprocess.Popen([*cmd, *b], env=env4, **pipes)  # type: ignore[call-overload]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            got_first = pool.submit(first.communicate, down, 120)
+            got_second = pool.submit(second.communicate, up, 120)
+            assert got_first.result()[0] == up
+            assert got_second.result()[0] == down
+    finally:
+        for p in (first, second):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert first.returncode == 0 and second.returncode == 0
