@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
+import signal
+import socket
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -13,6 +18,7 @@ from _peer import Peer
 from anyio import ClosedResourceError
 
 from gntipc._exceptions import LocalProtocolError, XenError
+from gntipc._process import datagram_sender
 from gntipc.backends import PortState
 from gntipc.backends.sim import SimBackend, assert_cleaned_up, kill_domain
 
@@ -242,3 +248,78 @@ def test_watch_events_go_out_after_the_change_is_committed(
             b.store.rm(base)
         # the first event is the one every new watch gets at once
         assert seen[1:3] == [True, True]
+
+
+def _sender_refuses() -> bool:
+    """True if this process's shared datagram sender refuses to send to an empty queue."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
+        probe.bind(f"\0gntipc-probe-{os.getpid()}")  # abstract: no file to clean up
+        try:
+            datagram_sender().sendto(b"p", probe.getsockname())
+        except BlockingIOError:
+            return True
+        return False
+
+
+def test_notify_is_delivered_while_unread_watch_events_pile_up() -> None:
+    # The kernel charges a unix datagram to the socket that sent it until it is read,
+    # and a process sends every sim event through one shared socket: a few hundred watch
+    # events nobody reads (here 64 watches, ~11 queued each) make that socket refuse
+    # every send with EAGAIN.  That was taken for "the receiver's queue is full", and the
+    # notify dropped: the crowd test (tests/stress/test_exhaustion.py) left clients asleep
+    # with data in their ring.  The peer runs in another process, as those clients did.
+    with SimBackend(0) as a, Peer("sim", 1) as peer, contextlib.ExitStack() as stack:
+        handle, remote_port = peer.call("alloc", 0)
+        port = stack.enter_context(a.bind_interdomain(1, remote_port))
+        for _ in range(64):
+            stack.enter_context(a.store.watch("data/clog"))
+        for k in range(12):
+            a.store.write("data/clog", b"%d" % k)
+        if not _sender_refuses():
+            pytest.skip("the shared sender did not fill up (a larger net.core.wmem_default)")
+        port.notify()
+        assert peer.call("wait_event", handle, 10.0, timeout=30)
+        # And the other way (the peer's sender is not clogged): still one event each.
+        peer.call("notify", handle)
+        select.select([port.fileno()], [], [], 10)
+        assert port.pending()
+        port.unmask()
+
+
+_DIE_BETWEEN_FILE_AND_ROW = """
+import os, signal
+from gntipc.backends.sim import SimBackend, _store
+
+real = _store.bind_dgram
+
+def bind_then_die(path):
+    real(path)
+    print(os.path.basename(path), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # the socket exists, its watches row never will
+
+_store.bind_dgram = bind_then_die
+SimBackend(9).store.watch("/local/domain/9/x")
+"""
+
+
+def test_files_of_a_process_killed_mid_setup_are_reaped() -> None:
+    # A file comes first, its row second: a process killed in between leaves a file no
+    # row names.  Reaping removes it, and the next backend gets a new id (ids were
+    # reused once, and a reused id meant the same file name: EADDRINUSE).
+    with SimBackend(0) as a:  # keeps the runtime directory (and the orphan) alive
+        run = subprocess.run(
+            [sys.executable, "-c", _DIE_BETWEEN_FILE_AND_ROW],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert run.returncode == -signal.SIGKILL, run.stderr[-1500:]
+        name = run.stdout.strip()
+        orphan = os.path.join(a.runtime_dir, "w", name)
+        assert os.path.exists(orphan)
+        with SimBackend(9) as b:  # opening reaps the dead process
+            assert not os.path.exists(orphan)
+            assert b._domain.bid > int(name.split("-")[0])
+            with b.store.watch("x"):
+                pass

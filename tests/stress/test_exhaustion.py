@@ -133,8 +133,11 @@ async def test_grant_limit_message_names_the_sim_knob() -> None:
 
 
 # -- a crowd of clients on one listener ------------------------------------------------------
-#: Seconds without a client served that count as a hang.
+#: Seconds without a client served that count as a hang, once one was accepted.
 STALL = 8.0
+#: Seconds allowed for the client processes to start and the first one to connect
+#: (python start-up of many processes on a loaded machine).
+STARTUP = 60.0
 
 
 def describe(stream: gntipc.VchanStream) -> str:
@@ -197,9 +200,10 @@ def test_many_clients_wait_on_one_listener() -> None:
                     last, count = time.monotonic(), 0
                     while True:
                         await anyio.sleep(0.5)
+                        limit = STALL if live or served else STARTUP
                         if len(served) != count:
                             last, count = time.monotonic(), len(served)
-                        elif time.monotonic() - last > STALL:
+                        elif time.monotonic() - last > limit:
                             stalled.extend(describe(s) for s in live.values())
                             stalled.append(f"{len(served)} served, {len(live)} open")
                             scope.cancel()
@@ -231,13 +235,6 @@ def test_many_clients_wait_on_one_listener() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     if stalled:
         REPORT.add("exhaustion", "clients on one listener: STALLED", stalled[-1], "", False)
-        if all("lost wake-up" in x for x in stalled[:-1]) and len(stalled) > 1:
-            pytest.xfail(
-                "open: with 100 clients racing for one listener's keys on sim, 1-3 clients "
-                "still wait with data in their ring after the server's notify (sim event "
-                "port peer cache; the unit case, test_found_bugs.py::test_notify_reaches_"
-                "a_peer_that_bound_after_another_unbound, is fixed): " + "; ".join(stalled)
-            )
         pytest.fail("clients not served: " + "; ".join(stalled))
     seconds = time.monotonic() - t0
     errors = [" ".join(x) for x in lines if x[1] == "ERROR"]

@@ -1,6 +1,6 @@
-"""Bugs the stress tests found, each pinned by a small deterministic reproducer
-(``xfail(strict=True)``: the test starts passing, and so fails, once the bug is fixed —
-then drop the mark)."""
+"""Bugs the stress tests found, each pinned by a small deterministic reproducer (an
+open bug is marked ``xfail(strict=True)``: the test starts passing, and so fails, once
+the bug is fixed — then the mark is dropped)."""
 
 from __future__ import annotations
 
@@ -95,14 +95,10 @@ print("ok")
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug 2: sim: a process SIGKILLed between creating a runtime file (socket of "
-    "a watch or port, memory file) and recording it in the db leaves an orphan file; "
-    "backend ids (procs.bid, INTEGER PRIMARY KEY without AUTOINCREMENT) are reused "
-    "after reaping, so a later process gets the same file name and fails with OSError "
-    "EADDRINUSE (FileExistsError for a memory file)",
-)
+# Bug 2 (fixed): a process SIGKILLed between creating a runtime file (socket of a watch
+# or port, memory file) and recording it in the db left an orphan file, and backend ids
+# were reused after reaping, so a later process got the same file name and failed with
+# EADDRINUSE.  Now ids are never reused and reaping removes a dead backend's files.
 def test_killed_mid_setup_leaves_no_file_that_breaks_a_later_process(tmp_path: Path) -> None:
     # A private runtime dir (short: AF_UNIX paths), so the orphan cannot trip the
     # suite's leak check after this test.

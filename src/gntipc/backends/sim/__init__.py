@@ -8,6 +8,9 @@ and unix sockets — and the last backend to close removes the directory.
 
 Design, one concept per private module:
 
+``_domain``
+    :class:`SimDomain`, what a backend hands its resources (runtime, backend id, domid,
+    the registry of live resources, new file names) so that they never see the backend.
 ``_runtime``
     The directory, the process registry ``(pid, start time)`` (immune to pid reuse),
     and *reaping*: the state of a dead process is reclaimed by whoever notices first —

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import select
 import signal
@@ -16,17 +15,17 @@ from typing import ClassVar
 from anyio import ClosedResourceError
 
 from ..._domid import check_domid
-from ..._exceptions import MappingInUse
+from ..._resource import Closeable
 from .._abc import Backend, CopySegment
+from ._domain import SimDomain
 from ._events import SimEventPort, alloc_unbound, bind_interdomain
 from ._grants import SimPages, grant_copy, map_refs, share_pages
-from ._runtime import Runtime, default_runtime_dir, leftovers, proc_alive, release_bid, self_start
+from ._runtime import Runtime, default_runtime_dir, leftovers, proc_alive, self_start
 from ._store import SimStore, send_watch_events, watch_events
 
 __all__ = ["SimBackend", "assert_cleaned_up", "kill_domain"]
 
 _open_backends: weakref.WeakSet[SimBackend] = weakref.WeakSet()
-_names = itertools.count()
 
 
 class SimBackend(Backend):
@@ -57,8 +56,6 @@ class SimBackend(Backend):
         self.domid = check_domid(domid)
         if page_limit < 1:
             raise ValueError(f"page_limit must be >= 1, not {page_limit}")
-        self.page_limit = page_limit
-        self._children: set[object] = set()
         self._rt = Runtime(os.path.abspath(runtime_dir or default_runtime_dir()))
         try:
             self._rt.reap_dead()
@@ -70,7 +67,7 @@ class SimBackend(Backend):
                     (os.getpid(), self_start(), domid),
                 )
                 assert cur.lastrowid is not None
-                self._bid: int = cur.lastrowid
+                bid = cur.lastrowid
                 db.execute(
                     "INSERT INTO domains (domid, next_ref, dead) VALUES (?, NULL, 0) "
                     "ON CONFLICT(domid) DO UPDATE SET dead=0",
@@ -89,18 +86,27 @@ class SimBackend(Backend):
         except BaseException:
             self._rt.close()
             raise
-        self.store = SimStore(self)
+        # What our ports, pages, store and watches need of us (they never see self).
+        self._domain = SimDomain(self._rt, bid, self.domid, page_limit)
+        self.store = SimStore(self._domain)
         self._pid = os.getpid()
         _open_backends.add(self)
 
-    def _new_name(self, kind: str) -> str:
-        return os.path.join(self._rt.path, kind, f"{self._bid}-{next(_names)}")
+    @property
+    def _children(self) -> set[Closeable]:
+        """Our live resources (the leak check lists them)."""
+        return self._domain.children
 
     def _check(self) -> None:
         if self._rt.closed:
             raise ClosedResourceError("the sim backend is closed")
         if os.getpid() != self._pid:
             raise RuntimeError("a SimBackend cannot be used across fork(): open a new one")
+
+    @property
+    def page_limit(self) -> int:
+        """The gntalloc limit: how many pages this domain may share at once."""
+        return self._domain.page_limit
 
     @property
     def runtime_dir(self) -> str:
@@ -119,7 +125,7 @@ class SimBackend(Backend):
         check_domid(domid)
         if count < 1:
             raise ValueError(f"count must be >= 1, not {count}")
-        return share_pages(self, domid, count, writable)
+        return share_pages(self._domain, domid, count, writable)
 
     def map(self, domid: int, refs: Sequence[int], *, writable: bool = True) -> SimPages:
         """See :meth:`Backend.map`.
@@ -134,7 +140,7 @@ class SimBackend(Backend):
         check_domid(domid)
         if not refs:
             raise ValueError("map needs at least one grant ref")
-        return map_refs(self, domid, [int(r) for r in refs], writable)
+        return map_refs(self._domain, domid, [int(r) for r in refs], writable)
 
     def grant_copy(self, segments: Sequence[CopySegment]) -> list[int]:
         """See :meth:`Backend.grant_copy`: GNTST_okay (0), GNTST_bad_domain (-2),
@@ -146,13 +152,13 @@ class SimBackend(Backend):
             ClosedResourceError: the backend is closed.
         """
         self._check()
-        return grant_copy(self, segments)
+        return grant_copy(self._domain, segments)
 
     def alloc_unbound(self, remote_domid: int) -> SimEventPort:
         """See :meth:`Backend.alloc_unbound`.  Raises ClosedResourceError if closed."""
         self._check()
         check_domid(remote_domid)
-        return alloc_unbound(self, remote_domid)
+        return alloc_unbound(self._domain, remote_domid)
 
     def bind_interdomain(self, remote_domid: int, remote_port: int) -> SimEventPort:
         """See :meth:`Backend.bind_interdomain`.
@@ -164,7 +170,7 @@ class SimBackend(Backend):
         """
         self._check()
         check_domid(remote_domid)
-        return bind_interdomain(self, remote_domid, remote_port)
+        return bind_interdomain(self._domain, remote_domid, remote_port)
 
     def close(self) -> None:
         """Close every resource still open (unmap notifications fire), unregister, and
@@ -175,19 +181,14 @@ class SimBackend(Backend):
         """
         if self._rt.closed:
             return
-        pages = [c for c in self._children if isinstance(c, SimPages)]
-        for p in pages:
-            try:
-                p.close()
-            except MappingInUse:
-                raise
-        for c in list(self._children):
-            close = getattr(c, "close", None)
-            if close is not None:
-                close()
+        children = self._domain.children
+        for p in [c for c in children if isinstance(c, SimPages)]:
+            p.close()  # MappingInUse (views alive) leaves the rest open
+        for c in list(children):
+            c.close()
         self.store.close()
         with contextlib.suppress(Exception), self._rt.write() as db:
-            release_bid(db, self._bid, notify=False)
+            self._rt.release(db, self._domain.bid, notify=False)
         self._rt.close()
         _open_backends.discard(self)
 
@@ -256,7 +257,7 @@ def kill_domain(domid: int, runtime_dir: str | None = None, *, timeout: float = 
             for (bid,) in db.execute(
                 "SELECT bid FROM procs WHERE domid=? AND pid != ?", (domid, me)
             ).fetchall():
-                release_bid(db, bid, notify=False)
+                rt.release(db, bid, notify=False)
             home = f"/local/domain/{domid}"
             db.execute(
                 "DELETE FROM nodes WHERE path=? OR (path > ? AND path < ?)",
@@ -285,7 +286,7 @@ def assert_cleaned_up(runtime_dir: str | None = None) -> None:
     for b in list(_open_backends):
         if not b.closed:
             problems.append(f"open {b!r}")
-            problems.extend(f"  open {c!r}" for c in b._children)
+            problems.extend(f"  open {c!r}" for c in b._domain.children)
     path = os.path.abspath(runtime_dir or default_runtime_dir())
     if os.path.isdir(path):
         rt = Runtime(path)

@@ -29,20 +29,18 @@ import errno
 import os
 import select
 import socket
+import sqlite3
 import threading
 import warnings
-from typing import TYPE_CHECKING
 
 from anyio import ClosedResourceError
 
 from ..._exceptions import raise_errno
 from .._abc import EventPort, PortState
-from ._runtime import bind_dgram, proc_alive, self_start, send_dgram
+from ._domain import SimDomain
+from ._runtime import bind_dgram, proc_alive, self_start, send_dgram, unbind_port
 
-if TYPE_CHECKING:
-    from ._backend import SimBackend
-
-__all__ = ["SimEventPort", "alloc_unbound", "bind_interdomain"]
+__all__ = ["SimEventPort", "alloc_unbound", "bind_interdomain", "is_port_of"]
 
 
 class SimEventPort(EventPort):
@@ -50,13 +48,13 @@ class SimEventPort(EventPort):
 
     def __init__(
         self,
-        backend: SimBackend,
+        domain: SimDomain,
         port: int,
         remote_domid: int,
         sock: socket.socket,
         path: str,
     ) -> None:
-        self._backend = backend
+        self._domain = domain
         self.port = port
         self.remote_domid = remote_domid
         self._sock: socket.socket | None = sock
@@ -71,7 +69,7 @@ class SimEventPort(EventPort):
         self._masked = False
         self._latched = False
         self._lock = threading.Lock()  # guards the peer tracking against close()
-        backend._children.add(self)
+        domain.children.add(self)
 
     # -- peer tracking ----------------------------------------------------------------
     def _set_peer(self, sock: str, pid: int, start: int) -> None:
@@ -113,13 +111,13 @@ class SimEventPort(EventPort):
             self._refresh_locked()
 
     def _refresh_locked(self) -> None:
-        db = self._backend._rt.db
-        with self._backend._rt.lock:
-            row = db.execute(
+        rt = self._domain.rt
+        with rt.lock:
+            row = rt.db.execute(
                 "SELECT p.sock, p.pid, p.start FROM ports AS me JOIN ports AS p "
                 "ON p.domid = me.remote AND p.port = me.peer_port "
                 "WHERE me.domid=? AND me.port=?",
-                (self._backend.domid, self.port),
+                (self._domain.domid, self.port),
             ).fetchone()
         if row is None:
             if self._peer_sock is not None:
@@ -134,7 +132,7 @@ class SimEventPort(EventPort):
         return bool(r)
 
     def _reap_peer(self) -> None:
-        self._backend._rt.reap_dead()
+        self._domain.rt.reap_dead()
         self._refresh()
 
     # -- EventPort ----------------------------------------------------------------------
@@ -276,19 +274,16 @@ class SimEventPort(EventPort):
             sock, self._sock = self._sock, None
         if sock is None:
             return
-        self._backend._children.discard(self)
+        self._domain.children.discard(self)
         # The socket goes first, the table row second: a peer still sending to its cached
         # copy of our socket then fails and looks the table up again, never delivering
         # an event to a port that is on its way out while its new peer waits.
         sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path)
-        rt = self._backend._rt
-        if not rt.closed:
-            from ._runtime import unbind_port
-
-            with rt.write() as db:
-                unbind_port(db, self._backend.domid, self.port)
+        if not self._domain.closed:
+            with self._domain.rt.write() as db:
+                unbind_port(db, self._domain.domid, self.port)
         with self._lock:
             self._drop_pidfd()
         ep, self._ep = self._ep, None
@@ -305,51 +300,53 @@ class SimEventPort(EventPort):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
 
     def __repr__(self) -> str:
-        return f"<SimEventPort {self._backend.domid}:{self.port} -> domain {self.remote_domid}>"
+        return f"<SimEventPort {self._domain.domid}:{self.port} -> domain {self.remote_domid}>"
 
 
-def _free_port(backend: SimBackend) -> int:
-    used = {
-        r[0]
-        for r in backend._rt.db.execute("SELECT port FROM ports WHERE domid=?", (backend.domid,))
-    }
+def is_port_of(port: EventPort, domain: SimDomain) -> bool:
+    """True if ``port`` is a sim port created by the backend of ``domain``."""
+    return isinstance(port, SimEventPort) and port._domain is domain
+
+
+def _free_port(db: sqlite3.Connection, domid: int) -> int:
+    used = {r[0] for r in db.execute("SELECT port FROM ports WHERE domid=?", (domid,))}
     port = 1
     while port in used:
         port += 1
     return port
 
 
-def alloc_unbound(backend: SimBackend, remote_domid: int) -> SimEventPort:
-    path = backend._new_name("p")
+def alloc_unbound(domain: SimDomain, remote_domid: int) -> SimEventPort:
+    path = domain.new_name("p")
     sock = bind_dgram(path)
     try:
-        with backend._rt.write() as db:
-            port = _free_port(backend)
+        with domain.rt.write() as db:
+            port = _free_port(db, domain.domid)
             db.execute(
                 "INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                (backend.domid, port, remote_domid, backend._bid, os.getpid(), self_start(), path),
+                (domain.domid, port, remote_domid, domain.bid, os.getpid(), self_start(), path),
             )
     except BaseException:
         sock.close()
         os.unlink(path)
         raise
-    return SimEventPort(backend, port, remote_domid, sock, path)
+    return SimEventPort(domain, port, remote_domid, sock, path)
 
 
-def bind_interdomain(backend: SimBackend, remote_domid: int, remote_port: int) -> SimEventPort:
-    path = backend._new_name("p")
+def bind_interdomain(domain: SimDomain, remote_domid: int, remote_port: int) -> SimEventPort:
+    path = domain.new_name("p")
     sock = bind_dgram(path)
     try:
-        with backend._rt.write() as db:
+        with domain.rt.write() as db:
             row = db.execute(
                 "SELECT remote, peer_port, pid, start, sock FROM ports WHERE domid=? AND port=?",
                 (remote_domid, remote_port),
             ).fetchone()
-            if row is None or row[0] != backend.domid or row[1] is not None:
+            if row is None or row[0] != domain.domid or row[1] is not None:
                 raise_errno(
                     errno.EINVAL,
                     f"evtchn: bind to port {remote_port} of domain {remote_domid}: not an "
-                    f"unbound port for domain {backend.domid}",
+                    f"unbound port for domain {domain.domid}",
                 )
             if not proc_alive(row[2], row[3]):
                 raise_errno(
@@ -357,14 +354,14 @@ def bind_interdomain(backend: SimBackend, remote_domid: int, remote_port: int) -
                     f"evtchn: bind to port {remote_port} of domain {remote_domid}: its "
                     "process is gone",
                 )
-            port = _free_port(backend)
+            port = _free_port(db, domain.domid)
             db.execute(
                 "INSERT INTO ports VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    backend.domid,
+                    domain.domid,
                     port,
                     remote_domid,
-                    backend._bid,
+                    domain.bid,
                     os.getpid(),
                     self_start(),
                     path,
@@ -380,7 +377,7 @@ def bind_interdomain(backend: SimBackend, remote_domid: int, remote_port: int) -
         sock.close()
         os.unlink(path)
         raise
-    ev = SimEventPort(backend, port, remote_domid, sock, path)
+    ev = SimEventPort(domain, port, remote_domid, sock, path)
     ev._set_peer(peer_sock, peer_pid, peer_start)
     send_dgram(peer_sock, b"b")  # wake the allocator so that it starts watching us
     return ev

@@ -17,20 +17,19 @@ import mmap
 import os
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from anyio import ClosedResourceError
 
 from ..._domid import DOMID_MAX
 from ..._exceptions import LocalProtocolError, raise_errno
 from ..._mapping import PAGE_SIZE, Mapping
-from .._abc import EventPort, Pages
+from ..._native import ffi, lib
+from .._abc import CopySegment, EventPort, ForeignRef, Pages
+from ._domain import SimDomain
+from ._events import is_port_of
 from ._runtime import clear_byte_in_file, drop_file_if_unused
 
-if TYPE_CHECKING:
-    from ._backend import SimBackend
-
-__all__ = ["SimPages", "map_refs", "share_pages"]
+__all__ = ["SimPages", "grant_copy", "map_refs", "share_pages"]
 
 #: The first ref handed out (Xen reserves refs 0..7 of every grant table).
 FIRST_REF = 8
@@ -48,7 +47,7 @@ class SimPages(Pages):
 
     def __init__(
         self,
-        backend: SimBackend,
+        domain: SimDomain,
         domid: int,
         refs: tuple[int, ...],
         mm: mmap.mmap,
@@ -58,7 +57,7 @@ class SimPages(Pages):
         shared: bool,
         map_ids: list[int],
     ) -> None:
-        self._backend = backend
+        self._domain = domain
         self.domid = domid
         self.refs = refs
         self._pages = pages  # (memory file, file offset) per page
@@ -68,7 +67,7 @@ class SimPages(Pages):
         self._notify: tuple[int, bool, EventPort | None] | None = None
         self._closed = False
         self.mapping = Mapping(mm, len(refs) * PAGE_SIZE, writable=writable, release=self._released)
-        backend._children.add(self)
+        domain.children.add(self)
 
     def set_unmap_notify(
         self, offset: int, *, clear_byte: bool = True, port: EventPort | None = None
@@ -84,26 +83,21 @@ class SimPages(Pages):
         if self._closed:
             raise ClosedResourceError("the pages are closed")
         self.mapping.check_unmap_notify(offset, clear_byte=clear_byte)
-        from ._events import SimEventPort
-
-        if port is not None and not (
-            isinstance(port, SimEventPort) and port._backend is self._backend
-        ):
+        if port is not None and not is_port_of(port, self._domain):
             raise LocalProtocolError("the unmap-notify port must be a port of this backend")
         file, off = self._pages[offset // PAGE_SIZE]
-        rt = self._backend._rt
-        with rt.write() as db:
+        with self._domain.rt.write() as db:
             if self._notify_id is not None:
                 db.execute("DELETE FROM notifies WHERE id=?", (self._notify_id,))
             cur = db.execute(
                 "INSERT INTO notifies (bid, file, off, clear, pdomid, port) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (
-                    self._backend._bid,
+                    self._domain.bid,
                     file,
                     off + offset % PAGE_SIZE,
                     int(clear_byte),
-                    None if port is None else self._backend.domid,
+                    None if port is None else self._domain.domid,
                     None if port is None else port.port,
                 ),
             )
@@ -123,9 +117,8 @@ class SimPages(Pages):
         if self._closed:
             return
         self._closed = True
-        self._backend._children.discard(self)
-        rt = self._backend._rt
-        if rt.closed:
+        self._domain.children.discard(self)
+        if self._domain.closed:
             return
         note = self._notify
         if note is not None:
@@ -137,14 +130,14 @@ class SimPages(Pages):
                 with contextlib.suppress(Exception):
                     port.notify()
         files = {f for f, _ in self._pages}
-        with rt.write() as db:
+        with self._domain.rt.write() as db:
             if self._notify_id is not None:
                 db.execute("DELETE FROM notifies WHERE id=?", (self._notify_id,))
             db.executemany("DELETE FROM maps WHERE id=?", [(i,) for i in self._map_ids])
             if self._shared:
                 db.executemany(
                     "DELETE FROM grants WHERE domid=? AND ref=?",
-                    [(self._backend.domid, r) for r in self.refs],
+                    [(self._domain.domid, r) for r in self.refs],
                 )
             for f in files:
                 drop_file_if_unused(db, f)
@@ -162,26 +155,25 @@ class SimPages(Pages):
         return f"<SimPages {len(self.refs)} pages {kind} domain {self.domid}>"
 
 
-def share_pages(backend: SimBackend, domid: int, count: int, writable: bool) -> SimPages:
-    rt = backend._rt
-    name = backend._new_name("m")
-    with rt.write() as db:
+def share_pages(domain: SimDomain, domid: int, count: int, writable: bool) -> SimPages:
+    name = domain.new_name("m")
+    with domain.rt.write() as db:
         (used,) = db.execute(
-            "SELECT COUNT(*) FROM grants WHERE domid=?", (backend.domid,)
+            "SELECT COUNT(*) FROM grants WHERE domid=?", (domain.domid,)
         ).fetchone()
-        if used + count > backend.page_limit:
+        if used + count > domain.page_limit:
             raise_errno(
                 errno.ENOSPC,
-                f"sim grants: sharing {count} pages: domain {backend.domid} already shares "
-                f"{used} of its limit of {backend.page_limit} (close channels, or raise the "
+                f"sim grants: sharing {count} pages: domain {domain.domid} already shares "
+                f"{used} of its limit of {domain.page_limit} (close channels, or raise the "
                 "limit: SimBackend(page_limit=...))",
             )
-        row = db.execute("SELECT next_ref FROM domains WHERE domid=?", (backend.domid,)).fetchone()
+        row = db.execute("SELECT next_ref FROM domains WHERE domid=?", (domain.domid,)).fetchone()
         first = FIRST_REF if row is None or row[0] is None else int(row[0])
         db.execute(
             "INSERT INTO domains (domid, next_ref) VALUES (?, ?) "
             "ON CONFLICT(domid) DO UPDATE SET next_ref=excluded.next_ref",
-            (backend.domid, first + count),
+            (domain.domid, first + count),
         )
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -198,35 +190,32 @@ def share_pages(backend: SimBackend, domid: int, count: int, writable: bool) -> 
         db.executemany(
             "INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
-                (backend.domid, r, domid, int(writable), name, i * PAGE_SIZE, backend._bid)
+                (domain.domid, r, domid, int(writable), name, i * PAGE_SIZE, domain.bid)
                 for i, r in enumerate(refs)
             ],
         )
-        cur = db.execute("INSERT INTO maps (bid, file) VALUES (?, ?)", (backend._bid, name))
+        cur = db.execute("INSERT INTO maps (bid, file) VALUES (?, ?)", (domain.bid, name))
         map_id = cur.lastrowid
         assert map_id is not None
     pages = [(name, i * PAGE_SIZE) for i in range(count)]
-    return SimPages(backend, domid, refs, mm, pages, writable=True, shared=True, map_ids=[map_id])
+    return SimPages(domain, domid, refs, mm, pages, writable=True, shared=True, map_ids=[map_id])
 
 
-def map_refs(backend: SimBackend, domid: int, refs: Sequence[int], writable: bool) -> SimPages:
-    from gntipc._native import ffi, lib
-
-    rt = backend._rt
+def map_refs(domain: SimDomain, domid: int, refs: Sequence[int], writable: bool) -> SimPages:
     n = len(refs)
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    with rt.write() as db:
+    with domain.rt.write() as db:
         pages: list[tuple[str, int]] = []
         for ref in refs:
             row = db.execute(
                 "SELECT grantee, writable, file, off FROM grants WHERE domid=? AND ref=?",
                 (domid, ref),
             ).fetchone()
-            if row is None or row[0] != backend.domid:
+            if row is None or row[0] != domain.domid:
                 raise_errno(
                     errno.EINVAL,
                     f"gntdev: map grant ref {ref} of domain {domid}: not granted to "
-                    f"domain {backend.domid}",
+                    f"domain {domain.domid}",
                 )
             if writable and not row[1]:
                 raise_errno(
@@ -265,21 +254,18 @@ def map_refs(backend: SimBackend, domid: int, refs: Sequence[int], writable: boo
             raise
         map_ids = []
         for file in {f for f, _ in pages}:
-            cur = db.execute("INSERT INTO maps (bid, file) VALUES (?, ?)", (backend._bid, file))
+            cur = db.execute("INSERT INTO maps (bid, file) VALUES (?, ?)", (domain.bid, file))
             assert cur.lastrowid is not None
             map_ids.append(cur.lastrowid)
     return SimPages(
-        backend, domid, tuple(refs), mm, pages, writable=writable, shared=False, map_ids=map_ids
+        domain, domid, tuple(refs), mm, pages, writable=writable, shared=False, map_ids=map_ids
     )
 
 
-def grant_copy(backend: SimBackend, segments: Sequence[object]) -> list[int]:
+def grant_copy(domain: SimDomain, segments: Sequence[object]) -> list[int]:
     """Per-segment GNTST_* statuses, copying through the memory files."""
-    from .._abc import CopySegment, ForeignRef
-
     statuses: list[int] = []
-    rt = backend._rt
-    with rt.snapshot() as db:
+    with domain.rt.snapshot() as db:
         for seg in segments:
             if not isinstance(seg, CopySegment):
                 raise TypeError(f"expected CopySegment, got {type(seg).__name__}")
@@ -304,7 +290,7 @@ def grant_copy(backend: SimBackend, segments: Sequence[object]) -> list[int]:
                 ).fetchone()
                 statuses.append(GNTST_BAD_GNTREF if alive else GNTST_BAD_DOMAIN)
                 continue
-            if row[0] != backend.domid or (foreign is dst and not row[1]):
+            if row[0] != domain.domid or (foreign is dst and not row[1]):
                 statuses.append(GNTST_PERMISSION_DENIED)
                 continue
             pos = int(row[3]) + foreign.offset
@@ -335,4 +321,3 @@ def grant_copy(backend: SimBackend, segments: Sequence[object]) -> list[int]:
                 continue
             statuses.append(GNTST_OKAY)
     return statuses
-

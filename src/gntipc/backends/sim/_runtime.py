@@ -12,14 +12,16 @@ Layout of ``<runtime dir>`` (mode 0700, owned by the user):
 ``m/<bid>-<n>``
     sparse memory files holding granted pages (a grant ref names one page of one file).
 ``p/<bid>-<n>``, ``w/<bid>-<n>``
-    bound unix datagram sockets of event-channel ports and of store watches.
+    bound unix datagram sockets of event-channel ports and of store watches.  A backend
+    id (``bid``) is never reused, so neither is a file name: a peer's stale cached
+    socket path can never reach a later port.
 
 Every live backend holds a shared ``flock`` on the directory itself.  The backend that
 closes last (it alone can turn its lock exclusive; a dead process's lock is released
-by the kernel) removes the whole directory, so nothing is left behind.  State of dead
-processes (``kill -9``) is reclaimed ("reaped") by whoever notices first: the
-event-channel peer (through a pidfd), or any backend opening or closing, or
-:func:`assert_cleaned_up`.
+by the kernel) removes the whole directory, so nothing is left behind.  The state of a
+dead process (``kill -9``: its rows, and its files even those not yet recorded) is
+reclaimed ("reaped") by whoever notices first: the event-channel peer (through a
+pidfd), or any backend opening or closing, or :func:`assert_cleaned_up`.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ __all__ = [
 ]
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS procs (bid INTEGER PRIMARY KEY, pid INTEGER, start INTEGER,
-    domid INTEGER);
+CREATE TABLE IF NOT EXISTS procs (bid INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER,
+    start INTEGER, domid INTEGER);
 CREATE TABLE IF NOT EXISTS domains (domid INTEGER PRIMARY KEY, next_ref INTEGER,
     dead INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS grants (domid INTEGER, ref INTEGER, grantee INTEGER,
@@ -123,12 +125,31 @@ def send_dgram(path: str, data: bytes) -> bool:
     """Send one datagram to the unix socket ``path`` without blocking (one syscall).
 
     Returns False if nobody listens there any more.  A full receive queue counts as
-    delivered: the receiver has events queued already, and events coalesce.
+    delivered: the receiver has events queued already, and events coalesce (every
+    reader re-checks its state after any wake-up).
+
+    EAGAIN from the process's shared sender does not say that, though: the kernel
+    charges each datagram to its sending socket until it is read, so ~270 datagrams
+    unread *anywhere* (watches nobody reads) make the shared socket refuse every send,
+    even to an empty queue.  Taken for "delivered", that lost notifies (a client left
+    asleep with data in its ring).  So the datagram then goes out through a fresh
+    socket, charged nothing yet, whose EAGAIN can only mean a full receive queue.
     """
+    sent = _sendto(datagram_sender(), path, data)
+    if sent is None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as fresh:
+            fresh.setblocking(False)
+            sent = _sendto(fresh, path, data)
+    return sent is not False
+
+
+def _sendto(sock: socket.socket, path: str, data: bytes) -> bool | None:
+    """One non-blocking ``sendto``: True if queued, False if nobody listens at
+    ``path``, None on EAGAIN."""
     try:
-        datagram_sender().sendto(data, path)
+        sock.sendto(data, path)
     except BlockingIOError:
-        return True
+        return None
     except (ConnectionRefusedError, FileNotFoundError):
         return False
     return True
@@ -298,8 +319,29 @@ class Runtime:
                     killed = db.execute(
                         "SELECT dead FROM domains WHERE domid=?", (domid,)
                     ).fetchone()
-                    release_bid(db, bid, notify=not (killed and killed[0]))
+                    self.release(db, bid, notify=not (killed and killed[0]))
             return sorted({r[1] for r in dead})
+
+    def release(self, db: sqlite3.Connection, bid: int, *, notify: bool) -> None:
+        """Remove every resource and file of backend ``bid`` (in a write transaction).
+
+        With ``notify``, first perform its unmap notifications (clear the byte through
+        the memory file, send the event to the port's peer), as Xen does for a dying
+        process.  Files of ``bid`` that no row names are removed too: a process creates
+        a file first and records it second, so one killed in between leaves an orphan.
+        (Backend ids are never reused, so no later backend could trip over one anyway.)
+        """
+        _release_rows(db, bid, notify=notify)
+        prefix = f"{bid}-"
+        for kind in ("m", "p", "w"):
+            folder = os.path.join(self.path, kind)
+            try:
+                names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+            except FileNotFoundError:
+                continue
+            for name in names:
+                # A memory file may outlive its granter while another backend maps it.
+                drop_file_if_unused(db, os.path.join(folder, name))
 
     # -- closing --------------------------------------------------------------------
     def close(self) -> None:
@@ -358,12 +400,9 @@ def _lock_dir_shared(path: str) -> int:
         os.close(fd)  # the last closer removed it while we waited: start over
 
 
-def release_bid(db: sqlite3.Connection, bid: int, *, notify: bool) -> None:
-    """Remove every resource of backend ``bid`` inside a write transaction.
-
-    With ``notify``, first perform its unmap notifications (clear the byte through the
-    memory file, send the event to the port's peer), as Xen does for a dying process.
-    """
+def _release_rows(db: sqlite3.Connection, bid: int, *, notify: bool) -> None:
+    """The rows part of :meth:`Runtime.release`: every row of backend ``bid`` and the
+    files they name."""
     if notify:
         for file, off, clear, pdomid, port in db.execute(
             "SELECT file, off, clear, pdomid, port FROM notifies WHERE bid=?", (bid,)
@@ -451,4 +490,3 @@ def leftovers(rt: Runtime) -> list[str]:
                 if row[0] not in live or row[0] not in known:
                     out.append(f"{table}: {row[1:]} of backend #{row[0]}")
     return out
-

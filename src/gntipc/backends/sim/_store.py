@@ -19,21 +19,19 @@ import contextlib
 import errno
 import os
 import re
+import socket
 import sqlite3
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 from anyio import ClosedResourceError
 
 from ..._exceptions import raise_errno
 from .._abc import Perm, Store, Transaction, Watch
+from ._domain import SimDomain
 from ._runtime import bind_dgram, drain_dgrams, send_dgram
 
-if TYPE_CHECKING:
-    from ._backend import SimBackend
-
-__all__ = ["SimStore", "send_watch_events", "watch_events"]
+__all__ = ["SimStore", "SimTransaction", "SimWatch", "send_watch_events", "watch_events"]
 
 _PATH_RE = re.compile(r"^(/|(/[A-Za-z0-9_\-.@:]+)+)$")
 _MAX_PATH = 3072
@@ -229,30 +227,30 @@ def send_watch_events(events: list[tuple[str, bytes]]) -> None:
 class SimStore(_Ops, Store):
     """The store of one simulated domain, shared by every process of the runtime."""
 
-    def __init__(self, backend: SimBackend) -> None:
-        self._backend = backend
-        self.domid = self._domid = backend.domid
-        self._home = f"/local/domain/{backend.domid}"
+    def __init__(self, domain: SimDomain) -> None:
+        self._domain = domain
+        self.domid = self._domid = domain.domid
+        self._home = f"/local/domain/{domain.domid}"
         self._pending: list[str] = []
         self._closed = False
 
     def _ensure_open(self) -> None:
-        if self._closed or self._backend._rt.closed:
+        if self._closed or self._domain.closed:
             raise ClosedResourceError("the store is closed")
 
     def _get(self, path: str) -> Node | None:
-        row = self._backend._rt.db.execute(
+        row = self._domain.rt.db.execute(
             "SELECT value, perms, gen FROM nodes WHERE path=?", (path,)
         ).fetchone()
         return None if row is None else (bytes(row[0]), str(row[1]), int(row[2]))
 
     def _gen(self) -> int:
-        db = self._backend._rt.db
+        db = self._domain.rt.db
         db.execute("UPDATE meta SET v = v + 1 WHERE k='gen'")
         return int(db.execute("SELECT v FROM meta WHERE k='gen'").fetchone()[0])
 
     def _put(self, path: str, value: bytes, perms: str) -> None:
-        db = self._backend._rt.db
+        db = self._domain.rt.db
         gen = self._gen()
         cur = db.execute(
             "UPDATE nodes SET value=?, perms=?, gen=? WHERE path=?", (value, perms, gen, path)
@@ -262,7 +260,7 @@ class SimStore(_Ops, Store):
             db.execute("UPDATE nodes SET gen=? WHERE path=?", (gen, _parent(path)))
 
     def _delete_tree(self, path: str) -> None:
-        db = self._backend._rt.db
+        db = self._domain.rt.db
         db.execute(
             "DELETE FROM nodes WHERE path=? OR (path > ? AND path < ?)",
             (path, path + "/", path + "0"),
@@ -272,7 +270,7 @@ class SimStore(_Ops, Store):
     def _children(self, path: str) -> list[str]:
         lo = "/" if path == "/" else path + "/"
         hi = "0" if path == "/" else path + "0"
-        rows = self._backend._rt.db.execute(
+        rows = self._domain.rt.db.execute(
             "SELECT path FROM nodes WHERE path >= ? AND path < ?", (lo, hi)
         ).fetchall()
         return _children_of((r[0] for r in rows), path)
@@ -281,7 +279,7 @@ class SimStore(_Ops, Store):
         self._pending.append(path)
 
     def _run(self, op: str, *args: object) -> object:
-        rt = self._backend._rt
+        rt = self._domain.rt
         self._ensure_open()
         with rt.lock:
             self._pending = []
@@ -294,17 +292,17 @@ class SimStore(_Ops, Store):
     # Reads need no write lock; mutations run in one write transaction each.
     def read(self, path: str) -> bytes:
         """See :meth:`Store.read`.  Raises XenError ENOENT/EACCES/EINVAL."""
-        with self._backend._rt.lock:
+        with self._domain.rt.lock:
             return _Ops.read(self, path)
 
     def directory(self, path: str) -> list[str]:
         """See :meth:`Store.directory`.  Raises XenError ENOENT/EACCES/EINVAL."""
-        with self._backend._rt.snapshot():
+        with self._domain.rt.snapshot():
             return _Ops.directory(self, path)
 
     def get_perms(self, path: str) -> list[Perm]:
         """See :meth:`Store.get_perms`.  Raises XenError ENOENT/EACCES/EINVAL."""
-        with self._backend._rt.lock:
+        with self._domain.rt.lock:
             return _Ops.get_perms(self, path)
 
     def write(self, path: str, value: bytes) -> None:
@@ -344,13 +342,13 @@ class SimStore(_Ops, Store):
         self._ensure_open()
         if "\0" in token:
             raise ValueError("a watch token cannot contain NUL")
-        sock_path = self._backend._new_name("w")
+        sock_path = self._domain.new_name("w")
         sock = bind_dgram(sock_path)
         try:
-            with self._backend._rt.write() as db:
+            with self._domain.rt.write() as db:
                 cur = db.execute(
                     "INSERT INTO watches (bid, path, token, sock) VALUES (?, ?, ?, ?)",
-                    (self._backend._bid, full, token, sock_path),
+                    (self._domain.bid, full, token, sock_path),
                 )
                 wid = cur.lastrowid
                 assert wid is not None
@@ -359,7 +357,7 @@ class SimStore(_Ops, Store):
             os.unlink(sock_path)
             raise
         send_dgram(sock_path, f"{full}\0{token}".encode())
-        return SimWatch(self._backend, wid, sock, sock_path)
+        return SimWatch(self._domain, wid, sock, sock_path)
 
     def close(self) -> None:
         """Idempotent; the store closes with its backend."""
@@ -373,8 +371,7 @@ class SimTransaction(_Ops, Transaction):
         self._store = store
         self._domid = store._domid
         self._home = store._home
-        rt = store._backend._rt
-        with rt.snapshot() as db:
+        with store._domain.rt.snapshot() as db:
             self._nodes: dict[str, Node] = {
                 str(p): (bytes(v), str(pe), int(g))
                 for p, v, pe, g in db.execute("SELECT path, value, perms, gen FROM nodes")
@@ -432,7 +429,7 @@ class SimTransaction(_Ops, Transaction):
         """
         self._ensure_open()
         self._done = True
-        rt = self._store._backend._rt
+        rt = self._store._domain.rt
         with rt.lock:
             with rt.write() as db:
                 events = self._commit(db)
@@ -466,15 +463,12 @@ class SimTransaction(_Ops, Transaction):
 class SimWatch(Watch):
     """A store watch with its own datagram socket."""
 
-    def __init__(self, backend: SimBackend, wid: int, sock: object, path: str) -> None:
-        import socket as _socket
-
-        assert isinstance(sock, _socket.socket)
-        self._backend = backend
+    def __init__(self, domain: SimDomain, wid: int, sock: socket.socket, path: str) -> None:
+        self._domain = domain
         self._id = wid
-        self._sock: _socket.socket | None = sock
+        self._sock: socket.socket | None = sock
         self._path = path
-        backend._children.add(self)
+        domain.children.add(self)
 
     def fileno(self) -> int:
         """Readable when events are queued.  Raises ClosedResourceError if closed."""
@@ -501,10 +495,9 @@ class SimWatch(Watch):
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        self._backend._children.discard(self)
-        rt = self._backend._rt
-        if not rt.closed:
-            with rt.write() as db:
+        self._domain.children.discard(self)
+        if not self._domain.closed:
+            with self._domain.rt.write() as db:
                 db.execute("DELETE FROM watches WHERE id=?", (self._id,))
         sock.close()
         with contextlib.suppress(FileNotFoundError):
