@@ -5,12 +5,17 @@ there may be news: an event from the peer, or a change of its liveness.  Event l
 only one task to wait on a descriptor at a time (trio raises ``BusyResourceError``,
 asyncio silently replaces the reader), yet a sender waiting for space and a receiver
 waiting for data may both need to sleep.  So the first task that needs to wait becomes
-the *leader*: it waits on the descriptor, calls ``handle_events()`` and wakes every other
-waiting task (the *followers*, each parked on an :class:`anyio.Event`).  Each woken task
-re-checks its own condition and, if it still has to wait, waits again (one of them
-becomes the next leader).
+the *leader*: it waits on the descriptor, consumes the events (``consume_events()``) and
+wakes every other waiting task (the *followers*, each parked on an :class:`anyio.Event`).
+Each woken task re-checks its own condition and, if it still has to wait, waits again (one
+of them becomes the next leader).
 
-No threads, no polling loops, no sleeps.  :meth:`Dispatcher.wait_for` is the async wait
+No polling loops, no sleeps, and no threads on the way of an event: only when the
+peer-presence watch fired (or a server's client just connected) does the leader run the
+endpoint's store check (``check_presence()``), in a worker thread with a deadline
+(:mod:`gntipc._astore`), so that a slow store never blocks the event loop.
+
+:meth:`Dispatcher.wait_for` is the async wait
 protocol: spin briefly on the ring (slices of :data:`SPIN_SLICE`, yielding to the loop
 between them; see :mod:`gntipc._spin`), then the endpoint's check → prepare → re-check
 (``poll``), and only then :meth:`Dispatcher.wait`, with no await in between.  Because
@@ -28,6 +33,7 @@ from typing import Protocol
 import anyio
 from anyio.lowlevel import checkpoint
 
+from . import _astore
 from ._spin import Spinner
 
 __all__ = ["SPIN_SLICE", "Dispatcher", "Endpoint"]
@@ -41,7 +47,11 @@ class Endpoint(Protocol):
 
     def fileno(self) -> int: ...
 
-    def handle_events(self) -> None: ...
+    def consume_events(self) -> bool: ...
+
+    def presence_check_due(self) -> bool: ...
+
+    def check_presence(self) -> None: ...
 
 
 class Dispatcher:
@@ -66,6 +76,8 @@ class Dispatcher:
 
         Raises:
             anyio.ClosedResourceError: the dispatcher was closed (before or while waiting).
+            XenStoreTimeout, XenError: the store failed the peer-presence check (nothing
+                is lost: the next wait checks again).
 
         Cancellation: nothing is consumed; a cancelled leader wakes the followers so that
         one of them takes over the descriptor.
@@ -87,11 +99,19 @@ class Dispatcher:
                 raise anyio.ClosedResourceError
             return
         self._leading = True
+        endpoint = self._endpoint
         try:
-            await anyio.wait_readable(self._fd)
+            # A check left due (it failed, or was cancelled) runs before any sleep: the
+            # watch event that called for it was consumed already.
+            if not endpoint.presence_check_due():
+                await anyio.wait_readable(self._fd)
+                if self._closed:
+                    raise anyio.ClosedResourceError
+                if not endpoint.consume_events():
+                    return
+            await _astore.run(endpoint.check_presence, what="checking the peer's presence")
             if self._closed:
                 raise anyio.ClosedResourceError
-            self._endpoint.handle_events()
         finally:
             self._leading = False
             self._wake_all()

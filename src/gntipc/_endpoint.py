@@ -98,6 +98,9 @@ class Endpoint:
         self._peer_dead = False
         self._connected = not is_server
         self._peer_gntipc = False
+        # Store work found due by consume_events(), done by check_presence().
+        self._vanish_due = False
+        self._connect_due = False
         self._port: EventPort | None = None
         self._pages: list[Pages] = []
         self._ptrs: list[Any] = []
@@ -307,7 +310,7 @@ class Endpoint:
     def _on_connected(self) -> None:
         # Once, whichever thread notices first (the other waits, then sees it done).
         with self._state:
-            if self._connected:
+            if self._connected or self.closed:
                 return
             self._watch_peer("client")
             self._connected = True
@@ -605,25 +608,77 @@ class Endpoint:
 
     def handle_events(self) -> None:
         """Consume a pending event (one read and one unmask on Xen) and, when there was
-        none, the peer-presence watch.  Never blocks; a no-op once closed."""
+        none, the peer-presence watch; then do the store work that calls for (see
+        :meth:`check_presence`).  A no-op once closed."""
+        if self.consume_events():
+            self.check_presence()
+
+    def consume_events(self) -> bool:
+        """The part of :meth:`handle_events` without store I/O (the async API runs
+        :meth:`check_presence` in a worker thread).  Never blocks.  Returns
+        :meth:`presence_check_due`."""
         with self._evlock:
             if self.closed:
-                return
+                return False
             port, rings = self._port, self._rings
             assert port is not None and rings is not None
             if port.pending():
                 self.events_in += 1
                 port.unmask()
-            elif (
-                self._presence is not None
-                and self._presence.peer_vanished()
-                # The node is removed after a clean close has cleared the live byte, so
-                # a live byte still at 1 means the domain died without an unmap event.
-                and rings.peer_live() != LIVE_GONE
-            ):
-                self._peer_dead = True
-            if not self._connected:
-                self._peer_state(rings)
+            elif self._presence is not None and self._presence.watch_fired():
+                self._vanish_due = True
+            if not self._connected and rings.peer_live() == LIVE_CONNECTED:
+                self._connect_due = True
+            return self._vanish_due or self._connect_due
+
+    def presence_check_due(self) -> bool:
+        """True if :meth:`check_presence` has work to do (also after a failed one)."""
+        return self._vanish_due or self._connect_due
+
+    def check_presence(self) -> None:
+        """The store half of :meth:`handle_events`: whether the peer's presence node
+        vanished (its domain died: no unmap event comes), and a server's start of its
+        watch on a client that connected.  Blocking store I/O, from any thread, with no
+        lock held that the event loop's calls take.  A no-op once closed.
+
+        Raises:
+            XenError, XenStoreTimeout: the store failed (the check stays due).
+        """
+        if self._connect_due or not self._connected:
+            with self._evlock:
+                rings = self._rings
+                live = LIVE_GONE if self.closed or rings is None else rings.peer_live()
+            if live == LIVE_CONNECTED:
+                self._on_connected()
+            self._connect_due = False
+        presence = self._presence
+        if not self._vanish_due or presence is None:
+            return
+        self._vanish_due = False  # before the check: an event during it makes it due again
+        try:
+            gone = presence.peer_gone()
+        except BaseException:
+            self._vanish_due = True
+            raise
+        if gone:
+            with self._evlock:
+                rings = self._rings
+                # The node is removed after a clean close has cleared the live byte, so a
+                # live byte still at 1 means the domain died without an unmap event.
+                if not self.closed and rings is not None and rings.peer_live() != LIVE_GONE:
+                    self._peer_dead = True
+
+    def peer_live(self) -> int:
+        """The peer's LIVE_* state now, domain death folded in; unlike
+        :meth:`peer_state`, it never starts a server's watch on its client (no store
+        I/O: the async API does that in :meth:`check_presence`).
+
+        Raises:
+            ClosedResourceError: the endpoint is closed.
+        """
+        with self._rlock:
+            rings = self._live()
+            return LIVE_GONE if self._peer_dead else rings.peer_live()
 
     def wait_fd(self, timeout: float | None) -> bool:
         """Block the calling thread until :meth:`fileno` is readable (or ``timeout``);

@@ -7,6 +7,8 @@ the connect loops (blocking and async).
 * A client reads the keys and tries them (:func:`try_connect`).  Keys of a server that is
   gone, or that another client took first, raise :class:`StaleKeys`; the connect loops
   retry each time the keys change (a store watch, never polling) until their deadline.
+  The async loop (:func:`connect_async`) makes each store access in a worker thread
+  (:mod:`gntipc._astore`) and waits for the watch on the event loop.
 * Presence nodes: each gntipc endpoint writes ``data/gntipc/<server>/<port>/<role>`` in
   its own domain's home, readable by the peer, and watches the peer's.  The toolstack
   removes a dead domain's home, so a vanished node while the live byte still says
@@ -26,6 +28,7 @@ the connect loops (blocking and async).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import secrets
 import select
@@ -34,9 +37,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
-from anyio import WouldBlock
+from anyio import ClosedResourceError, WouldBlock
 
-from ._exceptions import GntipcError, LocalProtocolError, RemoteProtocolError, XenError
+from . import _astore
+from ._exceptions import (
+    GntipcError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    XenError,
+    XenStoreTimeout,
+)
 from ._exceptions import StaleKeys as StaleKeys
 from .backends._abc import Backend, Perm, Store, Transaction, Watch
 
@@ -286,11 +296,20 @@ class Presence:
         return None if self._watch is None else self._watch.fileno()
 
     def peer_vanished(self) -> bool:
-        """Consume watch events; True if the peer's node is gone."""
-        if self._watch is None or not self._watch.read_events():
-            return False
-        assert self._peer_node is not None
-        return not self._backend.store.exists(self._peer_node)
+        """Consume watch events; True if the peer's node is gone (blocking store I/O
+        when an event fired)."""
+        return self.watch_fired() and self.peer_gone()
+
+    def watch_fired(self) -> bool:
+        """Consume the watch's events without blocking (no store request); True if
+        there were any: then :meth:`peer_gone` tells whether the node went away."""
+        return self._watch is not None and bool(self._watch.read_events())
+
+    def peer_gone(self) -> bool:
+        """True if the peer's node (found by :meth:`watch_peer`) is gone: one store
+        request, safe from any thread."""
+        node = self._peer_node
+        return node is not None and not self._backend.store.exists(node)
 
     def close(self) -> None:
         """Stop watching; remove our node, if it is still ours, and the directories that
@@ -358,28 +377,75 @@ def connect_blocking(backend: Backend, peer: int, path: str, timeout: float | No
 
 
 async def connect_async(
-    backend: Backend, peer: int, path: str, errors: list[Exception]
+    backend: Backend,
+    peer: int,
+    path: str,
+    errors: list[Exception],
+    holder: _astore.Holder | None = None,
 ) -> Endpoint:
     """As :func:`connect_blocking` without a deadline (the caller cancels); the last
-    stale-keys error is left in ``errors``."""
-    watch = backend.store.watch(path)
+    stale-keys error is left in ``errors``.
+
+    Every store access (setting the watch, each attempt, removing the watch) runs in a
+    worker thread (:mod:`gntipc._astore`); waiting for the watch stays on the event loop.
+    ``holder`` (the backend's owner) is held by every worker until it is done.
+
+    Raises:
+        XenStoreTimeout: the store did not answer one of these in time.
+        RemoteProtocolError: the server published invalid keys or control page.
+
+    Cancellation: an endpoint connected meanwhile is closed (see :func:`_astore.run`).
+    """
+    watch = await _astore.run(
+        backend.store.watch,
+        path,
+        "gntipc-connect",
+        what=f"watching {path} for a server's keys",
+        discard=_close_watch,
+        holder=holder,
+    )
     try:
         while True:
-            got = _attempt(watch, backend, peer, path)
+            watch.read_events()  # never blocks: a watch is driven by its descriptor
+            got = await _astore.run(
+                _try,
+                backend,
+                peer,
+                path,
+                what=f"connecting to the keys at {path}",
+                discard=_close_attempt,
+                holder=holder,
+            )
             if isinstance(got, StaleKeys):
                 errors[:] = [got]
             elif got is not None:
                 return got
             await anyio.wait_readable(watch.fileno())
     finally:
-        watch.close()
+        # Best effort, like every release of a watch: a wedged store leaves it to the
+        # worker (bounded), and the outcome above is what the caller needs.
+        with contextlib.suppress(XenStoreTimeout, XenError, ClosedResourceError):
+            await _astore.run_cleanup(watch.close, what=f"removing the watch on {path}")
+
+
+def _close_watch(watch: Watch) -> None:
+    watch.close()
+
+
+def _close_attempt(got: Endpoint | StaleKeys | None) -> None:
+    if got is not None and not isinstance(got, StaleKeys):
+        got.close()
 
 
 def _attempt(watch: Watch, backend: Backend, peer: int, path: str) -> Endpoint | StaleKeys | None:
-    """One round of a connect loop: consume the watch's events, then :func:`try_connect`.
-    Returns the endpoint, the stale-keys error (retried only after the store changes, so
-    a permanent error costs no CPU), or None (no keys yet)."""
+    """One round of a connect loop: consume the watch's events, then :func:`_try`."""
     watch.read_events()
+    return _try(backend, peer, path)
+
+
+def _try(backend: Backend, peer: int, path: str) -> Endpoint | StaleKeys | None:
+    """:func:`try_connect`, returning the endpoint, the stale-keys error (retried only
+    after the store changes, so a permanent error costs no CPU), or None (no keys yet)."""
     try:
         return try_connect(backend, peer, path)
     except WouldBlock:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,16 +36,17 @@ from anyio import (
 from anyio.abc import AsyncResource, ByteStream
 from anyio.lowlevel import checkpoint
 
+from . import _astore
 from ._dispatch import Dispatcher
 from ._domid import check_domid
 from ._endpoint import Endpoint
-from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError
+from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError, XenStoreTimeout
 from ._rendezvous import connect_async, resolve_path
 from ._spin import DEFAULT_SPIN_ASYNC, Spinner
 from .backends import Backend, get_backend
 from .channel import Vchan
 from .protocol import DEFAULT_RING_SIZE as _DEFAULT_RING
-from .protocol import LIVE_GONE, VchanState, check_ring_size
+from .protocol import LIVE_GONE, LIVE_WAITING, check_ring_size
 
 Buffer = bytes | bytearray | memoryview
 _A = TypeVar("_A")
@@ -90,31 +92,77 @@ def _const(value: object) -> Callable[[], object]:
 
 
 class _SharedBackend:
-    """A backend opened by us, closed when its last user releases it."""
+    """A backend opened by us, closed when its last user releases it.
 
-    __slots__ = ("backend", "users")
+    Thread-safe: a close or an abandoned store operation finishing in a worker thread
+    (:mod:`gntipc._astore`) holds a reference until it is done, and releases it there.
+    """
+
+    __slots__ = ("_lock", "backend", "users")
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.users = 1
+        self._lock = threading.Lock()
 
     def acquire(self) -> _SharedBackend:
-        self.users += 1
+        with self._lock:
+            if self.users == 0:
+                raise ClosedResourceError("the backend is closed")
+            self.users += 1
         return self
 
     def release(self) -> None:
-        self.users -= 1
-        if self.users == 0:
+        with self._lock:
+            self.users -= 1
+            last = self.users == 0
+        if last:
             self.backend.close()
 
 
-def _open_backend(backend: Backend | str | None) -> tuple[Backend, _SharedBackend | None]:
+async def _open_backend(backend: Backend | str | None) -> tuple[Backend, _SharedBackend | None]:
     if isinstance(backend, Backend):
         return backend, None
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a Backend, a name or None, not {type(backend).__name__}")
-    opened = get_backend(backend)
+    # Opening one talks to the store (xen: our domid) or the state database (sim).
+    opened = await _astore.run(
+        get_backend, backend, what="opening the backend", discard=_close_backend
+    )
     return opened, _SharedBackend(opened)
+
+
+def _close_backend(backend: Backend) -> None:
+    backend.close()
+
+
+def _close_vchan(vchan: Vchan) -> None:
+    vchan.close()
+
+
+def _close_all(vchan: Vchan | None, ref: _SharedBackend | None) -> None:
+    """Close ``vchan``, then release ``ref`` (even if the close failed)."""
+    try:
+        if vchan is not None:
+            vchan.close()
+    finally:
+        if ref is not None:
+            ref.release()
+
+
+async def _aclose_all(vchan: Vchan | None, ref: _SharedBackend | None, path: str) -> None:
+    """:func:`_close_all` in a worker thread (it removes store nodes), shielded, bounded
+    by :data:`gntipc._astore.STORE_TIMEOUT`.
+
+    Raises:
+        XenStoreTimeout: not done in time (the close completes in the background).
+        Whatever the close raises (MappingInUse, XenError).
+    """
+    if vchan is None and ref is None:
+        return
+    await _astore.run_cleanup(
+        _close_all, vchan, ref, what=f"closing the channel at {path} (removing its store nodes)"
+    )
 
 
 class VchanStream(ByteStream):
@@ -153,7 +201,7 @@ class VchanStream(ByteStream):
     ) -> None:
         self._vchan: Vchan | None = vchan
         self._ep = vchan.endpoint
-        self._dispatcher = dispatcher if dispatcher is not None else Dispatcher(vchan)
+        self._dispatcher = dispatcher if dispatcher is not None else Dispatcher(vchan.endpoint)
         self._backend_ref = _backend_ref
         self._sending = False
         self._receiving = False
@@ -446,25 +494,38 @@ class VchanStream(ByteStream):
     # -- closing ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close now, without waiting (idempotent).  The peer drains what we wrote, then
-        sees :class:`anyio.EndOfStream`.  Tasks blocked in :meth:`send` or
-        :meth:`receive` get :class:`anyio.ClosedResourceError`."""
-        vchan = self._vchan
-        if vchan is None:
-            return
-        self._vchan = None
-        self._dispatcher.close()
-        try:
-            vchan.close()
-        finally:
-            ref, self._backend_ref = self._backend_ref, None
-            if ref is not None:
-                ref.release()
+        """Close now, in the calling thread (idempotent): this blocks on the store
+        (removing our store nodes); in async code, use :meth:`aclose`.  The peer drains
+        what we wrote, then sees :class:`anyio.EndOfStream`.  Tasks blocked in
+        :meth:`send` or :meth:`receive` get :class:`anyio.ClosedResourceError`."""
+        if self._vchan is not None:
+            _close_all(*self._stop())
 
     async def aclose(self) -> None:
-        """Close the stream (idempotent; completes even when cancelled)."""
-        self.close()
+        """Close the stream (idempotent).  The peer is told at once; the store work
+        (removing our store nodes) runs in a worker thread, so a slow store never blocks
+        the event loop.
+
+        Cancellation: the close completes anyway (shielded, at most
+        :data:`gntipc._astore.STORE_TIMEOUT` seconds).
+
+        Raises:
+            gntipc.XenStoreTimeout: the store did not answer in time; the close completes
+                in the background.
+        """
+        if self._vchan is not None:
+            path = self._vchan.path
+            await _aclose_all(*self._stop(), path)
         await checkpoint()
+
+    def _stop(self) -> tuple[Vchan, _SharedBackend | None]:
+        """Mark the stream closed and wake its waiting tasks; returns what is left to
+        close: the channel, and our hold on the backend."""
+        vchan, self._vchan = self._vchan, None
+        assert vchan is not None
+        self._dispatcher.close()
+        ref, self._backend_ref = self._backend_ref, None
+        return vchan, ref
 
     def __del__(self) -> None:
         if getattr(self, "_vchan", None) is not None:
@@ -502,18 +563,25 @@ class Listener(AsyncResource):
     async def accept(self) -> VchanStream:
         """Publish keys, wait for one client and return its stream.
 
+        The store work (publishing the keys, watching the client's presence node) runs
+        in worker threads, each waited for at most :data:`gntipc._astore.STORE_TIMEOUT`
+        seconds, so a slow store never blocks the event loop.
+
         A client that breaks the protocol while connecting (e.g. an invalid live byte in
         the control page), or a store failure while its connection is set up, costs only
         that client: it is logged (:data:`logger`) and dropped, and fresh keys are
         published for the next one.
 
-        Cancellation: the keys are withdrawn; no client is lost (a client that connected
-        meanwhile sees the stream closed).
+        Cancellation: the keys are withdrawn (waiting for the store at most until the
+        deadline above); no client is lost (a client that connected meanwhile sees the
+        stream closed).
 
         Raises:
             anyio.ClosedResourceError: the listener is (or gets) closed.
             gntipc.XenError: the backend refused to offer a channel (e.g. gntalloc limit
                 reached: ENOSPC; the store failed while publishing the keys).
+            gntipc.XenStoreTimeout: the store did not answer in time while the keys were
+                published (the offer is withdrawn in the background).
         """
         if self._closed:
             raise ClosedResourceError
@@ -521,49 +589,72 @@ class Listener(AsyncResource):
             while True:
                 if self._closed:
                     raise ClosedResourceError
-                vchan = Vchan.server(
-                    self.backend,
-                    self.peer,
-                    self.path,
-                    read_size=self.read_size,
-                    write_size=self.write_size,
-                )
+                # Held until the channel is handed over or closed: closing the listener
+                # meanwhile must not close a backend we still use.
+                hold = self._backend_ref.acquire() if self._backend_ref is not None else None
                 try:
-                    dispatcher = Dispatcher(vchan)
-                except BaseException:
-                    vchan.close()
-                    raise
-                self._pending = (vchan, dispatcher)
-                try:
-                    while vchan.is_open() == VchanState.WAITING:
-                        await dispatcher.wait()
-                        if self._closed:
-                            raise ClosedResourceError
-                except (RemoteProtocolError, XenError) as exc:
-                    logger.warning(
-                        "gntipc listener at %s: dropped a client of domain %d while it "
-                        "connected: %s",
-                        self.path,
-                        self.peer,
-                        exc,
+                    vchan = await _astore.run(
+                        self._offer,
+                        what=f"offering a channel at {self.path} (publishing its keys)",
+                        discard=_close_vchan,
+                        holder=hold,
                     )
-                    dispatcher.close()
-                    self._close_dropped(vchan)
-                    continue
                 except BaseException:
-                    dispatcher.close()
-                    vchan.close()
+                    await _aclose_all(None, hold, self.path)
                     raise
-                finally:
-                    self._pending = None
-                ref = self._backend_ref.acquire() if self._backend_ref is not None else None
-                return VchanStream(vchan, dispatcher=dispatcher, _backend_ref=ref)
+                stream = await self._await_client(vchan, hold)
+                if stream is not None:
+                    return stream
 
-    def _close_dropped(self, vchan: Vchan) -> None:
+    def _offer(self) -> Vchan:
+        return Vchan.server(
+            self.backend, self.peer, self.path, read_size=self.read_size, write_size=self.write_size
+        )
+
+    async def _await_client(self, vchan: Vchan, hold: _SharedBackend | None) -> VchanStream | None:
+        """Wait for the client of the channel just offered; its stream, or None if the
+        client was dropped (logged).  Closes ``vchan`` and releases ``hold`` unless it
+        hands them to the stream."""
         try:
-            vchan.close()
-        except Exception as exc:  # the channel is gone either way: report, go on
-            logger.warning("gntipc listener at %s: closing a dropped channel: %s", self.path, exc)
+            if self._closed:
+                raise ClosedResourceError
+            ep = vchan.endpoint
+            dispatcher = Dispatcher(ep)
+        except BaseException:
+            await _aclose_all(vchan, hold, self.path)
+            raise
+        self._pending = (vchan, dispatcher)
+        try:
+            while ep.peer_live() == LIVE_WAITING:
+                await dispatcher.wait()
+                if self._closed:
+                    raise ClosedResourceError
+            # Start watching the client's presence node (a no-op if the dispatcher did).
+            await _astore.run(ep.check_presence, what=f"watching the client at {self.path}")
+        except (RemoteProtocolError, XenError, XenStoreTimeout) as exc:
+            dispatcher.close()
+            try:
+                await _aclose_all(vchan, hold, self.path)
+            except Exception as close_exc:  # the channel is gone either way: report, go on
+                logger.warning(
+                    "gntipc listener at %s: closing a dropped channel: %s", self.path, close_exc
+                )
+            # Logged once the channel is closed: the client can see it when we say so.
+            logger.warning(
+                "gntipc listener at %s: dropped a client of domain %d while it connected: %s",
+                self.path,
+                self.peer,
+                exc,
+            )
+            return None
+        except BaseException:
+            dispatcher.close()
+            await _aclose_all(vchan, hold, self.path)
+            raise
+        finally:
+            self._pending = None
+        # The stream takes over our hold on the backend.
+        return VchanStream(vchan, dispatcher=dispatcher, _backend_ref=hold)
 
     async def serve(
         self,
@@ -581,7 +672,8 @@ class Listener(AsyncResource):
         :class:`gntipc.RemoteProtocolError` (the peer corrupted the shared page) or
         :class:`anyio.BrokenResourceError` (the peer crashed or its domain died).  A
         failure to offer a channel (:class:`gntipc.XenError`: the store failed, the
-        gntalloc limit was reached) is logged and retried after a pause that grows up to
+        gntalloc limit was reached; :class:`gntipc.XenStoreTimeout`: the store did not
+        answer in time) is logged and retried after a pause that grows up to
         :data:`SERVE_RETRY`.  Any other exception from a handler propagates (cancelling
         the others), as usual in a task group.
         """
@@ -605,7 +697,7 @@ class Listener(AsyncResource):
                     stream = await self.accept()
                 except ClosedResourceError:
                     return
-                except XenError as exc:
+                except (XenError, XenStoreTimeout) as exc:
                     pause = min(max(2 * pause, SERVE_RETRY[0]), SERVE_RETRY[1])
                     logger.error(
                         "gntipc listener at %s: cannot offer a channel (retrying in %.2g s): %s",
@@ -628,23 +720,35 @@ class Listener(AsyncResource):
                 await loop(tg)
 
     def close(self) -> None:
-        """Stop listening (idempotent): withdraws published keys; a waiting
+        """Stop listening (idempotent), in the calling thread: withdraws published
+        keys (blocking on the store; in async code, use :meth:`aclose`); a waiting
         :meth:`accept` raises ClosedResourceError.  Accepted streams stay open."""
-        if self._closed:
-            return
+        if not self._closed:
+            _close_all(*self._stop())
+
+    async def aclose(self) -> None:
+        """Stop listening (see :meth:`close`); the store work runs in a worker thread.
+
+        Cancellation: the close completes anyway (shielded, bounded as
+        :meth:`VchanStream.aclose`).
+
+        Raises:
+            gntipc.XenStoreTimeout: the store did not answer in time; the keys are
+                withdrawn in the background.
+        """
+        if not self._closed:
+            await _aclose_all(*self._stop(), self.path)
+        await checkpoint()
+
+    def _stop(self) -> tuple[Vchan | None, _SharedBackend | None]:
+        """Mark the listener closed and wake a waiting :meth:`accept`; returns what is
+        left to close: the channel on offer, and our hold on the backend."""
         self._closed = True
         pending, self._pending = self._pending, None
         if pending is not None:
             pending[1].close()
-            pending[0].close()
         ref, self._backend_ref = self._backend_ref, None
-        if ref is not None:
-            ref.release()
-
-    async def aclose(self) -> None:
-        """Stop listening (see :meth:`close`)."""
-        self.close()
-        await checkpoint()
+        return (None if pending is None else pending[0]), ref
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -677,14 +781,13 @@ async def listen(
     """
     check_ring_size(read_size, "read_size")
     check_ring_size(write_size, "write_size")
-    be, ref = _open_backend(backend)
+    be, ref = await _open_backend(backend)
     try:
         listener = Listener(
             be, peer, path, read_size=read_size, write_size=write_size, _backend_ref=ref
         )
     except BaseException:
-        if ref is not None:
-            ref.release()
+        await _aclose_all(None, ref, path)
         raise
     await checkpoint()
     return listener
@@ -704,9 +807,15 @@ async def connect(
     server publishes keys there; keys that turn out stale (a server that is gone, or
     that another client took first) are retried when the keys change.
 
+    The store work (the watch, each attempt) runs in worker threads, each waited for at
+    most :data:`gntipc._astore.STORE_TIMEOUT` seconds, so a slow store never blocks the
+    event loop.
+
     Raises:
         TimeoutError: no connection within ``timeout`` seconds (``None``: wait forever);
             its ``__cause__`` is the last failed attempt, if any.
+        gntipc.XenStoreTimeout: the store did not answer one operation in time (also
+            with ``timeout=None``).
         gntipc.RemoteProtocolError: the server published invalid keys or control page.
         gntipc.LocalProtocolError: bad arguments.
         TypeError: ``peer`` is not an int.
@@ -715,18 +824,16 @@ async def connect(
     check_domid(peer)
     if timeout is not None and (math.isnan(timeout) or timeout < 0):
         raise LocalProtocolError(f"timeout must be >= 0 or None, not {timeout}")
-    be, ref = _open_backend(backend)
+    full = resolve_path(peer, path)
+    be, ref = await _open_backend(backend)
     try:
-        full = resolve_path(peer, path)
         errors: list[Exception] = []
-        try:
-            with anyio.fail_after(timeout):
-                endpoint = await connect_async(be, peer, full, errors)
-        except TimeoutError:
+        with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            endpoint = await connect_async(be, peer, full, errors, ref)
+        if scope.cancelled_caught:
             cause = errors[0] if errors else None
             raise TimeoutError(f"no gntipc server at {full} within {timeout} s") from cause
     except BaseException:
-        if ref is not None:
-            ref.release()
+        await _aclose_all(None, ref, full)
         raise
     return VchanStream(Vchan(endpoint), _backend_ref=ref)

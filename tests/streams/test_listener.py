@@ -94,8 +94,8 @@ async def test_closing_the_listener_stops_accept_and_withdraws_keys(backend: Bac
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(accept)
-            await anyio.sleep(0.05)
-            assert backend.store.exists(f"{full}/ring-ref")
+            while not backend.store.exists(f"{full}/ring-ref"):
+                await anyio.sleep(0.01)  # published by a worker thread (fail_after above)
             await listener.aclose()
     assert len(errors) == 1
     assert not backend.store.exists(f"{full}/ring-ref")

@@ -503,7 +503,8 @@ async def test_send_to_a_peer_that_stopped_reading_can_be_cancelled(
         with anyio.move_on_after(1) as scope:
             await a.send(blob)
         assert scope.cancelled_caught
-        assert anyio.current_time() - start < 1.5
+        # returned at the timeout, not when the watchdog resumes the peer (6 s)
+        assert anyio.current_time() - start < 5.0
         # the piece the writer had started on goes out whole
         assert a.send_progress == len(blob)
         # other senders queue behind it and can give up too, having sent nothing

@@ -276,7 +276,15 @@ class Watch(Closeable):
 
 
 class Store(_StoreOps, Closeable):
-    """A connection to the XenStore of this domain."""
+    """A connection to the XenStore of this domain.
+
+    Thread safety: the async API calls a store from worker threads (its operations
+    block: :mod:`gntipc._astore`), several at once and beside the caller's own threads,
+    so every operation must be safe to call concurrently, and :meth:`close` must make an
+    operation blocked in another thread end promptly (it may raise
+    :class:`anyio.ClosedResourceError`) rather than leave it on a closed descriptor.
+    A :class:`Watch` is used from one thread at a time.
+    """
 
     #: Our own domain id.
     domid: int

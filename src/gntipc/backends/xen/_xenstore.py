@@ -20,7 +20,11 @@ Every request waits for its reply at most ``timeout`` seconds (default 10) and t
 raises :class:`XenStoreTimeout`, also while the store keeps sending other messages; a
 late reply is recognised by its ``req_id`` and discarded.  A request cut off by the
 timeout half-written would make the store misread everything after it, so the connection
-is then closed.  Watch events arriving on a connection are queued, at most
+is then closed.  A connection serves one request at a time (a lock held for the whole
+request) and may be closed from any thread: the close wakes a request blocked in another
+thread (it raises ClosedResourceError) before it closes the descriptors, so the async
+API's worker threads never poll a descriptor number that was closed and reused under
+them.  Watch events arriving on a connection are queued, at most
 :data:`MAX_QUEUED_EVENTS` of them (then the oldest are dropped: a watcher re-reads the
 store on any event, so coalescing them loses nothing).
 """
@@ -355,7 +359,9 @@ class _Connection:
 
     def __init__(self, timeout: float, path: str | None = None) -> None:
         self.timeout = timeout
-        self._lock = threading.Lock()
+        # Held for a whole request (and by close()): one thread at a time talks on it.
+        # Reentrant: a request cut off half-written closes the connection under it.
+        self._lock = threading.RLock()
         self._decoder = Decoder()
         self._next_req = 1
         self.events: deque[tuple[str, str]] = deque(maxlen=MAX_QUEUED_EVENTS)
@@ -364,6 +370,18 @@ class _Connection:
         self._closed_why = "closed"
         self.transport = ""
         self.payload_max = XENSTORE_PAYLOAD_MAX
+        # Every wait of a request also waits on this eventfd, so that close() from
+        # another thread wakes a request blocked on a silent store (an async caller that
+        # timed out leaves its worker thread there) instead of waiting for its timeout.
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            self._open(path)
+        except BaseException:
+            os.close(self._wake)
+            self._wake = -1
+            raise
+
+    def _open(self, path: str | None) -> None:
         candidates = [path] if path is not None else [SOCKET_PATH, XENBUS_PATH]
         problems = []
         for cand in candidates:
@@ -397,19 +415,45 @@ class _Connection:
         )
 
     def close(self, why: str = "closed") -> None:
-        if self.fd >= 0:
-            self._closed_why = why
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        elif self.fd >= 0:
-            os.close(self.fd)
-        self.fd = -1
+        """Close (idempotent, from any thread).  A request blocked in another thread is
+        woken and raises ClosedResourceError; the descriptors are closed only after it
+        let go of them, so that it never touches a reused descriptor number."""
+        if self._wake >= 0:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._wake, 1)
+        with self._lock:
+            if self.fd >= 0:
+                self._closed_why = why
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            elif self.fd >= 0:
+                os.close(self.fd)
+            self.fd = -1
+            wake, self._wake = self._wake, -1
+            if wake >= 0:
+                os.close(wake)
 
     def _live_fd(self) -> int:
         if self.fd < 0:
             raise ClosedResourceError(f"the XenStore connection is {self._closed_why}")
         return self.fd
+
+    def _wait(self, fd: int, events: int, deadline: float, what: str) -> None:
+        """Wait until ``fd`` is ready for ``events``.
+
+        Raises:
+            XenStoreTimeout: past ``deadline``.
+            ClosedResourceError: close() was called meanwhile (from another thread).
+        """
+        poller = select.poll()
+        poller.register(fd, events)
+        poller.register(self._wake, select.POLLIN)
+        ready = poller.poll(self._remaining_ms(deadline, what))
+        if any(rfd == self._wake for rfd, _ in ready):
+            raise ClosedResourceError(f"the XenStore connection was closed during {what}")
+        if not ready:
+            self._timeout(what)
 
     def _write_all(self, data: bytes, deadline: float, what: str) -> None:
         """Write one whole request.
@@ -421,8 +465,6 @@ class _Connection:
         """
         fd = self._live_fd()
         view = memoryview(data)
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
         try:
             while view:
                 try:
@@ -432,8 +474,8 @@ class _Connection:
                 except OSError as exc:
                     raise_errno(exc.errno or errno.EIO, f"XenStore {what}: writing the request")
                 view = view[n:]
-                if view and not poller.poll(self._remaining_ms(deadline, what)):
-                    self._timeout(what)
+                if view:
+                    self._wait(fd, select.POLLOUT, deadline, what)
         except BaseException:
             if len(view) < len(data):
                 self.close(f"closed: a request ({what}) was cut off half-written")
@@ -470,10 +512,7 @@ class _Connection:
                 return self._decoder.feed(data)
             if block_until is None:
                 return None
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            if not poller.poll(self._remaining_ms(block_until, what)):
-                self._timeout(what)
+            self._wait(fd, select.POLLIN, block_until, what)
 
     def _absorb(self, msg: Message) -> None:
         """Queue a watch event (the queue is bounded); drop stale replies (of timed-out
