@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +199,15 @@ def test_can_be_disabled(pytester: pytest.Pytester) -> None:
     result = run(pytester, "def test_x(gntipc_sim):\n    pass\n", "-p", "no:gntipc")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'gntipc_sim' not found*"])
+
+
+def test_the_readme_example_runs(pytester: pytest.Pytester) -> None:
+    # The code block of the README's "Testing your own service", as a user's test file.
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Testing your own service", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    pytester.makeini(INI)
+    pytester.makepyfile(test_readme=code)
+    result = pytester.runpytest("-v")
+    # two async tests on asyncio and trio, one sync test
+    result.assert_outcomes(passed=5)
