@@ -52,7 +52,7 @@ from ._exceptions import GntipcError
 from .backends import Backend
 from .protocol import VchanState, check_ring_size
 from .session import Session
-from .streams import Listener, VchanStream, connect, listen
+from .streams import Listener, VchanAttribute, VchanStream, connect, listen
 
 __all__ = ["SocketAddress", "add_arguments", "parse_socket_address", "run_proxy"]
 
@@ -186,7 +186,7 @@ def _log(message: str) -> None:
 def _peer_understands_eof(stream: VchanStream) -> bool:
     # Only a gntipc peer (which announces itself in the store) knows the EOF bit of a
     # half-close; a plain libxenvchan peer would see nothing until we close.
-    return bool(getattr(stream.vchan.endpoint, "_peer_gntipc", False))
+    return stream.extra(VchanAttribute.peer_is_gntipc)
 
 
 def _peer_closed(stream: ByteStream) -> bool:

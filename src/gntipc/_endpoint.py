@@ -668,6 +668,14 @@ class Endpoint:
                 if not self.closed and rings is not None and rings.peer_live() != LIVE_GONE:
                     self._peer_dead = True
 
+    @property
+    def peer_is_gntipc(self) -> bool:
+        """True once the peer is known to be gntipc (it announced itself in the store):
+        it understands the EOF bit of a half-close and clears its live byte only after
+        setting it.  False for a plain libxenvchan peer, and for a server's client until
+        it has connected."""
+        return self._peer_gntipc
+
     def peer_live(self) -> int:
         """The peer's LIVE_* state now, domain death folded in; unlike
         :meth:`peer_state`, it never starts a server's watch on its client (no store

@@ -85,6 +85,9 @@ class VchanAttribute(TypedAttributeSet):
     backend: str = typed_attribute()
     #: True on the listening (server) side.
     is_server: bool = typed_attribute()
+    #: True once the peer is known to be gntipc (it understands :meth:`VchanStream.send_eof`;
+    #: a plain libxenvchan peer sees nothing of a half-close until we close).
+    peer_is_gntipc: bool = typed_attribute()
 
 
 def _const(value: object) -> Callable[[], object]:
@@ -218,6 +221,7 @@ class VchanStream(ByteStream):
             VchanAttribute.write_size: _const(vchan.write_size),
             VchanAttribute.backend: _const(vchan.backend.name),
             VchanAttribute.is_server: _const(vchan.is_server),
+            VchanAttribute.peer_is_gntipc: lambda: vchan.endpoint.peer_is_gntipc,
         }
 
     # -- introspection ---------------------------------------------------------------

@@ -229,6 +229,11 @@ async def test_typed_attributes(make_pair: PairFactory, backend: gntipc.backends
     assert srv.extra(VchanAttribute.write_size) == cli.extra(VchanAttribute.read_size) == 1 << 20
     assert srv.extra(VchanAttribute.backend) == backend.name
     assert srv.extra(VchanAttribute.is_server) and not cli.extra(VchanAttribute.is_server)
+    # Both ends are gntipc, and each knows it once connected.
+    assert cli.extra(VchanAttribute.peer_is_gntipc)
+    await cli.send(b"x")
+    assert await srv.receive() == b"x"
+    assert srv.extra(VchanAttribute.peer_is_gntipc)
 
 
 async def test_works_with_anyio_helpers(make_pair: PairFactory) -> None:
