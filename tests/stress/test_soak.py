@@ -118,7 +118,6 @@ class Soak:
         self.rnd = rnd
         self.kinds: Counter[str] = Counter()
         self.detect: list[float] = []
-        self.bug5 = 0
 
     def path(self) -> str:
         return f"data/soak/{os.getpid()}/{next(_paths) % 8}"
@@ -217,20 +216,11 @@ class Soak:
         t = threading.Thread(target=blocked)
         t.start()
         time.sleep(self.rnd.choice((0, 0.001, 0.01)))
-        try:
-            victim.close()
-        except FileNotFoundError:
-            # bug 5 (test_found_bugs.py): a notify racing close() on the sim port
-            self.bug5 += 1
-            victim.close()
+        victim.close()  # bug 5 (fixed): a notify racing close() used to raise here
         t.join(10)
         assert not t.is_alive(), "a blocked call did not wake up on close()"
         assert len(errors) == 1 and isinstance(errors[0], anyio.ClosedResourceError), errors
-        try:
-            other.close()
-        except FileNotFoundError:
-            self.bug5 += 1  # as above
-            other.close()
+        other.close()
         self.kinds["closed from a thread"] += 1
 
     async def cycle(self) -> None:
@@ -282,16 +272,10 @@ def test_leak_soak() -> None:
     diff = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     # Malloc may keep an extra arena mapped; sim memory files must all be unmapped.
     tolerated = {"proc_maps"} if after["proc_maps"] - before["proc_maps"] <= 4 else set()
-    # Leaked pidfds (and nothing else) are bug 5 (test_found_bugs.py): reported apart.
-    pidfds = leaked_fds.pop("anon_inode:[pidfd]", 0)
-    if pidfds and not leaked_fds and after["fds"] - before["fds"] == pidfds:
-        tolerated.add("fds")
     leaks = {k: v for k, v in diff.items() if k not in tolerated and k != f"nodes_dom{PEER_DOM}"}
     for key, label in LABELS.items():
         ok = before[key] == after[key] or key in tolerated
         value = f"{before[key]} -> {after[key]}"
-        if key == "fds" and pidfds:
-            value += f" ({pidfds} pidfds: bug 5)"
         REPORT.add(part, label, value, "equal", ok)
     REPORT.add(
         part,
@@ -308,12 +292,6 @@ def test_leak_soak() -> None:
         )
     REPORT.add(part, "leftovers", len(left), "0", not left)
     REPORT.add(part, "seconds", seconds)
-    REPORT.add(
-        part,
-        "pidfds leaked / close() errors by racing notify (bug 5)",
-        f"{pidfds} / {soak.bug5}",
-        "xfail",
-    )
     if leaked_fds:
         REPORT.add(part, "leaked descriptors by kind", leaked_fds, "none", False)
     assert not leaks, (leaks, leaked_fds)
