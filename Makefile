@@ -52,11 +52,23 @@ test-xen-all: $(STAMP)
 bench-xen: $(STAMP)
 	$(XENKIT)/run-in-xen.sh --timeout 900 "$(CURDIR)" '$(CURDIR)/$(PY) benchmarks/xen_vs_libxenvchan.py'
 
-# Every figure is also saved to benchmarks/results/<UTC timestamp>.json.
+# Every figure is also saved to benchmarks/results/<UTC timestamp>.json and drawn into <timestamp>.png.
 # `make bench BENCH_ARGS="--quick --only latency"` passes options through.
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+	$(if $(findstring --no-save,$(BENCH_ARGS)),,$(PY) benchmarks/plot.py)
+
+# The user guide and API reference (docs/, mkdocs.yml) into site/, offline, warnings as
+# errors.  Only this target installs the docs extra (make test does not need mkdocs).
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+.PHONY: docs
+docs: $(DOCS_STAMP)
+	$(PY) -m mkdocs build --strict
 
 # The long stress runs of tests/stress (make test runs short versions): SIGKILL chaos,
 # a hostile peer fuzzing the shared pages (C core under AddressSanitizer), a leak soak
