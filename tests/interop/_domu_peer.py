@@ -1,12 +1,14 @@
 """A gntipc peer for the cross-domain tests: runs in a domU (Debian's python3 with only
 the stdlib, gntipc and its dependencies shipped in) or in dom0.
 
-    python3 _domu_peer.py server|client PEER PATH NBYTES NMSG [--hold]
+    python3 _domu_peer.py server|client PEER PATH NBYTES NMSG [--hold | --die]
 
 1. connects (client) or accepts one client (server) over the async API, prints CONNECTED;
 2. both ways at once: sends NBYTES of its pattern while receiving NBYTES of the peer's,
    checking every byte (prints ``BYTES ok N``);
-3. with ``--hold``: prints HOLDING and sleeps until its domain is destroyed; otherwise
+3. with ``--hold``: prints HOLDING and sleeps until its domain is destroyed; with
+   ``--die``: prints DYING, sends a few more bytes and SIGKILLs its own process (the
+   domain lives on: its kernel performs the unmap notifications); otherwise
    NMSG typed messages: the client puts them, the server checks each and answers with a
    transformed copy, the client checks the answers (``MESSAGES ok N``);
 4. the client closes; the server must then read EndOfStream; prints DONE, exits 0.
@@ -17,6 +19,8 @@ The byte pattern is the one ``vchan_peer.c`` uses.
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 
 import anyio
@@ -80,7 +84,9 @@ async def exchange_bytes(stream: gntipc.VchanStream, send: bytes, nrecv: int) ->
     return bytes(got)
 
 
-async def run(role: str, peer: int, path: str, nbytes: int, nmsg: int, hold: bool) -> None:
+async def run(
+    role: str, peer: int, path: str, nbytes: int, nmsg: int, hold: bool, die: bool = False
+) -> None:
     if role == "server":
         async with await gntipc.listen(peer, path) as listener:
             stream = await listener.accept()
@@ -100,6 +106,10 @@ async def run(role: str, peer: int, path: str, nbytes: int, nmsg: int, hold: boo
         if hold:
             print("HOLDING", flush=True)
             await anyio.sleep_forever()
+        if die:
+            print("DYING", flush=True)
+            await stream.send(b"last words")
+            os.kill(os.getpid(), signal.SIGKILL)
         queue = gntipc.MessageQueue(stream, Reading)
         if role == "client":
             await queue.put_many([reading(i) for i in range(nmsg)])
@@ -124,13 +134,13 @@ async def run(role: str, peer: int, path: str, nbytes: int, nmsg: int, hold: boo
 
 
 def main(argv: list[str]) -> int:
-    hold = "--hold" in argv
-    args = [a for a in argv if a != "--hold"]
+    hold, die = "--hold" in argv, "--die" in argv
+    args = [a for a in argv if a not in ("--hold", "--die")]
     if len(args) != 5 or args[0] not in ("server", "client"):
         print(__doc__, file=sys.stderr)
         return 2
     role, peer, path, nbytes, nmsg = args
-    anyio.run(run, role, int(peer), path, int(nbytes), int(nmsg), hold)
+    anyio.run(run, role, int(peer), path, int(nbytes), int(nmsg), hold, die)
     return 0
 
 

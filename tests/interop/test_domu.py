@@ -206,3 +206,39 @@ def test_domu_destroyed_while_connected(domus: list[Domu], domu_role: str) -> No
         file=sys.stderr,
     )
     assert t_detect - t_destroy < 5, (t_destroy, t_detect)
+
+
+async def _connected_then_peer_killed(d: Domu, role: str, path: str) -> None:
+    """Our end in ``role``; bytes both ways; the domU's process then SIGKILLs itself
+    (its domain lives on): we read all it sent before dying, then BrokenResourceError."""
+    with anyio.fail_after(240):
+        if role == "server":
+            async with await gntipc.listen(d.domid, path) as listener:
+                stream = await listener.accept()
+        else:
+            stream = await gntipc.connect(d.domid, path, timeout=200)
+    async with stream:
+        mine, theirs = (
+            (peer.SEED_SERVER, peer.SEED_CLIENT) if role == "server"
+            else (peer.SEED_CLIENT, peer.SEED_SERVER)
+        )  # fmt: skip
+        with anyio.fail_after(120):
+            got = await peer.exchange_bytes(stream, peer.pattern(mine, NBYTES), NBYTES)
+        _check(got, peer.pattern(theirs, NBYTES))
+        tail = bytearray()
+        with anyio.fail_after(120), pytest.raises(BrokenResourceError):
+            while True:
+                tail += await stream.receive()
+        assert bytes(tail) == b"last words"
+        # The console is written asynchronously: its DYING line comes before the kill.
+        assert "DYING" in d.console() or "DYING" in d.wait(60)[1]
+
+
+@pytest.mark.parametrize("domu_role", ["client", "server"])
+def test_kill_9_of_the_domu_process(domus: list[Domu], domu_role: str) -> None:
+    path = f"data/vchan/gntipc-kill-{os.getpid()}-{next(_names)}"
+    d = Domu(domu_role, "0", path, str(NBYTES), "0", "--die")
+    domus.append(d)
+    our_role = "server" if domu_role == "client" else "client"
+    with d.told_on_failure():
+        anyio.run(_connected_then_peer_killed, d, our_role, path)
