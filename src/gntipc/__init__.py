@@ -22,6 +22,9 @@ from ._exceptions import RemoteProtocolError as RemoteProtocolError
 from ._exceptions import StaleKeys as StaleKeys
 from ._exceptions import XenError as XenError
 from ._exceptions import XenStoreTimeout as XenStoreTimeout
+from ._stats import MessageQueueStatistics as MessageQueueStatistics
+from ._stats import SessionStatistics as SessionStatistics
+from ._stats import VchanStreamStatistics as VchanStreamStatistics
 from .backends import get_backend as get_backend
 from .channel import Vchan as Vchan
 from .messages import MessageQueue as MessageQueue
@@ -42,16 +45,19 @@ __all__ = [
     "MalformedMessage",
     "MappingInUse",
     "MessageQueue",
+    "MessageQueueStatistics",
     "MessageTooLarge",
     "ProtocolError",
     "RemoteProtocolError",
     "Session",
+    "SessionStatistics",
     "SessionStream",
     "StaleKeys",
     "Vchan",
     "VchanAttribute",
     "VchanState",
     "VchanStream",
+    "VchanStreamStatistics",
     "XenError",
     "XenStoreTimeout",
     "connect",

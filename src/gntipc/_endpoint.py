@@ -47,6 +47,7 @@ from ._rendezvous import (
     resolve_path,
     unpublish_keys,
 )
+from ._stats import EndpointCounters
 from .backends._abc import Backend, EventPort, Pages
 from .protocol import (
     CONTROL_PAGE_SIZE,
@@ -115,10 +116,8 @@ class Endpoint:
         self._evlock = threading.Lock()
         self._state = threading.Condition()  # guards _pollers, _connected's transition
         self._pollers = 0
-        #: Events received (statistics).
-        self.events_in = 0
-        #: Events sent (statistics).
-        self.events_out = 0
+        #: Events, bytes and ring high-water marks (statistics).
+        self.counters = EndpointCounters()
 
     # ------------------------------------------------------------------ setup ---
     @classmethod
@@ -292,7 +291,7 @@ class Endpoint:
         port = self._port
         if port is None:
             return
-        self.events_out += 1
+        self.counters.events_out += 1
         try:  # noqa: SIM105 - the hot path: contextlib.suppress costs more
             port.notify()
         except (XenError, ClosedResourceError):
@@ -406,6 +405,14 @@ class Endpoint:
                 if self._peer_state(rings) == LIVE_GONE:
                     raise BrokenResourceError(f"the peer (domain {self.peer}) is gone")
                 n, notify = rings.write_unchecked(src, size, all_or_nothing=all_or_nothing)
+            counters = self.counters
+            counters.bytes_out += n
+            if n < size:
+                # Stopped short: the ring was full, or (all or nothing) had less than
+                # `size` bytes free.  (Only then: a compare per write is not free.)
+                used = self.write_size - size + 1 if all_or_nothing else self.write_size
+                if used > counters.write_high:
+                    counters.write_high = used
         return n, notify
 
     def send_eof(self) -> None:
@@ -447,6 +454,11 @@ class Endpoint:
                 data, notify = rings.read_bytes(max_bytes)
                 if not data:
                     raise self._end_of_stream(rings)
+            n = len(data)
+            counters = self.counters
+            counters.bytes_in += n
+            if n > counters.read_high:
+                counters.read_high = n
         if notify:
             self._notify()
         return data
@@ -479,6 +491,10 @@ class Endpoint:
                 n, notify = rings.read(dst, size, all_or_nothing=all_or_nothing)
                 if not n:
                     raise self._end_of_stream(rings)
+            counters = self.counters
+            counters.bytes_in += n
+            if n > counters.read_high:
+                counters.read_high = n
         return n, notify
 
     def peek_nowait(self, n: int, skip: int = 0) -> bytes:
@@ -623,7 +639,7 @@ class Endpoint:
             port, rings = self._port, self._rings
             assert port is not None and rings is not None
             if port.pending():
-                self.events_in += 1
+                self.counters.events_in += 1
                 port.unmask()
             elif self._presence is not None and self._presence.watch_fired():
                 self._vanish_due = True

@@ -63,6 +63,7 @@ from anyio.lowlevel import checkpoint
 
 from ._exceptions import MalformedMessage as MalformedMessage
 from ._exceptions import MessageTooLarge as MessageTooLarge
+from ._stats import MessageQueueStatistics, VchanStreamStatistics
 from .protocol.framing import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 from .protocol.framing import NEED_DATA, MessageFramer
 from .session import SessionStream
@@ -138,6 +139,32 @@ class MessageQueue(AsyncResource, Generic[T]):
         self._ended = False
         self._closed = False
         self._deferred: BaseException | None = None
+        # Statistics: plain counters, bumped where the work is done anyway.
+        self._messages_sent = 0
+        self._messages_received = 0
+        self._bytes_sent = 0
+        self._bytes_received = 0
+        self._malformed = 0
+
+    def statistics(self) -> MessageQueueStatistics:
+        """A snapshot of what this queue has done so far (messages and bytes each way,
+        malformed frames), with its stream's own statistics when the stream has a
+        ``statistics()`` method returning :class:`VchanStreamStatistics` (a
+        :class:`~gntipc.VchanStream`).  Works after close too."""
+        stats = getattr(self.stream, "statistics", None)
+        inner = stats() if stats is not None else None
+        return MessageQueueStatistics(
+            messages_sent=self._messages_sent,
+            messages_received=self._messages_received,
+            bytes_sent=self._bytes_sent,
+            bytes_received=self._bytes_received,
+            malformed=self._malformed,
+            stream=inner if isinstance(inner, VchanStreamStatistics) else None,
+        )
+
+    def _sent(self, messages: int, nbytes: int) -> None:
+        self._messages_sent += messages
+        self._bytes_sent += nbytes
 
     @property
     def max_message_size(self) -> int:
@@ -174,6 +201,7 @@ class MessageQueue(AsyncResource, Generic[T]):
         buf = self._wbuf
         self._framer.encode_into(message, buf)
         vchan.send_nowait(buf)
+        self._sent(1, len(buf))
 
     def put_many_nowait(self, messages: Iterable[T]) -> None:
         """Send all ``messages`` now with one ring write, or none of them (a
@@ -188,10 +216,13 @@ class MessageQueue(AsyncResource, Generic[T]):
         vchan = self._vchan
         if vchan is None:
             raise self._no_nowait("put_many_nowait")
+        if not isinstance(messages, (list, tuple)):
+            messages = list(messages)  # counted below
         buf = self._wbuf
         self._framer.encode_many_into(messages, buf)
         if buf:
             vchan.send_nowait(buf)
+            self._sent(len(messages), len(buf))
 
     async def put(self, message: T) -> None:
         """Send ``message``, waiting for room.
@@ -218,7 +249,7 @@ class MessageQueue(AsyncResource, Generic[T]):
         try:
             buf = self._wbuf
             self._framer.encode_into(message, buf)
-            await self._send_frames(buf)
+            await self._send_frames(buf, 1)
         finally:
             self._putting = False
 
@@ -238,19 +269,23 @@ class MessageQueue(AsyncResource, Generic[T]):
             raise BusyResourceError("sending to")
         self._putting = True
         try:
+            if not isinstance(messages, (list, tuple)):
+                messages = list(messages)  # counted in the statistics
             buf = self._wbuf
             self._framer.encode_many_into(messages, buf)
             if buf:
-                await self._send_frames(buf)
+                await self._send_frames(buf, len(messages))
         finally:
             self._putting = False
 
-    async def _send_frames(self, buf: bytearray) -> None:
+    async def _send_frames(self, buf: bytearray, count: int) -> None:
+        """Write ``buf`` (``count`` whole frames) to the stream."""
         stream = self._vchan
         if stream is None:
             # The stream may keep a reference to what it is given after send returns
             # (asyncio's transports do): give it bytes, not our reused buffer.
             await self._send_generic(bytes(buf))
+            self._sent(count, len(buf))
             return
         size = len(buf)
         if size <= self._ring:
@@ -262,10 +297,12 @@ class MessageQueue(AsyncResource, Generic[T]):
                 except WouldBlock:
                     await stream.wait_writable(size)
                     continue
+                self._sent(count, size)  # before the checkpoint: it is sent
                 await checkpoint()
                 return
         try:
             await stream.send(buf)
+            self._sent(count, size)
         except BrokenResourceError:
             raise  # the peer is gone: no later send can go wrong, and what it wrote
             # before it left stays readable (closing here would lose it)
@@ -336,6 +373,7 @@ class MessageQueue(AsyncResource, Generic[T]):
         try:
             message = framer.next_message()
             if message is not NEED_DATA:
+                self._messages_received += 1
                 return message  # type: ignore[return-value]
             receive_nowait = self._receive_nowait
             if receive_nowait is None:
@@ -344,13 +382,18 @@ class MessageQueue(AsyncResource, Generic[T]):
                 data = receive_nowait(self._receive_size())
             except EndOfStream:
                 raise self._at_end() from None
+            self._bytes_received += len(data)
             framer.feed(data)
             message = framer.next_message()
         except MessageTooLarge:
             self.close()
             raise
+        except MalformedMessage:
+            self._malformed += 1
+            raise
         if message is NEED_DATA:
             raise WouldBlock
+        self._messages_received += 1
         return message  # type: ignore[return-value]
 
     async def get(self) -> T:
@@ -369,6 +412,7 @@ class MessageQueue(AsyncResource, Generic[T]):
         try:
             message = framer.next_message()
             if message is not NEED_DATA:
+                self._messages_received += 1
                 await anyio.lowlevel.cancel_shielded_checkpoint()
                 return message  # type: ignore[return-value]
             self._getting = True
@@ -379,14 +423,19 @@ class MessageQueue(AsyncResource, Generic[T]):
                         data = await receive(self._receive_size())
                     except EndOfStream:
                         raise self._at_end() from None
+                    self._bytes_received += len(data)
                     framer.feed(data if type(data) is bytes else bytes(data))
                     message = framer.next_message()
                     if message is not NEED_DATA:
+                        self._messages_received += 1
                         return message  # type: ignore[return-value]
             finally:
                 self._getting = False
         except MessageTooLarge:
             await self._abort()
+            raise
+        except MalformedMessage:
+            self._malformed += 1
             raise
 
     def get_many_nowait(self, max_items: int = DEFAULT_MAX_ITEMS) -> list[T]:
@@ -437,6 +486,7 @@ class MessageQueue(AsyncResource, Generic[T]):
                 got = framer.next_messages(limit - len(out))
                 if got:
                     out += got
+                    self._messages_received += len(got)
                     continue
                 # Every complete message was taken: read more, within the bounds.
                 if receive_nowait is None or self._ended or received >= COLLECT_BYTES:
@@ -449,11 +499,14 @@ class MessageQueue(AsyncResource, Generic[T]):
                     self._deferred = self._at_end()
                     break
                 received += len(data)
+                self._bytes_received += len(data)
                 framer.feed(data)
         except MessageTooLarge as exc:
             self.close()
             self._deferred = exc
         except Exception as exc:  # deliver what we have; raise the error next time
+            if isinstance(exc, MalformedMessage):
+                self._malformed += 1
             self._deferred = exc
         return out
 

@@ -58,6 +58,7 @@ from anyio.abc import ByteStream
 from anyio.lowlevel import checkpoint
 
 from ._exceptions import LocalProtocolError, RemoteProtocolError
+from ._stats import SessionStatistics
 from .protocol.mux import DEFAULT_MAX_STREAMS as DEFAULT_MAX_STREAMS
 from .protocol.mux import DEFAULT_WINDOW as DEFAULT_WINDOW
 from .protocol.mux import HEADER_SIZE as HEADER_SIZE
@@ -199,6 +200,13 @@ class Session:
         self._scopes: list[anyio.CancelScope] = []
         self._control_done: anyio.Event | None = None
         self._entered = False
+        # Statistics: plain counters, bumped where the work is done anyway.
+        self._bytes_sent = 0
+        self._bytes_received = 0
+        self._writes = 0
+        self._frames_received = 0
+        self._streams_opened = 0
+        self._streams_accepted = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -302,6 +310,25 @@ class Session:
             return EndOfStream()
         return self._cause
 
+    def statistics(self) -> SessionStatistics:
+        """A snapshot of what this session has done so far (bytes, writes and frames,
+        logical streams) and of its state, with the underlying stream's own statistics
+        when it is a :class:`~gntipc.VchanStream`.  Works after close too."""
+        vchan = self._vchan_stream
+        return SessionStatistics(
+            bytes_sent=self._bytes_sent,
+            bytes_received=self._bytes_received,
+            writes=self._writes,
+            frames_received=self._frames_received,
+            streams_opened=self._streams_opened,
+            streams_accepted=self._streams_accepted,
+            streams_open=len(self._streams),
+            accept_backlog=len(self._pending),
+            queued_frames=len(self._out),
+            state=self._down.value if self._down is not None else "open",
+            stream=vchan.statistics() if vchan is not None else None,
+        )
+
     def __repr__(self) -> str:
         state = self._down.value if self._down is not None else "open"
         role = "initiator" if self.is_initiator else "responder"
@@ -364,6 +391,7 @@ class Session:
             stream._accepted = True
             self._streams[sid] = stream
             self._ours_open += 1
+            self._streams_opened += 1
             self._queue_control(encode_frame(FrameType.OPEN, sid))  # queued before any DATA of it
             return stream
 
@@ -385,6 +413,7 @@ class Session:
             if self._pending:
                 stream = self._pending.popleft()
                 stream._accepted = True
+                self._streams_accepted += 1
                 return stream
             if self._down is _Down.EOF or (self._peer_goaway and self._down is None):
                 raise EndOfStream
@@ -413,6 +442,8 @@ class Session:
             await stream.send(data)
         except (BrokenResourceError, ClosedResourceError, EndOfStream, RemoteProtocolError) as exc:
             raise self._write_failed(exc) from exc
+        self._writes += 1
+        self._bytes_sent += len(data)
 
     def _write_now(self, data: bytes) -> bool:
         """Write ``data`` at once if nothing is queued before it and the ring has room for
@@ -430,6 +461,8 @@ class Session:
             return False
         except (BrokenResourceError, ClosedResourceError, EndOfStream, RemoteProtocolError) as exc:
             raise self._write_failed(exc) from exc
+        self._writes += 1
+        self._bytes_sent += len(data)
         return True
 
     def _queue_control(self, frame: bytes) -> None:
@@ -517,7 +550,9 @@ class Session:
                     decoder.end_of_stream()
                     self._go_down(_Down.EOF, None)
                     return
+                self._bytes_received += len(chunk)
                 for event in decoder.feed(chunk):
+                    self._frames_received += 1
                     self._handle(event)
         except RemoteProtocolError as exc:
             self._go_down(_Down.PROTOCOL, exc)

@@ -15,6 +15,7 @@ for :func:`connect`; for :func:`listen`, the listener *and* every stream it acce
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -43,10 +44,11 @@ from ._endpoint import Endpoint
 from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError, XenStoreTimeout
 from ._rendezvous import connect_async, resolve_path
 from ._spin import DEFAULT_SPIN_ASYNC, Spinner
+from ._stats import VchanStreamStatistics
 from .backends import Backend, get_backend
 from .channel import Vchan
 from .protocol import DEFAULT_RING_SIZE as _DEFAULT_RING
-from .protocol import LIVE_GONE, LIVE_WAITING, check_ring_size
+from .protocol import LIVE_GONE, LIVE_WAITING, VchanState, check_ring_size
 
 Buffer = bytes | bytearray | memoryview
 _A = TypeVar("_A")
@@ -211,6 +213,8 @@ class VchanStream(ByteStream):
         self._read_spinner = Spinner(DEFAULT_SPIN_ASYNC)
         self._yielded = 0.0
         self._write_spinner = Spinner(DEFAULT_SPIN_ASYNC)
+        self._send_waits = 0
+        self._receive_waits = 0
         #: How many bytes of the item of the last (or current) :meth:`send` were written:
         #: after a cancelled send, the length of the prefix that will be delivered.
         self.send_progress = 0
@@ -262,6 +266,42 @@ class VchanStream(ByteStream):
     def spin(self, seconds: float) -> None:
         self._read_spinner.limit = seconds
         self._write_spinner.limit = seconds
+
+    def statistics(self) -> VchanStreamStatistics:
+        """A snapshot of what this stream has done so far (bytes, events, waits,
+        spins, ring high-water marks) and of the peer's state; also after close.
+
+        Cheap (no system call, no store access): call it as often as you like.
+
+        Raises:
+            gntipc.RemoteProtocolError: the peer corrupted its live byte (the shared
+                page), as any other operation on the stream would then report.
+        """
+        ep = self._ep
+        state = VchanState.CLOSED
+        if self._vchan is not None:
+            # Closed from another thread since the check: CLOSED it is.
+            with contextlib.suppress(ClosedResourceError):
+                state = VchanState(ep.peer_live())
+        rs, ws, c = self._read_spinner, self._write_spinner, ep.counters
+        return VchanStreamStatistics(
+            bytes_sent=c.bytes_out,
+            bytes_received=c.bytes_in,
+            events_sent=c.events_out,
+            events_received=c.events_in,
+            send_waits=self._send_waits,
+            receive_waits=self._receive_waits,
+            send_spins=ws.spins,
+            send_spin_hits=ws.spin_hits,
+            receive_spins=rs.spins,
+            receive_spin_hits=rs.spin_hits,
+            send_ring_size=ep.write_size,
+            receive_ring_size=ep.read_size,
+            send_ring_high_water=c.write_high,
+            receive_ring_high_water=c.read_high,
+            peer_state=state,
+            peer_is_gntipc=ep.peer_is_gntipc,
+        )
 
     def __repr__(self) -> str:
         if self._vchan is None:
@@ -327,6 +367,7 @@ class VchanStream(ByteStream):
                 offset, total = ep.write_from(item, 0)
             self.send_progress = offset
             while offset < total:
+                self._send_waits += 1
                 await self._dispatcher.wait_for(
                     ep.poll_write, ep.spin_write, self._write_spinner, 1
                 )
@@ -429,6 +470,7 @@ class VchanStream(ByteStream):
                 got = read(arg)
                 if got:
                     return got
+                self._receive_waits += 1
                 await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
                 self._yielded = time.monotonic()
         finally:
@@ -470,6 +512,7 @@ class VchanStream(ByteStream):
             raise ClosedResourceError
         ep = self._ep
         while not ep.readable():
+            self._receive_waits += 1
             await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
 
     async def wait_writable(self, nbytes: int = 1) -> None:
@@ -491,6 +534,7 @@ class VchanStream(ByteStream):
         while ep.buffer_space() < nbytes:
             if ep.peer_state() == LIVE_GONE:
                 raise BrokenResourceError("the peer is gone")
+            self._send_waits += 1
             await self._dispatcher.wait_for(
                 ep.poll_write, ep.spin_write, self._write_spinner, nbytes
             )
