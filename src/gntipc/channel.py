@@ -236,8 +236,10 @@ class Vchan(Closeable):
 
         Raises:
             LocalProtocolError: ``n`` is larger than the ring.
-            (and as :meth:`readinto_nowait`; EndOfStream/BrokenResourceError also when the
-            peer is gone with fewer than ``n`` bytes left)
+            EndOfStream: as :meth:`readinto_nowait`, also when the peer finished with fewer
+                than ``n`` bytes left.
+            BrokenResourceError: as :meth:`readinto_nowait`, also when the peer is gone
+                with fewer than ``n`` bytes left.
         """
         if n > self.read_size:
             raise LocalProtocolError(

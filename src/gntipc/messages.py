@@ -104,7 +104,8 @@ class MessageQueue(AsyncResource, Generic[T]):
         type: the message type, used to validate what arrives.
         max_message_size: the largest encoded message, in bytes, accepted in either
             direction (at most 2**32 - 1).
-        enc_hook, dec_hook: passed to msgspec's encoder and decoder for custom types.
+        enc_hook: passed to msgspec's encoder, for custom types.
+        dec_hook: passed to msgspec's decoder, for custom types.
 
     Raises:
         ValueError: ``max_message_size`` out of range.
@@ -262,8 +263,12 @@ class MessageQueue(AsyncResource, Generic[T]):
         or not at all, or else the queue and stream are closed.
 
         Raises:
-            As :meth:`put` (a too-large message aborts the batch before anything is
-            written).
+            MessageTooLarge: a message exceeds ``max_message_size``: the batch is
+                aborted before anything is written.
+            anyio.BusyResourceError: another task is putting.
+            anyio.BrokenResourceError: the peer is gone.
+            anyio.ClosedResourceError: the queue is closed.
+            TypeError: msgspec cannot encode a message.
         """
         if self._putting:
             raise BusyResourceError("sending to")

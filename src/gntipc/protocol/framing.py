@@ -93,7 +93,8 @@ class MessageFramer(Generic[T]):
             decode: Structs, dataclasses, builtins, unions...).
         max_message_size: the largest encoded message, in bytes, accepted in either
             direction (1 .. 2**32 - 1).
-        enc_hook, dec_hook: passed to msgspec's encoder and decoder for custom types.
+        enc_hook: passed to msgspec's encoder, for custom types.
+        dec_hook: passed to msgspec's decoder, for custom types.
 
     Raises:
         ValueError: ``max_message_size`` out of range.

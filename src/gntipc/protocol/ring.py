@@ -57,8 +57,10 @@ class VchanRings:
 
     Args:
         ctrl: pointer to the control page (``uint8_t *``, 4096 bytes).
-        read_buf / write_buf: pointers to our read and write ring buffers.
-        read_size / write_size: their sizes (powers of two).
+        read_buf: pointer to our read ring's buffer.
+        read_size: its size (a power of two).
+        write_buf: pointer to our write ring's buffer.
+        write_size: its size (a power of two).
         is_server: which side we are (the server reads the left ring).
     """
 
