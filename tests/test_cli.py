@@ -228,3 +228,52 @@ def test_bench_failure_exits_1(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.strip() == "gntipc: the benchmarks failed (status 4)"
+
+
+def test_listen_and_connect_with_progress() -> None:
+    path = f"data/cli-progress/{os.getpid()}"
+    up, down = os.urandom(200_000), os.urandom(50_000)
+    server = gntipc(0, "listen", "4", path, stderr=subprocess.PIPE)
+    client = gntipc(4, "connect", "0", path, "--progress", stderr=subprocess.PIPE)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            on_server = pool.submit(server.communicate, down, 60)
+            on_client = pool.submit(client.communicate, up, 60)
+            (got_by_server, _), (got_by_client, err) = on_server.result(), on_client.result()
+    finally:
+        for p in (server, client):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert (got_by_server, got_by_client) == (up, down)
+    assert client.returncode == 0, err
+    text = err.decode()
+    assert "sent" in text and "received" in text, text  # tqdm's bars (the test extra has it)
+
+
+def test_progress_line_without_tqdm() -> None:
+    import io
+
+    from gntipc._progress import Progress
+
+    out = io.StringIO()
+    with Progress(out, bars=False) as progress:
+        progress.add(sent=3 * 2**20)
+        progress.add(received=1536)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("sent 3.0 MiB (")  # the first add shows at once
+    assert lines[-1].startswith("sent 3.0 MiB (") and "received 1.5 KiB (" in lines[-1]
+    assert (progress.sent, progress.received) == (3 * 2**20, 1536)
+
+
+def test_progress_bars_with_tqdm() -> None:
+    import io
+
+    pytest.importorskip("tqdm")
+    from gntipc._progress import Progress
+
+    out = io.StringIO()
+    with Progress(out, bars=True) as progress:
+        progress.add(sent=2**20, received=2**10)
+    text = out.getvalue()
+    assert "sent" in text and "received" in text and "1.00MB" in text, text

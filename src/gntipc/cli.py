@@ -3,6 +3,7 @@
     gntipc info                       which backend, which domain
     gntipc listen PEER PATH           serve one client; stdin -> peer, peer -> stdout
     gntipc connect PEER PATH          connect to a server; stdin -> peer, peer -> stdout
+                                      (--progress: bytes and rates on stderr)
     gntipc proxy PEER PATH SOCKET     bridge a vchan and a unix/TCP socket (vchan-socket-proxy)
     gntipc doctor                     check the backend, devices, limits and store; advice
     gntipc bench                      run the benchmarks of a source checkout
@@ -36,6 +37,7 @@ import anyio.to_thread
 
 from . import _cli_bench, _cli_doctor, _cli_proxy
 from ._exceptions import BackendUnavailable, GntipcError, LocalProtocolError
+from ._progress import Progress
 from .backends import Backend, get_backend, select_backend_name
 from .streams import VchanStream, connect, listen
 
@@ -79,7 +81,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
-async def _pump(stream: VchanStream, stdin: BinaryIO, stdout: BinaryIO) -> None:
+async def _pump(
+    stream: VchanStream, stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None = None
+) -> None:
     read: Callable[[int], bytes] = getattr(stdin, "read1", stdin.read)
 
     async def upstream() -> None:
@@ -91,6 +95,8 @@ async def _pump(stream: VchanStream, stdin: BinaryIO, stdout: BinaryIO) -> None:
                 await stream.send_eof()
                 return
             await stream.send(data)
+            if progress is not None:
+                progress.add(sent=len(data))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(upstream)
@@ -98,14 +104,20 @@ async def _pump(stream: VchanStream, stdin: BinaryIO, stdout: BinaryIO) -> None:
             async for data in stream:
                 stdout.write(data)
                 stdout.flush()
+                if progress is not None:
+                    progress.add(received=len(data))
         except BaseException:
             tg.cancel_scope.cancel()
             raise
         # the peer finished sending; finish ours (the task group waits for upstream)
 
 
-async def _stdio_pump(stream: VchanStream) -> None:
-    await _pump(stream, sys.stdin.buffer, sys.stdout.buffer)
+async def _stdio_pump(stream: VchanStream, show_progress: bool = False) -> None:
+    if not show_progress:
+        await _pump(stream, sys.stdin.buffer, sys.stdout.buffer)
+        return
+    with Progress() as progress:
+        await _pump(stream, sys.stdin.buffer, sys.stdout.buffer, progress)
 
 
 async def _netcat(args: argparse.Namespace, backend: Backend) -> None:
@@ -114,10 +126,10 @@ async def _netcat(args: argparse.Namespace, backend: Backend) -> None:
             await listen(args.peer, args.path, backend=backend) as listener,
             await listener.accept() as stream,
         ):
-            await _stdio_pump(stream)
+            await _stdio_pump(stream, args.progress)
     else:
         async with await connect(args.peer, args.path, timeout=args.timeout, backend=backend) as s:
-            await _stdio_pump(s)
+            await _stdio_pump(s, args.progress)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,6 +166,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "path",
             help="store path (relative: under the server's home /local/domain/<server>/)",
+        )
+        p.add_argument(
+            "--progress",
+            action="store_true",
+            help="show bytes each way and their rates on stderr (tqdm bars if tqdm is"
+            " installed: pip install 'gntipc[progress]')",
         )
         if name == "connect":
             p.add_argument(
