@@ -38,7 +38,7 @@ XEN_TESTS ?= tests/native tests/xenstore tests/backends tests/channel tests/inte
 XEN_PYTEST = GNTIPC_BACKEND=xen $(CURDIR)/$(PY) -m pytest -m xen -v --timeout=240 --durations=20
 
 test-xen: $(STAMP)
-	$(XENKIT)/run-in-xen.sh --timeout 1500 "$(CURDIR)" '$(XEN_PYTEST) $(XEN_TESTS)'
+	$(XENKIT)/run-in-xen.sh --timeout 2700 "$(CURDIR)" '$(XEN_PYTEST) $(XEN_TESTS)'
 
 test-xen-domu: $(STAMP)
 	$(XENKIT)/run-in-xen.sh --timeout 1500 "$(CURDIR)" '$(XEN_PYTEST) tests/interop/test_domu.py'
