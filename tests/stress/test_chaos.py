@@ -74,6 +74,8 @@ def test_chaos_kills() -> None:
     other = [x for x in res.leftovers if not x.startswith("stray file ")]
     REPORT.add(part, "leftovers", len(other), "0", not other)
     REPORT.add(part, "orphan runtime files (bug 2)", len(orphans), "xfail")
+    for name in orphans[:5]:
+        REPORT.add(part, "  e.g.", name)
     REPORT.add(part, "seconds", res.seconds)
     problems = [
         *res.hang_notes,
