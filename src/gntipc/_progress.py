@@ -8,8 +8,9 @@ from __future__ import annotations
 import importlib.util
 import sys
 import time
-from types import TracebackType
 from typing import Any, TextIO
+
+from ._resource import Closeable
 
 __all__ = ["Progress"]
 
@@ -25,8 +26,9 @@ def _size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-class Progress:
-    """Counts bytes sent and received and shows them with their rates.
+class Progress(Closeable):
+    """Counts bytes sent and received and shows them with their rates (a context
+    manager: the final totals are shown on exit).
 
     Args:
         out: where to write (standard error by default).
@@ -93,14 +95,3 @@ class Progress:
                 bar.close()
             return
         self._show(time.monotonic(), final=True)
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -164,9 +164,9 @@ def _check(got: bytes, expected: bytes) -> None:
     )
 
 
-async def _connected_then_destroyed(d: Domu, role: str, path: str) -> tuple[float, float]:
-    """Our end in ``role``; bytes both ways; then destroy the domU while connected.
-    (seconds ``xl destroy`` took, seconds from its start to BrokenResourceError)."""
+@contextlib.asynccontextmanager
+async def _exchanged(d: Domu, role: str, path: str) -> AsyncIterator[gntipc.VchanStream]:
+    """Our end in ``role``, connected to the domU's, after NBYTES each way (checked)."""
     with anyio.fail_after(240):
         if role == "server":
             async with await gntipc.listen(d.domid, path) as listener:
@@ -181,6 +181,13 @@ async def _connected_then_destroyed(d: Domu, role: str, path: str) -> tuple[floa
         with anyio.fail_after(120):
             got = await peer.exchange_bytes(stream, peer.pattern(mine, NBYTES), NBYTES)
         _check(got, peer.pattern(theirs, NBYTES))
+        yield stream
+
+
+async def _connected_then_destroyed(d: Domu, role: str, path: str) -> tuple[float, float]:
+    """Our end in ``role``; bytes both ways; then destroy the domU while connected.
+    (seconds ``xl destroy`` took, seconds from its start to BrokenResourceError)."""
+    async with _exchanged(d, role, path) as stream:
         # Let the domU reach its sleep (it prints HOLDING), then kill its domain.
         deadline = time.monotonic() + 60
         while "HOLDING" not in d.console() and time.monotonic() < deadline:
@@ -211,20 +218,7 @@ def test_domu_destroyed_while_connected(domus: list[Domu], domu_role: str) -> No
 async def _connected_then_peer_killed(d: Domu, role: str, path: str) -> None:
     """Our end in ``role``; bytes both ways; the domU's process then SIGKILLs itself
     (its domain lives on): we read all it sent before dying, then BrokenResourceError."""
-    with anyio.fail_after(240):
-        if role == "server":
-            async with await gntipc.listen(d.domid, path) as listener:
-                stream = await listener.accept()
-        else:
-            stream = await gntipc.connect(d.domid, path, timeout=200)
-    async with stream:
-        mine, theirs = (
-            (peer.SEED_SERVER, peer.SEED_CLIENT) if role == "server"
-            else (peer.SEED_CLIENT, peer.SEED_SERVER)
-        )  # fmt: skip
-        with anyio.fail_after(120):
-            got = await peer.exchange_bytes(stream, peer.pattern(mine, NBYTES), NBYTES)
-        _check(got, peer.pattern(theirs, NBYTES))
+    async with _exchanged(d, role, path) as stream:
         tail = bytearray()
         with anyio.fail_after(120), pytest.raises(BrokenResourceError):
             while True:
