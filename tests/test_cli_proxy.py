@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,6 +192,11 @@ def test_mux_proxy_many_concurrent_connections(
 def test_connections_beyond_the_limit_wait_their_turn(procs: list[Proc], mux: bool) -> None:
     srv, cli, address = start_pair(procs, "tcp:0", mux=mux, limit=2)
     run_clients(address, 7, 20_000, "halfclose")
+    # A socket client is done when it has its data; the proxy logs the connection's
+    # close a moment later: wait for all seven before stopping it.
+    deadline = time.monotonic() + 60
+    while cli.output().count(": closed") < 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert stop(cli) == 0, cli.output()
     assert stop(srv) == 0, srv.output()
     # The client proxy logs from one event loop: its log order is the order of events.
