@@ -86,17 +86,3 @@ async def check_send_receive(tx: anyio.abc.ByteStream, rx: anyio.abc.ByteStream)
     with pytest.raises(ValueError):
         await rx.receive(0)
     await tx.send(b"")  # a no-op, not an error
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Real Xen runs under emulation (10-20x slower): one event loop is enough there;
-    trio and asyncio are both covered on the simulator."""
-    skip = pytest.mark.skip(reason="xen: one event loop (asyncio); trio is covered on sim")
-    for item in items:
-        params = getattr(item, "callspec", None)
-        if (
-            params
-            and params.params.get("backend_name") == "xen"
-            and params.params.get("anyio_backend") == "trio"
-        ):
-            item.add_marker(skip)

@@ -35,7 +35,10 @@ async def pump(tx: gntipc.VchanStream, data: bytes) -> None:
 async def test_receive_any_max_bytes(make_pair: PairFactory, ring: int, factor: float) -> None:
     srv, cli = await make_pair(read_size=ring, write_size=ring)
     size = srv.vchan.read_size
-    for n in sorted({1, 7, max(1, int(size * factor)), max(1, int(size * factor) + 1)}):
+    # The small sizes (1 byte at a time over 3 rings' worth) once, with factor 0: they are
+    # the same for every factor, and under emulation on Xen each pass takes minutes.
+    small = {1, 7} if factor == 0 else set()
+    for n in sorted(small | {max(1, int(size * factor)), max(1, int(size * factor) + 1)}):
         data = pattern(3 * size + 5)
         got = bytearray()
         async with anyio.create_task_group() as tg:

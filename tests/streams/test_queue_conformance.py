@@ -28,9 +28,7 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(params=KINDS)
-def kind(request: pytest.FixtureRequest, anyio_backend: str) -> str:
-    if request.param == "vchan-xen" and anyio_backend == "trio":
-        pytest.skip("xen: one event loop (asyncio); trio is covered on sim")
+def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
