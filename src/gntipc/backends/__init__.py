@@ -8,6 +8,8 @@ from .._exceptions import BackendUnavailable
 from . import _abc
 from ._abc import Backend as Backend
 from ._abc import CopySegment as CopySegment
+from ._abc import DmabufExport as DmabufExport
+from ._abc import DmabufImport as DmabufImport
 from ._abc import EventPort as EventPort
 from ._abc import ForeignRef as ForeignRef
 from ._abc import Pages as Pages

@@ -5,7 +5,9 @@ A backend is four small things: grant sharing and grant mapping (:meth:`Backend.
 (:meth:`Backend.alloc_unbound`, :meth:`Backend.bind_interdomain` → :class:`EventPort`),
 and a XenStore (:class:`Store`).  ``xen`` implements it over ``/dev/xen/*``; ``sim``
 implements it with separate processes and shared memory.  Everything above this module
-is written once against these classes.
+is written once against these classes.  Beside them, a backend shares grants with
+dma-buf (:meth:`Backend.dmabuf_import` → :class:`DmabufImport`,
+:meth:`Backend.dmabuf_export` → :class:`DmabufExport`), which the channel does not use.
 
 Store operations are short request/response exchanges (bounded by a timeout); the only
 unbounded wait, a watch, is exposed as a file descriptor so async code waits on it with
@@ -15,15 +17,23 @@ unbounded wait, a watch, is exposed as a file descriptor so async code waits on 
 from __future__ import annotations
 
 import enum
+import math
+import os
 import select
+import threading
+import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import ClassVar, Literal
 
+import anyio.to_thread
+from anyio import ClosedResourceError
+
 from .._domid import DOMID_MAX as DOMID_MAX
-from .._mapping import Mapping
+from .._mapping import PAGE_SIZE, Mapping
 from .._resource import Closeable
 
 #: What a local grant-copy endpoint may be (mmap objects too).
@@ -32,6 +42,8 @@ Buffer = bytes | bytearray | memoryview
 __all__ = [
     "Backend",
     "CopySegment",
+    "DmabufExport",
+    "DmabufImport",
     "EventPort",
     "ForeignRef",
     "Pages",
@@ -41,7 +53,6 @@ __all__ = [
     "Transaction",
     "Watch",
 ]
-
 
 
 class Pages(Closeable):
@@ -298,6 +309,169 @@ class Store(_StoreOps, Closeable):
         """Watch ``path`` (``@releaseDomain`` and ``@introduceDomain`` allowed)."""
 
 
+class DmabufExport(Closeable):
+    """Pages another domain granted us, exported as one dma-buf (by
+    :meth:`Backend.dmabuf_export`).
+
+    :meth:`fileno` is the dma-buf: hand it to another process (``socket.send_fds``) or
+    to a driver.  The buffer lives while any descriptor or mapping of it does, in any
+    process; :meth:`wait_released` waits until they are all gone, after which the grants
+    are unmapped here.  ``close()`` drops our descriptor without waiting (idempotent);
+    holders elsewhere keep the buffer alive.
+
+    Thread safety: :meth:`wait_released` may run in a worker thread while another thread
+    calls :meth:`close`, which makes the wait end within :data:`WAIT_SLICE` seconds.
+    """
+
+    #: The granting domain.
+    domid: int
+    #: The exported grant refs, in buffer order.
+    refs: tuple[int, ...]
+    #: The longest (seconds) one blocking step of a wait lasts: how late a wait notices
+    #: :meth:`close` or a cancellation (the Xen ioctl cannot be interrupted).
+    WAIT_SLICE: ClassVar[float] = 0.25
+
+    def __init__(self, domid: int, refs: tuple[int, ...], fd: int) -> None:
+        self.domid = domid
+        self.refs = refs
+        self._fd = fd
+        self._closed = False
+        # Held by every wait step and by close, so that close never frees a descriptor
+        # that a step in another thread is about to use.
+        self._io_lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        """The buffer's size in bytes (one page per ref)."""
+        return len(self.refs) * PAGE_SIZE
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def fileno(self) -> int:
+        """Our descriptor of the dma-buf (still ours: duplicate it to keep a copy).
+
+        Raises:
+            ClosedResourceError: closed, or dropped by :meth:`wait_released`.
+        """
+        fd = self._fd
+        if fd < 0 or self._closed:
+            raise ClosedResourceError("the dma-buf descriptor is closed (or was dropped)")
+        return fd
+
+    def wait_released(self, timeout: float) -> bool:
+        """Drop our own descriptor (the buffer cannot be released while we hold it),
+        then wait at most ``timeout`` seconds until every other descriptor and mapping
+        of the buffer is gone.
+
+        Returns:
+            True once released; False if the timeout expired first (the buffer stays
+            exported: wait again, or :meth:`close`).
+
+        Raises:
+            ValueError: ``timeout`` is negative or NaN.
+            ClosedResourceError: closed before or during the wait.
+        """
+        return self._wait(timeout, None)
+
+    async def wait_released_async(self, timeout: float) -> bool:
+        """:meth:`wait_released` in a worker thread, without blocking the event loop.
+
+        Cancellation: the call returns at once; the worker notices within
+        :data:`WAIT_SLICE` seconds and stops (the buffer stays exported, our descriptor
+        dropped).
+        """
+        stop = threading.Event()
+        try:
+            return await anyio.to_thread.run_sync(self._wait, timeout, stop, abandon_on_cancel=True)
+        finally:
+            stop.set()
+
+    def _wait(self, timeout: float, stop: threading.Event | None) -> bool:
+        if math.isnan(timeout) or timeout < 0:
+            raise ValueError(f"timeout must be >= 0 seconds, not {timeout!r}")
+        deadline = time.monotonic() + timeout
+        self._drop_fd()
+        while True:
+            with self._io_lock:
+                if self._closed:
+                    raise ClosedResourceError("the dma-buf export was closed")
+                left = deadline - time.monotonic()
+                if self._released_within(min(max(left, 0.0), self.WAIT_SLICE)):
+                    return True
+            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                return False
+
+    @abstractmethod
+    def _released_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` (called with the I/O lock held, our fd dropped); True
+        once the buffer is released."""
+
+    def _drop_fd(self) -> None:
+        with self._io_lock:
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
+
+    def _close_resources(self) -> None:
+        """Free what the backend holds for the export (called once, by close)."""
+
+    def close(self) -> None:
+        """Drop our descriptor and stop tracking the buffer, without waiting for its
+        release (idempotent).  A :meth:`wait_released` in another thread ends with
+        :class:`~anyio.ClosedResourceError`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_fd()
+        with self._io_lock:
+            self._close_resources()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True) is False:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._fd}"
+        return f"<{type(self).__name__} {len(self.refs)} pages of domain {self.domid} {state}>"
+
+
+class DmabufImport(Closeable):
+    """A dma-buf's pages granted to another domain (by :meth:`Backend.dmabuf_import`).
+
+    The grants are ours (the granting domain is this backend's); the grantee maps them
+    with :meth:`Backend.map`.  ``close()`` ends the grants (idempotent): a grantee that
+    mapped them keeps its mapping, new maps fail.  If this process dies the grants end
+    as well.  The dma-buf descriptor given to the import may be closed at once: the
+    import holds its own reference to the buffer.
+    """
+
+    #: The grantee.
+    domid: int
+    #: The grant refs, one per page of the buffer, in order.
+    refs: tuple[int, ...]
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+
+
+def check_import_args(fd: object, count: object) -> None:
+    """The checks every :meth:`Backend.dmabuf_import` makes of ``fd`` and ``count``.
+
+    Raises:
+        ValueError: ``fd`` is not an int >= 0, or ``count`` not an int >= 1.
+    """
+    if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
+        raise ValueError(f"fd must be a file descriptor (an int >= 0), not {fd!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive int, not {count!r}")
+
+
 class Backend(Closeable):
     """A hypervisor: grants, event channels and a store, as seen by one process."""
 
@@ -342,4 +516,30 @@ class Backend(Closeable):
 
         Raises:
             XenError: the port is not unbound for us (EINVAL), or the domain is gone.
+        """
+
+    @abstractmethod
+    def dmabuf_export(self, domid: int, refs: Sequence[int]) -> DmabufExport:
+        """Map the pages ``refs`` that ``domid`` granted us (writable) and export them as
+        one dma-buf, in order.
+
+        Raises:
+            ValueError: no refs, or ``domid`` out of range.
+            XenError: ENOTTY when the driver has no dma-buf support (the message names
+                the kernel option and the module); EINVAL when the domain cannot export
+                (the message says why: on Xen, a PV domain); another errno when a ref is
+                not granted to us writable.
+            ClosedResourceError: the backend is closed.
+        """
+
+    @abstractmethod
+    def dmabuf_import(self, fd: int, domid: int, count: int) -> DmabufImport:
+        """Grant the ``count`` pages of the dma-buf ``fd`` to ``domid``.
+
+        Raises:
+            ValueError: ``count`` < 1, ``fd`` < 0, or ``domid`` out of range.
+            XenError: EINVAL when ``fd`` is not a dma-buf or its size is not ``count``
+                pages; EBADF for a closed ``fd``; ENOTTY without dma-buf support (the
+                message says what is missing); ENOSPC at the grant limit.
+            ClosedResourceError: the backend is closed.
         """

@@ -15,14 +15,16 @@ installed; every fixture is opt-in by name) provides:
 
 Processes are :class:`SimProcess` objects (``kill()`` one to crash it); a whole domain
 dies with :meth:`SimRuntime.kill_domain`.  :class:`SimRuntime` works without pytest too,
-as a context manager.
+as a context manager.  :func:`connect_pair` makes a connected server and client stream
+on any backend (sim or Xen), e.g. for fixtures of your own.
 """
 
 from __future__ import annotations
 
+from ._pair import connect_pair as connect_pair
 from ._process import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
 from ._process import SimProcess as SimProcess
 from ._runtime import ServerClient as ServerClient
 from ._runtime import SimRuntime as SimRuntime
 
-__all__ = ["DEFAULT_TIMEOUT", "ServerClient", "SimProcess", "SimRuntime"]
+__all__ = ["DEFAULT_TIMEOUT", "ServerClient", "SimProcess", "SimRuntime", "connect_pair"]

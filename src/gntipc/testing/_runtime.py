@@ -20,7 +20,8 @@ from .._resource import Closeable
 from ..backends.sim import SimBackend, kill_domain
 from ..backends.sim._backend import _open_backends
 from ..backends.sim._runtime import Runtime, leftovers, proc_alive
-from ..streams import VchanStream, connect, listen
+from ..streams import VchanStream
+from ._pair import connect_pair
 from ._process import DEFAULT_TIMEOUT, SimProcess
 
 __all__ = ["ServerClient", "SimRuntime"]
@@ -137,28 +138,17 @@ class SimRuntime(Closeable):
                 if client_domid == server_domid
                 else stack.enter_context(SimBackend(client_domid, runtime_dir=self.path))
             )
-            accepted: list[VchanStream] = []
-            listener = await stack.enter_async_context(
-                await listen(
-                    client_domid,
-                    path,
-                    read_size=read_size,
-                    write_size=write_size,
-                    backend=server_backend,
-                )
+            server, client = await connect_pair(
+                server_backend,
+                path,
+                client_backend=client_backend,
+                read_size=read_size,
+                write_size=write_size,
+                timeout=timeout,
             )
-
-            async def accept() -> None:
-                accepted.append(await stack.enter_async_context(await listener.accept()))
-
-            with anyio.fail_after(timeout):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(accept)
-                    client = await stack.enter_async_context(
-                        await connect(server_domid, path, backend=client_backend)
-                    )
-            await listener.aclose()
-            yield accepted[0], client
+            stack.push_async_callback(client.aclose)
+            stack.push_async_callback(server.aclose)
+            yield server, client
 
     # -- other processes -------------------------------------------------------------
     def spawn(

@@ -27,6 +27,13 @@ Design, one concept per private module:
     peer (SIGKILL, even with forked children holding its fds) wakes the survivor, whose
     ``pending()`` then performs the dead process's notifications (clear the byte in the
     shared page, deliver the event) before reporting the event.
+``_dmabuf``
+    gntdev dma-buf: a sim dma-buf is a descriptor of a memory file
+    (:meth:`SimBackend.dmabuf_alloc` makes an unnamed one).  Import links the file
+    under the importer's name and grants its pages (rows like a share's, so ``map``
+    works from any process); export needs the refs of one whole share in order and
+    hands out a descriptor of that memory file, whose release (every descriptor and
+    mapping gone, in any process) an OFD lock tracks.
 ``_store``
     XenStore in the db: nodes with generation numbers, xenstored's permission rules,
     snapshot transactions failing with EAGAIN on conflict, watches delivered to
@@ -38,7 +45,10 @@ Design, one concept per private module:
 
 Xen behaviours that are **not** modelled:
 
-- dma-buf export/import of grants (not simulated; the interface has no such call);
+- dma-buf: the sim exports from any domain (real Xen refuses export in a PV domain, as
+  every domain of the test kit is), only whole shares in order; only sim dma-bufs (memory
+  files) can be imported; no DMA-able memory (neither has gntipc on Xen); import
+  grants count against ``page_limit``;
 - grant-table v2, transitive grants, grant-copy between two foreign refs, and
   ``GNTST_*`` codes beyond okay/bad_domain/bad_gntref/permission_denied/bad_copy_arg;
 - the page limit is per domain as given to the sharing backend's ``page_limit``
@@ -61,7 +71,17 @@ Xen behaviours that are **not** modelled:
 from ._backend import SimBackend as SimBackend
 from ._backend import assert_cleaned_up as assert_cleaned_up
 from ._backend import kill_domain as kill_domain
+from ._dmabuf import SimDmabufExport as SimDmabufExport
+from ._dmabuf import SimDmabufImport as SimDmabufImport
 from ._events import SimEventPort as SimEventPort
 from ._grants import SimPages as SimPages
 
-__all__ = ["SimBackend", "SimEventPort", "SimPages", "assert_cleaned_up", "kill_domain"]
+__all__ = [
+    "SimBackend",
+    "SimDmabufExport",
+    "SimDmabufImport",
+    "SimEventPort",
+    "SimPages",
+    "assert_cleaned_up",
+    "kill_domain",
+]

@@ -16,7 +16,8 @@ from anyio import ClosedResourceError
 
 from ..._domid import check_domid
 from ..._resource import Closeable
-from .._abc import Backend, CopySegment
+from .._abc import Backend, CopySegment, check_import_args
+from ._dmabuf import SimDmabufExport, SimDmabufImport, dmabuf_alloc, export_refs, import_fd
 from ._domain import SimDomain
 from ._events import SimEventPort, alloc_unbound, bind_interdomain
 from ._grants import SimPages, grant_copy, map_refs, share_pages
@@ -153,6 +154,56 @@ class SimBackend(Backend):
         """
         self._check()
         return grant_copy(self._domain, segments)
+
+    def dmabuf_alloc(self, count: int) -> int:
+        """A new zeroed sim dma-buf of ``count`` pages, for :meth:`dmabuf_import` (the
+        sim's stand-in for a driver's dma-buf, e.g. a vgem PRIME export).
+
+        It is a descriptor of an unnamed memory file in the runtime directory, yours to
+        close: the buffer lives while descriptors or mappings of it do (``mmap`` it to
+        fill it; pass it to another process with ``socket.send_fds``).
+
+        Raises:
+            ValueError: ``count`` < 1.
+            XenError: the runtime directory's file system has no ``O_TMPFILE``.
+            ClosedResourceError: the backend is closed.
+        """
+        self._check()
+        check_import_args(0, count)
+        return dmabuf_alloc(self._domain, count)
+
+    def dmabuf_export(self, domid: int, refs: Sequence[int]) -> SimDmabufExport:
+        """See :meth:`Backend.dmabuf_export`.  The refs must be every page of one share
+        of ``domid``, in order: the sim's dma-buf is one memory file (real PV Xen
+        refuses every export; see :mod:`gntipc.backends.sim`).
+
+        Raises:
+            ValueError: no refs, or ``domid`` out of range.
+            XenError: EINVAL if a ref is not granted to us, or the refs are not one whole
+                share in order (the message says which); EACCES if one is read-only.
+            ClosedResourceError: the backend is closed.
+        """
+        self._check()
+        check_domid(domid)
+        refs_t = tuple(int(r) for r in refs)
+        if not refs_t:
+            raise ValueError("dma-buf export needs at least one grant ref")
+        return export_refs(self._domain, domid, refs_t)
+
+    def dmabuf_import(self, fd: int, domid: int, count: int) -> SimDmabufImport:
+        """See :meth:`Backend.dmabuf_import`.  ``fd`` must be a sim dma-buf: from
+        :meth:`dmabuf_alloc` or an export's :meth:`~DmabufExport.fileno`.
+
+        Raises:
+            ValueError: ``count`` < 1, ``fd`` < 0, or ``domid`` out of range.
+            XenError: EINVAL if ``fd`` is not a sim dma-buf or not ``count`` pages; EBADF
+                if it is not open; ENOSPC past ``page_limit``.
+            ClosedResourceError: the backend is closed.
+        """
+        self._check()
+        check_domid(domid)
+        check_import_args(fd, count)
+        return import_fd(self._domain, fd, domid, count)
 
     def alloc_unbound(self, remote_domid: int) -> SimEventPort:
         """See :meth:`Backend.alloc_unbound`.  Raises ClosedResourceError if closed."""

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import mmap
 import os
+import sqlite3
 import warnings
 from collections.abc import Sequence
 
@@ -29,7 +30,14 @@ from ._domain import SimDomain
 from ._events import is_port_of
 from ._runtime import clear_byte_in_file, drop_file_if_unused
 
-__all__ = ["SimPages", "grant_copy", "map_refs", "share_pages"]
+__all__ = [
+    "SimPages",
+    "grant_copy",
+    "granted_page",
+    "map_refs",
+    "reserve_refs",
+    "share_pages",
+]
 
 #: The first ref handed out (Xen reserves refs 0..7 of every grant table).
 FIRST_REF = 8
@@ -155,26 +163,37 @@ class SimPages(Pages):
         return f"<SimPages {len(self.refs)} pages {kind} domain {self.domid}>"
 
 
+def reserve_refs(
+    db: sqlite3.Connection, domain: SimDomain, count: int, what: str
+) -> tuple[int, ...]:
+    """``count`` fresh grant refs of our domain (in a write transaction), within its page
+    limit.
+
+    Raises:
+        XenError: ENOSPC past the limit (the message names the knob).
+    """
+    (used,) = db.execute("SELECT COUNT(*) FROM grants WHERE domid=?", (domain.domid,)).fetchone()
+    if used + count > domain.page_limit:
+        raise_errno(
+            errno.ENOSPC,
+            f"sim grants: {what} {count} pages: domain {domain.domid} already shares "
+            f"{used} of its limit of {domain.page_limit} (close channels, or raise the "
+            "limit: SimBackend(page_limit=...))",
+        )
+    row = db.execute("SELECT next_ref FROM domains WHERE domid=?", (domain.domid,)).fetchone()
+    first = FIRST_REF if row is None or row[0] is None else int(row[0])
+    db.execute(
+        "INSERT INTO domains (domid, next_ref) VALUES (?, ?) "
+        "ON CONFLICT(domid) DO UPDATE SET next_ref=excluded.next_ref",
+        (domain.domid, first + count),
+    )
+    return tuple(range(first, first + count))
+
+
 def share_pages(domain: SimDomain, domid: int, count: int, writable: bool) -> SimPages:
     name = domain.new_name("m")
     with domain.rt.write() as db:
-        (used,) = db.execute(
-            "SELECT COUNT(*) FROM grants WHERE domid=?", (domain.domid,)
-        ).fetchone()
-        if used + count > domain.page_limit:
-            raise_errno(
-                errno.ENOSPC,
-                f"sim grants: sharing {count} pages: domain {domain.domid} already shares "
-                f"{used} of its limit of {domain.page_limit} (close channels, or raise the "
-                "limit: SimBackend(page_limit=...))",
-            )
-        row = db.execute("SELECT next_ref FROM domains WHERE domid=?", (domain.domid,)).fetchone()
-        first = FIRST_REF if row is None or row[0] is None else int(row[0])
-        db.execute(
-            "INSERT INTO domains (domid, next_ref) VALUES (?, ?) "
-            "ON CONFLICT(domid) DO UPDATE SET next_ref=excluded.next_ref",
-            (domain.domid, first + count),
-        )
+        refs = reserve_refs(db, domain, count, "sharing")
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, count * PAGE_SIZE)
@@ -186,7 +205,6 @@ def share_pages(domain: SimDomain, domid: int, count: int, writable: bool) -> Si
             os.unlink(name)
             raise
         os.close(fd)
-        refs = tuple(range(first, first + count))
         db.executemany(
             "INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
@@ -201,29 +219,37 @@ def share_pages(domain: SimDomain, domid: int, count: int, writable: bool) -> Si
     return SimPages(domain, domid, refs, mm, pages, writable=True, shared=True, map_ids=[map_id])
 
 
+def granted_page(
+    db: sqlite3.Connection, domain: SimDomain, domid: int, ref: int, writable: bool, what: str
+) -> tuple[str, int]:
+    """The (memory file, offset) of grant ``ref`` of ``domid``, checked to be granted to
+    our domain (writable, if asked).
+
+    Raises:
+        XenError: EINVAL if it is not granted to us, EACCES if read-only but ``writable``.
+    """
+    row = db.execute(
+        "SELECT grantee, writable, file, off FROM grants WHERE domid=? AND ref=?",
+        (domid, ref),
+    ).fetchone()
+    if row is None or row[0] != domain.domid:
+        raise_errno(
+            errno.EINVAL,
+            f"{what} grant ref {ref} of domain {domid}: not granted to domain {domain.domid}",
+        )
+    if writable and not row[1]:
+        raise_errno(
+            errno.EACCES,
+            f"{what} grant ref {ref} of domain {domid} writable: it is granted read-only",
+        )
+    return str(row[2]), int(row[3])
+
+
 def map_refs(domain: SimDomain, domid: int, refs: Sequence[int], writable: bool) -> SimPages:
     n = len(refs)
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     with domain.rt.write() as db:
-        pages: list[tuple[str, int]] = []
-        for ref in refs:
-            row = db.execute(
-                "SELECT grantee, writable, file, off FROM grants WHERE domid=? AND ref=?",
-                (domid, ref),
-            ).fetchone()
-            if row is None or row[0] != domain.domid:
-                raise_errno(
-                    errno.EINVAL,
-                    f"gntdev: map grant ref {ref} of domain {domid}: not granted to "
-                    f"domain {domain.domid}",
-                )
-            if writable and not row[1]:
-                raise_errno(
-                    errno.EACCES,
-                    f"gntdev: map grant ref {ref} of domain {domid} writable: it is "
-                    "granted read-only",
-                )
-            pages.append((str(row[2]), int(row[3])))
+        pages = [granted_page(db, domain, domid, ref, writable, "gntdev: map") for ref in refs]
         mm = mmap.mmap(-1, n * PAGE_SIZE, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, prot=prot)
         try:
             ptr = ffi.from_buffer(mm)

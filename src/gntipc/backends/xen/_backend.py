@@ -25,7 +25,7 @@ import mmap
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 from anyio import ClosedResourceError
@@ -37,10 +37,13 @@ from ..._process import drop_in_forked_child
 from .._abc import (
     Backend,
     CopySegment,
+    DmabufExport,
+    DmabufImport,
     EventPort,
     Pages,
     PortState,
     Store,
+    check_import_args,
 )
 from ._devices import Evtchn, Gntalloc, GntallocShare, Gntdev, GntdevMap, Privcmd
 from ._xenstore import XenStore
@@ -182,6 +185,97 @@ class _XenPort(EventPort):
         return f"<{type(self).__name__} port={self.port} remote={self.remote_domid} {state}>"
 
 
+@contextlib.contextmanager
+def _closed_on_error(gntdev: Gntdev) -> Iterator[None]:
+    """Close the handle if the block fails (a dma-buf object takes it over otherwise)."""
+    try:
+        yield
+    except BaseException:
+        gntdev.close()
+        raise
+
+
+class _XenDmabufExport(DmabufExport):
+    """A dma-buf exported through a gntdev handle of its own: the driver finds an export
+    by the number its fd had, so with one export per handle a later buffer that reuses
+    the number can never be mistaken for ours."""
+
+    def __init__(self, gntdev: Gntdev, fd: int, domid: int, refs: tuple[int, ...]) -> None:
+        super().__init__(domid, refs, fd)
+        self._gntdev = gntdev
+        self._fd_number = fd
+        drop_in_forked_child(self, _XenDmabufExport._drop_in_child, stage=_DROP_PAGES)
+
+    def _drop_in_child(self) -> None:
+        # Only the child's copies go: the buffer and the handle stay the parent's.
+        self._closed = True
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+        self._gntdev.close()
+
+    def _released_within(self, seconds: float) -> bool:
+        try:
+            self._gntdev.dmabuf_export_wait_released(self._fd_number, round(seconds * 1000))
+        except XenError as exc:
+            if exc.errno == errno.ETIMEDOUT:
+                return False
+            if exc.errno == errno.ENOENT:
+                return True  # released (and forgotten by the driver) before this step
+            raise
+        return True
+
+    def _close_resources(self) -> None:
+        # The driver keeps the handle's file open while the buffer lives.
+        self._gntdev.close()
+
+
+class _XenDmabufImport(DmabufImport):
+    """A dma-buf imported through a gntdev handle of its own (the driver finds an import
+    by its fd number: one import per handle keeps the number unambiguous, and closing
+    the handle releases the import even if the release ioctl failed)."""
+
+    def __init__(self, gntdev: Gntdev, fd: int, domid: int, refs: tuple[int, ...]) -> None:
+        self._gntdev: Gntdev | None = gntdev
+        self._fd_number = fd
+        self.domid = domid
+        self.refs = refs
+        drop_in_forked_child(self, _XenDmabufImport._drop_in_child, stage=_DROP_PAGES)
+
+    def _drop_in_child(self) -> None:
+        gntdev, self._gntdev = self._gntdev, None
+        if gntdev is not None:
+            gntdev.close()  # the child's copy only: no release ioctl on the parent's file
+
+    @property
+    def closed(self) -> bool:
+        return self._gntdev is None
+
+    def close(self) -> None:
+        """End the grants (DMABUF_IMP_RELEASE) and drop the buffer; idempotent.
+
+        Raises:
+            XenError: the driver refused the release (the handle is closed anyway, which
+                releases the import too).
+        """
+        gntdev, self._gntdev = self._gntdev, None
+        if gntdev is not None:
+            try:
+                gntdev.dmabuf_import_release(self._fd_number)
+            finally:
+                gntdev.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_gntdev", None) is not None:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._gntdev is None else f"{len(self.refs)} pages"
+        return f"<{type(self).__name__} granted to domain {self.domid} {state}>"
+
+
 class XenBackend(Backend):
     """The real Xen devices and XenStore of this domain.
 
@@ -267,6 +361,45 @@ class XenBackend(Backend):
         """
         gntdev, _ = self._devs()
         return gntdev.grant_copy(segments)
+
+    def dmabuf_export(self, domid: int, refs: Sequence[int]) -> DmabufExport:
+        """Export ``refs`` granted by ``domid`` as a dma-buf (DMABUF_EXP_FROM_REFS; see
+        :meth:`Backend.dmabuf_export`).
+
+        Raises:
+            ValueError: no refs, or ``domid`` out of range.
+            XenError: ENOTTY without CONFIG_XEN_GNTDEV_DMABUF (the message says how to
+                get a module with it); EINVAL in a PV domain (the driver exports only
+                from HVM/PVH domains; the message says so).
+            ClosedResourceError: the backend is closed.
+        """
+        self._check()
+        check_domid(domid)
+        refs = tuple(refs)
+        if not refs:
+            raise ValueError("dma-buf export needs at least one grant ref")
+        gntdev = Gntdev()
+        with _closed_on_error(gntdev):
+            fd = gntdev.dmabuf_export_from_refs(domid, refs)
+        return _XenDmabufExport(gntdev, fd, domid, refs)
+
+    def dmabuf_import(self, fd: int, domid: int, count: int) -> DmabufImport:
+        """Grant the ``count`` pages of dma-buf ``fd`` to ``domid`` (DMABUF_IMP_TO_REFS;
+        see :meth:`Backend.dmabuf_import`).
+
+        Raises:
+            ValueError: ``count`` < 1, ``fd`` < 0, or ``domid`` out of range.
+            XenError: EINVAL (not a dma-buf, or not ``count`` pages), EBADF, or ENOTTY
+                without CONFIG_XEN_GNTDEV_DMABUF (the message says how to get it).
+            ClosedResourceError: the backend is closed.
+        """
+        self._check()
+        check_domid(domid)
+        check_import_args(fd, count)
+        gntdev = Gntdev()
+        with _closed_on_error(gntdev):
+            refs = tuple(gntdev.dmabuf_import_to_refs(fd, domid, count))
+        return _XenDmabufImport(gntdev, fd, domid, refs)
 
     def alloc_unbound(self, remote_domid: int) -> EventPort:
         """A fresh port on its own evtchn handle that ``remote_domid`` may bind to."""

@@ -306,11 +306,24 @@ class GntdevMap(_PagesBase):
         return _address_of(self.mapping.mmap)
 
 
-
 _DMABUF_HINT = (
-    "this kernel has no gntdev dma-buf support (CONFIG_XEN_GNTDEV_DMABUF is off, as in "
-    "Debian's kernels)"
+    "this xen_gntdev module has no dma-buf support: it was built without "
+    "CONFIG_XEN_GNTDEV_DMABUF, as Debian's kernels are; load a xen-gntdev.ko built with "
+    "it (gntipc's Xen kit builds one: tools/xen-vm/build-gntdev-dmabuf.sh)"
 )
+
+#: The export flags that ask for DMA-able memory (``GNTDEV_DMA_FLAG_WC``/``_COHERENT``).
+DMA_FLAGS = lib.GNTDEV_DMA_FLAG_WC | lib.GNTDEV_DMA_FLAG_COHERENT
+
+
+def guest_type() -> str:
+    """This domain's type from ``/sys/hypervisor/guest_type`` (``PV``, ``HVM``,
+    ``PVH``), or ``""`` when unknown."""
+    try:
+        with open("/sys/hypervisor/guest_type") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 class Gntdev(_Device):
@@ -441,12 +454,29 @@ class Gntdev(_Device):
     def dmabuf_export_from_refs(self, domid: int, refs: Sequence[int], *, flags: int = 0) -> int:
         """Export foreign ``refs`` of ``domid`` as a dma-buf; returns its fd (yours to close).
 
+        ``flags`` must be 0: the DMA-able variants (``GNTDEV_DMA_FLAG_WC`` and
+        ``_COHERENT``) need a kernel with CONFIG_XEN_GRANT_DMA_ALLOC, and a driver
+        without it silently ignores them (ordinary pages, no error), which gntipc cannot
+        tell from userspace: so they are refused rather than silently not honoured.
+
         Raises:
-            XenError: ENOTTY when the kernel lacks gntdev dma-buf support.
+            LocalProtocolError: ``flags`` is not 0 (a :class:`ValueError`), no refs, a
+                ref not a u32, a domid out of range.
+            XenError: ENOTTY when the kernel lacks gntdev dma-buf support; EINVAL in a PV
+                domain, where the driver refuses every export (the message says so).
         """
         domid = check_domid(domid)
         refs_t = _check_refs(refs)
         _check_int(flags, "flags", 0, _U32)
+        if flags & DMA_FLAGS:
+            raise LocalProtocolError(
+                f"dma-buf export flags {flags:#x}: GNTDEV_DMA_FLAG_WC/_COHERENT (DMA-able "
+                "memory) are unavailable: they need a kernel built with "
+                "CONFIG_XEN_GRANT_DMA_ALLOC, and a driver without it ignores them silently, "
+                "which cannot be detected from userspace"
+            )
+        if flags:
+            raise LocalProtocolError(f"unknown dma-buf export flags {flags:#x}")
         n = len(refs_t)
         st = "struct ioctl_gntdev_dmabuf_exp_from_refs"
         buf = ffi.new("char[]", ffi.sizeof(st) + (n - 1) * 4)
@@ -457,12 +487,22 @@ class Gntdev(_Device):
         out = _tail(arg.refs)
         for i, ref in enumerate(refs_t):
             out[i] = ref
-        self._ioctl(
-            lib.IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS,
-            arg,
-            "gntdev DMABUF_EXP_FROM_REFS",
-            enotty_hint=_DMABUF_HINT,
-        )
+        try:
+            self._ioctl(
+                lib.IOCTL_GNTDEV_DMABUF_EXP_FROM_REFS,
+                arg,
+                "gntdev DMABUF_EXP_FROM_REFS",
+                enotty_hint=_DMABUF_HINT,
+            )
+        except XenError as exc:
+            if exc.errno == errno.EINVAL and guest_type() == "PV":
+                raise XenError(
+                    errno.EINVAL,
+                    f"{exc.strerror} (dma-buf export needs an HVM or PVH domain: in a PV "
+                    "domain the gntdev driver refuses every export, because it maps grants "
+                    "only into user page tables)",
+                ) from None
+            raise
         return int(arg.fd)
 
     def dmabuf_export_wait_released(self, fd: int, timeout_ms: int) -> None:
