@@ -28,6 +28,7 @@ import trustme
 from anyio.streams.tls import TLSStream
 
 import gntipc
+from gntipc.testing import connect_pair
 
 HAVE_XEN = os.path.exists("/dev/xen/gntdev")
 #: The kinds, as pytest params: a vchan on sim and on real Xen (skipped without it).
@@ -80,23 +81,11 @@ async def vchan_pair(
         backend = gntipc.get_backend("sim", domid=0)
     else:
         backend = gntipc.get_backend(backend_name)
-    made: list[gntipc.VchanStream] = []
+    made: tuple[gntipc.VchanStream, ...] = ()
     try:
         path = f"data/gntipc-pairs/{os.getpid()}/{next(_paths)}"
-        peer = backend.domid
-        async with (
-            await gntipc.listen(
-                peer, path, read_size=ring, write_size=ring, backend=backend
-            ) as listener,
-            anyio.create_task_group() as tg,
-        ):
-
-            async def accept() -> None:
-                made.append(await listener.accept())
-
-            tg.start_soon(accept)
-            made.append(await gntipc.connect(peer, path, timeout=10, backend=backend))
-        yield made[0], made[1]
+        made = await connect_pair(backend, path, read_size=ring, write_size=ring)
+        yield made
     finally:
         for s in made:
             await s.aclose()

@@ -13,6 +13,7 @@ import pytest
 
 import gntipc
 from gntipc.backends import Backend
+from gntipc.testing import connect_pair
 
 _paths = itertools.count()
 
@@ -45,21 +46,9 @@ async def make_pair(backend: Backend) -> AsyncIterator[PairFactory]:
     made: list[gntipc.VchanStream] = []
 
     async def factory(read_size: int = 65536, write_size: int = 65536) -> Pair:
-        path = fresh_path()
-        async with await gntipc.listen(
-            backend.domid, path, read_size=read_size, write_size=write_size, backend=backend
-        ) as listener:
-            accepted: list[gntipc.VchanStream] = []
-
-            async def accept() -> None:
-                accepted.append(await listener.accept())
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(accept)
-                client = await gntipc.connect(backend.domid, path, timeout=10, backend=backend)
-                made.append(client)
-        made.append(accepted[0])
-        return accepted[0], client
+        pair = await connect_pair(backend, fresh_path(), read_size=read_size, write_size=write_size)
+        made.extend(pair)
+        return pair
 
     try:
         yield factory

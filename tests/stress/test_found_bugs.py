@@ -17,6 +17,7 @@ import pytest
 
 import gntipc
 from gntipc.backends.sim import SimBackend, SimEventPort
+from gntipc.testing import connect_pair
 
 from ._common import worker_env
 
@@ -30,18 +31,7 @@ class Msg(msgspec.Struct):
 
 async def _pair(backend: SimBackend, size: int) -> tuple[gntipc.VchanStream, gntipc.VchanStream]:
     path = f"data/found-bugs/{os.getpid()}"
-    async with await gntipc.listen(
-        0, path, read_size=size, write_size=size, backend=backend
-    ) as listener:
-        got: list[gntipc.VchanStream] = []
-
-        async def accept() -> None:
-            got.append(await listener.accept())
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(accept)
-            client = await gntipc.connect(0, path, timeout=10, backend=backend)
-    return got[0], client
+    return await connect_pair(backend, path, read_size=size, write_size=size, timeout=10)
 
 
 @pytest.fixture

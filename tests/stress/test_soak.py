@@ -24,6 +24,7 @@ import pytest
 import gntipc
 from gntipc.backends.sim import SimBackend, kill_domain
 from gntipc.channel import Vchan
+from gntipc.testing import connect_pair
 
 from ._common import LEVEL, by_level, expected, leftovers, sim_counts, store_nodes, worker_env
 from ._report import REPORT
@@ -123,21 +124,14 @@ class Soak:
         return f"data/soak/{os.getpid()}/{next(_paths) % 8}"
 
     async def pair(self) -> tuple[gntipc.VchanStream, gntipc.VchanStream]:
-        path = self.path()
-        be = self.backend
         sizes = (1024, 4096, 65536)
-        async with await gntipc.listen(
-            0, path, read_size=self.rnd.choice(sizes), write_size=self.rnd.choice(sizes), backend=be
-        ) as listener:
-            got: list[gntipc.VchanStream] = []
-
-            async def accept() -> None:
-                got.append(await listener.accept())
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(accept)
-                client = await gntipc.connect(0, path, timeout=10, backend=be)
-        return got[0], client
+        return await connect_pair(
+            self.backend,
+            self.path(),
+            read_size=self.rnd.choice(sizes),
+            write_size=self.rnd.choice(sizes),
+            timeout=10,
+        )
 
     async def clean(self) -> None:
         a, b = await self.pair()
