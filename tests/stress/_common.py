@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import random
 import signal
@@ -19,6 +20,10 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gntipc.backends import Store
 
 HERE = Path(__file__).resolve().parent
 #: The package source the worker processes import (override: ``$GNTIPC_STRESS_SRC``,
@@ -64,8 +69,14 @@ def count_diff(a: bytes, b: bytes) -> int:
 
 
 # -- worker processes ------------------------------------------------------------------
-def worker_env(domid: int, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, GNTIPC_BACKEND="sim", GNTIPC_SIM_DOMID=str(domid), **extra)
+def worker_env(domid: int, *, backend: str = "sim", **extra: str) -> dict[str, str]:
+    """The environment of a worker playing domain ``domid`` of the sim, or (``backend``
+    ``"xen"``) a process of this real Xen domain (``domid`` is then ours: ignored)."""
+    if backend == "xen":
+        env = dict(os.environ, GNTIPC_BACKEND="xen", **extra)
+        env.pop("GNTIPC_SIM_DOMID", None)
+    else:
+        env = dict(os.environ, GNTIPC_BACKEND="sim", GNTIPC_SIM_DOMID=str(domid), **extra)
     # The workers are modules of this package: ``python -m stress.<name>``.
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [SRC, str(HERE.parent), env.get("PYTHONPATH")])
@@ -75,14 +86,21 @@ def worker_env(domid: int, **extra: str) -> dict[str, str]:
 
 
 def spawn(
-    module: str, args: list[str], domid: int, stderr_path: str | None = None, **extra: str
+    module: str,
+    args: list[str],
+    domid: int,
+    stderr_path: str | None = None,
+    *,
+    backend: str = "sim",
+    **extra: str,
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m stress.<module>`` playing domain ``domid``."""
+    """Start ``python -m stress.<module>`` playing domain ``domid`` (see
+    :func:`worker_env`)."""
     err = open(stderr_path, "ab") if stderr_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(
             [sys.executable, "-m", f"stress.{module}", *args],
-            env=worker_env(domid, **extra),
+            env=worker_env(domid, backend=backend, **extra),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=err,
@@ -90,6 +108,13 @@ def spawn(
     finally:
         if stderr_path:
             err.close()  # type: ignore[union-attr]
+
+
+def time_scale() -> float:
+    """How much slower than natively a worker runs (``$GNTIPC_FUZZ_TIME_SCALE``, set by
+    the parent: e.g. 10 under the emulated Xen of tools/xen-vm); its own deadlines and
+    patience grow by this factor."""
+    return float(os.environ.get("GNTIPC_FUZZ_TIME_SCALE", "1"))
 
 
 def die_with_parent() -> None:
@@ -223,6 +248,26 @@ def residue(backend: object) -> tuple[list[str], list[str]]:
         for f in os.listdir(os.path.join(rt.path, sub))
     ]
     return rows, files
+
+
+def subtree(store: Store, root: str) -> dict[str, bytes]:
+    """Every node at and below ``root`` of a store (path → value; empty when ``root``
+    does not exist)."""
+    from gntipc import XenError
+
+    out: dict[str, bytes] = {}
+    todo = [root]
+    while todo:
+        path = todo.pop()
+        try:
+            out[path] = bytes(store.read(path))
+            children = store.directory(path)
+        except XenError as exc:
+            if exc.errno == errno.ENOENT:  # gone meanwhile (or never there)
+                continue
+            raise
+        todo.extend(f"{path}/{name}" for name in children)
+    return out
 
 
 def percentile(values: list[float], q: float) -> float:

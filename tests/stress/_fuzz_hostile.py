@@ -2,11 +2,13 @@
 writes and reads data, sends events) but, driven by a seed, rewrites fields of the shared
 control page and the rings at random moments.
 
-    python -m stress._fuzz_hostile ROLE PATH SEED STOPFILE
+    python -m stress._fuzz_hostile ROLE PEER PATH SEED STOPFILE
 
-ROLE ``server`` offers channels at PATH to the target's domain, one episode after the
-other (and sometimes corrupts the page *before* the target maps it: orders, grants,
+ROLE ``server`` offers channels at PATH to the target's domain PEER, one episode after
+the other (and sometimes corrupts the page *before* the target maps it: orders, grants,
 live byte); ``client`` connects to the target's listener at PATH, again and again.
+The backend is ``$GNTIPC_BACKEND`` (sim, or real Xen: the pages are then real grants,
+shared with gntalloc or mapped with gntdev, written the same way).
 
 Mutations: indices (its own and the target's) behind, ahead, a ring ahead and far past
 the ring; orders; live and notify bytes (with and without the EOF bit); grants[]; bytes
@@ -26,7 +28,7 @@ import time
 import msgspec
 
 from gntipc._exceptions import GntipcError
-from gntipc.backends import get_backend
+from gntipc.backends import Backend, get_backend
 from gntipc.channel import Vchan
 from gntipc.protocol._layout import (
     OFF_CLI_LIVE,
@@ -42,10 +44,13 @@ from gntipc.protocol._layout import (
     OFF_SRV_NOTIFY,
 )
 
-from ._common import die_with_parent
+from ._common import die_with_parent, time_scale
 
+#: The domains the two sides play on the sim (on Xen both are processes of dom0).
 TARGET_DOM = 3
 HOSTILE_DOM = 4
+#: Patience (and episode lengths) grow with the workers' slowness.
+SCALE = time_scale()
 SIZES = [1024, 2048, 4096, 8192, 65536]
 
 U32 = struct.Struct("<I")
@@ -232,13 +237,13 @@ def corrupt_before_connect(ch: Vchan, rnd: random.Random) -> None:
 
 def main() -> None:
     die_with_parent()
-    role, path, seed, stop = sys.argv[1:]
+    role, peer, path, seed, stop = sys.argv[1:]
     rnd = random.Random(int(seed))
-    backend = get_backend("sim", domid=HOSTILE_DOM)
+    backend = get_backend()  # $GNTIPC_BACKEND (and $GNTIPC_SIM_DOMID on the sim)
     try:
         while not os.path.exists(stop):
             try:
-                ch = open_channel(role, backend, path, rnd)
+                ch = open_channel(role, backend, int(peer), path, rnd)
             except (TimeoutError, GntipcError):
                 continue
             if ch is None:
@@ -250,7 +255,7 @@ def main() -> None:
                     ch.close()
                 continue
             try:
-                h.episode(rnd.choice((0.005, 0.05, 0.2, 0.5)))
+                h.episode(SCALE * rnd.choice((0.005, 0.05, 0.2, 0.5)))
             finally:
                 with contextlib.suppress(Exception):
                     h.close()
@@ -258,19 +263,21 @@ def main() -> None:
         backend.close()
 
 
-def open_channel(role: str, backend: object, path: str, rnd: random.Random) -> Vchan | None:
+def open_channel(
+    role: str, backend: Backend, peer: int, path: str, rnd: random.Random
+) -> Vchan | None:
     if role == "client":
-        return Vchan.client(backend, TARGET_DOM, path, timeout=0.5)  # type: ignore[arg-type]
+        return Vchan.client(backend, peer, path, timeout=0.5 * SCALE)
     ch = Vchan.server(
-        backend,  # type: ignore[arg-type]
-        TARGET_DOM,
+        backend,
+        peer,
         path,
         read_size=rnd.choice(SIZES),
         write_size=rnd.choice(SIZES),
     )
     if rnd.random() < 0.15:
         corrupt_before_connect(ch, rnd)
-    deadline = time.monotonic() + 0.3
+    deadline = time.monotonic() + 0.3 * SCALE
     try:
         while ch.is_open() == 2 and time.monotonic() < deadline:
             ch.wait(0.02)
