@@ -71,6 +71,11 @@ SERVE_RETRY = (0.05, 5.0)
 #: for this long (seconds): other tasks wait at most about this long for a busy stream.
 FAIR_SLICE = 100e-6
 
+#: A receive (or receive_into) of fewer bytes than this reads up to this many out of the
+#: ring and hands out the rest on the next calls, as a socket's buffer does: the writer
+#: then gets ring space in blocks, not a wake-up per small read.
+READ_AHEAD = 4096
+
 
 class VchanAttribute(TypedAttributeSet):
     """Typed extra attributes of a :class:`VchanStream` (``stream.extra(VchanAttribute.x)``)."""
@@ -210,6 +215,10 @@ class VchanStream(ByteStream):
         self._backend_ref = _backend_ref
         self._sending = False
         self._receiving = False
+        # Bytes taken out of the ring by a small receive and not handed out yet
+        # (READ_AHEAD): self._ahead[self._ahead_pos:].
+        self._ahead = b""
+        self._ahead_pos = 0
         self._read_spinner = Spinner(DEFAULT_SPIN_ASYNC)
         self._yielded = 0.0
         self._write_spinner = Spinner(DEFAULT_SPIN_ASYNC)
@@ -286,7 +295,7 @@ class VchanStream(ByteStream):
         rs, ws, c = self._read_spinner, self._write_spinner, ep.counters
         return VchanStreamStatistics(
             bytes_sent=c.bytes_out,
-            bytes_received=c.bytes_in,
+            bytes_received=c.bytes_in - (len(self._ahead) - self._ahead_pos),
             events_sent=c.events_out,
             events_received=c.events_in,
             send_waits=self._send_waits,
@@ -418,7 +427,8 @@ class VchanStream(ByteStream):
             anyio.ClosedResourceError: we closed the stream.
             gntipc.RemoteProtocolError: the peer corrupted the shared page.
         """
-        data = self._check_receive(max_bytes).read_nowait(max_bytes)
+        self._check_receive(max_bytes)
+        data = self._read_some(max_bytes)
         if not data:
             raise WouldBlock
         return data
@@ -427,7 +437,10 @@ class VchanStream(ByteStream):
         """Return between 1 and ``max_bytes`` bytes, waiting for data if needed.
 
         The bytes are copied once, from the ring straight into the returned object (a
-        read that reaches the ring's end stops there; the rest comes next).
+        read that reaches the ring's end stops there; the rest comes next).  A receive
+        of fewer than :data:`READ_AHEAD` bytes takes up to that many out of the ring and
+        returns the rest from the next calls (as a socket's buffer would), so that a
+        writer waiting for space gets it in blocks, not one wake-up per small receive.
 
         Cancellation: nothing is consumed by a cancelled receive.
 
@@ -439,20 +452,61 @@ class VchanStream(ByteStream):
             anyio.ClosedResourceError: we closed the stream (also while waiting).
             gntipc.RemoteProtocolError: the peer corrupted the shared page.
         """
-        ep = self._check_receive(max_bytes)
-        return await self._receive_with(ep.read_nowait, max_bytes)
+        self._check_receive(max_bytes)
+        return await self._receive_with(self._read_some, max_bytes)
 
     async def receive_into(self, buffer: bytearray | memoryview) -> int:
         """Receive between 1 and ``len(buffer)`` bytes into ``buffer`` (a writable,
         C-contiguous buffer), waiting if needed; returns the count.  No allocation:
-        one copy from the ring into ``buffer``.
+        one copy from the ring into ``buffer`` (a buffer smaller than :data:`READ_AHEAD`
+        reads ahead, as :meth:`receive` does).
 
         Cancellation: nothing is consumed by a cancelled receive.
 
-        Raises: as :meth:`receive`, and ValueError for an empty ``buffer``.
+        Raises: as :meth:`receive`, ValueError for an empty ``buffer`` and TypeError for a
+        read-only one.
         """
-        ep = self._check_receive(memoryview(buffer).nbytes)
-        return await self._receive_with(ep.readinto_nowait, buffer)
+        self._check_receive(memoryview(buffer).nbytes)
+        return await self._receive_with(self._readinto_some, buffer)
+
+    # A receive of fewer than READ_AHEAD bytes takes up to READ_AHEAD out of the ring and
+    # keeps the rest for the next calls: consuming a few bytes per call would wake a
+    # writer waiting for ring space once per call (in the Xen kit, 7-byte receives over a
+    # 1 KiB ring cost ~8,500 wake-ups per 120 KB, ~3 ms each on one vCPU).
+    def _read_some(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` bytes: the read-ahead first, else from the ring (``b""``
+        if none yet; the endpoint's errors once the ring has ended)."""
+        ahead, pos = self._ahead, self._ahead_pos
+        if ahead:
+            end = min(pos + max_bytes, len(ahead))
+            self._take_ahead(end)
+            return ahead[pos:end]
+        if max_bytes >= READ_AHEAD:
+            return self._ep.read_nowait(max_bytes)
+        data = self._ep.read_nowait(READ_AHEAD)
+        if len(data) <= max_bytes:
+            return data
+        self._ahead, self._ahead_pos = data, max_bytes
+        return data[:max_bytes]
+
+    def _readinto_some(self, buffer: bytearray | memoryview) -> int:
+        """As :meth:`_read_some`, into ``buffer``; returns the count."""
+        view = memoryview(buffer)
+        if view.readonly:  # before anything is taken out of the ring
+            raise TypeError("receive_into needs a writable buffer")
+        if not self._ahead and view.nbytes >= READ_AHEAD:
+            return self._ep.readinto_nowait(buffer)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        data = self._read_some(view.nbytes)
+        view[: len(data)] = data
+        return len(data)
+
+    def _take_ahead(self, end: int) -> None:
+        if end >= len(self._ahead):
+            self._ahead, self._ahead_pos = b"", 0
+        else:
+            self._ahead_pos = end
 
     async def _receive_with(self, read: Callable[[_A], _R], arg: _A) -> _R:
         """``read(arg)`` (a non-waiting endpoint read) until it returns something, waiting
@@ -511,7 +565,7 @@ class VchanStream(ByteStream):
         if self._vchan is None:
             raise ClosedResourceError
         ep = self._ep
-        while not ep.readable():
+        while not self._ahead and not ep.readable():
             self._receive_waits += 1
             await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
 

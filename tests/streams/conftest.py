@@ -21,17 +21,6 @@ Pair = tuple[gntipc.VchanStream, gntipc.VchanStream]
 PairFactory = Callable[..., Awaitable[Pair]]
 
 
-#: How many times longer a deadline is on the xen backend where a measurement in the Xen
-#: kit showed the time to be cost alone, not a lost wake-up (QEMU TCG, one vCPU: 10-20x
-#: slower per operation; a wake-up there costs ~3 ms against ~0.17 ms on sim).
-XEN_DEADLINE_FACTOR = 6
-
-
-def deadline(seconds: float, backend: Backend) -> float:
-    """``seconds``, times :data:`XEN_DEADLINE_FACTOR` on the xen backend."""
-    return seconds * XEN_DEADLINE_FACTOR if backend.name == "xen" else seconds
-
-
 def fresh_path() -> str:
     return f"data/gntipc-streams/{os.getpid()}/{next(_paths)}"
 
