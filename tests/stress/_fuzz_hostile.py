@@ -145,9 +145,10 @@ class Hostile:
                 ctrl[off : off + 4 * n] = rnd.randbytes(4 * n)
         elif what == 7 and self.rings:  # ring contents, published or not
             ring = rnd.choice(self.rings)
-            n = rnd.randrange(1, 64)
-            pos = rnd.randrange(0, len(ring) - n)
-            ring[pos : pos + n] = rnd.randbytes(n)
+            if len(ring):  # a ring as short as a few bytes once crashed this peer
+                n = rnd.randrange(1, min(64, len(ring)) + 1)
+                pos = rnd.randrange(0, len(ring) - n + 1)
+                ring[pos : pos + n] = rnd.randbytes(n)
         elif what == 8:  # a burst of events
             for _ in range(rnd.randrange(1, 20)):
                 with contextlib.suppress(GntipcError):

@@ -268,11 +268,25 @@ def collect(
     pairs: list[Pair],
     until: float,
 ) -> None:
-    """Wait for the targets and add up their results."""
+    """Wait for the targets and add up their results.  A hostile peer runs until told
+    to stop: one that exits first is a broken run (its target would only wait for a
+    peer that is gone), reported with its stderr at once."""
     for role, _h, target, result, err in pairs:
-        try:
-            target.wait(max(1.0, until - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        while target.poll() is None and time.monotonic() < until:
+            for h_role, hostile, _t, _r, t_err in pairs:
+                if hostile.poll() is not None:
+                    h_err = t_err.replace("target", "hostile")  # start_pair's names
+                    with open(h_err, errors="replace") as f:
+                        out.failures.append(
+                            f"hostile peer (of the {h_role} target) exited "
+                            f"{hostile.returncode} before the end: {f.read()[-4000:]}"
+                        )
+                    for *_x, t, _r2, _e2 in pairs:
+                        reap(t)
+                    return
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                target.wait(min(1.0, max(0.01, until - time.monotonic())))
+        if target.poll() is None:
             out.hangs += 1
             reap(target)
         with open(err, errors="replace") as f:
