@@ -122,9 +122,24 @@ mkdir -p "$CACHE"
 [ -f "$CACHE/.gitignore" ] || printf '*\n!.gitignore\n' > "$CACHE/.gitignore"
 
 # ---------------------------------------------------------------- packages ---
+# The headers and the source must be the same Debian upload as the image the kit boots.
+# The headers' package name carries the ABI but several uploads can share it, and the
+# source package is named by series only: installed unpinned, apt picks the newest upload
+# its lists name, which drifts from the image whenever the distribution publishes a kernel
+# between the image's install and this one.  So both are pinned to the image's version
+# (downgraded if a newer one is installed), whatever the package lists held before.
 APTLOG=$CACHE/apt-dmabuf.log
-need_pkgs=$(for p in $HDRPKG $SRCPKG make gcc xz-utils; do
-    [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed ] || printf ' %s' "$p"
+IMGV=$(dpkg-query -W -f='${Version}' "linux-image-$KVER" 2>/dev/null) \
+    || { log "kernel $KVER is not from an installed linux-image-$KVER package"; exit 2; }
+log "the kit boots linux-image-$KVER $IMGV: building against $HDRPKG and $SRCPKG $IMGV"
+installed_version() {
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ] \
+        && dpkg-query -W -f='${Version}' "$1"
+}
+need_pkgs=$(for p in $HDRPKG $SRCPKG; do
+    [ "$(installed_version "$p" || true)" = "$IMGV" ] || printf ' %s=%s' "$p" "$IMGV"
+done; for p in make gcc xz-utils; do
+    installed_version "$p" >/dev/null || printf ' %s' "$p"
 done)
 if [ -n "$need_pkgs" ]; then
     log "installing Debian packages:$need_pkgs"
@@ -132,18 +147,21 @@ if [ -n "$need_pkgs" ]; then
     : > "$APTLOG"
     for try in 1 2; do   # the second time after refreshing the package lists
         [ $try = 1 ] || apt-get update -q >>"$APTLOG" 2>&1 || true
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need_pkgs >>"$APTLOG" 2>&1 && break
-        [ $try = 1 ] || { log "apt-get failed, see $APTLOG"; exit 2; }
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            --allow-downgrades $need_pkgs >>"$APTLOG" 2>&1 && break
+        if [ $try = 2 ]; then
+            for p in $HDRPKG $SRCPKG; do
+                apt-cache madison "$p" 2>/dev/null | awk -v v="$IMGV" '$3 == v {f = 1} END {exit !f}' \
+                    || log "the archive has no $p $IMGV (it has: $(apt-cache madison "$p" 2>/dev/null | awk '{printf "%s ", $3}'))"
+            done
+            log "apt-get install$need_pkgs failed, see $APTLOG"; exit 2
+        fi
     done
 fi
-# The source must be the same Debian upload as the running image (the headers are
-# versioned with it by the package manager; the source package is not).
-IMGV=$(dpkg-query -W -f='${Version}' "linux-image-$KVER")
-SRCV=$(dpkg-query -W -f='${Version}' "$SRCPKG")
-HDRV=$(dpkg-query -W -f='${Version}' "$HDRPKG")
+SRCV=$(installed_version "$SRCPKG" || true)
+HDRV=$(installed_version "$HDRPKG" || true)
 if [ "$SRCV" != "$IMGV" ] || [ "$HDRV" != "$IMGV" ]; then
-    log "version mismatch: linux-image-$KVER $IMGV, $SRCPKG $SRCV, $HDRPKG $HDRV"
-    log "install the matching versions: apt-get install $SRCPKG=$IMGV $HDRPKG=$IMGV"
+    log "version mismatch after install: linux-image-$KVER $IMGV, $SRCPKG ${SRCV:-none}, $HDRPKG ${HDRV:-none}"
     exit 2
 fi
 TARBALL=/usr/src/$SRCPKG.tar.xz
