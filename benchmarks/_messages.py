@@ -1,8 +1,10 @@
-"""Typed messages: ~64-byte msgspec Structs (a 64-byte frame on gntipc's wire), one at a
-time (``put_nowait``/``get_nowait``, waiting only when full/empty) and batched
-(``put_many``/``get_many``), vs the same frames over a unix socket (asyncio streams, u32
-length prefix) and pyzmq PAIR over ipc://.  Every message is decoded and type-checked by
-the receiver.
+"""Typed messages: ~64-byte msgspec Structs (a 64-byte frame on gntipc's wire), in three
+shapes: one at a time as users write it (``await put(x)`` / ``async for x in queue``),
+one at a time without waiting (``put_nowait``/``get_nowait``, waiting only when
+full/empty) and batched (``put_many``/``get_many``, 256 per batch), vs the same typed work
+over a unix socket (asyncio streams, u32 length prefix) and pyzmq PAIR over ipc:// (one
+message per zmq message; batched: one msgpack array per zmq message, decoded by a
+``list[T]`` decoder).  Every message is decoded and type-checked by the receiver.
 """
 
 from __future__ import annotations
@@ -60,19 +62,25 @@ assert len(_ENC.encode(make_samples(1)[0])) == 60, len(_ENC.encode(make_samples(
 
 
 # -------------------------------------------------------------------------- gntipc ---
-def gntipc_parent(_: Any, path: str, batched: bool, secs: float) -> float:
+AWAIT, NOWAIT, BATCHED = "await", "nowait", "batched"
+
+
+def gntipc_parent(_: Any, path: str, mode: str, secs: float) -> float:
     async def main() -> float:
         async with g_server(path, 1 * MiB) as stream:
             queue = MessageQueue(stream, Sample)
             count = 0
             await queue.get()
             t0 = time.perf_counter()
-            if batched:
+            if mode == BATCHED:
                 try:
                     while True:
                         count += len(await queue.get_many())
                 except anyio.EndOfStream:
                     pass
+            elif mode == AWAIT:
+                async for _ in queue:
+                    count += 1
             else:
                 get_nowait = queue.get_nowait
                 while True:
@@ -89,16 +97,21 @@ def gntipc_parent(_: Any, path: str, batched: bool, secs: float) -> float:
     return anyio.run(main)
 
 
-def gntipc_child(_: Any, path: str, batched: bool, secs: float) -> None:
+def gntipc_child(_: Any, path: str, mode: str, secs: float) -> None:
     async def main() -> None:
         async with g_client(path) as stream:
             queue = MessageQueue(stream, Sample)
             samples = make_samples(256)
             end = time.perf_counter() + secs
-            if batched:
+            if mode == BATCHED:
                 while time.perf_counter() < end:
                     for _ in range(16):
                         await queue.put_many(samples)
+            elif mode == AWAIT:
+                put = queue.put
+                while time.perf_counter() < end:
+                    for m in samples:
+                        await put(m)
             else:
                 put_nowait = queue.put_nowait
                 while time.perf_counter() < end:
@@ -114,7 +127,8 @@ def gntipc_child(_: Any, path: str, batched: bool, secs: float) -> None:
 
 
 # ------------------------------------------------------------- asyncio unix socket ---
-def unix_parent(res: Any, path: str, batched: bool, secs: float) -> float:
+def unix_parent(res: Any, path: str, mode: str, secs: float) -> float:
+    batched = mode == BATCHED
     decode = msgspec.msgpack.Decoder(Sample).decode
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
@@ -153,7 +167,8 @@ def unix_parent(res: Any, path: str, batched: bool, secs: float) -> float:
     return rate
 
 
-def unix_child(res: Any, path: str, batched: bool, secs: float) -> None:
+def unix_child(res: Any, path: str, mode: str, secs: float) -> None:
+    batched = mode == BATCHED
     async def run(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         samples = make_samples(256)
         encode = msgspec.msgpack.Encoder().encode
@@ -178,7 +193,8 @@ def unix_child(res: Any, path: str, batched: bool, secs: float) -> None:
 
 
 # --------------------------------------------------------------------------- pyzmq ---
-def zmq_parent(res: Any, path: str, batched: bool, secs: float) -> float | None:
+def zmq_parent(res: Any, path: str, mode: str, secs: float) -> float | None:
+    batched = mode == BATCHED
     decode = msgspec.msgpack.Decoder(Sample).decode
     decode_many = msgspec.msgpack.Decoder(list[Sample]).decode
     ctx, sock = zmq_bind(res)
@@ -202,7 +218,8 @@ def zmq_parent(res: Any, path: str, batched: bool, secs: float) -> float | None:
     return count / dt
 
 
-def zmq_child(res: Any, path: str, batched: bool, secs: float) -> None:
+def zmq_child(res: Any, path: str, mode: str, secs: float) -> None:
+    batched = mode == BATCHED
     ctx, sock = zmq_connect(res)
     samples = make_samples(256)
     encode = msgspec.msgpack.Encoder().encode
@@ -221,17 +238,17 @@ def zmq_child(res: Any, path: str, batched: bool, secs: float) -> None:
 
 # ------------------------------------------------------------------------- section ---
 GNTIPC = "gntipc MessageQueue"
+MODES = {
+    AWAIT: "await put / async for, one at a time",
+    NOWAIT: "put_nowait/get_nowait, one at a time",
+    BATCHED: "put_many/get_many, 256 per batch",
+}
 
 
 def section(secs: float, repeat: int) -> list[dict[str, Any]]:
     """Run and print the typed-message tables; return their figures (msgs/s)."""
     out = []
-    for batched in (False, True):
-        label = (
-            "put_many/get_many, 256 per batch"
-            if batched
-            else "put_nowait/get_nowait, one at a time"
-        )
+    for mode, label in MODES.items():
         cases: list[tuple[str, Any, Any, Any]] = [
             (GNTIPC, gntipc_parent, gntipc_child, None),
             ("asyncio unix socket (u32 prefix)", unix_parent, unix_child, tmp_sock),
@@ -247,7 +264,7 @@ def section(secs: float, repeat: int) -> list[dict[str, Any]]:
                     parent,
                     child,
                     fresh_path(),
-                    batched,
+                    mode,
                     secs,
                     setup=setup,
                     budget=secs,
@@ -265,5 +282,5 @@ def section(secs: float, repeat: int) -> list[dict[str, Any]]:
             ["transport", "msgs/s", "gntipc/this"],
             rows,
         )
-        out.append({"batched": batched, "label": label, "rows": results})
+        out.append({"mode": mode, "batched": mode == BATCHED, "label": label, "rows": results})
     return out
