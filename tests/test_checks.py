@@ -153,6 +153,8 @@ def test_protocol_package_exports_its_api() -> None:
         *_layout.__all__,
         "VchanRings",
         # the sans-I/O message framing and session codec (protocol.framing / protocol.mux)
+        "BATCH_FLAG",
+        "DECODE_AHEAD",
         "DEFAULT_MAX_MESSAGE_SIZE",
         "FRAME_HEADER_SIZE",
         "MAX_MESSAGE_SIZE_LIMIT",

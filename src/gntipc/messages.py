@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from time import monotonic as _monotonic
 from typing import Any, Generic, Self, TypeVar
 
 import anyio
@@ -67,7 +68,7 @@ from ._stats import MessageQueueStatistics, VchanStreamStatistics
 from .protocol.framing import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 from .protocol.framing import NEED_DATA, MessageFramer
 from .session import SessionStream
-from .streams import VchanAttribute, VchanStream
+from .streams import FAIR_SLICE, VchanAttribute, VchanStream
 
 __all__ = ["MalformedMessage", "MessageQueue", "MessageTooLarge"]
 
@@ -102,10 +103,15 @@ class MessageQueue(AsyncResource, Generic[T]):
         stream: a connected stream (the queue takes it over; do not read or write it
             directly any more).
         type: the message type, used to validate what arrives.
-        max_message_size: the largest encoded message, in bytes, accepted in either
-            direction (at most 2**32 - 1).
+        max_message_size: the largest frame payload (an encoded message, or a batch of
+            them), in bytes, accepted in either direction (at most 2**31 - 1).
         enc_hook: passed to msgspec's encoder, for custom types.
         dec_hook: passed to msgspec's decoder, for custom types.
+        batch_frames: :meth:`put_many` sends two or more messages as batch frames (one
+            msgspec call encodes them, one decodes them: the wire format's version 1,
+            see :mod:`gntipc.protocol.framing`); False sends one frame per message, for
+            a peer older than version 1 (it would refuse a batch frame as too large).
+            Received batch frames are decoded either way.
 
     Raises:
         ValueError: ``max_message_size`` out of range.
@@ -119,9 +125,14 @@ class MessageQueue(AsyncResource, Generic[T]):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         enc_hook: Callable[[Any], Any] | None = None,
         dec_hook: Callable[[type, Any], Any] | None = None,
+        batch_frames: bool = True,
     ) -> None:
         self._framer = MessageFramer(
-            type, max_message_size=max_message_size, enc_hook=enc_hook, dec_hook=dec_hook
+            type,
+            max_message_size=max_message_size,
+            enc_hook=enc_hook,
+            dec_hook=dec_hook,
+            batch_frames=batch_frames,
         )
         self.stream = stream
         self.type = type
@@ -137,6 +148,9 @@ class MessageQueue(AsyncResource, Generic[T]):
         self._wbuf = bytearray(256)
         self._putting = False
         self._getting = False
+        # When put / get last yielded to the event loop (FAIR_SLICE).
+        self._put_yielded = 0.0
+        self._get_yielded = 0.0
         self._ended = False
         self._closed = False
         self._deferred: BaseException | None = None
@@ -202,7 +216,8 @@ class MessageQueue(AsyncResource, Generic[T]):
         buf = self._wbuf
         self._framer.encode_into(message, buf)
         vchan.send_nowait(buf)
-        self._sent(1, len(buf))
+        self._messages_sent += 1
+        self._bytes_sent += len(buf)
 
     def put_many_nowait(self, messages: Iterable[T]) -> None:
         """Send all ``messages`` now with one ring write, or none of them (a
@@ -228,6 +243,11 @@ class MessageQueue(AsyncResource, Generic[T]):
     async def put(self, message: T) -> None:
         """Send ``message``, waiting for room.
 
+        Scheduling: a put that need not wait for room yields to the event loop only if
+        this queue's puts have not yielded for :data:`~gntipc.streams.FAIR_SLICE`
+        (100 µs), before it writes anything: a producer that never waits neither starves
+        other tasks nor pays a loop iteration per message.
+
         Cancellation: a cancelled put wrote nothing, or the whole frame (the message is
         sent), or else the queue and its stream are closed (the peer sees a truncated
         frame, :class:`MalformedMessage`), never a desynchronised stream.  On a
@@ -248,19 +268,35 @@ class MessageQueue(AsyncResource, Generic[T]):
             raise BusyResourceError("sending to")
         self._putting = True
         try:
+            now = _monotonic()
+            if now - self._put_yielded >= FAIR_SLICE:
+                self._put_yielded = now
+                await checkpoint()  # a cancellation lands here: nothing written
             buf = self._wbuf
             self._framer.encode_into(message, buf)
+            vchan = self._vchan
+            if vchan is not None and len(buf) <= self._ring:
+                # The common case, inline: the frame fits the ring now.
+                try:
+                    vchan.send_nowait(buf)
+                except WouldBlock:
+                    pass
+                else:
+                    self._messages_sent += 1
+                    self._bytes_sent += len(buf)
+                    return
             await self._send_frames(buf, 1)
         finally:
             self._putting = False
 
     async def put_many(self, messages: Iterable[T]) -> None:
-        """Send ``messages`` in order, encoded into one buffer and written with as few
-        writes as possible: on a :class:`~gntipc.VchanStream`, as few ring writes (and
-        notifications) as the free space allows, one if it fits.
+        """Send ``messages`` in order, encoded into one buffer (as batch frames: see
+        ``batch_frames``) and written with as few writes as possible: on a
+        :class:`~gntipc.VchanStream`, as few ring writes (and notifications) as the free
+        space allows, one if it fits.
 
-        Cancellation: as for :meth:`put`, for the batch as a whole: it went out entirely
-        or not at all, or else the queue and stream are closed.
+        Scheduling and cancellation: as for :meth:`put`, for the batch as a whole: it
+        went out entirely or not at all, or else the queue and stream are closed.
 
         Raises:
             MessageTooLarge: a message exceeds ``max_message_size``: the batch is
@@ -274,6 +310,10 @@ class MessageQueue(AsyncResource, Generic[T]):
             raise BusyResourceError("sending to")
         self._putting = True
         try:
+            now = _monotonic()
+            if now - self._put_yielded >= FAIR_SLICE:
+                self._put_yielded = now
+                await checkpoint()
             if not isinstance(messages, (list, tuple)):
                 messages = list(messages)  # counted in the statistics
             buf = self._wbuf
@@ -301,9 +341,9 @@ class MessageQueue(AsyncResource, Generic[T]):
                     stream.send_nowait(buf)
                 except WouldBlock:
                     await stream.wait_writable(size)
+                    self._put_yielded = _monotonic()
                     continue
-                self._sent(count, size)  # before the checkpoint: it is sent
-                await checkpoint()
+                self._sent(count, size)
                 return
         try:
             await stream.send(buf)
@@ -404,21 +444,33 @@ class MessageQueue(AsyncResource, Generic[T]):
     async def get(self) -> T:
         """Return the next message, waiting for it.
 
-        Cancellation: nothing is lost; bytes already received stay buffered (also a
-        message already decoded when the cancellation arrives).
+        Scheduling: a get that need not wait (the message is already buffered, or in
+        the ring) yields to the event loop only if this queue's gets have not yielded
+        for :data:`~gntipc.streams.FAIR_SLICE` (100 µs), before it takes anything: a
+        consumer of a queue that never runs dry neither starves other tasks nor pays a
+        loop iteration per message.
+
+        Cancellation: nothing is lost; a cancelled get took nothing, and bytes already
+        received stay buffered.
 
         Raises:
             As :meth:`get_nowait`, except that it waits instead of raising WouldBlock.
         """
         self._check_get()
-        # Cancelled before anything is taken, or not at all once a message is taken.
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        now = _monotonic()
+        if now - self._get_yielded >= FAIR_SLICE:
+            self._get_yielded = now
+            self._getting = True
+            try:
+                await checkpoint()  # a cancellation lands here: nothing taken
+            finally:
+                self._getting = False
+            self._check_get()  # closed meanwhile?
         framer = self._framer
         try:
             message = framer.next_message()
             if message is not NEED_DATA:
                 self._messages_received += 1
-                await anyio.lowlevel.cancel_shielded_checkpoint()
                 return message  # type: ignore[return-value]
             self._getting = True
             try:

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gntipc import MalformedMessage, MessageTooLarge
-from gntipc.protocol import NEED_DATA, MessageFramer
+from gntipc.protocol import BATCH_FLAG, NEED_DATA, MessageFramer
 
 # Deterministic (the same examples every run) and no per-example time limit: a loaded
 # CI machine must not turn a slow example into a failure.
@@ -26,6 +26,10 @@ class Reading(msgspec.Struct):
 
 def frame(payload: bytes) -> bytes:
     return struct.pack("<I", len(payload)) + payload
+
+
+def batch_frame(payload: bytes) -> bytes:
+    return struct.pack("<I", len(payload) | BATCH_FLAG) + payload
 
 
 readings = st.builds(
@@ -53,7 +57,9 @@ def test_wire_format_is_a_u32_length_and_msgpack() -> None:
     body = msgspec.msgpack.encode(Reading(1, 2.0, "x"))
     assert framer.encode(Reading(1, 2.0, "x")) == struct.pack("<I", len(body)) + body
     batch = [Reading(i, i / 3) for i in range(5)]
-    expected = b"".join(frame(msgspec.msgpack.encode(r)) for r in batch)
+    # Version 1: two or more messages are one batch frame, an array behind a header
+    # with the top bit set...
+    expected = batch_frame(msgspec.msgpack.encode(batch))
     assert framer.encode_many(batch) == expected
     buf = bytearray(b"keep")
     framer.encode_many_into(batch, buf, 4)
@@ -61,6 +67,43 @@ def test_wire_format_is_a_u32_length_and_msgpack() -> None:
     framer.encode_into(batch[0], buf, 4)
     assert buf == b"keep" + framer.encode(batch[0])
     assert framer.encode_many([]) == b""
+    # ...one message stays a message frame...
+    assert framer.encode_many(batch[:1]) == framer.encode(batch[0])
+    # ...and without batch frames, one message frame each (version 0, for older peers).
+    old = MessageFramer(Reading, batch_frames=False)
+    assert old.encode_many(batch) == b"".join(frame(msgspec.msgpack.encode(r)) for r in batch)
+
+
+def test_wire_bytes_pinned() -> None:
+    # The raw bytes of both frame kinds, as another implementation would write them.
+    framer = MessageFramer(int)
+    assert framer.encode(7) == bytes.fromhex("01000000" "07")
+    assert framer.encode_many([1, 2, 300]) == bytes.fromhex("06000080" "93" "01" "02" "cd012c")
+    assert MessageFramer(int, batch_frames=False).encode_many([1, 2]) == bytes.fromhex(
+        "01000000" "01" "01000000" "02"
+    )
+    framer.feed(
+        bytes.fromhex("01000000" "05" "03000080" "92" "06" "07" "01000080" "90" "01000000" "08")
+    )
+    assert drain(framer) == [5, 6, 7, 8]  # both kinds, an empty batch delivers nothing
+
+
+@settings(max_examples=50, **STABLE)
+@given(st.lists(readings, min_size=2, max_size=40), st.integers(min_value=60, max_value=2000))
+def test_a_batch_larger_than_max_message_size_is_split(messages: list[Reading], most: int) -> None:
+    framer = MessageFramer(Reading, max_message_size=most)
+    if any(len(msgspec.msgpack.encode(m)) > most for m in messages):
+        with pytest.raises(MessageTooLarge):
+            framer.encode_many(messages)
+        return
+    wire = framer.encode_many(messages)
+    pos = 0
+    while pos < len(wire):  # every frame within the limit
+        (header,) = struct.unpack_from("<I", wire, pos)
+        assert header & ~BATCH_FLAG <= most
+        pos += 4 + (header & ~BATCH_FLAG)
+    framer.feed(wire)
+    assert drain(framer) == messages
 
 
 def test_encoding_too_large_or_unencodable_writes_nothing() -> None:
@@ -75,7 +118,7 @@ def test_encoding_too_large_or_unencodable_writes_nothing() -> None:
     with pytest.raises(TypeError):
         framer.encode_into(object(), buf)  # type: ignore[arg-type]
     assert buf == b""
-    for bad in (0, 2**32):
+    for bad in (0, 2**31, 2**32):
         with pytest.raises(ValueError):
             MessageFramer(Reading, max_message_size=bad)
 
@@ -97,7 +140,15 @@ def test_feed_takes_bytes_only() -> None:
 @given(st.lists(readings, max_size=20), st.lists(st.integers(min_value=0), max_size=30))
 def test_any_split_decodes_the_same_messages(messages: list[Reading], cuts: list[int]) -> None:
     framer = MessageFramer(Reading)
-    wire = framer.encode_many(messages)
+    # batch frames, message frames, and both mixed
+    half = len(messages) // 2
+    wire = (
+        framer.encode_many(messages)
+        + MessageFramer(Reading, batch_frames=False).encode_many(messages)
+        + framer.encode_many(messages[:half])
+        + b"".join(framer.encode(m) for m in messages[half:])
+    )
+    messages = messages * 2 + messages[:half] + messages[half:]
     got: list[Reading] = []
     for piece in cut(wire, cuts):
         framer.feed(piece)
@@ -180,11 +231,17 @@ def test_garbage_raises_only_the_documented_errors(garbage: bytes, cuts: list[in
 
 
 @settings(**STABLE)
-@given(st.integers(min_value=101, max_value=2**32 - 1), st.integers(min_value=1, max_value=4))
-def test_oversized_header_is_refused_as_soon_as_it_is_complete(n: int, split: int) -> None:
+@given(
+    st.integers(min_value=101, max_value=2**31 - 1),
+    st.integers(min_value=1, max_value=4),
+    st.sampled_from([0, BATCH_FLAG]),
+)
+def test_oversized_header_is_refused_as_soon_as_it_is_complete(
+    n: int, split: int, flag: int
+) -> None:
     framer = MessageFramer(Reading, max_message_size=100)
     good = framer.encode(Reading(1, 1.0))
-    header = struct.pack("<I", n)
+    header = struct.pack("<I", n | flag)
     framer.feed(good + header[:split])
     assert framer.next_message() == Reading(1, 1.0)
     if split < 4:
@@ -212,6 +269,44 @@ def test_malformed_frames_are_skipped_in_place() -> None:
     with pytest.raises(MalformedMessage):
         framer.next_message()
     assert framer.next_message() == Reading(7, 7.0)
+
+
+def test_hostile_batch_frames_are_skipped_whole() -> None:
+    framer = MessageFramer(Reading)
+    good = framer.encode(Reading(7, 7.0))
+    two = msgspec.msgpack.encode([Reading(1, 1.0), Reading(2, 2.0)])
+    lies = batch_frame(b"\x95" + two[1:])  # says 5 messages, holds 2
+    bomb = batch_frame(b"\xdd\xff\xff\xff\xff")  # says 2**32 - 1, holds none
+    huge = batch_frame(b"\xdd\x00\x10\x00\x00" + b"\xc0" * 100)  # 2**20 nils
+    wrong = batch_frame(msgspec.msgpack.encode([Reading(1, 1.0), {"sensor": "x"}]))
+    not_array = batch_frame(msgspec.msgpack.encode(Reading(3, 3.0)))
+    deep = batch_frame(b"\x91" * 100_000)
+    bad = [lies, bomb, huge, wrong, not_array, deep]
+    framer.feed(good + b"".join(b + good for b in bad))
+    assert framer.next_message() == Reading(7, 7.0)
+    for _ in bad:
+        with pytest.raises(MalformedMessage, match="batch frame skipped"):
+            framer.next_message()
+        assert framer.next_message() == Reading(7, 7.0)  # in sync after each
+    assert framer.next_message() is NEED_DATA
+    assert framer.buffered == 0 and framer.pending == 0
+
+
+def test_decoding_ahead_reports_errors_in_their_place() -> None:
+    framer = MessageFramer(int)
+    framer.feed(
+        framer.encode_many([1, 2, 3]) + frame(b"\xc1") + framer.encode(4)
+        + batch_frame(b"\x92\x05") + framer.encode(6)
+    )
+    assert framer.next_message() == 1
+    assert framer.pending == 2  # 2 and 3, decoded with 1
+    assert [framer.next_message(), framer.next_message()] == [2, 3]
+    with pytest.raises(MalformedMessage, match="message skipped"):
+        framer.next_message()
+    assert framer.next_message() == 4
+    with pytest.raises(MalformedMessage, match="batch frame skipped"):
+        framer.next_messages(10)
+    assert framer.next_messages(10) == [6]
 
 
 def test_truncated_input_is_reported_at_end_of_stream() -> None:

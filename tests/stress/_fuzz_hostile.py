@@ -12,7 +12,8 @@ shared with gntalloc or mapped with gntdev, written the same way).
 
 Mutations: indices (its own and the target's) behind, ahead, a ring ahead and far past
 the ring; orders; live and notify bytes (with and without the EOF bit); grants[]; bytes
-of both rings; message frames with lying headers, undecodable payloads and truncations;
+of both rings; message frames with lying headers, undecodable payloads and truncations,
+and batch frames (good, lying about their count, array bombs, the wrong element type);
 bursts of events.  Stops when STOPFILE exists.
 """
 
@@ -163,10 +164,12 @@ class Hostile:
     def frame(self) -> bytes:
         rnd = self.rnd
         self.seq += 1
-        kind = rnd.randrange(8)
+        kind = rnd.randrange(12)
         good = ENC.encode(Msg(self.seq, rnd.randbytes(rnd.randrange(0, 300))))
         if kind <= 2:
             return U32.pack(len(good)) + good
+        if kind >= 8:
+            return self.batch_frame(kind)
         if kind == 3:  # a header larger than any limit
             return U32.pack(rnd.choice((1 << 20, (1 << 20) + 1, 0x7FFFFFFF, 0xFFFFFFFF))) + good
         if kind == 4:  # undecodable payload
@@ -178,6 +181,23 @@ class Hostile:
         if kind == 6:  # a header that lies by a little
             return U32.pack(max(0, len(good) + rnd.choice((-3, -1, 1, 5)))) + good
         return U32.pack(0)  # an empty payload
+
+    def batch_frame(self, kind: int) -> bytes:
+        """A batch frame (format version 1: the header's top bit, an array of messages):
+        good, lying about its count, an array bomb, or the wrong element type."""
+        rnd = self.rnd
+        count = rnd.randrange(0, 40)
+        items = [Msg(self.seq + i, rnd.randbytes(rnd.randrange(0, 40))) for i in range(count)]
+        self.seq += len(items)
+        body = ENC.encode(items)
+        if kind == 9:  # the array header says more (or fewer) messages than follow
+            count = max(0, len(items) + rnd.choice((-2, -1, 1, 3, 1000)))
+            body = b"\xdd" + U32.pack(count)[::-1] + body[(1 if len(items) < 16 else 3) :]
+        elif kind == 10:  # an array bomb: 2**32 - 1 items announced, a few bytes given
+            body = b"\xdd\xff\xff\xff\xff" + rnd.randbytes(rnd.randrange(0, 16))
+        elif kind == 11:  # the wrong element type, or nested arrays
+            body = rnd.choice((ENC.encode([1, "x", None]), b"\x91" * rnd.randrange(1, 5000)))
+        return U32.pack(len(body) | 0x80000000) + body
 
     def traffic(self) -> None:
         rnd, ch = self.rnd, self.ch

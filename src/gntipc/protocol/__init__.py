@@ -40,6 +40,8 @@ from ._layout import VchanState as VchanState
 from ._layout import check_ring_size as check_ring_size
 from ._layout import choose_orders as choose_orders
 from ._layout import order_for_size as order_for_size
+from .framing import BATCH_FLAG as BATCH_FLAG
+from .framing import DECODE_AHEAD as DECODE_AHEAD
 from .framing import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 from .framing import FRAME_HEADER_SIZE as FRAME_HEADER_SIZE
 from .framing import MAX_MESSAGE_SIZE_LIMIT as MAX_MESSAGE_SIZE_LIMIT
@@ -55,6 +57,8 @@ from .ring import VchanRings as VchanRings
 # framing; the session codec's names (events, encoders, limits) are in .mux.
 __all__ = [
     *_layout.__all__,
+    "BATCH_FLAG",
+    "DECODE_AHEAD",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "FRAME_HEADER_SIZE",
     "MAX_MESSAGE_SIZE_LIMIT",

@@ -1,10 +1,26 @@
 """Message framing, sans-I/O: :class:`MessageFramer` turns typed messages into frames and
 received bytes back into messages.  No I/O, no event loop: the caller moves the bytes.
 
-Wire format: each message is one *frame*, a little-endian u32 payload length followed by
-the msgspec MessagePack encoding of the message::
+Wire format: a stream of *frames*, each a little-endian u32 header followed by a payload
+of MessagePack::
 
-    u32 length | length bytes of MessagePack
+    u32 header | (header & 0x7FFFFFFF) bytes of MessagePack
+
+* A **message frame** (the header's top bit clear; the only kind before version 1 of the
+  format) holds one message: the header is the payload length.
+* A **batch frame** (version 1: the top bit, :data:`BATCH_FLAG`, set) holds a MessagePack
+  *array* of messages, encoded and decoded by one msgspec call each: what
+  :meth:`MessageFramer.encode_many_into` writes for two or more messages (unless
+  ``batch_frames=False``).  The messages are delivered in array order, one by one; an
+  empty array delivers nothing.  A batch frame that does not decode as an array of the
+  expected type is skipped whole (one :class:`~gntipc.MalformedMessage`).
+
+A receiver of either version decodes message frames; a receiver older than version 1 sees
+a batch frame's header as a length of 2 GiB or more and refuses it with
+:class:`~gntipc.MessageTooLarge` (it fails loudly, it never misreads): a sender talking to
+such a peer must use ``batch_frames=False``.  ``max_message_size`` bounds every frame's
+payload, so a batch frame of small messages holds at most about that many bytes of them
+(:meth:`~MessageFramer.encode_many_into` splits a larger batch into several frames).
 
 Receiving, in the style of h11::
 
@@ -44,6 +60,8 @@ import msgspec
 from .._exceptions import MalformedMessage, MessageTooLarge
 
 __all__ = [
+    "BATCH_FLAG",
+    "DECODE_AHEAD",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "FRAME_HEADER_SIZE",
     "MAX_MESSAGE_SIZE_LIMIT",
@@ -57,11 +75,16 @@ T = TypeVar("T")
 _U32 = struct.Struct("<I")
 #: Bytes of the length prefix of a frame.
 FRAME_HEADER_SIZE: Final = _U32.size
-#: The largest ``max_message_size`` (the length prefix is a u32).
-MAX_MESSAGE_SIZE_LIMIT: Final = 0xFFFFFFFF
+#: The header bit that marks a batch frame (see the module documentation).
+BATCH_FLAG: Final = 0x80000000
+_LENGTH_MASK = BATCH_FLAG - 1
+#: The largest ``max_message_size`` (the 31 low bits of the header).
+MAX_MESSAGE_SIZE_LIMIT: Final = _LENGTH_MASK
 #: The default ``max_message_size``: 1 MiB.
 DEFAULT_MAX_MESSAGE_SIZE: Final = 1 << 20
 _HEADER = FRAME_HEADER_SIZE
+#: :meth:`MessageFramer.next_message` decodes up to this many buffered messages at once.
+DECODE_AHEAD: Final = 256
 # What a hostile payload can make msgspec raise (deep nesting hits the recursion limit).
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
@@ -91,10 +114,13 @@ class MessageFramer(Generic[T]):
     Args:
         type: the message type, used to validate what is decoded (anything msgspec can
             decode: Structs, dataclasses, builtins, unions...).
-        max_message_size: the largest encoded message, in bytes, accepted in either
-            direction (1 .. 2**32 - 1).
+        max_message_size: the largest frame payload, in bytes (an encoded message, or a
+            batch of them), accepted in either direction (1 .. 2**31 - 1).
         enc_hook: passed to msgspec's encoder, for custom types.
         dec_hook: passed to msgspec's decoder, for custom types.
+        batch_frames: :meth:`encode_many_into` writes two or more messages as batch
+            frames (format version 1); False writes one message frame each, for peers
+            older than version 1.  Decoding accepts both either way.
 
     Raises:
         ValueError: ``max_message_size`` out of range.
@@ -107,6 +133,7 @@ class MessageFramer(Generic[T]):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         enc_hook: Callable[[Any], Any] | None = None,
         dec_hook: Callable[[type, Any], Any] | None = None,
+        batch_frames: bool = True,
     ) -> None:
         if not 0 < max_message_size <= MAX_MESSAGE_SIZE_LIMIT:
             raise ValueError(f"max_message_size must be in 1..{MAX_MESSAGE_SIZE_LIMIT}")
@@ -114,6 +141,13 @@ class MessageFramer(Generic[T]):
         self.max_message_size = max_message_size
         self._encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
         self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(type, dec_hook=dec_hook)
+        self._batch_decoder: msgspec.msgpack.Decoder[list[T]] = msgspec.msgpack.Decoder(
+            list[type], dec_hook=dec_hook  # type: ignore[valid-type]
+        )
+        self.batch_frames = batch_frames
+        # Messages of a decoded batch frame not returned yet: self._batch[self._batch_pos:].
+        self._batch: list[T] = []
+        self._batch_pos = 0
         # Received bytes (immutable: the caller's chunks, never copied unless a frame
         # straddles them), the view decoding slices from, and the next unread frame.
         self._rbuf = b""
@@ -170,29 +204,56 @@ class MessageFramer(Generic[T]):
         _U32.pack_into(buf, start, n)
 
     def encode_many_into(self, messages: Iterable[T], buf: bytearray, start: int = 0) -> None:
-        """Write the frames of ``messages`` into ``buf`` from ``start``, in one loop;
-        ``buf`` ends with the last one.
+        """Write ``messages`` into ``buf`` from ``start``; ``buf`` ends with them.  Two or
+        more are written as batch frames (one msgspec call per frame; several frames
+        only if one would exceed ``max_message_size``), unless ``batch_frames`` is
+        False: then one message frame each, in one loop.
 
         Raises:
             As :meth:`encode`; ``buf`` is then truncated at ``start`` (all or nothing).
         """
         del buf[start:]
-        encode_into = self._encoder.encode_into
-        pack_into = _U32.pack_into
-        most = self.max_message_size
+        if not isinstance(messages, list):
+            messages = list(messages)
         try:
-            for message in messages:
-                pos = len(buf)
-                encode_into(message, buf, pos + _HEADER)
-                n = len(buf) - pos - _HEADER
-                if n > most:
-                    raise MessageTooLarge(
-                        f"message encodes to {n} bytes, more than max_message_size ({most})"
-                    )
-                pack_into(buf, pos, n)
+            if self.batch_frames and len(messages) > 1:
+                self._encode_batch(messages, buf)
+            else:
+                self._encode_each(messages, buf)
         except BaseException:
             del buf[start:]
             raise
+
+    def _encode_each(self, messages: Iterable[T], buf: bytearray) -> None:
+        encode_into = self._encoder.encode_into
+        pack_into = _U32.pack_into
+        most = self.max_message_size
+        for message in messages:
+            pos = len(buf)
+            encode_into(message, buf, pos + _HEADER)
+            n = len(buf) - pos - _HEADER
+            if n > most:
+                raise MessageTooLarge(
+                    f"message encodes to {n} bytes, more than max_message_size ({most})"
+                )
+            pack_into(buf, pos, n)
+
+    def _encode_batch(self, messages: list[T], buf: bytearray) -> None:
+        pos = len(buf)
+        self._encoder.encode_into(messages, buf, pos + _HEADER)
+        n = len(buf) - pos - _HEADER
+        if n <= self.max_message_size:
+            _U32.pack_into(buf, pos, n | BATCH_FLAG)
+            return
+        # Too large for one frame: halves, recursively (a single message too large is
+        # reported by _encode_each).
+        del buf[pos:]
+        half = len(messages) // 2
+        for part in (messages[:half], messages[half:]):
+            if len(part) > 1:
+                self._encode_batch(part, buf)
+            else:
+                self._encode_each(part, buf)
 
     # -- decoding --------------------------------------------------------------------
 
@@ -220,8 +281,8 @@ class MessageFramer(Generic[T]):
             self._parts_len += len(data)
 
     def _split_header(self) -> int:
-        """The length of the frame at the read position, whose header is buffered but
-        split across pieces (less than a header in ``_rbuf``)."""
+        """The header of the frame at the read position, which is buffered but split
+        across pieces (less than a header in ``_rbuf``)."""
         head = bytes(self._rview[self._rpos :])
         for part in self._parts:
             head += part[: _HEADER - len(head)]
@@ -240,14 +301,72 @@ class MessageFramer(Generic[T]):
         self._rview = memoryview(data)
         self._rpos = 0
 
+    def _take_batch(self, max_items: int) -> list[T]:
+        """Up to ``max_items`` messages of the decoded batch frame, in order."""
+        batch, pos = self._batch, self._batch_pos
+        end = pos + max_items
+        if end >= len(batch):
+            self._batch, self._batch_pos = [], 0
+            return batch if pos == 0 else batch[pos:]
+        self._batch_pos = end
+        return batch[pos:end]
+
     def next_message(self) -> T | NeedData:
         """Decode and return the next complete message, or :data:`NEED_DATA`.
 
+        Decodes ahead: the complete frames already buffered after it (up to
+        :data:`DECODE_AHEAD` messages) are decoded in the same loop and returned by the
+        next calls, so a message costs one loop step, not a call chain.  An error in a
+        later frame is raised when that frame's turn comes, never earlier.
+
         Raises:
-            MalformedMessage: the next frame does not decode as the expected type; it
-                is skipped (the next call goes on after it).
+            MalformedMessage: the next frame does not decode as the expected type (or,
+                a batch frame, as an array of it); it is skipped (the next call goes on
+                after it).
             MessageTooLarge: the next frame announces more than ``max_message_size``
                 bytes; the buffer is dropped and every later call raises this again.
+        """
+        batch = self._batch
+        if not batch:
+            batch = self.next_messages(DECODE_AHEAD)
+            if not batch:
+                return NEED_DATA
+            if self._batch:  # the rest of a large batch frame, after what we took
+                batch += self._take_batch(len(self._batch))
+            self._batch = batch
+            self._batch_pos = 0
+        pos = self._batch_pos
+        message = batch[pos]
+        pos += 1
+        if pos == len(batch):
+            self._batch, self._batch_pos = [], 0
+        else:
+            self._batch_pos = pos
+        return message
+
+    def _next_one(self) -> T | NeedData:
+        """:meth:`next_message` without decoding ahead: one frame at most."""
+        while True:
+            if self._batch:
+                return self._take_batch(1)[0]
+            payload = self._next_frame()
+            if payload is None:
+                return NEED_DATA
+            view, is_batch, n = payload
+            try:
+                if not is_batch:
+                    return self._decoder.decode(view)
+                self._batch = self._batch_decoder.decode(view)
+            except _DECODE_ERRORS as exc:
+                kind = "batch frame" if is_batch else "message"
+                raise MalformedMessage(f"undecodable {n}-byte {kind} skipped: {exc}") from exc
+
+    def _next_frame(self) -> tuple[memoryview, bool, int] | None:
+        """The payload of the next complete frame, whether it is a batch, and its length
+        (the read position moves past it), or None if it is not complete yet.
+
+        Raises:
+            MessageTooLarge: as :meth:`next_message`.
         """
         pos = self._rpos
         left = len(self._rbuf) - pos
@@ -259,27 +378,25 @@ class MessageFramer(Generic[T]):
             self._parts_len -= len(data)
             left = len(data)
         if left >= _HEADER:
-            (n,) = _U32.unpack_from(self._rbuf, pos)
+            (header,) = _U32.unpack_from(self._rbuf, pos)
         elif left + self._parts_len < _HEADER:
             if self._broken is not None:
                 raise MessageTooLarge(self._broken)
-            return NEED_DATA
+            return None
         else:
-            n = self._split_header()
+            header = self._split_header()
+        n = header & _LENGTH_MASK
         if n > self.max_message_size:
             self._fail_oversize(n)
         end = _HEADER + n
         if left < end:
             if left + self._parts_len < end:
-                return NEED_DATA
+                return None
             self._join()
             pos = 0
         end += pos
         self._rpos = end
-        try:
-            return self._decoder.decode(self._rview[pos + _HEADER : end])
-        except _DECODE_ERRORS as exc:
-            raise MalformedMessage(f"undecodable {n}-byte message skipped: {exc}") from exc
+        return self._rview[pos + _HEADER : end], header != n, n
 
     def next_messages(self, max_items: int) -> list[T]:
         """Decode and return up to ``max_items`` complete messages; an empty list means
@@ -296,10 +413,11 @@ class MessageFramer(Generic[T]):
         """
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
-        out: list[T] = []
+        out: list[T] = self._take_batch(max_items) if self._batch else []
         most = self.max_message_size
         unpack = _U32.unpack_from
         decode = self._decoder.decode
+        decode_batch = self._batch_decoder.decode
         append = out.append
         while True:
             # The batch path of next_message, in one loop, over the frames in _rbuf.
@@ -310,11 +428,26 @@ class MessageFramer(Generic[T]):
             try:
                 while len(out) < max_items and size - pos >= _HEADER:
                     (n,) = unpack(buf, pos)
-                    end = pos + _HEADER + n
-                    if n > most or end > size:
-                        break
-                    append(decode(view[pos + _HEADER : end]))
-                    pos = end
+                    if n <= most:
+                        end = pos + _HEADER + n
+                        if end > size:
+                            break
+                        append(decode(view[pos + _HEADER : end]))
+                        pos = end
+                    else:
+                        n &= _LENGTH_MASK
+                        end = pos + _HEADER + n
+                        if n > most or end > size:
+                            break
+                        # A batch frame: one msgspec call for the whole array.
+                        self._batch = decode_batch(view[pos + _HEADER : end])
+                        self._rpos = pos = end
+                        if self._batch:
+                            if out:
+                                out += self._take_batch(max_items - len(out))
+                            else:
+                                out = self._take_batch(max_items)
+                                append = out.append
             except _DECODE_ERRORS:
                 pass  # left to next_message(), which skips the frame and reports it
             self._rpos = pos
@@ -322,10 +455,12 @@ class MessageFramer(Generic[T]):
                 # Full, or stopped at a frame split across pieces, a bad frame or the
                 # end: what stopped us is left in place for the next call.
                 return out
-            message = self.next_message()  # joins a split frame, or raises for it
+            message = self._next_one()  # joins a split frame, or raises for it
             if message is NEED_DATA:
                 return out
             append(message)  # type: ignore[arg-type]
+            if self._batch:
+                out += self._take_batch(max_items - 1)
 
     def missing(self) -> int:
         """How many more bytes complete the frame being received, while
@@ -337,12 +472,17 @@ class MessageFramer(Generic[T]):
         if have < _HEADER:
             return _HEADER - have
         n: int = _U32.unpack_from(self._rbuf, pos)[0] if left >= _HEADER else self._split_header()
-        return max(1, _HEADER + n - have)
+        return max(1, _HEADER + (n & _LENGTH_MASK) - have)
 
     @property
     def buffered(self) -> int:
-        """Bytes fed and not yet returned as messages (or skipped)."""
+        """Bytes fed and not yet decoded (or skipped); see also :attr:`pending`."""
         return len(self._rbuf) - self._rpos + self._parts_len
+
+    @property
+    def pending(self) -> int:
+        """Messages decoded from a batch frame and not returned yet."""
+        return len(self._batch) - self._batch_pos
 
     def end_of_stream(self) -> None:
         """The input ended: check that it ended on a frame boundary (call it once every
@@ -357,6 +497,7 @@ class MessageFramer(Generic[T]):
             raise MalformedMessage(f"the stream ended inside a frame ({left} bytes left)")
 
     def _drop(self) -> None:
+        self._batch, self._batch_pos = [], 0
         self._rbuf = b""
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
