@@ -14,10 +14,10 @@ A :class:`Spinner` keeps that rule cheap when it does not pay:
   side spins at most once, then sleeps;
 * a spin that came back empty-handed halves the next budget, down to nothing; a spin
   that found what it waited for doubles it, up to the limit.  With the budget at
-  nothing, one wait in :data:`PROBE_EVERY` still spins a little (a quarter of the limit)
-  to find out whether spinning pays again.  So when the machine is oversubscribed (the
-  peer cannot run while we spin, and only runs once we sleep), spinning fades out on its
-  own instead of adding its budget to every wait.
+  nothing, one wait in :data:`PROBE_EVERY` still spins (the whole limit) to find out
+  whether spinning pays again.  So when the machine is oversubscribed (the peer cannot
+  run while we spin, and only runs once we sleep), spinning fades out on its own instead
+  of adding its budget to every wait, and comes back once it pays.
 
 One :class:`Spinner` per direction of an endpoint; not thread-safe (each direction has
 one user at a time).
@@ -84,7 +84,11 @@ class Spinner:
         if self._skipped < PROBE_EVERY:
             return 0
         self._skipped = 0
-        return max(_MIN_NS, self._limit_ns // 4)  # a probe
+        # A probe spins the whole limit: when both sides have faded out, each wait is
+        # the peer's wake-up plus ours, and what a spin must cover is the peer's
+        # wake-up (a shorter probe misses and the pair stays blocking, 5-10x slower
+        # round trips, though spinning would pay).
+        return self._limit_ns
 
     def spun(self, hit: bool) -> None:
         """Record a spin's outcome: ``hit`` if it found what it waited for."""

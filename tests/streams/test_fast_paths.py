@@ -121,7 +121,7 @@ def test_spinner_goes_quiet() -> None:
         s.spun(False)
     # ...down to nothing: blocking at once, but for one probe in PROBE_EVERY waits
     budgets = [s.budget_ns() for _ in range(PROBE_EVERY)]
-    assert budgets[:-1] == [0] * (PROBE_EVERY - 1) and budgets[-1] == 12_500
+    assert budgets[:-1] == [0] * (PROBE_EVERY - 1) and budgets[-1] == 50_000
     s.spun(True)  # the probe found data: spinning pays again, the budget grows back
     assert s.budget_ns() == 25_000
     s.spun(True)
