@@ -5,21 +5,40 @@ full/empty) and batched (``put_many``/``get_many``, 256 per batch), vs the same 
 over a unix socket (asyncio streams, u32 length prefix) and pyzmq PAIR over ipc:// (one
 message per zmq message; batched: one msgpack array per zmq message, decoded by a
 ``list[T]`` decoder).  Every message is decoded and type-checked by the receiver.
+
+Then each of these against what a user would pick instead, in the same run:
+
+* the same queue over one :class:`gntipc.SessionStream` of a :class:`gntipc.Session`
+  (one logical stream multiplexed over the vchan) vs over the bare ``VchanStream``;
+* request/response (``examples/rpc.py``: a typed request, a typed reply, one call in
+  flight) vs the raw 64-byte ``VchanStream`` round trip of the latency section;
+* the queue over anyio TCP on 127.0.0.1 vs pyzmq PAIR over tcp://127.0.0.1;
+* 1 MiB messages one at a time (a Struct with a 1 MiB ``bytes`` field) vs the raw
+  ``VchanStream`` moving the same bytes with ``send(1 MiB)``/``receive(1 MiB)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import struct
 import time
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, NamedTuple
 
+import _latency
 import anyio
 import msgspec
 import zmq
 from _harness import (
+    ZMQ_SILENCE_MS,
+    KiB,
+    Meter,
     MiB,
     attempt,
+    await_ready,
     connect_unix,
     fmt,
     fresh_path,
@@ -28,6 +47,7 @@ from _harness import (
     ratio,
     run_pair,
     serve_unix_once,
+    signal_ready,
     table,
     tmp_sock,
     zmq_bind,
@@ -37,8 +57,9 @@ from _harness import (
     zmq_sender_finish,
     zmq_silent,
 )
+from anyio.abc import ByteStream, SocketListener
 
-from gntipc import MessageQueue
+from gntipc import MessageQueue, Session
 
 _U32 = struct.Struct("<I")
 
@@ -61,14 +82,98 @@ _ENC = msgspec.msgpack.Encoder()
 assert len(_ENC.encode(make_samples(1)[0])) == 60, len(_ENC.encode(make_samples(1)[0]))
 
 
+class Blob(msgspec.Struct):
+    """A large typed message: 1 MiB of payload."""
+
+    name: str
+    data: bytes
+
+
+class Request(msgspec.Struct, tag=True):
+    """A call of the request/response table (``examples/rpc.py``'s shape)."""
+
+    id: int
+    sample: Sample
+
+
+class Reply(msgspec.Struct, tag=True):
+    id: int
+    value: float
+
+
+Call = Request | Reply
+
+
+# ------------------------------------------------------------------ what is moved ---
+class Work(NamedTuple):
+    """What a transfer moves: ``type`` None is the raw ``VchanStream`` (bytes)."""
+
+    type: Any
+    items: Callable[[], list[Any]]  # what the sender sends, over and over
+    max_message_size: int = MiB
+
+
+SMALL, LARGE, LARGE_RAW = "small", "large", "large-raw"
+WORK = {
+    SMALL: Work(Sample, lambda: make_samples(256)),
+    # the frame (1 MiB and a few bytes) exceeds the queue's default maximum of 1 MiB
+    LARGE: Work(Blob, lambda: [Blob("blob", bytes(MiB))] * 4, 2 * MiB),
+    LARGE_RAW: Work(None, lambda: [bytes(MiB)] * 4),
+}
+
+# How the two processes are connected.
+VCHAN, SESSION, TCP, IPC = "vchan", "session", "tcp", "ipc"
+RING = MiB
+
+
+def tcp_listener() -> socket.socket:
+    """The setup of a TCP row: a socket listening on a free port of 127.0.0.1, made
+    before the fork, so the child connects to it at once."""
+    return socket.create_server(("127.0.0.1", 0))
+
+
+@contextlib.asynccontextmanager
+async def _stream(receiver: bool, res: Any, path: str, via: str) -> AsyncIterator[ByteStream]:
+    """One side's stream: the receiver (the parent) listens, the sender connects.  Over
+    a vchan (``VCHAN``), one logical stream of a Session over it (``SESSION``), or TCP
+    (``res``: the listening socket)."""
+    if via == TCP:
+        if receiver:
+            async with (
+                await SocketListener.from_socket(res) as listener,
+                await listener.accept() as stream,
+            ):
+                yield stream
+        else:
+            port = res.getsockname()[1]
+            res.close()  # the parent's, inherited by fork
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                yield stream
+        return
+    async with g_server(path, RING) if receiver else g_client(path) as vchan:
+        if via == SESSION:
+            async with Session(vchan) as session:
+                opened = session.accept_stream() if receiver else session.open_stream()
+                async with await opened as stream:
+                    yield stream
+        else:
+            yield vchan
+
+
 # -------------------------------------------------------------------------- gntipc ---
 AWAIT, NOWAIT, BATCHED = "await", "nowait", "batched"
 
 
-def gntipc_parent(_: Any, path: str, mode: str, secs: float) -> float:
+def gntipc_parent(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> float:
+    """The receiver: messages per second from its first message to the end of the stream
+    (for the raw ``LARGE_RAW``: 1 MiB blocks of bytes per second)."""
+    spec = WORK[work]
+
     async def main() -> float:
-        async with g_server(path, 1 * MiB) as stream:
-            queue = MessageQueue(stream, Sample)
+        async with _stream(True, res, path, via) as stream:
+            if spec.type is None:
+                return await _receive_blocks(stream)
+            queue = MessageQueue(stream, spec.type, max_message_size=spec.max_message_size)
             count = 0
             await queue.get()
             t0 = time.perf_counter()
@@ -88,7 +193,7 @@ def gntipc_parent(_: Any, path: str, mode: str, secs: float) -> float:
                         get_nowait()
                         count += 1
                     except anyio.WouldBlock:
-                        await stream.wait_readable()
+                        await stream.wait_readable()  # type: ignore[attr-defined]
                     except anyio.EndOfStream:
                         break
             dt = time.perf_counter() - t0
@@ -97,37 +202,58 @@ def gntipc_parent(_: Any, path: str, mode: str, secs: float) -> float:
     return anyio.run(main)
 
 
-def gntipc_child(_: Any, path: str, mode: str, secs: float) -> None:
+async def _receive_blocks(stream: ByteStream) -> float:
+    receive = stream.receive
+    await receive(MiB)  # the clock starts at the first chunk
+    t0 = time.perf_counter()
+    total = 0
+    with contextlib.suppress(anyio.EndOfStream):
+        while True:
+            total += len(await receive(MiB))
+    return total / MiB / (time.perf_counter() - t0)
+
+
+def gntipc_child(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> None:
+    spec = WORK[work]
+
     async def main() -> None:
-        async with g_client(path) as stream:
-            queue = MessageQueue(stream, Sample)
-            samples = make_samples(256)
+        async with _stream(False, res, path, via) as stream:
+            items = spec.items()
             end = time.perf_counter() + secs
+            if spec.type is None:  # raw bytes
+                await _send_for(stream.send, items, end)
+                await stream.send_eof()
+                return
+            queue = MessageQueue(stream, spec.type, max_message_size=spec.max_message_size)
             if mode == BATCHED:
                 while time.perf_counter() < end:
                     for _ in range(16):
-                        await queue.put_many(samples)
+                        await queue.put_many(items)
             elif mode == AWAIT:
-                put = queue.put
-                while time.perf_counter() < end:
-                    for m in samples:
-                        await put(m)
+                await _send_for(queue.put, items, end)
             else:
                 put_nowait = queue.put_nowait
                 while time.perf_counter() < end:
-                    for m in samples:
+                    for m in items:
                         try:
                             put_nowait(m)
                         except anyio.WouldBlock:
-                            await stream.wait_writable(64)
+                            await stream.wait_writable(64)  # type: ignore[attr-defined]
                             await queue.put(m)
             await stream.send_eof()
 
     anyio.run(main)
 
 
+async def _send_for(put: Callable[[Any], Any], items: list[Any], end: float) -> None:
+    """``await put(item)`` for each of ``items``, over and over until ``end``."""
+    while time.perf_counter() < end:
+        for m in items:
+            await put(m)
+
+
 # ------------------------------------------------------------- asyncio unix socket ---
-def unix_parent(res: Any, path: str, mode: str, secs: float) -> float:
+def unix_parent(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> float:
     batched = mode == BATCHED
     decode = msgspec.msgpack.Decoder(Sample).decode
 
@@ -167,8 +293,9 @@ def unix_parent(res: Any, path: str, mode: str, secs: float) -> float:
     return rate
 
 
-def unix_child(res: Any, path: str, mode: str, secs: float) -> None:
+def unix_child(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> None:
     batched = mode == BATCHED
+
     async def run(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         samples = make_samples(256)
         encode = msgspec.msgpack.Encoder().encode
@@ -193,11 +320,30 @@ def unix_child(res: Any, path: str, mode: str, secs: float) -> None:
 
 
 # --------------------------------------------------------------------------- pyzmq ---
-def zmq_parent(res: Any, path: str, mode: str, secs: float) -> float | None:
+def _zmq_pair(res: str, via: str, bind: bool) -> tuple[zmq.Context, zmq.Socket]:
+    """The harness's pyzmq PAIR set-up over ipc:// (``IPC``), or over TCP: the parent
+    binds a free port of 127.0.0.1 and publishes the endpoint in the file ``res``."""
+    if via != TCP:
+        return zmq_bind(res) if bind else zmq_connect(res)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.setsockopt(zmq.RCVTIMEO, ZMQ_SILENCE_MS)
+    sock.setsockopt(zmq.SNDTIMEO, ZMQ_SILENCE_MS)
+    if bind:
+        sock.bind("tcp://127.0.0.1:*")
+        Path(res).write_text(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        signal_ready(res)
+    else:
+        await_ready(res)
+        sock.connect(Path(res).read_text())
+    return ctx, sock
+
+
+def zmq_parent(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> float | None:
     batched = mode == BATCHED
     decode = msgspec.msgpack.Decoder(Sample).decode
     decode_many = msgspec.msgpack.Decoder(list[Sample]).decode
-    ctx, sock = zmq_bind(res)
+    ctx, sock = _zmq_pair(res, via, bind=True)
     count = 0
     try:
         sock.recv()
@@ -218,9 +364,9 @@ def zmq_parent(res: Any, path: str, mode: str, secs: float) -> float | None:
     return count / dt
 
 
-def zmq_child(res: Any, path: str, mode: str, secs: float) -> None:
+def zmq_child(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> None:
     batched = mode == BATCHED
-    ctx, sock = zmq_connect(res)
+    ctx, sock = _zmq_pair(res, via, bind=False)
     samples = make_samples(256)
     encode = msgspec.msgpack.Encoder().encode
     sock.send(encode(samples[0]))
@@ -236,6 +382,42 @@ def zmq_child(res: Any, path: str, mode: str, secs: float) -> None:
     zmq_close(ctx, sock)
 
 
+# ---------------------------------------------------------------- request/response ---
+# The same shape and ring (64 KiB) as the latency section's gntipc async row, which is
+# the raw figure next to it: the parent times each call, the child answers.
+def rpc_parent(_: Any, path: str, rounds: int, spin: float | None) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        async with g_server(path, 64 * KiB) as stream:
+            queue = MessageQueue(stream, Call)
+            sample = make_samples(1)[0]
+            times = []
+            clock = time.perf_counter
+            meter = Meter()
+            for i in range(rounds):
+                t = clock()
+                await queue.put(Request(i, sample))
+                reply = await queue.get()
+                times.append(clock() - t)
+                assert isinstance(reply, Reply) and reply.id == i, reply
+            return _latency._result(times, rounds, meter, stream.spin)
+
+    return anyio.run(main)
+
+
+def rpc_child(_: Any, path: str, rounds: int, spin: float | None) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        async with g_client(path) as stream:
+            queue = MessageQueue(stream, Call)
+            meter = Meter()
+            for _ in range(rounds):
+                request = await queue.get()
+                assert isinstance(request, Request), request
+                await queue.put(Reply(request.id, request.sample.value))
+            return meter.stop()._asdict()
+
+    return anyio.run(main)
+
+
 # ------------------------------------------------------------------------- section ---
 GNTIPC = "gntipc MessageQueue"
 MODES = {
@@ -245,42 +427,176 @@ MODES = {
 }
 
 
-def section(secs: float, repeat: int) -> list[dict[str, Any]]:
-    """Run and print the typed-message tables; return their figures (msgs/s)."""
+class Case(NamedTuple):
+    name: str
+    parent: Callable[..., Any]
+    child: Callable[..., Any]
+    setup: Callable[[], Any] | None = None
+    via: str = VCHAN
+    work: str = SMALL
+
+
+def _rates(
+    cases: list[Case], mode: str, secs: float, repeat: int, key: str, scale: float = 1.0
+) -> dict[str, Any]:
+    """Each case's best rate of ``repeat`` runs (times ``scale``, as ``key``) and every
+    run (None: skipped); the repeats take turns, so a slow spell hits every case."""
+    runs: dict[str, list[float | None]] = {case.name: [] for case in cases}
+    for _ in range(repeat):
+        for c in cases:
+            pair = attempt(
+                c.name,
+                run_pair,
+                c.parent,
+                c.child,
+                fresh_path(),
+                mode,
+                secs,
+                c.via,
+                c.work,
+                setup=c.setup,
+                budget=secs,
+            )
+            runs[c.name].append(None if pair is None else pair[0] * scale)
+    return {
+        name: {key: max((x for x in r if x is not None), default=None), "runs": r}
+        for name, r in runs.items()
+    }
+
+
+def _print(
+    title: str, results: dict[str, Any], columns: list[tuple[str, str, str]], short: str
+) -> float | None:
+    """Print ``results`` (name -> figures; the first row is gntipc's) as a table:
+    ``columns`` are (header, key, format), then ``short``/this, the ratio of the first
+    row's first figure to each row's.  Returns that ratio for the last row."""
+    key = columns[0][1]
+    figures = [r or {} for r in results.values()]
+    mine = figures[0].get(key)
+    rows = [
+        [name, *(fmt(r.get(k), spec) for _, k, spec in columns), ratio(mine, r.get(key))]
+        for name, r in zip(results, figures, strict=True)
+    ]
+    table(title, ["transport", *(h for h, _, _ in columns), f"{short}/this"], rows)
+    ref = figures[-1].get(key)
+    return mine / ref if mine is not None and ref else None
+
+
+def _goal(name: str, value: float | None, goal: float, higher: bool = True) -> dict[str, Any]:
+    """The JSON of a table's headline ratio and its goal (issue #18)."""
+    met = None if value is None else (value >= goal if higher else value <= goal)
+    sign = ">=" if higher else "<="
+    verdict = "n/a" if met is None else "met" if met else "MISSED"
+    print(f"({name} = {fmt(value, '.2f')}x; goal {sign} {goal}x: {verdict})")
+    return {"ratio_name": name, "ratio": value, "goal": f"{sign} {goal}x", "goal_met": met}
+
+
+MSGS = [("msgs/s", "msgs_per_s", ",.0f")]
+MBS = [("MB/s", "mb_per_s", ",.0f")]
+RPC_ROW = "MessageQueue request/reply (rpc)"
+
+
+def _versus(
+    kind: str,
+    mode: str,
+    title: str,
+    goal: tuple[str, float],
+    cases: list[Case],
+    secs: float,
+    repeat: int,
+    columns: list[tuple[str, str, str]] = MSGS,
+    scale: float = 1.0,
+) -> dict[str, Any]:
+    """A table of gntipc's way (the first case) against the alternative (the last);
+    ``goal``: the name of their ratio and its least value.  Returns the table's JSON."""
+    results = _rates(cases, mode, secs, repeat, columns[0][1], scale)
+    name, least = goal
+    title = f"{title}, {MODES[mode]} ({columns[0][0]}, best of {repeat})"
+    value = _print(title, results, columns, name.split("/")[0])
+    return {
+        "table": kind,
+        "mode": mode,
+        "label": MODES[mode],
+        "rows": results,
+        **_goal(name, value, least),
+    }
+
+
+def _rpc(rounds: int) -> dict[str, Any]:
+    """Request/response vs the raw round trip: p50/p99 µs, CPU µs per round trip."""
+    results: dict[str, Any] = {}
+    for name, parent, child in (
+        (RPC_ROW, rpc_parent, rpc_child),
+        (
+            "VchanStream 64-byte round trip (raw)",
+            _latency.gntipc_async_parent,
+            _latency.gntipc_async_child,
+        ),
+    ):
+        pair = attempt(
+            name, run_pair, parent, child, fresh_path(), rounds, None, budget=rounds * 500e-6
+        )
+        # the parent's figures (p50_us, p99_us, its CPU...), the child's, and both CPUs
+        results[name] = pair and {
+            **pair[0],
+            "child": pair[1],
+            "cpu_us_per_round_trip": (pair[0]["cpu"] + pair[1]["cpu"]) / rounds * 1e6,
+        }
+    value = _print(
+        "Request/response, one typed call in flight, MessageQueue on each side, 64 KiB ring,"
+        f" vs the raw 64-byte round trip ({rounds} round trips, µs; CPU = both processes')",
+        results,
+        [
+            ("p50 µs", "p50_us", ".1f"),
+            ("p99 µs", "p99_us", ".1f"),
+            ("CPU µs", "cpu_us_per_round_trip", ".1f"),
+        ],
+        "rpc",
+    )
+    return {
+        "table": "rpc",
+        "mode": "request/response",
+        "label": "typed request, typed reply, one call in flight",
+        "rounds": rounds,
+        "rows": results,
+        **_goal("rpc/raw p50", value, 2.0, higher=False),
+    }
+
+
+def section(secs: float, repeat: int, rounds: int) -> list[dict[str, Any]]:
+    """Run and print the typed-message tables; return their figures (msgs/s, µs, MB/s)."""
     out = []
     for mode, label in MODES.items():
-        cases: list[tuple[str, Any, Any, Any]] = [
-            (GNTIPC, gntipc_parent, gntipc_child, None),
-            ("asyncio unix socket (u32 prefix)", unix_parent, unix_child, tmp_sock),
-            ("pyzmq PAIR ipc://", zmq_parent, zmq_child, tmp_sock),
+        cases = [
+            Case(GNTIPC, gntipc_parent, gntipc_child),
+            Case("asyncio unix socket (u32 prefix)", unix_parent, unix_child, tmp_sock),
+            Case("pyzmq PAIR ipc://", zmq_parent, zmq_child, tmp_sock, IPC),
         ]
-        results: dict[str, Any] = {}
-        for name, parent, child, setup in cases:
-            runs = []
-            for _ in range(repeat):
-                pair = attempt(
-                    name,
-                    run_pair,
-                    parent,
-                    child,
-                    fresh_path(),
-                    mode,
-                    secs,
-                    setup=setup,
-                    budget=secs,
-                )
-                runs.append(None if pair is None else pair[0])
-            done = [r for r in runs if r is not None]
-            results[name] = {"msgs_per_s": max(done) if done else None, "runs": runs}
-        g = results[GNTIPC]["msgs_per_s"]
-        rows = [
-            [name, fmt(r["msgs_per_s"], ",.0f"), ratio(g, r["msgs_per_s"])]
-            for name, r in results.items()
-        ]
-        table(
-            f"Typed 64-byte messages, {label} (msgs/s, 1 MiB ring, best of {repeat})",
-            ["transport", "msgs/s", "gntipc/this"],
-            rows,
-        )
+        results = _rates(cases, mode, secs, repeat, "msgs_per_s")
+        title = f"Typed 64-byte messages, {label} (msgs/s, 1 MiB ring, best of {repeat})"
+        _print(title, results, MSGS, "gntipc")
         out.append({"mode": mode, "batched": mode == BATCHED, "label": label, "rows": results})
+    gp, gc = gntipc_parent, gntipc_child
+    session = [
+        Case("MessageQueue over a SessionStream", gp, gc, via=SESSION),
+        Case("MessageQueue over the bare VchanStream", gp, gc),
+    ]
+    tcp = [
+        Case("gntipc MessageQueue over anyio TCP", gp, gc, tcp_listener, TCP),
+        Case("pyzmq PAIR tcp://127.0.0.1", zmq_parent, zmq_child, tmp_sock, TCP),
+    ]
+    large = [
+        Case("MessageQueue, a Struct with 1 MiB of bytes", gp, gc, work=LARGE),
+        Case("VchanStream send(1 MiB)/receive(1 MiB) (raw)", gp, gc, work=LARGE_RAW),
+    ]
+    for mode in (AWAIT, BATCHED):
+        title = "Typed 64-byte messages, one Session stream vs the bare vchan, 1 MiB ring"
+        out.append(_versus("session", mode, title, ("session/bare", 0.7), session, secs, repeat))
+    out.append(_rpc(rounds))
+    for mode in (AWAIT, BATCHED):
+        title = "Typed 64-byte messages across hosts (TCP, 127.0.0.1)"
+        out.append(_versus("tcp", mode, title, ("gntipc/pyzmq", 1.0), tcp, secs, repeat))
+    title = "1 MiB messages (payload), 1 MiB ring"
+    mbs = (MBS, MiB / 1e6)  # (1 MiB items per second) * MiB / 1e6
+    out.append(_versus("large", AWAIT, title, ("queue/raw", 0.8), large, secs, repeat, *mbs))
     return out

@@ -6,7 +6,10 @@ Without REPORT, the newest ``benchmarks/results/*.json``.  The chart is written 
 report as ``<same name>.png`` (or into ``--out-dir``) and its path printed.  One panel per
 section present in the report: throughput (MB/s) by transport and ring size, round-trip
 latency (p50 and p99, µs) by transport, typed-message rates (msgs/s) by transport, one at a
-time and batched.  A row that the run skipped (no figure) is left out of its panel.
+time and batched; then the message section's comparison tables (issue #18), when present:
+the queue over a SessionStream and over TCP vs the bare vchan and pyzmq (msgs/s, per
+mode), request/response vs the raw round trip (p50 and p99, µs), and 1 MiB messages vs
+raw sends (MB/s).  A row that the run skipped (no figure) is left out of its panel.
 
 Needs matplotlib (the ``bench`` extra).  Exit status: 0 written, 1 no usable report.
 """
@@ -54,15 +57,19 @@ def _per_section(
     series_label: Callable[[dict[str, Any]], str],
     figure: Callable[[Any], float | None],
 ) -> tuple[list[str], dict[str, list[float | None]]]:
-    """Transports in report order (every section's rows) and one series per section:
-    ``figure(row)`` for each transport (None where the section lacks it or it was skipped)."""
+    """Transports in report order (every section's rows) and one series per distinct
+    ``series_label(section)`` (sections with the same label share one): ``figure(row)``
+    for each transport (None where no such section has it or it was skipped)."""
     names: list[str] = []
     for section in sections:
         names += [n for n in section.get("rows", {}) if n not in names]
     series: dict[str, list[float | None]] = {}
     for section in sections:
         rows = section.get("rows", {})
-        series[series_label(section)] = [figure(rows.get(n) or {}) for n in names]
+        values = series.setdefault(series_label(section), [None] * len(names))
+        for i, name in enumerate(names):
+            if name in rows:
+                values[i] = figure(rows[name] or {})
     return names, series
 
 
@@ -75,9 +82,8 @@ def throughput_series(report: dict[str, Any]) -> tuple[list[str], dict[str, list
     )
 
 
-def latency_series(report: dict[str, Any]) -> tuple[list[str], dict[str, list[float | None]]]:
+def _percentiles(rows: dict[str, Any]) -> tuple[list[str], dict[str, list[float | None]]]:
     """Transports and their p50 and p99 round-trip times in µs (None: skipped)."""
-    rows = (report.get("latency") or {}).get("rows") or {}
     names = list(rows)
     series = {
         label: [_number((rows[n] or {}).get(key)) for n in names]
@@ -86,12 +92,51 @@ def latency_series(report: dict[str, Any]) -> tuple[list[str], dict[str, list[fl
     return names, series
 
 
+def latency_series(report: dict[str, Any]) -> tuple[list[str], dict[str, list[float | None]]]:
+    """Transports and their p50 and p99 round-trip times in µs (None: skipped)."""
+    return _percentiles((report.get("latency") or {}).get("rows") or {})
+
+
+def _message_tables(report: dict[str, Any], *kinds: str | None) -> list[dict[str, Any]]:
+    """The message section's tables of these kinds (their ``table`` key): None is the
+    transport comparison (one table per mode, no ``table`` key, as in every report)."""
+    tables = report.get("messages") or []
+    return [t for t in tables if isinstance(t, dict) and t.get("table") in kinds]
+
+
+def _label(section: dict[str, Any]) -> str:
+    return str(section.get("label", ""))
+
+
 def message_series(report: dict[str, Any]) -> tuple[list[str], dict[str, list[float | None]]]:
     """Transports and, per message mode (one at a time, batched), their millions of msgs/s."""
     return _per_section(
-        report.get("messages") or [],
-        lambda section: str(section.get("label", "")),
+        _message_tables(report, None), _label, lambda row: _mega(row.get("msgs_per_s"))
+    )
+
+
+def message_vs_series(report: dict[str, Any]) -> tuple[list[str], dict[str, list[float | None]]]:
+    """The queue over a SessionStream vs the bare vchan, and over TCP vs pyzmq: millions
+    of msgs/s per mode."""
+    return _per_section(
+        _message_tables(report, "session", "tcp"),
+        _label,
         lambda row: _mega(row.get("msgs_per_s")),
+    )
+
+
+def rpc_series(report: dict[str, Any]) -> tuple[list[str], dict[str, list[float | None]]]:
+    """Request/response vs the raw round trip: p50 and p99 in µs."""
+    tables = _message_tables(report, "rpc")
+    return _percentiles((tables[-1].get("rows") or {}) if tables else {})
+
+
+def large_message_series(
+    report: dict[str, Any],
+) -> tuple[list[str], dict[str, list[float | None]]]:
+    """1 MiB messages through the queue vs raw sends: MB/s of payload."""
+    return _per_section(
+        _message_tables(report, "large"), _label, lambda row: _number(row.get("mb_per_s"))
     )
 
 
@@ -146,6 +191,12 @@ def plot(report_path: Path, out_dir: Path | None = None) -> Path:
          throughput_series(report)),
         ("Round trip of 64 bytes", "µs (lower is better)", ".1f", latency_series(report)),
         ("Typed 64-byte messages", "million messages/s", ".2f", message_series(report)),
+        ("Typed 64-byte messages: a Session stream vs the bare vchan; TCP, gntipc vs pyzmq",
+         "million messages/s", ".2f", message_vs_series(report)),
+        ("Typed request/response vs the raw 64-byte round trip", "µs (lower is better)",
+         ".1f", rpc_series(report)),
+        ("1 MiB typed messages vs raw 1 MiB sends", "MB/s of payload", ",.0f",
+         large_message_series(report)),
     ):
         names, series = _drop_empty(names, series)
         if names:

@@ -7,8 +7,15 @@ Four sections (see benchmarks/README.md), each printed as a table:
 
 * **throughput** (``_throughput.py``): 64 KiB sends, 64 KiB and 1 MiB rings; MB/s, CPU
   seconds per GB moved (both processes), ratio gntipc/peer.
-* **messages** (``_messages.py``): typed 64-byte msgspec messages, one at a time and
-  batched; msgs/s, ratio gntipc/peer.
+* **messages** (``_messages.py``): typed 64-byte msgspec messages, one at a time
+  (``await put`` / ``async for``, and ``put_nowait``/``get_nowait``) and batched
+  (``put_many``/``get_many``); msgs/s, ratio gntipc/peer (asyncio unix socket, pyzmq).
+  Then each against what a user would pick instead, with its goal (issue #18): the
+  queue over one ``SessionStream`` vs over the bare ``VchanStream`` (session/bare >=
+  0.7x); request/response, one typed call in flight, p50/p99 µs vs the raw 64-byte
+  round trip (rpc/raw p50 <= 2x); the queue over anyio TCP on 127.0.0.1 vs pyzmq over
+  tcp:// (gntipc/pyzmq >= 1x); 1 MiB messages one at a time, MB/s vs raw
+  ``send(1 MiB)``/``receive`` (queue/raw >= 0.8x).
 * **latency** (``_latency.py``): 64-byte round trips, p50/p99 µs, CPU µs per round trip.
 * **idle** (``_idle.py``): CPU % of each process of a connected pair waiting after a burst.
 
@@ -129,7 +136,7 @@ def main() -> None:
         "parameters": {
             "throughput_seconds": secs,
             "repeat": repeat,
-            "latency_rounds": rounds,
+            "latency_rounds": rounds,  # also the request/response table's
             "idle_seconds": idle,
             "idle_burst_round_trips": burst,
         },
@@ -145,7 +152,7 @@ def main() -> None:
     if "throughput" in only:
         report["throughput"] = _throughput.section(secs, repeat)
     if "messages" in only:
-        report["messages"] = _messages.section(secs, repeat)
+        report["messages"] = _messages.section(secs, repeat, rounds)
     if "latency" in only:
         report["latency"] = _latency.section(rounds)
     if "idle" in only:
