@@ -43,6 +43,7 @@ from ._domid import check_domid
 from ._endpoint import Endpoint
 from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError, XenStoreTimeout
 from ._rendezvous import connect_async, resolve_path
+from ._soon import Scheduler, scheduler
 from ._spin import DEFAULT_SPIN_ASYNC, Spinner
 from ._stats import VchanStreamStatistics
 from .backends import Backend, get_backend
@@ -75,6 +76,10 @@ FAIR_SLICE = 100e-6
 #: ring and hands out the rest on the next calls, as a socket's buffer does: the writer
 #: then gets ring space in blocks, not a wake-up per small read.
 READ_AHEAD = 4096
+
+#: Writes deferred by :meth:`VchanStream._send_soon` go to the ring at once when this many
+#: bytes (or a quarter of the ring) are waiting, else when the writing task yields.
+FLUSH_BYTES = 16384
 
 
 class VchanAttribute(TypedAttributeSet):
@@ -219,6 +224,17 @@ class VchanStream(ByteStream):
         # (READ_AHEAD): self._ahead[self._ahead_pos:].
         self._ahead = b""
         self._ahead_pos = 0
+        # Deferred writes (_send_soon): bytes accepted for the ring, not written yet; they
+        # are written before anything else this stream writes, waits for or closes, and
+        # at the latest when the event loop runs the scheduled flush.  _later_room is
+        # ring space known to be free beyond them (free space only grows while nothing
+        # else writes, so what was accepted always fits when it is flushed).
+        self._later = bytearray()
+        self._later_room = 0
+        self._later_scheduled = False
+        self._later_thread = 0
+        self._soon: Scheduler | None = None  # of the loop (and thread) that last wrote
+        self._flush_at = min(FLUSH_BYTES, vchan.write_size // 4)
         self._read_spinner = Spinner(DEFAULT_SPIN_ASYNC)
         self._yielded = 0.0
         self._write_spinner = Spinner(DEFAULT_SPIN_ASYNC)
@@ -340,8 +356,93 @@ class VchanStream(ByteStream):
             anyio.BrokenResourceError: the peer is gone.
             anyio.ClosedResourceError: we closed the stream or sent EOF.
         """
-        if not self._check_send().send_nowait(item):
+        ep = self._check_send()
+        if self._later and not self._flush():
             raise WouldBlock
+        if not ep.send_nowait(item):
+            raise WouldBlock
+
+    def _send_soon(self, item: Buffer) -> bool:
+        """Accept ``item`` (a packet: a ``B``-format buffer) for the ring without writing
+        it yet: it is written, after what was accepted before and before anything else
+        this stream writes, when :data:`FLUSH_BYTES` have gathered, before this stream
+        waits for anything, when it closes, and at the latest when the event loop runs
+        its callbacks after the calling task yields (asyncio: in its next iteration;
+        trio: with its next batch of ``run_sync_soon`` callbacks).  Many small packets
+        then cost one ring write and at most one notification.  Returns False,
+        accepting nothing, when ``item`` does not fit the ring's free space now (write
+        it with :meth:`send_nowait` or :meth:`send`).
+
+        Raises: as :meth:`send_nowait`.
+        """
+        if self._vchan is None or self._sending or self._ep.eof_sent:
+            self._check_send()  # raises
+        n = len(item)
+        if n > self._later_room:
+            self._later_room = self._ep.buffer_space() - len(self._later)
+            if n > self._later_room:
+                return False
+        later = self._later
+        later += item
+        self._later_room -= n
+        if len(later) >= self._flush_at:
+            self._flush()
+        elif not self._later_scheduled:
+            thread = threading.get_ident()
+            if self._soon is None or thread != self._later_thread:
+                self._later_thread = thread
+                self._soon = scheduler()
+            if self._soon is None:  # no event loop to run it: now
+                self._flush()
+            else:
+                try:
+                    self._soon(self._flush_soon)
+                except RuntimeError:  # that loop is closed: find the running one
+                    self._soon = None
+                    self._flush()
+                else:
+                    self._later_scheduled = True
+        return True
+
+    def _flush_soon(self) -> None:
+        # The scheduled flush, run by the event loop: it must not raise.  A failure (the
+        # peer is gone, the stream closed) is reported by this stream's next call.
+        self._later_scheduled = False
+        with contextlib.suppress(Exception):
+            self._flush()
+
+    def _flush(self) -> bool:
+        """Write what :meth:`_send_soon` held back, as much as fits (the rest stays, in
+        order); True once nothing is left.
+
+        Raises: as :meth:`send_nowait` (nothing is written then).
+        """
+        later = self._later
+        if not later:
+            return True
+        if self._vchan is None:
+            raise ClosedResourceError
+        written, _ = self._ep.write_from(later, 0)
+        del later[:written]
+        if later:
+            self._later_room = 0
+            return False
+        return True
+
+    async def _drain_later(self) -> None:
+        """Write what :meth:`_send_soon` held back, waiting for ring space if needed."""
+        ep = self._ep
+        while not self._flush():
+            self._send_waits += 1
+            await self._dispatcher.wait_for(ep.poll_write, ep.spin_write, self._write_spinner, 1)
+            self._yielded = time.monotonic()
+
+    def _flush_before_wait(self) -> None:
+        """Before this stream waits for the peer: what was held back goes out first (the
+        peer may be waiting for it to answer)."""
+        if self._later:
+            with contextlib.suppress(Exception):  # reported by the next send
+                self._flush()
 
     async def send(self, item: Buffer) -> None:
         """Send all of ``item`` (any buffer: bytes, bytearray, memoryview, numpy array),
@@ -368,6 +469,8 @@ class VchanStream(ByteStream):
             if now - self._yielded >= FAIR_SLICE:
                 self._yielded = now
                 await checkpoint()
+            if self._later:
+                await self._drain_later()
             try:
                 offset, total = ep.write_from(item, 0)
             except BufferError:
@@ -402,6 +505,12 @@ class VchanStream(ByteStream):
             raise ClosedResourceError
         if self._sending:
             raise BusyResourceError("sending to")
+        if self._later:
+            self._sending = True
+            try:
+                await self._drain_later()
+            finally:
+                self._sending = False
         self._ep.send_eof()
         await checkpoint()
 
@@ -525,6 +634,7 @@ class VchanStream(ByteStream):
                 if got:
                     return got
                 self._receive_waits += 1
+                self._flush_before_wait()
                 await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
                 self._yielded = time.monotonic()
         finally:
@@ -567,6 +677,7 @@ class VchanStream(ByteStream):
         ep = self._ep
         while not self._ahead and not ep.readable():
             self._receive_waits += 1
+            self._flush_before_wait()
             await self._dispatcher.wait_for(ep.poll_read, ep.spin_read, self._read_spinner, 1)
 
     async def wait_writable(self, nbytes: int = 1) -> None:
@@ -585,6 +696,8 @@ class VchanStream(ByteStream):
         if self._vchan is None or ep.eof_sent:
             raise ClosedResourceError
         nbytes = min(nbytes, ep.write_size)
+        if self._later:
+            await self._drain_later()
         while ep.buffer_space() < nbytes:
             if ep.peer_state() == LIVE_GONE:
                 raise BrokenResourceError("the peer is gone")
@@ -599,8 +712,14 @@ class VchanStream(ByteStream):
         """Close now, in the calling thread (idempotent): this blocks on the store
         (removing our store nodes); in async code, use :meth:`aclose`.  The peer drains
         what we wrote, then sees :class:`anyio.EndOfStream`.  Tasks blocked in
-        :meth:`send` or :meth:`receive` get :class:`anyio.ClosedResourceError`."""
+        :meth:`send` or :meth:`receive` get :class:`anyio.ClosedResourceError`.
+
+        Called from another thread than the one that wrote, a close does not write what
+        a :class:`~gntipc.MessageQueue` put in the last moment (before the event loop
+        ran again) and did not write yet: a close racing a put loses that put."""
         if self._vchan is not None:
+            if self._later and threading.get_ident() == self._later_thread:
+                self._flush_before_wait()
             _close_all(*self._stop())
 
     async def aclose(self) -> None:
@@ -616,6 +735,7 @@ class VchanStream(ByteStream):
                 in the background.
         """
         if self._vchan is not None:
+            self._flush_before_wait()
             path = self._vchan.path
             await _aclose_all(*self._stop(), path)
         await checkpoint()
