@@ -1,4 +1,5 @@
-"""Run a plain callback on the current event loop, soon: after the calling task yields.
+"""Run a plain callback on the current event loop, soon: after the calling task yields;
+and :class:`Deferred`, the bytes a stream holds back for a write scheduled that way.
 
 anyio has no ``call_soon``; deferred writes (:meth:`gntipc.VchanStream._send_soon`) need
 one to guarantee that what they hold back reaches the ring even when the writing task
@@ -10,12 +11,14 @@ raise (trio would crash the run): callers catch everything.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 from collections.abc import Callable
 
 import sniffio
 
-__all__ = ["Scheduler", "scheduler"]
+__all__ = ["Deferred", "Scheduler", "scheduler"]
 
 #: Schedules a callback on one event loop (asyncio's ``loop.call_soon``, trio's
 #: ``run_sync_soon``); its return value is ignored.
@@ -42,3 +45,51 @@ def scheduler() -> Scheduler | None:
         run_sync_soon: Scheduler = trio.lowlevel.current_trio_token().run_sync_soon
         return run_sync_soon
     return None
+
+
+class Deferred:
+    """Bytes a stream accepted without writing them yet (its ``_send_soon``), and the
+    flush it scheduled for them on the event loop of the thread that wrote.
+
+    The stream's ``flush`` writes ``buf`` (all, or what fits: it leaves the rest in
+    ``buf``) and may raise; run from the event loop, its errors are dropped (the
+    stream's next call reports the state that caused them).  It is held only while a
+    flush is scheduled: no lasting reference cycle with the stream.
+    """
+
+    __slots__ = ("_flush", "_soon", "buf", "thread")
+
+    def __init__(self) -> None:
+        self._flush: Callable[[], object] | None = None  # while scheduled
+        self._soon: Scheduler | None = None  # of the loop (and thread) that last wrote
+        self.buf = bytearray()
+        self.thread = 0
+
+    def schedule(self, flush: Callable[[], object]) -> None:
+        """Make sure ``flush()`` runs soon on the calling thread's event loop (now, if
+        it has none)."""
+        if self._flush is not None:
+            return
+        thread = threading.get_ident()
+        if self._soon is None or thread != self.thread:
+            self.thread = thread
+            self._soon = scheduler()
+        if self._soon is not None:
+            try:
+                self._soon(self._run)
+            except RuntimeError:  # that loop is closed: find the running one next time
+                self._soon = None
+            else:
+                self._flush = flush
+                return
+        flush()
+
+    def _run(self) -> None:
+        flush, self._flush = self._flush, None
+        if flush is not None:
+            with contextlib.suppress(Exception):
+                flush()
+
+    def writer_thread(self) -> bool:
+        """True in the thread that wrote what is held back (or if nothing is)."""
+        return not self.buf or threading.get_ident() == self.thread

@@ -142,6 +142,12 @@ class MessageQueue(AsyncResource, Generic[T]):
         # The fast paths: a VchanStream sends all or nothing without waiting; a stream
         # with receive_nowait can be drained without waiting.
         self._vchan = stream if isinstance(stream, VchanStream) else None
+        # Streams that gather small writes (see put), and how to send what they hold.
+        self._send_soon: Callable[[bytearray], bool] | None = None
+        self._send_held: Callable[[], None] | None = None
+        if isinstance(stream, (VchanStream, SessionStream)):
+            self._send_soon = stream._send_soon
+            self._send_held = stream._flush_before_wait
         self._receive_nowait: Callable[[int], bytes] | None = getattr(
             stream, "receive_nowait", None
         )
@@ -155,9 +161,12 @@ class MessageQueue(AsyncResource, Generic[T]):
         self._wbuf = bytearray(256)
         self._putting = False
         self._getting = False
-        # When put / get last yielded to the event loop (FAIR_SLICE).
-        self._put_yielded = 0.0
-        self._get_yielded = 0.0
+        # When this queue last yielded to the event loop (FAIR_SLICE): a fair yield of
+        # put or get, or a call of the stream (which yields at least that often itself,
+        # and when it waits).  One clock for both directions: a get that waited for an
+        # answer makes the next put's yield needless (a request/response loop then pays
+        # no loop iteration per call).
+        self._yielded = 0.0
         self._ended = False
         self._closed = False
         self._deferred: BaseException | None = None
@@ -299,16 +308,16 @@ class MessageQueue(AsyncResource, Generic[T]):
         if self._putting:
             raise BusyResourceError("sending to")
         now = _monotonic()
-        if now - self._put_yielded >= FAIR_SLICE:
-            self._put_yielded = now
+        if now - self._yielded >= FAIR_SLICE:
+            self._yielded = now
             await self._fair_yield(getting=False)  # a cancellation lands here
         # No await from here to the end of the common case: no other task can put.
         buf = self._wbuf
         self._framer.encode_into(message, buf)
-        vchan = self._vchan
-        if vchan is not None and vchan._send_soon(buf):
-            # The common case: the frame fits the ring now; it goes out with the frames
-            # of the next puts, one ring write for many.
+        send_soon = self._send_soon
+        if send_soon is not None and send_soon(buf):
+            # The common case: the frame fits the ring (or the session's window) now; it
+            # goes out with the frames of the next puts, one write for many.
             self._messages_sent += 1
             self._bytes_sent += len(buf)
             return
@@ -340,8 +349,8 @@ class MessageQueue(AsyncResource, Generic[T]):
         self._putting = True
         try:
             now = _monotonic()
-            if now - self._put_yielded >= FAIR_SLICE:
-                self._put_yielded = now
+            if now - self._yielded >= FAIR_SLICE:
+                self._yielded = now
                 await checkpoint()
             if not isinstance(messages, (list, tuple)):
                 messages = list(messages)  # counted in the statistics
@@ -370,7 +379,7 @@ class MessageQueue(AsyncResource, Generic[T]):
                     stream.send_nowait(buf)
                 except WouldBlock:
                     await stream.wait_writable(size)
-                    self._put_yielded = _monotonic()
+                    self._yielded = _monotonic()
                     continue
                 self._sent(count, size)
                 return
@@ -486,9 +495,14 @@ class MessageQueue(AsyncResource, Generic[T]):
             As :meth:`get_nowait`, except that it waits instead of raising WouldBlock.
         """
         self._check_get()
+        if self._send_held is not None:
+            # What our puts held back goes out first: a get after a put is most often
+            # a request waiting for its answer (the answer comes sooner, and the peer
+            # keeps spinning instead of falling asleep).
+            self._send_held()
         now = _monotonic()
-        if now - self._get_yielded >= FAIR_SLICE:
-            self._get_yielded = now
+        if now - self._yielded >= FAIR_SLICE:
+            self._yielded = now
             await self._fair_yield(getting=True)  # a cancellation lands here
             self._check_get()  # closed meanwhile?
         framer = self._framer
@@ -505,6 +519,7 @@ class MessageQueue(AsyncResource, Generic[T]):
                         data = await receive(self._receive_size())
                     except EndOfStream:
                         raise self._at_end() from None
+                    self._yielded = _monotonic()
                     self._bytes_received += len(data)
                     framer.feed(data if type(data) is bytes else bytes(data))
                     message = framer.next_message()
@@ -604,7 +619,7 @@ class MessageQueue(AsyncResource, Generic[T]):
             and not self._getting
             and self._deferred is None
             and not self._closed
-            and _monotonic() - self._get_yielded < FAIR_SLICE
+            and _monotonic() - self._yielded < FAIR_SLICE
         ):
             # get()'s fast path, without its call: a message decoded already and no
             # yield due (the loop over a busy queue is one call per message).

@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -58,6 +59,7 @@ from anyio.abc import ByteStream
 from anyio.lowlevel import checkpoint
 
 from ._exceptions import LocalProtocolError, RemoteProtocolError
+from ._soon import Deferred
 from ._stats import SessionStatistics
 from .protocol.mux import DEFAULT_MAX_STREAMS as DEFAULT_MAX_STREAMS
 from .protocol.mux import DEFAULT_WINDOW as DEFAULT_WINDOW
@@ -81,7 +83,7 @@ from .protocol.mux import (
     encode_frame,
     encode_hello,
 )
-from .streams import VchanAttribute, VchanStream
+from .streams import FAIR_SLICE, FLUSH_BYTES, VchanAttribute, VchanStream
 
 __all__ = ["Session", "SessionStream"]
 
@@ -668,6 +670,10 @@ class SessionStream(ByteStream):
         self._remote_reset = False
         self._closed = False
         self._accepted = False
+        # Bytes accepted by _send_soon, not sent yet (see there), and when send/receive
+        # last yielded to the event loop (FAIR_SLICE).
+        self._later = Deferred()
+        self._yielded = 0.0
         #: How many bytes of the item of the last (or current) :meth:`send` were written:
         #: after a cancelled send, the length of the prefix that will be delivered.
         self.send_progress = 0
@@ -759,7 +765,10 @@ class SessionStream(ByteStream):
         self._sending = True
         self.send_progress = 0
         try:
-            await checkpoint()
+            await self._fair_checkpoint()
+            if self._later.buf:
+                self._check_send()
+                self._flush()
             with memoryview(item) as raw, raw.cast("B") as view:
                 total = len(view)
                 atomic = total <= self._session._peer_window // 2
@@ -778,6 +787,64 @@ class SessionStream(ByteStream):
                     self.send_progress = offset
         finally:
             self._sending = False
+
+    async def _fair_checkpoint(self) -> None:
+        # A call that need not wait yields only if this stream did not for FAIR_SLICE:
+        # a busy stream neither starves other tasks nor pays a loop iteration per call.
+        now = time.monotonic()
+        if now - self._yielded >= FAIR_SLICE:
+            self._yielded = now
+            await checkpoint()
+
+    def _send_soon(self, item: bytes | bytearray | memoryview) -> bool:
+        """Accept ``item`` without sending it yet: what gathers is sent as one DATA piece
+        when :data:`~gntipc.streams.FLUSH_BYTES` gathered, before this stream sends
+        anything else, waits to receive, sends EOF or closes, and at the latest when the
+        event loop runs its callbacks after the calling task yields (as
+        :meth:`gntipc.VchanStream._send_soon`).  False, accepting nothing, when it
+        would exceed the peer's window now, or a send is in progress, or the stream
+        cannot send (then :meth:`send` reports why)."""
+        session = self._session
+        if (
+            self._sending
+            or self._closed
+            or self._eof_sent
+            or self._remote_reset
+            or session._down is not None
+        ):
+            return False
+        later = self._later.buf
+        if len(later) + len(item) > self._send_credit:
+            return False
+        later += item
+        if len(later) >= FLUSH_BYTES:
+            self._flush()
+        else:
+            self._later.schedule(self._flush)
+        return True
+
+    def _flush(self) -> None:
+        """Send what :meth:`_send_soon` held back, as one DATA piece: now if the ring has
+        room and nothing is queued before it, else through the session's writer.
+
+        Raises:
+            The session's error if the underlying stream failed.
+        """
+        later = self._later.buf
+        if not later or self._closed or self._session._down is not None:
+            later.clear()  # it can no longer be sent (our close reset the stream)
+            return
+        frames = encode_data(self.stream_id, later)
+        self._send_credit -= len(later)
+        later.clear()
+        session = self._session
+        if not session._write_now(frames):
+            session._queue_data(frames)  # the writer writes it whole, in order
+
+    def _flush_before_wait(self) -> None:
+        if self._later.buf:
+            with contextlib.suppress(Exception):  # the session's error: reported next
+                self._flush()
 
     async def _send_piece(self, frames: bytes, n: int, offset: int) -> None:
         """Write the DATA ``frames`` of ``n`` bytes of the item (from ``offset``): now if
@@ -820,6 +887,7 @@ class SessionStream(ByteStream):
             raise BusyResourceError("sending to")
         if self._session._down is _Down.CLOSED:
             raise ClosedResourceError
+        self._flush_before_wait()
         self._send_eof_frame()
         await checkpoint()
 
@@ -892,7 +960,7 @@ class SessionStream(ByteStream):
             raise ValueError("max_bytes must be at least 1")
         self._receiving = True
         try:
-            await checkpoint()
+            await self._fair_checkpoint()
             while True:
                 if self._closed:
                     raise ClosedResourceError
@@ -901,7 +969,9 @@ class SessionStream(ByteStream):
                     return self._take(max_bytes)
                 if self._remote_eof or self._remote_reset or down is not None:
                     raise self._end_of_data()
+                self._flush_before_wait()
                 await self._signal.wait()
+                self._yielded = time.monotonic()
         finally:
             self._receiving = False
 
@@ -913,6 +983,8 @@ class SessionStream(ByteStream):
         :meth:`receive` get :class:`anyio.ClosedResourceError`."""
         if self._closed:
             return
+        if self._later.writer_thread():
+            self._flush_before_wait()  # the peer reads what we sent, then the end
         self._closed = True
         self._chunks.clear()
         session = self._session

@@ -43,7 +43,7 @@ from ._domid import check_domid
 from ._endpoint import Endpoint
 from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError, XenStoreTimeout
 from ._rendezvous import connect_async, resolve_path
-from ._soon import Scheduler, scheduler
+from ._soon import Deferred
 from ._spin import DEFAULT_SPIN_ASYNC, Spinner
 from ._stats import VchanStreamStatistics
 from .backends import Backend, get_backend
@@ -229,11 +229,8 @@ class VchanStream(ByteStream):
         # at the latest when the event loop runs the scheduled flush.  _later_room is
         # ring space known to be free beyond them (free space only grows while nothing
         # else writes, so what was accepted always fits when it is flushed).
-        self._later = bytearray()
+        self._later = Deferred()
         self._later_room = 0
-        self._later_scheduled = False
-        self._later_thread = 0
-        self._soon: Scheduler | None = None  # of the loop (and thread) that last wrote
         self._flush_at = min(FLUSH_BYTES, vchan.write_size // 4)
         self._read_spinner = Spinner(DEFAULT_SPIN_ASYNC)
         self._yielded = 0.0
@@ -357,7 +354,7 @@ class VchanStream(ByteStream):
             anyio.ClosedResourceError: we closed the stream or sent EOF.
         """
         ep = self._check_send()
-        if self._later and not self._flush():
+        if self._later.buf and not self._flush():
             raise WouldBlock
         if not ep.send_nowait(item):
             raise WouldBlock
@@ -378,38 +375,18 @@ class VchanStream(ByteStream):
         if self._vchan is None or self._sending or self._ep.eof_sent:
             self._check_send()  # raises
         n = len(item)
+        later = self._later.buf
         if n > self._later_room:
-            self._later_room = self._ep.buffer_space() - len(self._later)
+            self._later_room = self._ep.buffer_space() - len(later)
             if n > self._later_room:
                 return False
-        later = self._later
         later += item
         self._later_room -= n
         if len(later) >= self._flush_at:
             self._flush()
-        elif not self._later_scheduled:
-            thread = threading.get_ident()
-            if self._soon is None or thread != self._later_thread:
-                self._later_thread = thread
-                self._soon = scheduler()
-            if self._soon is None:  # no event loop to run it: now
-                self._flush()
-            else:
-                try:
-                    self._soon(self._flush_soon)
-                except RuntimeError:  # that loop is closed: find the running one
-                    self._soon = None
-                    self._flush()
-                else:
-                    self._later_scheduled = True
+        else:
+            self._later.schedule(self._flush)
         return True
-
-    def _flush_soon(self) -> None:
-        # The scheduled flush, run by the event loop: it must not raise.  A failure (the
-        # peer is gone, the stream closed) is reported by this stream's next call.
-        self._later_scheduled = False
-        with contextlib.suppress(Exception):
-            self._flush()
 
     def _flush(self) -> bool:
         """Write what :meth:`_send_soon` held back, as much as fits (the rest stays, in
@@ -417,7 +394,7 @@ class VchanStream(ByteStream):
 
         Raises: as :meth:`send_nowait` (nothing is written then).
         """
-        later = self._later
+        later = self._later.buf
         if not later:
             return True
         if self._vchan is None:
@@ -440,7 +417,7 @@ class VchanStream(ByteStream):
     def _flush_before_wait(self) -> None:
         """Before this stream waits for the peer: what was held back goes out first (the
         peer may be waiting for it to answer)."""
-        if self._later:
+        if self._later.buf:
             with contextlib.suppress(Exception):  # reported by the next send
                 self._flush()
 
@@ -469,7 +446,7 @@ class VchanStream(ByteStream):
             if now - self._yielded >= FAIR_SLICE:
                 self._yielded = now
                 await checkpoint()
-            if self._later:
+            if self._later.buf:
                 await self._drain_later()
             try:
                 offset, total = ep.write_from(item, 0)
@@ -505,7 +482,7 @@ class VchanStream(ByteStream):
             raise ClosedResourceError
         if self._sending:
             raise BusyResourceError("sending to")
-        if self._later:
+        if self._later.buf:
             self._sending = True
             try:
                 await self._drain_later()
@@ -696,7 +673,7 @@ class VchanStream(ByteStream):
         if self._vchan is None or ep.eof_sent:
             raise ClosedResourceError
         nbytes = min(nbytes, ep.write_size)
-        if self._later:
+        if self._later.buf:
             await self._drain_later()
         while ep.buffer_space() < nbytes:
             if ep.peer_state() == LIVE_GONE:
@@ -718,7 +695,7 @@ class VchanStream(ByteStream):
         a :class:`~gntipc.MessageQueue` put in the last moment (before the event loop
         ran again) and did not write yet: a close racing a put loses that put."""
         if self._vchan is not None:
-            if self._later and threading.get_ident() == self._later_thread:
+            if self._later.writer_thread():
                 self._flush_before_wait()
             _close_all(*self._stop())
 

@@ -318,23 +318,7 @@ async def test_a_frame_split_anywhere_reassembles() -> None:
 # -- puts held back for the next ones (VchanStream._send_soon) -----------------------------
 
 
-async def test_a_put_goes_out_when_the_producer_stops_putting(make_pair: PairFactory) -> None:
-    # A put's frame is held back to go out with the next ones; the producer here puts
-    # once and then only waits for something else: the frame still goes out (the event
-    # loop runs the flush), and the consumer's wait is its own (it flushes nothing of ours).
-    rx, tx = await queues(make_pair)
-    done = anyio.Event()
-
-    async def consume() -> None:
-        assert await rx.get() == Reading(1, 1.0)
-        done.set()
-
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(consume)
-            await anyio.wait_all_tasks_blocked()  # the consumer waits first
-            await tx.put(Reading(1, 1.0))
-            await done.wait()
+# (A put goes out when the producer stops putting: test_queue_conformance.py, every kind.)
 
 
 async def test_many_puts_are_few_ring_writes(make_pair: PairFactory) -> None:
@@ -410,10 +394,10 @@ async def test_a_busy_consumer_lets_other_tasks_run(make_pair: PairFactory) -> N
         tg.start_soon(produce)
         tg.start_soon(consume)
         tg.start_soon(tick)
-        await anyio.sleep(1.0)
-        tg.cancel_scope.cancel()
-    received = rx.statistics().messages_received
-    assert received > 1000  # they did run
+        with anyio.fail_after(120):  # all three run (on a slow machine, slowly)
+            while rx.statistics().messages_received < 5000 or len(gaps) < 100:
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()  # and the consumer is cancellable
     # The loop went round in small steps: functional bound, not a benchmark (a loaded
     # CI machine preempts us now and then: the median, not the maximum).
     assert statistics.median(gaps) < 0.01, (statistics.median(gaps), max(gaps))
