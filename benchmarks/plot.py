@@ -223,7 +223,9 @@ def plot(report_path: Path, out_dir: Path | None = None) -> Path:
         + (" (--quick)" if report.get("quick") else ""),
         fontsize=10,
     )
-    fig.tight_layout()
+    # Leave the top half inch to the title: tight_layout alone lets it overlap the
+    # first panel's title.
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.5 / (sum(heights) + 0.8)))
     out = (out_dir if out_dir is not None else report_path.parent) / f"{report_path.stem}.png"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
