@@ -19,6 +19,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from conftest import fresh_path
 
 import gntipc
+import gntipc._spin
 from gntipc.backends import Backend
 
 pytestmark = pytest.mark.anyio
@@ -101,6 +102,49 @@ async def test_bytes_producer_consumer(backend: Backend, spawn: object) -> None:
         await peer.finish()
     assert total == n
     assert h.hexdigest() == hashlib.blake2b(random.Random(42).randbytes(n)).hexdigest()
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or not gntipc._spin._can_spin(),
+    reason="the spin policy is off on a one-CPU machine",
+)
+async def test_two_processes_on_one_cpu_hand_over_by_spinning(
+    backend: Backend, spawn: object
+) -> None:
+    # Both processes pinned to one CPU: a spinning wait yields the CPU (sched_yield), so
+    # the peer it waits for runs and the wait ends by spinning, not by an event.  (A
+    # spin that kept the CPU could never see the peer move: every wait would end in a
+    # blocking sleep and an event, and the spinning would fade out.)
+    path = fresh_path()
+    n = 20 * 65536
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})  # the peer inherits it
+    try:
+        async with await gntipc.listen(
+            spawn.peer_domid,  # type: ignore[attr-defined]
+            path,
+            backend=backend,
+            read_size=65536,
+        ) as listener:
+            peer = await spawn("bytes", path, n, 7)  # type: ignore[operator]
+            async with await listener.accept() as stream:
+                assert await peer.line() == "ready"
+                total = 0
+                with anyio.fail_after(60):
+                    while True:
+                        try:
+                            total += len(await stream.receive())
+                        except anyio.EndOfStream:
+                            break
+                stats = stream.statistics()
+            await peer.finish()
+    finally:
+        os.sched_setaffinity(0, before)
+    assert total == n
+    assert stats.receive_waits > 0
+    # most waits ended while spinning (a few may end by an event, e.g. the first)
+    assert stats.receive_spin_hits >= stats.receive_waits // 2, stats
 
 
 @pytest.mark.parametrize("batch", [1, 500])

@@ -5,6 +5,7 @@
  * [data, data + size) is ever computed from it.
  */
 #include <errno.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -368,6 +369,11 @@ int64_t gnt_ring_spin(struct gnt_ring *r, int writer, uint32_t want, uint64_t ns
             deadline = gnt_now_ns() + ns;
         else if (gnt_now_ns() >= deadline)
             return writer ? gnt_ring_writable(r) : gnt_ring_readable(r);
+        /* Let a peer that shares our CPU run (two processes pinned to one core, two
+         * processes of a one-vCPU VM): it is what we wait for, and it cannot move the
+         * index while we hold the CPU.  With a CPU of its own it runs anyway, and the
+         * call returns at once (nothing else to run here). */
+        sched_yield();
     }
 }
 
