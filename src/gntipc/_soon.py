@@ -14,11 +14,16 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 import sniffio
 
-__all__ = ["Deferred", "Scheduler", "scheduler"]
+__all__ = ["BURST_GAP", "Deferred", "Scheduler", "scheduler"]
+
+#: Packets that come less than this far apart (seconds) are held back to be written
+#: together (:meth:`Deferred.in_burst`).
+BURST_GAP = 20e-6
 
 #: Schedules a callback on one event loop (asyncio's ``loop.call_soon``, trio's
 #: ``run_sync_soon``); its return value is ignored.
@@ -57,13 +62,23 @@ class Deferred:
     flush is scheduled: no lasting reference cycle with the stream.
     """
 
-    __slots__ = ("_flush", "_soon", "buf", "thread")
+    __slots__ = ("_flush", "_last", "_soon", "buf", "thread")
 
     def __init__(self) -> None:
         self._flush: Callable[[], object] | None = None  # while scheduled
         self._soon: Scheduler | None = None  # of the loop (and thread) that last wrote
+        self._last = -1.0
         self.buf = bytearray()
         self.thread = 0
+
+    def in_burst(self) -> bool:
+        """True if the previous packet came less than :data:`BURST_GAP` ago: holding
+        this one back pays (more follow).  A lone packet (a slow producer, or a machine
+        so slow that every put yields to the loop, as under the Xen kit's emulation) is
+        better written at once than held for a flush of its own."""
+        now = time.monotonic()
+        last, self._last = self._last, now
+        return now - last < BURST_GAP
 
     def schedule(self, flush: Callable[[], object]) -> None:
         """Make sure ``flush()`` runs soon on the calling thread's event loop (now, if

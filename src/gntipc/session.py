@@ -817,7 +817,7 @@ class SessionStream(ByteStream):
         if len(later) + len(item) > self._send_credit:
             return False
         later += item
-        if len(later) >= FLUSH_BYTES:
+        if len(later) >= FLUSH_BYTES or not self._later.in_burst():
             self._flush()
         else:
             self._later.schedule(self._flush)

@@ -366,7 +366,9 @@ class VchanStream(ByteStream):
         waits for anything, when it closes, and at the latest when the event loop runs
         its callbacks after the calling task yields (asyncio: in its next iteration;
         trio: with its next batch of ``run_sync_soon`` callbacks).  Many small packets
-        then cost one ring write and at most one notification.  Returns False,
+        then cost one ring write and at most one notification; a packet that does not
+        follow another closely (:data:`gntipc._soon.BURST_GAP`) is written at once.
+        Returns False,
         accepting nothing, when ``item`` does not fit the ring's free space now (write
         it with :meth:`send_nowait` or :meth:`send`).
 
@@ -382,7 +384,7 @@ class VchanStream(ByteStream):
                 return False
         later += item
         self._later_room -= n
-        if len(later) >= self._flush_at:
+        if len(later) >= self._flush_at or not self._later.in_burst():
             self._flush()
         else:
             self._later.schedule(self._flush)

@@ -17,7 +17,9 @@ from anyio import BusyResourceError, EndOfStream, WouldBlock
 from conftest import PairFactory
 
 import gntipc
+import gntipc._soon
 from gntipc import MalformedMessage, MessageQueue, MessageTooLarge
+from gntipc._soon import BURST_GAP
 from gntipc.streams import FLUSH_BYTES
 
 pytestmark = pytest.mark.anyio
@@ -321,21 +323,29 @@ async def test_a_frame_split_anywhere_reassembles() -> None:
 # (A put goes out when the producer stops putting: test_queue_conformance.py, every kind.)
 
 
-async def test_many_puts_are_few_ring_writes(make_pair: PairFactory) -> None:
-    # Puts that need not wait gather their frames and write them in blocks: nothing
-    # reaches the ring until FLUSH_BYTES gathered or the task yields to the loop.
+async def test_many_puts_are_few_ring_writes(
+    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Puts that need not wait and come in a burst (less than BURST_GAP apart) gather
+    # their frames and write them in blocks: nothing of the burst reaches the ring until
+    # FLUSH_BYTES gathered or the task yields to the loop.  A lone put is written at once.
     rx, tx = await queues(make_pair)
     ring = rx.stream.vchan
     frame_size = len(tx._framer.encode(Reading(0, 0.5)))
-    for i in range(10):
-        tx.put_nowait(Reading(i, 0.5))  # (a put may yield, when it did not for a while)
-    assert ring.data_ready() == 0  # held back, no write yet
+    await anyio.sleep(2 * BURST_GAP)
+    tx.put_nowait(Reading(0, 0.5))  # nothing came just before: written at once
+    assert ring.data_ready() == frame_size
+    # A burst, whatever this machine's speed (a preempted put would end it).
+    monkeypatch.setattr(gntipc._soon, "BURST_GAP", 60.0)
+    for i in range(1, 11):
+        tx.put_nowait(Reading(i, 0.5))
+    assert ring.data_ready() == frame_size  # the burst is held back, no write yet
     with anyio.fail_after(5):
-        while not ring.data_ready():  # the task yields: the loop writes them (trio:
-            await anyio.sleep(0)  # in one of its next rounds), in one block
-    assert ring.data_ready() == 10 * frame_size
-    count = 10
-    while ring.data_ready() == 10 * frame_size:  # without yielding again
+        while ring.data_ready() == frame_size:  # the task yields: the loop writes them
+            await anyio.sleep(0)  # (trio: in one of its next rounds), in one block
+    assert ring.data_ready() == 11 * frame_size
+    count = 11
+    while ring.data_ready() == 11 * frame_size:  # without yielding again
         tx.put_nowait(Reading(count, 0.5))
         count += 1
     assert ring.data_ready() >= FLUSH_BYTES  # a full block went out at once
