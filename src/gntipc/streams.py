@@ -77,8 +77,9 @@ FAIR_SLICE = 100e-6
 #: then gets ring space in blocks, not a wake-up per small read.
 READ_AHEAD = 4096
 
-#: Writes deferred by :meth:`VchanStream._send_soon` go to the ring at once when this many
-#: bytes (or a quarter of the ring) are waiting, else when the writing task yields.
+#: Writes held back by :meth:`VchanStream._send_soon` go to the ring at once when this
+#: many bytes (or a quarter of the ring) are waiting, else before the stream waits for
+#: anything or when the event loop runs after the writing task yields.
 FLUSH_BYTES = 16384
 
 
@@ -368,9 +369,8 @@ class VchanStream(ByteStream):
         trio: with its next batch of ``run_sync_soon`` callbacks).  Many small packets
         then cost one ring write and at most one notification; a packet that does not
         follow another closely (:data:`gntipc._soon.BURST_GAP`) is written at once.
-        Returns False,
-        accepting nothing, when ``item`` does not fit the ring's free space now (write
-        it with :meth:`send_nowait` or :meth:`send`).
+        Returns False, accepting nothing, when ``item`` does not fit the ring's free
+        space now (write it with :meth:`send_nowait` or :meth:`send`).
 
         Raises: as :meth:`send_nowait`.
         """
