@@ -19,12 +19,15 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import zmq
+import zmq.asyncio
 
 import gntipc
 from gntipc import Vchan, VchanStream
@@ -106,32 +109,46 @@ def run_pair(
     The child's return value comes back over a pipe.  A parent that returns None skipped
     its row (it printed why): the child is killed and :class:`RowSkipped` raised.  The
     whole row must finish within ``budget + ROW_SLACK`` seconds (SIGALRM), so a stuck
-    peer costs a row, never the run.
+    peer costs a row, never the run.  Each process is pinned to its CPU (:func:`pair_cpus`)
+    before any of its threads starts, and notes where its threads ran (for attempt() to
+    keep in :data:`THREADS`).
     """
+    cpus = pair_cpus()
+    before = os.sched_getaffinity(0)
+    if cpus is not None:
+        # before the fork and before any thread of the row starts: every thread the
+        # parent starts (pyzmq's I/O threads...) inherits its CPU; the child moves to its
+        # own first thing (_child_main)
+        _pin_process({cpus[0]})
     res = setup() if setup is not None else None
     rx, tx = CTX.Pipe(duplex=False)
-    proc = CTX.Process(target=_child_main, args=(child, res, args, tx), daemon=True)
+    child_cpu = None if cpus is None else cpus[1]
+    proc = CTX.Process(target=_child_main, args=(child, res, args, tx, child_cpu), daemon=True)
     proc.start()
     tx.close()  # else rx never sees EOF when the child dies
-    pinned = pin_pair(proc.pid)
     clean = False
     try:
         with _deadline(budget + ROW_SLACK):
+            _row_starts()
             mine = parent(res, *args)
+            look_at_threads()
             if mine is None:
                 raise RowSkipped
             try:
-                theirs, notes = rx.recv()
+                theirs, notes, their_threads = rx.recv()
                 NOTES.extend(notes)  # already printed by the child
             except EOFError:
                 proc.join(5)
                 name = getattr(child, "__name__", repr(child))
                 raise RuntimeError(f"{name} died (exit code {proc.exitcode})") from None
         clean = True
+        _last_threads[:] = [
+            {"parent": sorted(_threads.values(), key=_main_first), "child": their_threads}
+        ]
         return mine, theirs
     finally:
-        if pinned is not None:
-            os.sched_setaffinity(0, pinned)
+        if cpus is not None:
+            _pin_process(before)
         rx.close()
         proc.join(10 if clean else 0.5)
         if proc.is_alive():
@@ -141,27 +158,127 @@ def run_pair(
             shutil.rmtree(os.path.dirname(res), ignore_errors=True)
 
 
-def pin_pair(child_pid: int) -> set[int] | None:
-    """Put this process and ``child_pid`` on two different CPUs (the first two we may
-    use), the same for every transport: the figures are for "processes on different
-    cores", not for wherever the scheduler happens to put them.  Returns our previous
-    affinity (to restore), or None with fewer than two CPUs."""
+def pair_cpus() -> tuple[int, int] | None:
+    """The CPUs of a pair, the same for every transport: the parent process (every thread
+    of it) on the first CPU we may use, the child (every thread) on the second.  The
+    figures are for "processes on different cores", not for wherever the scheduler
+    happens to put them; a transport's helper threads (pyzmq's I/O thread) share their
+    process's CPU, as the helpers of the others (the kernel's socket work) do.  None with
+    fewer than two CPUs."""
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None
-    before = set(cpus)
-    os.sched_setaffinity(0, {cpus[0]})
-    with contextlib.suppress(ProcessLookupError):
-        os.sched_setaffinity(child_pid, {cpus[1]})
-    return before
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+def _pin_process(cpus: set[int]) -> None:
+    """Allow every thread of this process only ``cpus`` (a thread started later inherits
+    its creator's)."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
+
+
+# ------------------------------------------------------------ where threads ran ---
+#: This side's threads seen during the row, by thread id (see look_at_threads), and the
+#: CPU seconds of those that ran before it (the parent's main thread...).
+_threads: dict[int, dict[str, Any]] = {}
+_cpu_before: dict[int, float] = {}
+#: The threads of both sides of the last pair that finished (taken by attempt()).
+_last_threads: list[dict[str, Any]] = []
+#: Per row that ran, in order: its name and the threads of each side (the JSON's).
+THREADS: list[dict[str, Any]] = []
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _main_first(thread: dict[str, Any]) -> tuple[bool, int]:
+    return thread["name"] != "main", int(thread["tid"])
+
+
+def _row_starts() -> None:
+    """Forget the threads of earlier rows: CPU seconds count from now."""
+    _cpu_before.clear()
+    _threads.clear()
+    look_at_threads()
+    _cpu_before.update((tid, t["cpu_s"]) for tid, t in _threads.items())
+    _threads.clear()
+
+
+def look_at_threads() -> None:
+    """Note where each thread of this process may run (its affinity) and last ran (field
+    39 of /proc/self/task/<tid>/stat), with its CPU seconds so far.  Each side looks at
+    the end of its row, and a pyzmq side also just before it ends its context (its I/O
+    threads end with it)."""
+    pid = os.getpid()
+    # Python's own names where it knows the thread (the kernel's is the process's name)
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
+    for entry in os.listdir("/proc/self/task"):
+        tid = int(entry)
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            allowed = sorted(os.sched_getaffinity(tid))
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
+        _threads[tid] = {
+            "tid": tid,
+            "name": "main" if tid == pid else python_names.get(tid) or _kernel_name(stat),
+            "allowed_cpus": allowed,
+            "last_cpu": int(fields[39 - 3]),
+            "cpu_s": (int(fields[14 - 3]) + int(fields[15 - 3])) / _TICK
+            - _cpu_before.get(tid, 0.0),
+        }
+
+
+def _kernel_name(stat: str) -> str:
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    with open("/proc/self/comm") as f:  # a thread nobody named has the process's name
+        return "unnamed" if name == f.read().strip() else name
+
+
+def _side_cpus(threads: list[dict[str, Any]], seconds: bool) -> str:
+    """``main 0 (0) 0.61s, ZMQbg/IO/0 0 (0) 0.20s``: each thread, its allowed CPUs, (the
+    last it ran on), and its CPU seconds if ``seconds``."""
+    return ", ".join(
+        f"{t['name']} {','.join(map(str, t['allowed_cpus']))} ({t['last_cpu']})"
+        + (f" {t['cpu_s']:.2f}s" if seconds else "")
+        for t in threads
+    )
+
+
+def print_threads() -> None:
+    """Per row, each side's threads, the CPUs they may use, (the last they ran on) and
+    CPU seconds, from the row's first run and from each run placed differently."""
+    print(
+        "\nThreads of each row: name, allowed CPUs (the CPU it last ran on) CPU seconds;"
+        " runs placed differently from the row's first are shown too"
+    )
+    seen: dict[str, dict[str, str]] = {}
+    for run in THREADS:
+        sides = [(side, run[side]) for side in ("parent", "child")]
+        placement = "; ".join(f"{side}: {_side_cpus(t, False)}" for side, t in sides)
+        seen.setdefault(run["row"], {}).setdefault(
+            placement, "; ".join(f"{side}: {_side_cpus(t, True)}" for side, t in sides)
+        )
+    width = max(map(len, seen), default=0)
+    for row, lines in seen.items():
+        for i, line in enumerate(lines.values()):
+            print(f"  {(row if not i else '').ljust(width)}  {line}")
 
 
 def _child_main(
-    child: Callable[..., Any], res: Any, args: tuple[Any, ...], report: Connection
+    child: Callable[..., Any],
+    res: Any,
+    args: tuple[Any, ...],
+    report: Connection,
+    cpu: int | None,
 ) -> None:
+    if cpu is not None:
+        _pin_process({cpu})  # first: no thread of the row has started yet
     NOTES.clear()  # the parent's, inherited by fork
+    _row_starts()
     result = child(res, *args)
-    report.send((result, NOTES))
+    look_at_threads()
+    report.send((result, NOTES, sorted(_threads.values(), key=_main_first)))
     report.close()
 
 
@@ -185,8 +302,12 @@ def _deadline(seconds: float) -> Iterator[None]:
 
 def attempt(name: str, fn: Callable[..., tuple[Any, Any]], *args: Any, **kw: Any) -> Any:
     """``fn(*args, **kw)``, or None (and a printed note) when the row failed or skipped."""
+    _last_threads.clear()
     try:
-        return fn(*args, **kw)
+        pair = fn(*args, **kw)
+        if _last_threads:
+            THREADS.append({"row": name, **_last_threads.pop()})
+        return pair
     except RowSkipped:
         return None
     except Exception as exc:  # one broken row must not lose the others
@@ -377,37 +498,60 @@ def connect_unix(sock_path: str, run: StreamPair, limit: int = 1 << 16) -> Any:
 # when the receiver is at its RCVHWM and the sender closes, libzmq drops what it had not
 # yet read, linger or not (zeromq/libzmq#4660, pyzmq#1934).  Reproduced here about one
 # run in three after an asyncio row: the "peer went silent" of earlier versions.
-def zmq_bind(res: str) -> tuple[zmq.Context, zmq.Socket]:
-    ctx = zmq.Context()
+def zmq_pair(
+    res: str,
+    bind: bool,
+    *,
+    buffers: int = 0,
+    tcp: bool = False,
+    ctx: zmq.Context[Any] | None = None,
+) -> tuple[zmq.Context[Any], zmq.Socket[Any]]:
+    """One side of a PAIR: over ipc://``res`` or, with ``tcp``, over a free port of
+    127.0.0.1 that the binder writes into the file ``res``.  ``buffers``: the kernel
+    socket buffers (SO_SNDBUF/SO_RCVBUF, both ways), the same size as the ring of the
+    rows compared; ``ctx``: a ``zmq.asyncio.Context`` for the async API."""
+    ctx = zmq.Context() if ctx is None else ctx
     sock = ctx.socket(zmq.PAIR)
-    sock.setsockopt(zmq.RCVTIMEO, ZMQ_SILENCE_MS)  # never hang the bench on a stuck peer
-    sock.bind(f"ipc://{res}")
-    signal_ready(res)
+    if not isinstance(ctx, zmq.asyncio.Context):
+        # never hang the bench on a stuck peer (zmq.asyncio would arm a loop timer per
+        # call for these, halving its rate: there the row's deadline does it)
+        sock.setsockopt(zmq.RCVTIMEO, ZMQ_SILENCE_MS)
+        sock.setsockopt(zmq.SNDTIMEO, ZMQ_SILENCE_MS)
+    if buffers:
+        sock.setsockopt(zmq.SNDBUF, buffers)
+        sock.setsockopt(zmq.RCVBUF, buffers)
+    if bind:
+        sock.bind("tcp://127.0.0.1:*" if tcp else f"ipc://{res}")
+        if tcp:
+            Path(res).write_text(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        signal_ready(res)
+    else:
+        await_ready(res)
+        sock.connect(Path(res).read_text() if tcp else f"ipc://{res}")
     return ctx, sock
 
 
-def zmq_connect(res: str) -> tuple[zmq.Context, zmq.Socket]:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PAIR)
-    sock.setsockopt(zmq.RCVTIMEO, ZMQ_SILENCE_MS)
-    sock.setsockopt(zmq.SNDTIMEO, ZMQ_SILENCE_MS)
-    await_ready(res)
-    sock.connect(f"ipc://{res}")
-    return ctx, sock
+def zmq_bind(res: str, buffers: int = 0) -> tuple[zmq.Context[Any], zmq.Socket[Any]]:
+    return zmq_pair(res, True, buffers=buffers)
 
 
-def zmq_sender_finish(sock: zmq.Socket) -> None:
+def zmq_connect(res: str, buffers: int = 0) -> tuple[zmq.Context[Any], zmq.Socket[Any]]:
+    return zmq_pair(res, False, buffers=buffers)
+
+
+def zmq_sender_finish(sock: zmq.Socket[Any]) -> None:
     """Send the end marker and wait until the receiver has read everything."""
     sock.send(b"")
     sock.recv()
 
 
-def zmq_receiver_finish(sock: zmq.Socket) -> None:
+def zmq_receiver_finish(sock: zmq.Socket[Any]) -> None:
     """Acknowledge the end marker: the sender may close now."""
     sock.send(b"ack")
 
 
-def zmq_close(ctx: zmq.Context, sock: zmq.Socket) -> None:
+def zmq_close(ctx: zmq.Context[Any], sock: zmq.Socket[Any]) -> None:
+    look_at_threads()  # the context's I/O threads end with it
     sock.close(linger=2000)  # long enough for a final ack to leave
     ctx.term()
 

@@ -1,10 +1,12 @@
-"""Typed messages: ~64-byte msgspec Structs (a 64-byte frame on gntipc's wire), in three
-shapes: one at a time as users write it (``await put(x)`` / ``async for x in queue``),
-one at a time without waiting (``put_nowait``/``get_nowait``, waiting only when
-full/empty) and batched (``put_many``/``get_many``, 256 per batch), vs the same typed work
-over a unix socket (asyncio streams, u32 length prefix) and pyzmq PAIR over ipc:// (one
-message per zmq message; batched: one msgpack array per zmq message, decoded by a
-``list[T]`` decoder).  Every message is decoded and type-checked by the receiver.
+"""Typed messages: ~64-byte msgspec Structs (a 64-byte frame on gntipc's wire), in four
+shapes: one at a time as users write it (``await put(x)`` with ``async for x in queue``,
+or with ``await queue.get()``), one at a time without waiting (``put_nowait``/
+``get_nowait``, waiting only when full/empty) and batched (``put_many``/``get_many``, 256
+per batch: one batch frame), vs the same typed work in the same shape of calls (see
+:data:`CALLS`) over a unix socket (asyncio streams, u32 length prefix) and pyzmq PAIR over
+ipc:// (``zmq.asyncio`` where gntipc awaits; batched: one msgpack array per zmq message or
+socket frame, decoded by a ``list[T]`` decoder), their kernel buffers as large as the
+ring.  Every message is decoded and type-checked by the receiver.
 
 Then each of these against what a user would pick instead, in the same run:
 
@@ -25,20 +27,18 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import _latency
 import anyio
 import msgspec
 import zmq
+import zmq.asyncio
 from _harness import (
-    ZMQ_SILENCE_MS,
     KiB,
     Meter,
     MiB,
     attempt,
-    await_ready,
     connect_unix,
     fmt,
     fresh_path,
@@ -47,12 +47,10 @@ from _harness import (
     ratio,
     run_pair,
     serve_unix_once,
-    signal_ready,
     table,
     tmp_sock,
-    zmq_bind,
     zmq_close,
-    zmq_connect,
+    zmq_pair,
     zmq_receiver_finish,
     zmq_sender_finish,
     zmq_silent,
@@ -161,7 +159,7 @@ async def _stream(receiver: bool, res: Any, path: str, via: str) -> AsyncIterato
 
 
 # -------------------------------------------------------------------------- gntipc ---
-AWAIT, NOWAIT, BATCHED = "await", "nowait", "batched"
+AWAIT, AWAIT_GET, NOWAIT, BATCHED = "await", "await-get", "nowait", "batched"
 
 
 def gntipc_parent(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> float:
@@ -186,6 +184,12 @@ def gntipc_parent(res: Any, path: str, mode: str, secs: float, via: str, work: s
             elif mode == AWAIT:
                 async for _ in queue:
                     count += 1
+            elif mode == AWAIT_GET:
+                get = queue.get
+                with contextlib.suppress(anyio.EndOfStream):
+                    while True:
+                        await get()
+                        count += 1
             else:
                 get_nowait = queue.get_nowait
                 while True:
@@ -229,7 +233,7 @@ def gntipc_child(res: Any, path: str, mode: str, secs: float, via: str, work: st
                 while time.perf_counter() < end:
                     for _ in range(16):
                         await queue.put_many(items)
-            elif mode == AWAIT:
+            elif mode in (AWAIT, AWAIT_GET):
                 await _send_for(queue.put, items, end)
             else:
                 put_nowait = queue.put_nowait
@@ -253,103 +257,130 @@ async def _send_for(put: Callable[[Any], Any], items: list[Any], end: float) -> 
 
 
 # ------------------------------------------------------------- asyncio unix socket ---
+# The same typed work and the same shape of calls as the gntipc rows of each mode, with
+# the ring's size as the socket's kernel buffers (SO_SNDBUF/SO_RCVBUF, both ends): one
+# at a time, a frame is a u32 length and one message; batched, a u32 length and one
+# msgpack array of the batch, decoded by one ``Decoder(list[Sample])`` call.
+def _socket_buffers(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RING)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RING)
+
+
 def unix_parent(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> float:
-    batched = mode == BATCHED
     decode = msgspec.msgpack.Decoder(Sample).decode
+    decode_many = msgspec.msgpack.Decoder(list[Sample]).decode
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
-        count = 0
-        t0 = 0.0
-        if batched:
-            pending = b""
-            while data := await reader.read(MiB):
-                if not t0:
-                    t0 = time.perf_counter()
-                buf = pending + data if pending else data
-                view = memoryview(buf)
-                pos, end = 0, len(buf)
-                while end - pos >= 4:
-                    (n,) = _U32.unpack_from(buf, pos)
-                    if pos + 4 + n > end:
-                        break
-                    decode(view[pos + 4 : pos + 4 + n])
-                    pos += 4 + n
-                    count += 1
-                pending = buf[pos:]
-        else:
-            readexactly = reader.readexactly
-            try:
+        _socket_buffers(writer)
+        readexactly = reader.readexactly
+
+        async def get() -> Sample:  # the socket's ``await queue.get()``
+            (n,) = _U32.unpack(await readexactly(4))
+            return decode(await readexactly(n))
+
+        async def messages() -> AsyncIterator[Sample]:  # its ``async for x in queue``
+            with contextlib.suppress(asyncio.IncompleteReadError):
                 while True:
                     (n,) = _U32.unpack(await readexactly(4))
-                    decode(await readexactly(n))
-                    if not t0:
-                        t0 = time.perf_counter()
+                    yield decode(await readexactly(n))
+
+        count = 0
+        if mode in (NOWAIT, BATCHED):
+            return await _parse_frames(reader, decode_many if mode == BATCHED else decode)
+        await get()  # the clock starts at the first message
+        t0 = time.perf_counter()
+        if mode == AWAIT:
+            async for _ in messages():
+                count += 1
+        else:
+            with contextlib.suppress(asyncio.IncompleteReadError):
+                while True:
+                    await get()
                     count += 1
-            except asyncio.IncompleteReadError:
-                pass
         return count / (time.perf_counter() - t0)
 
     rate: float = serve_unix_once(res, handle, limit=MiB)
     return rate
 
 
-def unix_child(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> None:
-    batched = mode == BATCHED
+async def _parse_frames(reader: asyncio.StreamReader, decode: Callable[[Any], Any]) -> float:
+    """The socket's ``get_nowait``/``get_many``: frames decoded one by one from what one
+    read returned, waiting (``await read``) only when no whole frame is left; messages
+    per second from the end of the first read.  A frame decoded as a list counts its
+    items."""
+    pending = b""
+    count = 0
+    t0 = 0.0
+    while data := await reader.read(MiB):
+        buf = pending + data if pending else data
+        view = memoryview(buf)
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            (n,) = _U32.unpack_from(buf, pos)
+            if pos + 4 + n > end:
+                break
+            m = decode(view[pos + 4 : pos + 4 + n])
+            count += len(m) if isinstance(m, list) else 1
+            pos += 4 + n
+        pending = buf[pos:]
+        if not t0:  # what the first read brought is not counted
+            t0, count = time.perf_counter(), 0
+    return count / (time.perf_counter() - t0)
 
-    async def run(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+def unix_child(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> None:
+    async def run(__: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _socket_buffers(writer)
         samples = make_samples(256)
         encode = msgspec.msgpack.Encoder().encode
+        write, drain = writer.write, writer.drain
+        transport = writer.transport
+        _, high = transport.get_write_buffer_limits()
         end = time.perf_counter() + secs
         while time.perf_counter() < end:
-            if batched:
+            if mode == BATCHED:  # the socket's ``await put_many(batch)``
                 for _ in range(16):
-                    parts = []
-                    for m in samples:
-                        payload = encode(m)
-                        parts.append(_U32.pack(len(payload)))
-                        parts.append(payload)
-                    writer.write(b"".join(parts))
-                    await writer.drain()
-            else:
+                    payload = encode(samples)
+                    write(_U32.pack(len(payload)) + payload)
+                    await drain()
+            elif mode == NOWAIT:  # ``put_nowait``: wait only when the buffer is full
                 for m in samples:
                     payload = encode(m)
-                    writer.write(_U32.pack(len(payload)) + payload)
-                    await writer.drain()
+                    write(_U32.pack(len(payload)) + payload)
+                    if transport.get_write_buffer_size() > high:
+                        await drain()
+            else:  # the socket's ``await put(x)``
+                for m in samples:
+                    payload = encode(m)
+                    write(_U32.pack(len(payload)) + payload)
+                    await drain()
 
     connect_unix(res, run)
 
 
 # --------------------------------------------------------------------------- pyzmq ---
-def _zmq_pair(res: str, via: str, bind: bool) -> tuple[zmq.Context, zmq.Socket]:
-    """The harness's pyzmq PAIR set-up over ipc:// (``IPC``), or over TCP: the parent
-    binds a free port of 127.0.0.1 and publishes the endpoint in the file ``res``."""
-    if via != TCP:
-        return zmq_bind(res) if bind else zmq_connect(res)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PAIR)
-    sock.setsockopt(zmq.RCVTIMEO, ZMQ_SILENCE_MS)
-    sock.setsockopt(zmq.SNDTIMEO, ZMQ_SILENCE_MS)
-    if bind:
-        sock.bind("tcp://127.0.0.1:*")
-        Path(res).write_text(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-        signal_ready(res)
-    else:
-        await_ready(res)
-        sock.connect(Path(res).read_text())
-    return ctx, sock
+# Over ipc:// with the ring's size as kernel buffers (over TCP with the defaults, as
+# gntipc's TCP row).  One at a time with await: ``zmq.asyncio`` (``await send`` /
+# ``await recv``, or ``async for`` over them); without: the blocking ``send``/``recv``,
+# which return at once unless the queue is full or empty (the cost of ``*_nowait``);
+# batched: one msgpack array per zmq message, the fastest way to use pyzmq.
+def _zmq(res: str, via: str, bind: bool, ctx: zmq.Context[Any] | None = None) -> Any:
+    return zmq_pair(res, bind, buffers=0 if via == TCP else RING, tcp=via == TCP, ctx=ctx)
 
 
 def zmq_parent(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> float | None:
-    batched = mode == BATCHED
+    if mode in (AWAIT, AWAIT_GET):
+        return asyncio.run(_zmq_async_parent(res, mode, via))
     decode = msgspec.msgpack.Decoder(Sample).decode
     decode_many = msgspec.msgpack.Decoder(list[Sample]).decode
-    ctx, sock = _zmq_pair(res, via, bind=True)
+    ctx, sock = _zmq(res, via, bind=True)
     count = 0
     try:
         sock.recv()
         t0 = time.perf_counter()
         while data := sock.recv():
-            if batched:
+            if mode == BATCHED:
                 count += len(decode_many(data))
             else:
                 decode(data)
@@ -364,15 +395,46 @@ def zmq_parent(res: Any, path: str, mode: str, secs: float, via: str, work: str)
     return count / dt
 
 
+async def _zmq_async_parent(res: str, mode: str, via: str) -> float:
+    """The ``zmq.asyncio`` receiver (no RCVTIMEO, see zmq_pair: a silent peer is stopped
+    by the row's deadline)."""
+    decode = msgspec.msgpack.Decoder(Sample).decode
+    ctx, sock = _zmq(res, via, bind=True, ctx=zmq.asyncio.Context())
+    recv = sock.recv
+
+    async def messages() -> AsyncIterator[Sample]:
+        while data := await recv():
+            yield decode(data)
+
+    count = 0
+    try:
+        await recv()
+        t0 = time.perf_counter()
+        if mode == AWAIT:
+            async for _ in messages():
+                count += 1
+        else:
+            while data := await recv():
+                decode(data)
+                count += 1
+        rate = count / (time.perf_counter() - t0)
+        await sock.send(b"ack")  # zmq_receiver_finish
+    finally:
+        zmq_close(ctx, sock)
+    return rate
+
+
 def zmq_child(res: Any, path: str, mode: str, secs: float, via: str, work: str) -> None:
-    batched = mode == BATCHED
-    ctx, sock = _zmq_pair(res, via, bind=False)
+    if mode in (AWAIT, AWAIT_GET):
+        asyncio.run(_zmq_async_child(res, via, secs))
+        return
+    ctx, sock = _zmq(res, via, bind=False)
     samples = make_samples(256)
     encode = msgspec.msgpack.Encoder().encode
     sock.send(encode(samples[0]))
     end = time.perf_counter() + secs
     while time.perf_counter() < end:
-        if batched:
+        if mode == BATCHED:
             for _ in range(16):
                 sock.send(encode(samples))  # one msgpack array per zmq message
         else:
@@ -380,6 +442,33 @@ def zmq_child(res: Any, path: str, mode: str, secs: float, via: str, work: str) 
                 sock.send(encode(m))
     zmq_sender_finish(sock)
     zmq_close(ctx, sock)
+
+
+def zmq_sync_parent(res: Any, path: str, mode: str, *rest: Any) -> float | None:
+    """pyzmq's blocking ``recv``, one at a time, in whatever table: its fastest way of
+    taking messages one by one, shown beside the ``zmq.asyncio`` row of an await table."""
+    return zmq_parent(res, path, NOWAIT, *rest)
+
+
+def zmq_sync_child(res: Any, path: str, mode: str, *rest: Any) -> None:
+    zmq_child(res, path, NOWAIT, *rest)
+
+
+async def _zmq_async_child(res: str, via: str, secs: float) -> None:
+    ctx, sock = _zmq(res, via, bind=False, ctx=zmq.asyncio.Context())
+    try:
+        samples = make_samples(256)
+        encode = msgspec.msgpack.Encoder().encode
+        send = sock.send
+        await send(encode(samples[0]))
+        end = time.perf_counter() + secs
+        while time.perf_counter() < end:
+            for m in samples:
+                await send(encode(m))
+        await send(b"")  # zmq_sender_finish
+        await sock.recv()
+    finally:
+        zmq_close(ctx, sock)
 
 
 # ---------------------------------------------------------------- request/response ---
@@ -420,10 +509,44 @@ def rpc_child(_: Any, path: str, rounds: int, spin: float | None) -> dict[str, A
 
 # ------------------------------------------------------------------------- section ---
 GNTIPC = "gntipc MessageQueue"
+UNIX = "asyncio unix socket (u32 prefix)"
+ZMQ_IPC = "pyzmq PAIR ipc://"
 MODES = {
     AWAIT: "await put / async for, one at a time",
+    AWAIT_GET: "await put / await get, one at a time",
     NOWAIT: "put_nowait/get_nowait, one at a time",
     BATCHED: "put_many/get_many, 256 per batch",
+}
+_FRAME = "write(u32 + msg)"
+_READ2 = "readexactly(4), readexactly(n), decode"
+#: What each side of each transport calls, per message (per batch when batched): the
+#: same shape on every transport of a table (printed under it, and in the JSON).
+CALLS: dict[str, dict[str, str]] = {
+    AWAIT: {
+        GNTIPC: "await queue.put(x) / async for x in queue",
+        UNIX: f"{_FRAME}; await drain() / async for over a generator: await {_READ2}",
+        ZMQ_IPC: "zmq.asyncio: await send(x) / async for over a generator: await recv(), decode",
+    },
+    AWAIT_GET: {
+        GNTIPC: "await queue.put(x) / await queue.get()",
+        UNIX: f"{_FRAME}; await drain() / await get(): await {_READ2}",
+        ZMQ_IPC: "zmq.asyncio: await send(x) / await recv(), decode",
+    },
+    NOWAIT: {
+        GNTIPC: "put_nowait(x), await wait_writable() only on WouldBlock"
+        " / get_nowait(), await wait_readable() only on WouldBlock",
+        UNIX: f"{_FRAME}, await drain() only above the high-water mark"
+        " / decode frame by frame what one await read(1 MiB) brought",
+        ZMQ_IPC: "send(x) / recv(), decode (sync; they block only when full or empty)",
+    },
+    BATCHED: {
+        GNTIPC: "await put_many(256): one batch frame, one msgpack array, one encode"
+        " / get_many(): one decode per batch frame",
+        UNIX: "write(u32 + one msgpack array of 256, one encode); await drain()"
+        " / one Decoder(list[Sample]) call per frame",
+        ZMQ_IPC: "send(one msgpack array of 256, one encode) / recv(), one"
+        " Decoder(list[Sample]) call (the fastest way to use pyzmq)",
+    },
 }
 
 
@@ -465,7 +588,11 @@ def _rates(
 
 
 def _print(
-    title: str, results: dict[str, Any], columns: list[tuple[str, str, str]], short: str
+    title: str,
+    results: dict[str, Any],
+    columns: list[tuple[str, str, str]],
+    short: str,
+    calls: dict[str, str] | None = None,
 ) -> float | None:
     """Print ``results`` (name -> figures; the first row is gntipc's) as a table:
     ``columns`` are (header, key, format), then ``short``/this, the ratio of the first
@@ -478,6 +605,8 @@ def _print(
         for name, r in zip(results, figures, strict=True)
     ]
     table(title, ["transport", *(h for h, _, _ in columns), f"{short}/this"], rows)
+    for name, what in (calls or {}).items():
+        print(f"  {name}: {what}")
     ref = figures[-1].get(key)
     return mine / ref if mine is not None and ref else None
 
@@ -506,18 +635,21 @@ def _versus(
     repeat: int,
     columns: list[tuple[str, str, str]] = MSGS,
     scale: float = 1.0,
+    calls: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A table of gntipc's way (the first case) against the alternative (the last);
-    ``goal``: the name of their ratio and its least value.  Returns the table's JSON."""
+    ``goal``: the name of their ratio and its least value; ``calls``: what each row
+    calls (printed under the table).  Returns the table's JSON."""
     results = _rates(cases, mode, secs, repeat, columns[0][1], scale)
     name, least = goal
     title = f"{title}, {MODES[mode]} ({columns[0][0]}, best of {repeat})"
-    value = _print(title, results, columns, name.split("/")[0])
+    value = _print(title, results, columns, name.split("/")[0], calls)
     return {
         "table": kind,
         "mode": mode,
         "label": MODES[mode],
         "rows": results,
+        "calls": calls,
         **_goal(name, value, least),
     }
 
@@ -569,13 +701,24 @@ def section(secs: float, repeat: int, rounds: int) -> list[dict[str, Any]]:
     for mode, label in MODES.items():
         cases = [
             Case(GNTIPC, gntipc_parent, gntipc_child),
-            Case("asyncio unix socket (u32 prefix)", unix_parent, unix_child, tmp_sock),
-            Case("pyzmq PAIR ipc://", zmq_parent, zmq_child, tmp_sock, IPC),
+            Case(UNIX, unix_parent, unix_child, tmp_sock),
+            Case(ZMQ_IPC, zmq_parent, zmq_child, tmp_sock, IPC),
         ]
         results = _rates(cases, mode, secs, repeat, "msgs_per_s")
-        title = f"Typed 64-byte messages, {label} (msgs/s, 1 MiB ring, best of {repeat})"
-        _print(title, results, MSGS, "gntipc")
-        out.append({"mode": mode, "batched": mode == BATCHED, "label": label, "rows": results})
+        title = (
+            f"Typed 64-byte messages, {label} (msgs/s, best of {repeat}; 1 MiB ring, 1 MiB"
+            " socket buffers)"
+        )
+        _print(title, results, MSGS, "gntipc", CALLS[mode])
+        out.append(
+            {
+                "mode": mode,
+                "batched": mode == BATCHED,
+                "label": label,
+                "rows": results,
+                "calls": CALLS[mode],
+            }
+        )
     gp, gc = gntipc_parent, gntipc_child
     session = [
         Case("MessageQueue over a SessionStream", gp, gc, via=SESSION),
@@ -593,9 +736,21 @@ def section(secs: float, repeat: int, rounds: int) -> list[dict[str, Any]]:
         title = "Typed 64-byte messages, one Session stream vs the bare vchan, 1 MiB ring"
         out.append(_versus("session", mode, title, ("session/bare", 0.7), session, secs, repeat))
     out.append(_rpc(rounds))
+    zmq_sync = Case(
+        "pyzmq PAIR tcp://127.0.0.1, sync", zmq_sync_parent, zmq_sync_child, tmp_sock, TCP
+    )
     for mode in (AWAIT, BATCHED):
-        title = "Typed 64-byte messages across hosts (TCP, 127.0.0.1)"
-        out.append(_versus("tcp", mode, title, ("gntipc/pyzmq", 1.0), tcp, secs, repeat))
+        title = "Typed 64-byte messages across hosts (TCP, 127.0.0.1, default buffers)"
+        # pyzmq's own fastest one-at-a-time way too, for reference (batched it is the row)
+        cases = tcp if mode == BATCHED else [tcp[0], zmq_sync, tcp[1]]
+        calls = {
+            tcp[0].name: CALLS[mode][GNTIPC],
+            zmq_sync.name: CALLS[NOWAIT][ZMQ_IPC],
+            tcp[1].name: CALLS[mode][ZMQ_IPC],
+        }
+        calls = {c.name: calls[c.name] for c in cases}
+        goal = ("gntipc/pyzmq", 1.0)
+        out.append(_versus("tcp", mode, title, goal, cases, secs, repeat, calls=calls))
     title = "1 MiB messages (payload), 1 MiB ring"
     mbs = (MBS, MiB / 1e6)  # (1 MiB items per second) * MiB / 1e6
     out.append(_versus("large", AWAIT, title, ("queue/raw", 0.8), large, secs, repeat, *mbs))

@@ -4,8 +4,8 @@ time both processes spent per GB moved.
 The sender sends for a fixed time, then ends the stream; the receiver measures from its
 first chunk to the end.  Each side meters its own CPU (user + sys, every thread) over its
 transfer loop; the child reports it to the parent.  The same "ring" size is given to the
-peers that have one: the pipe's capacity (F_SETPIPE_SZ) and the unix socket's send and
-receive buffers.
+peers that have one: the pipe's capacity (F_SETPIPE_SZ) and the send and receive buffers
+of the unix socket and of pyzmq's (ZMQ_SNDBUF/ZMQ_RCVBUF).
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def mp_child(res: Any, path: str, ring: int, secs: float) -> Result:
 
 # ----------------------------------------------------------------------------- pyzmq ---
 def zmq_parent(res: Any, path: str, ring: int, secs: float) -> Result | None:
-    ctx, sock = zmq_bind(res)
+    ctx, sock = zmq_bind(res, ring)
     total = 0
     try:
         sock.recv(copy=False)
@@ -264,7 +264,7 @@ def zmq_parent(res: Any, path: str, ring: int, secs: float) -> Result | None:
 
 
 def zmq_child(res: Any, path: str, ring: int, secs: float) -> Result:
-    ctx, sock = zmq_connect(res)
+    ctx, sock = zmq_connect(res, ring)
     block = bytes(BLOCK)
     meter = Meter()
     end = time.perf_counter() + secs

@@ -8,8 +8,10 @@ Four sections (see benchmarks/README.md), each printed as a table:
 * **throughput** (``_throughput.py``): 64 KiB sends, 64 KiB and 1 MiB rings; MB/s, CPU
   seconds per GB moved (both processes), ratio gntipc/peer.
 * **messages** (``_messages.py``): typed 64-byte msgspec messages, one at a time
-  (``await put`` / ``async for``, and ``put_nowait``/``get_nowait``) and batched
-  (``put_many``/``get_many``); msgs/s, ratio gntipc/peer (asyncio unix socket, pyzmq).
+  (``await put`` / ``async for``, ``await put`` / ``await get``, and
+  ``put_nowait``/``get_nowait``) and batched (``put_many``/``get_many``); msgs/s, ratio
+  gntipc/peer (asyncio unix socket, pyzmq), each peer making the same shape of calls
+  (printed under each table) with kernel buffers as large as the ring.
   Then each against what a user would pick instead, with its goal (issue #18): the
   queue over one ``SessionStream`` vs over the bare ``VchanStream`` (session/bare >=
   0.7x); request/response, one typed call in flight, p50/p99 µs vs the raw 64-byte
@@ -20,7 +22,10 @@ Four sections (see benchmarks/README.md), each printed as a table:
 * **idle** (``_idle.py``): CPU % of each process of a connected pair waiting after a burst.
 
 Each pair of processes is forked fresh for each row; nothing is shared but the sim
-runtime directory (a private temporary one).  Every figure, with the machine's
+runtime directory (a private temporary one).  The parent is pinned to one CPU and the
+child to another before any of their threads starts, for every transport; the report
+ends with each row's threads, the CPUs they were allowed and the one each last ran on
+(JSON ``threads``).  Every figure, with the machine's
 description, is saved to ``benchmarks/results/<UTC timestamp>.json``.
 """
 
@@ -92,6 +97,17 @@ def software() -> dict[str, Any]:
     }
 
 
+def _pinning() -> str:
+    cpus = _harness.pair_cpus()
+    if cpus is None:
+        return "none (fewer than two CPUs)"
+    return (
+        f"every row: the parent process on CPU {cpus[0]}, the child on CPU {cpus[1]}, each"
+        " pinned before any of its threads starts, every thread with its process (pyzmq's"
+        " I/O threads share their process's CPU)"
+    )
+
+
 def _finite(value: Any) -> Any:
     """``value`` with NaN and infinities as None (JSON has no such numbers)."""
     if isinstance(value, float):
@@ -140,6 +156,7 @@ def main() -> None:
             "idle_seconds": idle,
             "idle_burst_round_trips": burst,
         },
+        "pinning": _pinning(),
         "machine": machine(),
         "software": software(),
         "backend": "sim",
@@ -147,7 +164,7 @@ def main() -> None:
     t0 = time.perf_counter()
     print(
         f"gntipc benchmarks: sim backend, two processes, Python {sys.version.split()[0]},"
-        f" {os.cpu_count()} CPUs ({report['machine']['cpu_model']})"
+        f" {os.cpu_count()} CPUs ({report['machine']['cpu_model']})\npinning: {report['pinning']}"
     )
     if "throughput" in only:
         report["throughput"] = _throughput.section(secs, repeat)
@@ -160,6 +177,8 @@ def main() -> None:
     report["total_seconds"] = time.perf_counter() - t0
     shutil.rmtree(sim_dir, ignore_errors=True)  # normally gone already (last one out)
     report["notes"] = _harness.NOTES
+    report["threads"] = _harness.THREADS
+    _harness.print_threads()
     print(f"\n(total {report['total_seconds']:.0f} s)")
     if not args.no_save:
         print(f"saved {save(report, started)}")
