@@ -302,7 +302,10 @@ class Endpoint:
         if self._peer_dead:
             return LIVE_GONE
         live = rings.peer_live()
-        if not self._connected and live == LIVE_CONNECTED:
+        if not self._connected and live != LIVE_WAITING:
+            # A client that left before we saw it connected may still be a gntipc one
+            # that crashed (it announced itself first): its node decides, as for one
+            # that connected.
             self._on_connected()
         return live
 
@@ -664,7 +667,7 @@ class Endpoint:
             with self._evlock:
                 rings = self._rings
                 live = LIVE_GONE if self.closed or rings is None else rings.peer_live()
-            if live == LIVE_CONNECTED:
+            if live != LIVE_WAITING:  # connected, or gone already (see _peer_state)
                 self._on_connected()
             self._connect_due = False
         presence = self._presence

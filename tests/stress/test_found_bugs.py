@@ -1,6 +1,6 @@
-"""Bugs the stress tests found, each pinned by a small deterministic reproducer (an
-open bug is marked ``xfail(strict=True)``: the test starts passing, and so fails, once
-the bug is fixed — then the mark is dropped)."""
+"""Bugs the stress tests found, each pinned by a small deterministic reproducer.  All
+are fixed: each is a plain test that fails if its bug comes back (an open bug would be
+marked ``xfail(strict=True)``, and the mark dropped with the fix)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,57 @@ async def test_failed_partial_put_keeps_receive_direction() -> None:
             await qb.aclose()
 
 
+_DIE_AFTER_ANNOUNCE = """
+import os, signal, sys
+import anyio
+import gntipc
+from gntipc._rendezvous import Presence
+
+real = Presence.announce_client
+
+def announce_then_die(self):
+    real(self)
+    os.kill(os.getpid(), signal.SIGKILL)  # announced, live byte still 2 (not connected)
+
+Presence.announce_client = announce_then_die
+anyio.run(lambda: gntipc.connect(0, sys.argv[1], timeout=30))
+"""
+
+
+# A gntipc client that crashed after it announced itself in the store but before its
+# live byte said "connected" read as a clean close (EndOfStream) on the server: the
+# server learns that its client is gntipc only when it sees the live byte at 1, and
+# the unmap notification had already cleared it.
+async def test_client_killed_after_announcing_itself_reads_as_a_crash(tmp_path: Path) -> None:
+    sim = f"/tmp/gntipc-announce-{os.getpid()}"
+    path = f"data/found-bugs/announce/{os.getpid()}"
+    env = worker_env(1, GNTIPC_SIM_DIR=sim)
+    try:
+        with SimBackend(0, runtime_dir=sim) as backend:
+            async with await gntipc.listen(1, path, backend=backend) as listener:
+                with anyio.fail_after(60):
+                    async with anyio.create_task_group() as tg:
+                        result: list[gntipc.VchanStream] = []
+
+                        async def accept() -> None:
+                            result.append(await listener.accept())
+
+                        tg.start_soon(accept)
+                        client = await anyio.run_process(
+                            [sys.executable, "-c", textwrap.dedent(_DIE_AFTER_ANNOUNCE), path],
+                            env=env,
+                            check=False,
+                        )
+                assert client.returncode == -9, client.stderr[-1500:]
+                async with result[0] as stream:
+                    with pytest.raises(anyio.BrokenResourceError):
+                        await stream.receive()
+    finally:
+        import shutil
+
+        shutil.rmtree(sim, ignore_errors=True)
+
+
 _DIE_AFTER_BIND = """
 import os, signal
 import gntipc.backends.sim._store as store
@@ -94,6 +145,10 @@ def test_killed_mid_setup_leaves_no_file_that_breaks_a_later_process(tmp_path: P
     # suite's leak check after this test.
     sim = f"/tmp/gntipc-bug2-{os.getpid()}"
     env = worker_env(9, GNTIPC_SIM_DIR=sim)
+    watches = os.path.join(sim, "w")
+    # Our backend keeps the runtime directory (the last one to close removes it, and
+    # with it the evidence) from before the first process to the last check.
+    pin = SimBackend(0, runtime_dir=sim)
     try:
         a = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(_DIE_AFTER_BIND)],
@@ -102,6 +157,7 @@ def test_killed_mid_setup_leaves_no_file_that_breaks_a_later_process(tmp_path: P
             check=False,
         )
         assert a.returncode == -9
+        assert os.listdir(watches), "the killed process left no orphan: nothing was tested"
         b = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(_WATCH)],
             env=env,
@@ -111,10 +167,12 @@ def test_killed_mid_setup_leaves_no_file_that_breaks_a_later_process(tmp_path: P
             check=False,
         )
         assert b.stdout.strip() == "ok", b.stderr[-1500:]
-        assert not os.listdir(os.path.join(sim, "w")) if os.path.isdir(sim) else True
+        # The second process reaped the dead one, orphan included.
+        assert os.listdir(watches) == []
     finally:
         import shutil
 
+        pin.close()
         shutil.rmtree(sim, ignore_errors=True)
 
 
