@@ -10,6 +10,9 @@ redzones; pymalloc arenas would hide overflows of small objects) and
 
 ``python -m stress._asan probe`` makes the instrumented ring copy overflow a heap buffer
 on purpose: the run must abort with an ASan report, which proves the set-up is armed.
+
+Without a C compiler or its libasan there is no ASan build (the callers skip or say so);
+with both, a build that fails raises :class:`AsanBuildFailed`: it is never silently off.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ NATIVE = HERE.parents[1] / "src" / "gntipc" / "_native"
 _built: tuple[str | None, str] | None = None
 
 
+class AsanBuildFailed(RuntimeError):
+    """gcc and libasan are there, but the instrumented module could not be built."""
+
+
 def libasan() -> str | None:
     cc = os.environ.get("CC", "gcc")
     if shutil.which(cc) is None:
@@ -41,9 +48,17 @@ def libasan() -> str | None:
 
 
 def build() -> tuple[str | None, str]:
-    """``(path of the instrumented module, "")``, or ``(None, why not)``."""
+    """``(path of the instrumented module, "")``, or ``(None, why not)`` when there is
+    no libasan to build with.
+
+    Raises:
+        AsanBuildFailed: the build failed (or produced no module) although the compiler
+            and libasan are there.
+    """
     global _built
     if _built is not None:
+        if _built[0] is None and _built[1].startswith("the ASan build"):
+            raise AsanBuildFailed(_built[1])
         return _built
     lib = libasan()
     if lib is None:
@@ -69,9 +84,12 @@ def build() -> tuple[str | None, str]:
         ffi.compile(tmpdir=out, verbose=False)
     except Exception as exc:
         _built = (None, f"the ASan build failed: {exc}")
-        return _built
+        raise AsanBuildFailed(_built[1]) from exc
     found = glob.glob(os.path.join(out, "gntipc", "_native", "_lib*.so"))
-    _built = (found[0], "") if found else (None, "the ASan build produced no module")
+    if not found:
+        _built = (None, "the ASan build produced no module")
+        raise AsanBuildFailed(_built[1])
+    _built = (found[0], "")
     return _built
 
 

@@ -8,16 +8,28 @@ accepting; starts a replacement at once; and waits until the replacement and the
 *survivor* are connected to each other again (the survivor had to notice the kill,
 close, and accept or connect again; a client had to skip the dead server's stale keys).
 
+*Steady* lanes run beside them and are never killed: one session each, both sides
+sending until the end of the run, with pauses (so that each often waits for the
+other).  Each of their receivers must log progress at least every ``progress_after``
+seconds: a lost wake-up mid-transfer stalls a session, and counts as a hang.
+
 Counted, from the logs (see ``_chaos_worker``):
 
-* hangs: a lane that does not pair again within ``hang_after`` seconds of a kill, or a
-  process that does not stop within it at the end;
+* hangs: a lane that does not pair again within ``hang_after`` seconds of a kill, a
+  steady session that makes no progress for ``progress_after`` seconds, or a process
+  that does not stop within ``hang_after`` at the end;
 * lost: for each session, units the writer had sent (logged after ``send`` returned,
   i.e. in the ring) that its surviving reader did not receive before its end of stream;
 * corrupted: units received that differ from what was sent;
+* closed under: a receiver that saw ClosedResourceError (nobody closed its stream);
+* crash read as a clean close: a reader's EndOfStream from a writer killed before it
+  sent EOF.  The one documented exception: a writer killed before it announced itself
+  (no presence node: it cannot be told from a plain libxenvchan peer that closed),
+  counted apart as ``eof_before_announce``;
 * detection: from the SIGKILL to the survivor's receive (or send) raising;
 * errors: a worker that died on its own (an unexpected exception);
-* leftovers: ``assert_cleaned_up()`` of the sim after every process exited.
+* leftovers: ``assert_cleaned_up()`` of the sim after every process exited, and any
+  file left in its runtime directory.
 """
 
 from __future__ import annotations
@@ -48,7 +60,9 @@ class Proc:
     log: LogReader
     err: str
     killed_at: float | None = None  # by the driver (a chaos kill or a clean-up)
+    sigkilled: bool = False  # by the driver (else it exited on its own: an error)
     started: set[int] = field(default_factory=set)
+    progress_at: float = 0.0  # when we last read a progress line of it
 
     @property
     def pid(self) -> int:
@@ -59,6 +73,8 @@ class Proc:
         for f in new:
             if f[0] == "S":
                 self.started.add(int(f[1]))
+            elif f[0] == "g":
+                self.progress_at = now()
         return new
 
     def phase(self) -> str:
@@ -82,6 +98,7 @@ class Lane:
     idx: int
     path: str
     mode: str
+    steady: bool = False  # never killed, must keep moving
     server: Proc | None = None
     client: Proc | None = None
     pairing_since: float = 0.0
@@ -107,22 +124,27 @@ class ChaosResult:
     slow_notes: list[tuple[float, str]] = field(default_factory=list)
     errors: int = 0
     error_notes: list[str] = field(default_factory=list)
-    #: Workers that died of bug 2 (a file orphaned by a kill, reused name): counted
-    #: apart, pinned by test_found_bugs.py.
-    known_bug2: int = 0
     leftovers: list[str] = field(default_factory=list)
     sessions: int = 0
     bytes_moved: int = 0
     msgs_moved: int = 0
     unfinished: int = 0
-    #: Sessions whose writer was killed before it finished (so it never sent EOF) but
-    #: whose reader got EndOfStream instead of BrokenResourceError.
+    #: Sessions whose writer was killed before it sent EOF, after it announced itself,
+    #: but whose reader got EndOfStream instead of BrokenResourceError (a failure).
     crash_as_eof: int = 0
     crash_as_eof_notes: list[str] = field(default_factory=list)
-    #: Sessions whose receiver saw ClosedResourceError (the stream closed under it by a
-    #: failed partial put_many: a known bug) and the units it did not get.
+    #: The documented exception: the same, from a writer killed before it announced
+    #: itself (to its reader it may be a plain libxenvchan peer that closed).
+    eof_before_announce: int = 0
+    #: Sessions whose receiver saw ClosedResourceError (the stream closed under it, as
+    #: bug 1 did before 2955da5: a failure), and the units it did not get.
     closed_under: int = 0
-    closed_under_lost: int = 0
+    closed_under_notes: list[str] = field(default_factory=list)
+    #: Steady sessions: how many, units they moved, the longest gap between two of
+    #: their progress lines (seconds).
+    steady_sessions: int = 0
+    steady_units: int = 0
+    steady_max_gap: float = 0.0
     seconds: float = 0.0
 
     def detection_ms(self, q: float) -> float:
@@ -136,14 +158,17 @@ class Chaos:
         kills: int,
         lanes: int = 3,
         msgs_lanes: int = 1,
+        steady_lanes: int = 2,
         seed: int = 1,
         hang_after: float = 15.0,
+        progress_after: float = 5.0,
         max_delay: float = 0.4,
         time_limit: float = 3600.0,
     ) -> None:
         self.target = kills
         self.rnd = random.Random(seed)
         self.hang_after = hang_after
+        self.progress_after = progress_after
         self.max_delay = max_delay
         self.time_limit = time_limit
         self.dir = tempfile.mkdtemp(prefix="gntipc-chaos-")
@@ -154,6 +179,11 @@ class Chaos:
         self.lanes = [
             Lane(i, f"data/chaos/{tag}/{i}", "msgs" if i < msgs_lanes else "bytes")
             for i in range(lanes)
+        ]
+        # Steady lanes: bytes and messages in turn.
+        self.lanes += [
+            Lane(i, f"data/chaos/{tag}/{i}", ("bytes", "msgs")[(i - lanes) % 2], steady=True)
+            for i in range(lanes, lanes + steady_lanes)
         ]
         self.procs: list[Proc] = []
         self.kill_log: list[Kill] = []
@@ -167,7 +197,15 @@ class Chaos:
         base = os.path.join(self.dir, f"{lane.idx}-{role}-{self._n}")
         popen = spawn(
             "_chaos_worker",
-            [role, lane.path, lane.mode, str(self.rnd.getrandbits(32)), base + ".log", self.stop],
+            [
+                role,
+                lane.path,
+                lane.mode,
+                str(self.rnd.getrandbits(32)),
+                base + ".log",
+                self.stop,
+                *(["steady"] if lane.steady else []),
+            ],
             SERVER_DOM if role == "server" else CLIENT_DOM,
             stderr_path=base + ".err",
             GNTIPC_SIM_DIR=self.sim,
@@ -178,7 +216,7 @@ class Chaos:
         lane.paired = False
         lane.pairing_since = now()
         lane.early_kill = None
-        if self.rnd.random() < 0.25:
+        if not lane.steady and self.rnd.random() < 0.25:
             # Kill the newcomer before it is connected: during its start-up, connect
             # or accept.
             lane.early_kill = now() + self.rnd.uniform(0.05, 1.0)
@@ -189,6 +227,7 @@ class Chaos:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
         proc.killed_at = t
+        proc.sigkilled = True
         proc.popen.wait(10)
         return t
 
@@ -224,11 +263,6 @@ class Chaos:
     def _error(self, proc: Proc, when: str) -> None:
         proc.poll()
         tail = [" ".join(f) for f in proc.log.lines if f[0] == "X"][-1:]
-        if tail and (
-            "[Errno 98] Address already in use" in tail[0] or "FileExistsError" in tail[0]
-        ):
-            self.res.known_bug2 += 1
-            return
         self.res.errors += 1
         self.res.error_notes.append(
             f"lane {proc.lane} {proc.role} pid {proc.pid} exited {proc.popen.returncode}"
@@ -281,6 +315,9 @@ class Chaos:
             client.poll()
             if server.started & client.started:
                 lane.paired = True
+                server.progress_at = client.progress_at = t
+                if lane.steady:
+                    return
                 lane.victim = self.rnd.choice((server, client))
                 lane.target_phase = None
                 if self.rnd.random() < 0.5:
@@ -299,6 +336,17 @@ class Chaos:
                 self._chaos_kill(lane, young)
             elif t - lane.pairing_since > self.hang_after:
                 self._hang(lane, f"no new connection {self.hang_after} s after a kill")
+        elif lane.steady:
+            server.poll()
+            client.poll()
+            for p in (server, client):
+                if t - p.progress_at > self.progress_after:
+                    self._hang(
+                        lane,
+                        f"steady session: the {p.role} received nothing for "
+                        f"{self.progress_after} s",
+                    )
+                    return
         elif self.res.kills < self.target:
             victim = lane.victim
             assert victim is not None
@@ -343,17 +391,26 @@ class Chaos:
             p.poll()
             for f in p.log.lines:
                 kind = f[0]
-                if kind not in "SqwerxC" or len(f) < 2:
+                if kind not in "ASqwferxgC" or len(f) < 2:
                     continue
                 rec = recs.setdefault(int(f[1]), {}).setdefault(i, {"sent": 0})
-                if kind == "S":
+                if kind == "A":
+                    rec["announced"] = True
+                elif kind == "S":
                     rec["start"] = float(f[2])
                 elif kind == "q":
                     rec["quota"] = int(f[2])
+                elif kind == "f":
+                    rec["finishing"] = True
                 elif kind in "we":
                     rec["sent"] = max(int(rec["sent"]), int(f[2]))
                     if kind == "e":
                         rec["eof"] = True
+                elif kind == "g":
+                    t = float(f[3])
+                    gap = t - float(rec.get("g_t", rec.get("start", t)))
+                    rec["max_gap"] = max(float(rec.get("max_gap", 0.0)), gap)
+                    rec["g_t"] = t
                 elif kind == "r":
                     rec["got"], rec["bad"], rec["why"], rec["r_t"] = (
                         int(f[2]),
@@ -365,11 +422,12 @@ class Chaos:
                     rec["x_t"] = float(f[3])
                 elif kind == "C":
                     rec["closed"] = True
-        res.sessions = len(recs)
+        res.sessions = len([c for c in recs.values() if any("start" in r for r in c.values())])
         for conn, sides in recs.items():
             for i, rec in sides.items():
                 p = self.procs[i]
-                mode = self.lanes[p.lane].mode
+                lane = self.lanes[p.lane]
+                mode = lane.mode
                 others = [j for j in sides if j != i]
                 if "got" in rec:
                     if mode == "bytes":
@@ -378,40 +436,46 @@ class Chaos:
                     else:
                         res.msgs_moved += int(rec["got"])
                         res.corrupted_msgs += int(rec["bad"])
-                elif p.killed_at is None:
+                    if rec["why"] == "CLO":
+                        res.closed_under += 1
+                        res.closed_under_notes.append(
+                            f"conn {conn} ({mode}): {p.role} pid {p.pid} saw its stream "
+                            f"closed under it after {rec['got']} units"
+                        )
+                    if lane.steady:
+                        res.steady_sessions += 1
+                        res.steady_units += int(rec["got"])
+                        end = float(rec["r_t"])
+                        tail = end - float(rec.get("g_t", rec.get("start", end)))
+                        gap = max(float(rec.get("max_gap", 0.0)), tail)
+                        res.steady_max_gap = max(res.steady_max_gap, gap)
+                elif p.killed_at is None and "start" in rec:
                     res.unfinished += 1  # a live process that never ended a session
                 if not others:
-                    # The partner died before it could say which session it was: it was
-                    # SIGKILLed inside connect/accept (it never sent EOF), unless it was
-                    # a listener withdrawing its keys at the end.
+                    # No line of the partner names this session: it was SIGKILLed inside
+                    # connect/accept before it announced itself (an announced one logs
+                    # ``A``), or it is a listener that withdrew its keys at the end.
                     if rec.get("why") == "EOF" and float(rec["r_t"]) < self.t_stop:
-                        res.crash_as_eof += 1
-                        res.crash_as_eof_notes.append(
-                            f"conn {conn}: {p.role} pid {p.pid} got EndOfStream from a peer"
-                            " killed inside connect/accept"
-                        )
+                        res.eof_before_announce += 1
                     continue
                 reader = others[0]
                 rrec = sides[reader]
                 if "got" not in rrec:
                     continue  # the reader was killed during the session
                 lost = int(rec["sent"]) - int(rrec["got"])
-                if (
-                    rrec["why"] == "EOF"
-                    and p.killed_at is not None
-                    and "quota" in rec
-                    and int(rec["sent"]) < int(rec["quota"])
-                ):
-                    res.crash_as_eof += 1
-                    res.crash_as_eof_notes.append(
-                        f"conn {conn}: {p.role} pid {p.pid} killed after {rec['sent']} of"
-                        f" {rec['quota']}; {self.procs[reader].role} pid "
-                        f"{self.procs[reader].pid} got EndOfStream"
-                    )
-                if rrec["why"] == "CLO":
-                    res.closed_under += 1
-                    res.closed_under_lost += max(0, lost)
-                    continue
+                if rrec["why"] == "EOF" and p.sigkilled and "finishing" not in rec:
+                    # Killed before it sent EOF: its reader must see a crash.  (One that
+                    # exited on its own may have closed on its way out: an error anyway.)
+                    if "announced" not in rec:
+                        res.eof_before_announce += 1
+                    else:
+                        res.crash_as_eof += 1
+                        res.crash_as_eof_notes.append(
+                            f"conn {conn}: {p.role} pid {p.pid} (announced) killed after"
+                            f" {rec['sent']} of {rec.get('quota', '?')} units, before EOF;"
+                            f" {self.procs[reader].role} pid {self.procs[reader].pid} got"
+                            " EndOfStream"
+                        )
                 if lost > 0:
                     if mode == "bytes":
                         res.lost_bytes += lost

@@ -1,6 +1,6 @@
 """One end of a chaos lane (run as a script; the parent SIGKILLs it at random moments).
 
-    python -m stress._chaos_worker ROLE PATH MODE SEED LOG STOPFILE
+    python -m stress._chaos_worker ROLE PATH MODE SEED LOG STOPFILE [steady]
 
 ROLE ``server`` (domain 1) listens at PATH and accepts clients one after the other;
 ``client`` (domain 2) connects, again and again.  Each connection ("session") is full
@@ -10,16 +10,23 @@ sends checksummed ``Msg`` values through a MessageQueue.  A session's identity (
 is the grant ref of its control page, known to both sides.  The process stops after its
 current session once STOPFILE exists.
 
+With ``steady`` the lane is never killed: it runs one session until STOPFILE exists,
+both sides sending without end, with pauses (so that each side often waits for the
+other: a lost wake-up there stalls the session, and the driver counts it as a hang).
+
 Log lines (``_common.Log``; times are CLOCK_MONOTONIC):
 
 ``P phase t``            entering accept / connect / xfer / close
+``A conn``               announced itself in the store (its presence node is written)
 ``S conn t``             session started
 ``q conn total``         units this side will send in the session
 ``w conn total``         total units (bytes or messages) sent so far: all in the ring
+``f conn``               about to send EOF (a reader's EndOfStream needs this line)
 ``e conn total``         EOF sent after ``total`` units
+``g conn got t``         units received so far (at most every 0.1 s: progress)
 ``r conn got bad why t`` receiving ended: units received, units corrupted, why (EOF,
                          BRK = BrokenResourceError, MAL = stream ended in a frame,
-                         CLO = the stream was closed under the receiver)
+                         CLO = the stream was closed under the receiver: a failure)
 ``x conn why t``         sending ended early (BRK)
 ``C conn t``             closed
 ``X text``               an unexpected exception (then exit 1)
@@ -34,6 +41,7 @@ import signal
 import sys
 import traceback
 import zlib
+from collections.abc import Callable
 
 import anyio
 import msgspec
@@ -80,24 +88,49 @@ def quota(rnd: random.Random, mode: str) -> int:
 
 
 class Session:
-    def __init__(self, log: Log, conn: int, role: str, rnd: random.Random) -> None:
+    def __init__(
+        self, log: Log, conn: int, role: str, rnd: random.Random, stop: str | None = None
+    ) -> None:
         self.log = log
         self.conn = conn
         self.rnd = rnd
+        #: Steady: send until this file exists, pausing now and then (see the module).
+        self.stop = stop
+        self.progress_at = 0.0
         self.out_salt = salt_for(conn, "s2c" if role == "server" else "c2s")
         self.in_salt = salt_for(conn, "c2s" if role == "server" else "s2c")
+
+    def more(self, sent: int, total: int) -> bool:
+        if self.stop is None:
+            return sent < total
+        return not os.path.exists(self.stop)
+
+    async def pause(self) -> None:
+        """Steady sessions only: now and then, let the other side catch up (or wait)."""
+        if self.stop is not None and self.rnd.random() < 0.5:
+            await anyio.sleep(self.rnd.choice((0, 0.0005, 0.002, 0.005)))
+
+    def progress(self, got: int) -> None:
+        t = now()
+        if t - self.progress_at >= 0.1:
+            self.progress_at = t
+            self.log("g", self.conn, got, t)
 
     # -- bytes ---------------------------------------------------------------------
     async def send_bytes(self, stream: gntipc.VchanStream, total: int) -> None:
         log, rnd, sent = self.log, self.rnd, 0
         view = memoryview(PATX)
         try:
-            while sent < total:
-                n = min(total - sent, rnd.choice((1, 7, 100, 1000, 4096, 30000, 65536, 200000)))
+            while self.more(sent, total):
+                n = rnd.choice((1, 7, 100, 1000, 4096, 30000, 65536, 200000))
+                if self.stop is None:
+                    n = min(total - sent, n)
                 start = (sent + self.out_salt) % PERIOD
                 await stream.send(view[start : start + n])
                 sent += n
                 log("w", self.conn, sent)
+                await self.pause()
+            log("f", self.conn)
             await stream.send_eof()
             log("e", self.conn, sent)
         except anyio.BrokenResourceError:
@@ -113,20 +146,24 @@ class Session:
                 if data != want:
                     bad += sum(a != b for a, b in zip(data, want, strict=True))
                 got += len(data)
+                self.progress(got)
+                await self.pause()
         except anyio.EndOfStream:
             why = "EOF"
         except anyio.BrokenResourceError:
             why = "BRK"
         except anyio.ClosedResourceError:
-            why = "CLO"  # closed under us (see recv_msgs)
+            why = "CLO"  # closed under us: counted as a failure (see recv_msgs)
         self.log("r", self.conn, got, bad, why, now())
 
     # -- messages ------------------------------------------------------------------
     async def send_msgs(self, queue: gntipc.MessageQueue[Msg], total: int) -> None:
         log, rnd, sent = self.log, self.rnd, 0
         try:
-            while sent < total:
-                k = min(total - sent, rnd.choice((1, 1, 5, 50, 500)))
+            while self.more(sent, total):
+                k = rnd.choice((1, 1, 5, 50, 500))
+                if self.stop is None:
+                    k = min(total - sent, k)
                 batch = [make_msg(sent + i, self.out_salt) for i in range(k)]
                 if k == 1:
                     await queue.put(batch[0])
@@ -134,6 +171,8 @@ class Session:
                     await queue.put_many(batch)
                 sent += k
                 log("w", self.conn, sent)
+                await self.pause()
+            log("f", self.conn)
             await queue.stream.send_eof()
             log("e", self.conn, sent)
         except anyio.BrokenResourceError:
@@ -156,9 +195,10 @@ class Session:
                 why = "MAL" if truncated else "BRK"
                 break
             except anyio.ClosedResourceError:
-                # Known bug: a put_many larger than the ring that fails with
-                # BrokenResourceError after a partial write closes the whole stream, so
-                # the receive direction loses what the dead peer wrote
+                # Must not happen (bug 1, fixed in 2955da5: a put_many that failed with
+                # BrokenResourceError after a partial write closed the whole stream, and
+                # the receive direction lost what the dead peer wrote); the driver counts
+                # it as a failure
                 # (test_found_bugs.py::test_failed_partial_put_keeps_receive_direction).
                 why = "CLO"
                 break
@@ -173,11 +213,32 @@ class Session:
                 if not msg_ok(m, got, self.in_salt):
                     bad += 1
                 got += 1
+            self.progress(got)
+            await self.pause()
         self.log("r", self.conn, got, bad, why, now())
 
 
-async def run(role: str, path: str, mode: str, seed: int, log: Log, stop: str) -> None:
+def log_announcements(log: Log) -> None:
+    """Log ``A conn`` once our presence node is written: from then on the peer must
+    read our crash as one (BrokenResourceError, never EndOfStream)."""
+    from gntipc._rendezvous import Presence
+
+    def logged(real: Callable[[Presence], None]) -> Callable[[Presence], None]:
+        def announce(self: Presence) -> None:
+            real(self)
+            log("A", self._ref)
+
+        return announce
+
+    Presence.announce_client = logged(Presence.announce_client)  # type: ignore[method-assign]
+    Presence.announce_server = logged(Presence.announce_server)  # type: ignore[method-assign]
+
+
+async def run(
+    role: str, path: str, mode: str, seed: int, log: Log, stop: str, steady: bool = False
+) -> None:
     rnd = random.Random(seed)
+    log_announcements(log)
     listener = None
     if role == "server":
         listener = await gntipc.listen(
@@ -209,9 +270,10 @@ async def run(role: str, path: str, mode: str, seed: int, log: Log, stop: str) -
             conn = stream.vchan.endpoint._pages[0].refs[0]
             log("S", conn, now())
             log("P", "xfer", now())
-            s = Session(log, conn, role, rnd)
-            n = quota(rnd, mode)
-            log("q", conn, n)
+            s = Session(log, conn, role, rnd, stop if steady else None)
+            n = 0 if steady else quota(rnd, mode)
+            if not steady:
+                log("q", conn, n)
             async with anyio.create_task_group() as tg:
                 if mode == "bytes":
                     tg.start_soon(s.send_bytes, stream, n)
@@ -231,10 +293,10 @@ async def run(role: str, path: str, mode: str, seed: int, log: Log, stop: str) -
 def main() -> None:
     die_with_parent()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks on a hang
-    role, path, mode, seed, log_path, stop = sys.argv[1:]
+    role, path, mode, seed, log_path, stop, *flags = sys.argv[1:]
     log = Log(log_path)
     try:
-        anyio.run(run, role, path, mode, int(seed), log, stop)
+        anyio.run(run, role, path, mode, int(seed), log, stop, flags == ["steady"])
     except BaseException:
         log("X", traceback.format_exc().replace("\n", " | "))
         raise

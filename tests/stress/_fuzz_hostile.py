@@ -2,7 +2,7 @@
 writes and reads data, sends events) but, driven by a seed, rewrites fields of the shared
 control page and the rings at random moments.
 
-    python -m stress._fuzz_hostile ROLE PEER PATH SEED STOPFILE
+    python -m stress._fuzz_hostile ROLE PEER PATH SEED STOPFILE RESULT
 
 ROLE ``server`` offers channels at PATH to the target's domain PEER, one episode after
 the other (and sometimes corrupts the page *before* the target maps it: orders, grants,
@@ -14,19 +14,25 @@ Mutations: indices (its own and the target's) behind, ahead, a ring ahead and fa
 the ring; orders; live and notify bytes (with and without the EOF bit); grants[]; bytes
 of both rings; message frames with lying headers, undecodable payloads and truncations,
 and batch frames (good, lying about their count, array bombs, the wrong element type);
-bursts of events.  Stops when STOPFILE exists.
+bursts of events.  Stops when STOPFILE exists, and writes what it did to RESULT (JSON:
+episodes, mutations by kind, frames by kind, traffic by outcome), so that the test can
+tell a hostile peer from an inert one.  An unexpected exception ends the process (the
+test reports a hostile peer that exits early, with its stderr).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import struct
 import sys
 import time
+from collections import Counter
 
 import msgspec
+from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 
 from gntipc._exceptions import GntipcError
 from gntipc.backends import Backend, get_backend
@@ -66,6 +72,39 @@ class Msg(msgspec.Struct, array_like=True):
 
 
 ENC = msgspec.msgpack.Encoder()
+
+#: The kinds of :meth:`Hostile.mutate`, by its random pick (0-9).
+MUTATIONS = (
+    "own index",
+    "own index",
+    "target's index",
+    "order",
+    "live byte",
+    "notify byte",
+    "grants",
+    "ring bytes",
+    "event burst",
+    "restore",
+)
+#: The kinds of :meth:`Hostile.frame`, by its random pick (0-11).
+FRAMES = ("good",) * 3 + (
+    "huge header",
+    "undecodable",
+    "wrong type",
+    "lying header",
+    "empty",
+    "good batch",
+    "lying batch count",
+    "array bomb",
+    "wrong element type",
+)
+#: What a vchan operation of a live peer may raise (the target misbehaves too: it may
+#: close, send garbage or leave at any moment).
+VCHAN_ERRORS = (GntipcError, BrokenResourceError, EndOfStream, ClosedResourceError)
+#: What this process did, by kind (written to RESULT).
+COUNTS: dict[str, Counter[str]] = {
+    k: Counter() for k in ("episodes", "mutations", "frames", "traffic")
+}
 
 
 class Hostile:
@@ -125,6 +164,8 @@ class Hostile:
     def mutate(self) -> None:
         rnd, ctrl = self.rnd, self.ctrl
         what = rnd.randrange(10)
+        if what != 7 or self.rings:  # (7 without a writable ring does nothing)
+            COUNTS["mutations"][MUTATIONS[what]] += 1
         if what <= 1:  # our own indices: behind, ahead, far past the ring
             off = rnd.choice(self.own)
             U32.pack_into(ctrl, off, self.index_value(off))
@@ -165,6 +206,7 @@ class Hostile:
         rnd = self.rnd
         self.seq += 1
         kind = rnd.randrange(12)
+        COUNTS["frames"][FRAMES[kind]] += 1
         good = ENC.encode(Msg(self.seq, rnd.randbytes(rnd.randrange(0, 300))))
         if kind <= 2:
             return U32.pack(len(good)) + good
@@ -200,18 +242,18 @@ class Hostile:
         return U32.pack(len(body) | 0x80000000) + body
 
     def traffic(self) -> None:
-        rnd, ch = self.rnd, self.ch
+        rnd, ch, count = self.rnd, self.ch, COUNTS["traffic"]
         try:
             if rnd.random() < 0.5:
                 if rnd.random() < 0.5:
                     data = b"".join(self.frame() for _ in range(rnd.randrange(1, 6)))
                 else:
                     data = rnd.randbytes(rnd.randrange(1, 5000))
-                ch.write_nowait(data)
+                count["bytes written"] += ch.write_nowait(data)
             else:
-                ch.read_nowait(rnd.randrange(1, 70000))
-        except Exception:
-            pass
+                count["bytes read"] += len(ch.read_nowait(rnd.randrange(1, 70000)))
+        except VCHAN_ERRORS as exc:
+            count[type(exc).__name__] += 1
 
     def episode(self, seconds: float) -> None:
         rnd = self.rnd
@@ -258,30 +300,37 @@ def corrupt_before_connect(ch: Vchan, rnd: random.Random) -> None:
 
 def main() -> None:
     die_with_parent()
-    role, peer, path, seed, stop = sys.argv[1:]
+    role, peer, path, seed, stop, result = sys.argv[1:]
     rnd = random.Random(int(seed))
+    episodes = COUNTS["episodes"]
     backend = get_backend()  # $GNTIPC_BACKEND (and $GNTIPC_SIM_DOMID on the sim)
     try:
         while not os.path.exists(stop):
             try:
                 ch = open_channel(role, backend, int(peer), path, rnd)
             except (TimeoutError, GntipcError):
+                episodes["no channel"] += 1
                 continue
             if ch is None:
+                episodes["no channel"] += 1
                 continue
             try:
                 h = Hostile(role, ch, rnd)
-            except Exception:
-                with contextlib.suppress(Exception):
+            except VCHAN_ERRORS as exc:  # the target left (or unmapped) meanwhile
+                episodes[f"setup: {type(exc).__name__}"] += 1
+                with contextlib.suppress(*VCHAN_ERRORS):
                     ch.close()
                 continue
+            episodes["hostile"] += 1
             try:
                 h.episode(SCALE * rnd.choice((0.005, 0.05, 0.2, 0.5)))
             finally:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(*VCHAN_ERRORS):
                     h.close()
     finally:
         backend.close()
+    with open(result, "w") as f:
+        json.dump({k: dict(v) for k, v in COUNTS.items()}, f)
 
 
 def open_channel(

@@ -439,15 +439,30 @@ async def test_store_refuses_writes(refusing_store: list[int]) -> None:
         finally:
             for st in accepted:
                 st.close()
+        # The client's writes were refused: it skipped the keys as stale until its
+        # timeout (TimeoutError), and says why (StaleKeys from the store's ENOSPC).
         cause = client_err.__cause__ if client_err is not None else None
+        root = cause.__cause__ if cause is not None else None
+        client_ok = (
+            isinstance(client_err, TimeoutError)
+            and isinstance(cause, gntipc.StaleKeys)
+            and isinstance(root, gntipc.XenError)
+            and root.errno == errno.ENOSPC
+        )
+        # The server re-offered after the client left, and each offer was refused.
+        server_ok = bool(refused) and all(
+            isinstance(e, gntipc.XenError) and e.errno == errno.ENOSPC for e in refused
+        )
         REPORT.add(
             "exhaustion",
             "store refusing writes: accept / connect raise",
             f"{type(info.value).__name__} ENOSPC / {type(client_err).__name__}"
-            f" (cause: {type(cause).__name__})",
-            "documented errors",
-            True,
+            f" (cause: {type(cause).__name__} <- {root!r}); re-offers refused: {len(refused)}",
+            "XenError ENOSPC / TimeoutError <- StaleKeys <- ENOSPC; > 0",
+            client_ok and server_ok,
         )
+        assert client_ok, repr((client_err, cause, root))
+        assert server_ok, refused[:3]
         after = sim_counts()
         assert {k: after[k] for k in keys} == {k: before[k] for k in keys}
     REPORT.add("exhaustion", "store quota knob in the sim", "none (injected ENOSPC instead)")

@@ -34,7 +34,7 @@ from gntipc.backends.sim import SimBackend
 
 from . import _asan
 from ._common import LEVEL, by_level, leftovers, reap, residue, spawn, subtree, worker_env
-from ._fuzz_hostile import HOSTILE_DOM, TARGET_DOM
+from ._fuzz_hostile import FRAMES, HOSTILE_DOM, MUTATIONS, TARGET_DOM
 from ._report import REPORT
 
 #: Memory growth of a target process (its live heap under ASan, else its RSS) that counts
@@ -62,6 +62,11 @@ XEN = Where("xen", 0, 0, 10.0, "fuzz (xen)")
 
 
 def asan_lib() -> tuple[str | None, str]:
+    """The ASan build, or ``(None, why)`` when disabled or without libasan.
+
+    Raises:
+        _asan.AsanBuildFailed: gcc and libasan are there, but the build failed.
+    """
     if os.environ.get("GNTIPC_STRESS_ASAN", "1") == "0":
         return None, "disabled by GNTIPC_STRESS_ASAN=0"
     return _asan.build()
@@ -90,8 +95,13 @@ def check_asan_armed(lib: str, where: Where) -> None:
 
 
 def test_asan_is_armed() -> None:
-    """The ASan build the sim fuzz uses catches what it must."""
-    lib, why = asan_lib()
+    """The ASan build the sim fuzz uses catches what it must.  Skipped at the short
+    level only without libasan (or when disabled); a failed build fails."""
+    try:
+        lib, why = asan_lib()
+    except _asan.AsanBuildFailed as exc:
+        REPORT.add("fuzz", "AddressSanitizer", f"build FAILED: {exc}"[:200], "armed", False)
+        raise
     if lib is None:
         REPORT.add("fuzz", "AddressSanitizer", f"not used: {why}", "armed", LEVEL == "short")
         if LEVEL != "short":
@@ -115,6 +125,8 @@ class FuzzResult:
     slow: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
+    #: What the hostile peers did (see ``_fuzz_hostile``): kind -> what -> count.
+    hostile: dict[str, Counter[str]] = field(default_factory=dict)
     tmp: str = ""
 
 
@@ -195,12 +207,13 @@ def run_fuzz(total_ops: int, lib: str | None, seed: int, where: Where = SIM) -> 
         finally:
             with open(stop, "w"):
                 pass
-            for _r, hostile, target, _res, _err in pairs:
+            for _r, hostile, target, res, _err in pairs:
                 try:
                     hostile.wait(15 * where.scale)
                 except subprocess.TimeoutExpired:
                     reap(hostile)
                 reap(target)
+                add_hostile_counts(out, res.replace("target", "hostile"))
         out.leftovers += store.leftovers()
         if where.backend == "sim":
             rows, files = residue(pin)
@@ -232,7 +245,14 @@ def start_pair(
     stop = os.path.join(tmp, "stop")
     hostile = spawn(
         "_fuzz_hostile",
-        [hostile_role, str(where.target_dom), path, str(seed * 100 + i), stop],
+        [
+            hostile_role,
+            str(where.target_dom),
+            path,
+            str(seed * 100 + i),
+            stop,
+            os.path.join(tmp, f"hostile{i}.json"),
+        ],
         where.hostile_dom,
         stderr_path=os.path.join(tmp, f"hostile{i}.err"),
         backend=where.backend,
@@ -254,6 +274,30 @@ def start_pair(
         reap(hostile)
         raise
     return target_role, hostile, target, result, err
+
+
+def add_hostile_counts(out: FuzzResult, path: str) -> None:
+    """Add up what a hostile peer says it did (nothing, if it wrote no result)."""
+    try:
+        with open(path) as f:
+            counts = json.load(f)
+    except FileNotFoundError:
+        out.failures.append(f"a hostile peer wrote no result ({path})")
+        return
+    for kind, values in counts.items():
+        out.hostile.setdefault(kind, Counter()).update(values)
+
+
+def inert(hostile: dict[str, Counter[str]]) -> list[str]:
+    """What the hostile peers never did (empty: every mutation, frame and kind of
+    traffic happened)."""
+    did = {k: hostile.get(k, Counter()) for k in ("episodes", "mutations", "frames", "traffic")}
+    missing = [f"mutation {m!r}" for m in sorted(set(MUTATIONS)) if not did["mutations"][m]]
+    missing += [f"frame {m!r}" for m in sorted(set(FRAMES)) if not did["frames"][m]]
+    missing += [f"traffic {m!r}" for m in ("bytes written", "bytes read") if not did["traffic"][m]]
+    if not did["episodes"]["hostile"]:
+        missing.append("a hostile episode")
+    return missing
 
 
 def budget(total_ops: int, lib: str | None, where: Where) -> float:
@@ -331,6 +375,16 @@ def check_fuzz(total: int, lib: str | None, seed: int, where: Where) -> None:
     )
     top = ", ".join(f"{k} {v}" for k, v in res.outcomes.most_common(5))
     REPORT.add(part, "outcomes", top + ", ...")
+    mutations = res.hostile.get("mutations", Counter())
+    missing = inert(res.hostile)
+    REPORT.add(
+        part,
+        "hostile peer: episodes / mutations (fewest: kind)",
+        f"{res.hostile.get('episodes', Counter())['hostile']} / {mutations.total()}"
+        f" ({min(((v, k) for k, v in mutations.items()), default=(0, '-'))})",
+        "every kind > 0",
+        not missing,
+    )
     for name, value in (
         ("undocumented errors", res.failure_count),
         ("crashes", res.crashes),
@@ -355,6 +409,7 @@ def check_fuzz(total: int, lib: str | None, seed: int, where: Where) -> None:
     assert growth < MAX_RSS_GROWTH
     assert not res.leftovers, res.leftovers
     assert res.ops >= total
+    assert not missing, f"the hostile peers never did: {missing} ({res.hostile})"
     shutil.rmtree(res.tmp, ignore_errors=True)
 
 
