@@ -77,24 +77,33 @@ def test_close_waits_for_the_call_in_flight(backend: Backend) -> None:
         ep = cli.endpoint
         seen: list[object] = []
         closer: list[threading.Thread] = []
+        hook_done: list[float] = []
+        close_done: list[float] = []
+
+        def close() -> None:
+            cli.close()
+            close_done.append(time.monotonic())
 
         def hook(point: str, direction: str) -> None:
             if point != "checked" or closer:
                 return
-            closer.append(_close_in_thread(cli))
-            time.sleep(0.3)  # close() is now waiting for us
+            closer.append(threading.Thread(target=close))
+            closer[0].start()
+            time.sleep(0.3)  # time enough for close() to reach its wait for us
+            seen.append(closer[0].is_alive())  # close() is waiting, not done
             seen.append(ep.closed)
             seen.append(all(not p.mapping.closed for p in ep._pages))
             seen.append(ep._rings is not None and ep._rings.data_ready())
+            hook_done.append(time.monotonic())
 
         ep.window_hook = hook
-        start = time.monotonic()
         assert ep.poll_read(1) is False  # the call finishes normally
         closer[0].join(10)
         assert not closer[0].is_alive()
-        assert time.monotonic() - start >= 0.3
+        # close() returned only after the call (still in its hook) was done with the pages
+        assert close_done[0] > hook_done[0]
         # close() had begun (the flag is set at once), but unmapped nothing under us
-        assert seen == [True, True, 0]
+        assert seen == [True, True, True, 0]
         assert cli.closed and not ep._pages
         with pytest.raises(ClosedResourceError):
             cli.read_nowait(1)

@@ -168,11 +168,13 @@ def test_killed_c_peer_detected(
         assert v.is_open() == VchanState.CONNECTED
         t0 = time.monotonic()
         os.kill(peer.proc.pid, signal.SIGKILL)
-        # The kernel's unmap notification clears the C peer's live byte and sends the event.
+        # The kernel's unmap notification clears the C peer's live byte and sends the event:
+        # the read ends at once, long before its (generous) timeout would have.  5 s is
+        # the kit's bound for a domain's death too (test_domu.py).
         with pytest.raises((EndOfStream, BrokenResourceError)):
-            v.read(1, timeout=10)
+            v.read(1, timeout=60)
         elapsed = time.monotonic() - t0
-        assert elapsed < 10
+        assert elapsed < 5, f"the kill was seen only after {elapsed:.1f} s"
         assert v.is_open() == VchanState.CLOSED
         live = own_page(v)[20 if c_role == "client" else 21]
         assert live == 0

@@ -270,15 +270,21 @@ async def test_cancellation_never_corrupts_the_session(make_pair: PairFactory) -
             x = await c.open_stream()
             y = await s.accept_stream()
             async with x, y:
+                # What was sent (each send's prefix, send_progress bytes) must arrive
+                # exactly: nothing lost, duplicated or reordered.
+                sent = bytearray()
+                got = bytearray()
                 for i in range(30):
                     with anyio.move_on_after(0.001 * (i % 3)):
                         await x.send(bytes([i]) * 50_000)
+                    sent += bytes([i]) * x.send_progress
                     with anyio.move_on_after(0.001 * (i % 4)):
-                        await y.receive()
+                        got += await y.receive()
                 await x.send(b"end")
                 await x.send_eof()
-                rest = await drain(y)
-                assert rest.endswith(b"end")
+                got += await drain(y)
+                assert len(got) == len(sent) + 3
+                assert got == sent + b"end"
 
 
 async def test_open_waits_for_a_free_slot(make_pair: PairFactory) -> None:
