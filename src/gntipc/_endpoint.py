@@ -692,7 +692,8 @@ class Endpoint:
         """True once the peer is known to be gntipc (it announced itself in the store):
         it understands the EOF bit of a half-close and clears its live byte only after
         setting it.  False for a plain libxenvchan peer, and for a server's client until
-        it has connected."""
+        its live byte leaves "waiting" (it connected, or left: one killed before it
+        announced itself reads as a plain peer that closed, EndOfStream)."""
         return self._peer_gntipc
 
     def peer_live(self) -> int:

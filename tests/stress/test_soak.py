@@ -158,7 +158,7 @@ class Soak:
 
     async def killed(self) -> None:
         # At least one byte: the peer writes it after its connect returned, so the kill
-        # lands after its set-up (a kill inside set-up is the chaos test's job, and bug 2).
+        # lands after its set-up (a kill inside set-up is the chaos test's job).
         n = self.rnd.choice((1, 100, 70_000))
         if self.rnd.random() < 0.5:
             # The peer is the client of our listener.
