@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from interop._util import Proc
 
+from gntipc.backends import get_backend
 from gntipc.cli import main
 
 
@@ -277,3 +282,221 @@ def test_progress_bars_with_tqdm() -> None:
         progress.add(sent=2**20, received=2**10)
     text = out.getvalue()
     assert "sent" in text and "received" in text and "1.00MB" in text, text
+
+
+# ------------------------------------------------------ silent misconfiguration (#20) ---
+def run(domid: int, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, GNTIPC_BACKEND="sim", GNTIPC_SIM_DOMID=str(domid))
+    return subprocess.run(
+        [sys.executable, "-m", "gntipc.cli", *args],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def end(*procs: subprocess.Popen[bytes]) -> None:
+    """Kill what still runs; reap each process and close its pipes."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        for pipe in (p.stdin, p.stdout, p.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def wait_until(done: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """A functional deadline: ``done()`` must become true (polled), whatever the speed."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.02)
+
+
+def claimed(path: str) -> Callable[[], bool]:
+    """Whether a listener of domain 0 holds ``path`` (its claim is readable by all)."""
+
+    def check() -> bool:
+        with get_backend("sim", domid=0) as b:
+            return b.store.exists(f"/local/domain/0/{path}/gntipc-listener")
+
+    return check
+
+
+def test_listen_refuses_a_served_path_and_takes_over_from_a_crashed_listener() -> None:
+    path = f"data/cli-twice/{os.getpid()}"
+    started = [gntipc(0, "listen", "4", path)]
+    try:
+        first = started[0]
+        wait_until(claimed(path), "the first listener claims its path")
+        second = run(0, "listen", "4", path)
+        assert second.returncode == 1
+        assert second.stderr == (
+            f"gntipc: [Errno 98] /local/domain/0/{path} is already served for domain 4 by a"
+            f" gntipc listener in process {first.pid}: one listener per path (close that"
+            " one first, or choose another path)\n"
+        )
+        end(first)  # a crash (SIGKILL): its claim (and keys) stay in the store
+        third = gntipc(0, "listen", "4", path)
+        started.append(third)
+        client = gntipc(4, "connect", "0", path, "--timeout", "60")
+        started.append(client)
+        with ThreadPoolExecutor(2) as pool:
+            on_server = pool.submit(third.communicate, b"", 60)
+            on_client = pool.submit(client.communicate, b"after the crash", 60)
+            assert on_server.result()[0] == b"after the crash"
+            on_client.result()
+        assert (third.returncode, client.returncode) == (0, 0)
+    finally:
+        end(*started)
+
+
+def test_a_second_proxy_server_on_a_path_is_refused() -> None:
+    path = f"data/cli-proxy-twice/{os.getpid()}"
+    argv = [sys.executable, "-m", "gntipc.cli", "proxy", "-v", "--mode", "server", "4", path]
+    env = dict(os.environ, GNTIPC_BACKEND="sim", GNTIPC_SIM_DOMID="0")
+    first = Proc([*argv, "tcp:127.0.0.1:9"], env=env)
+    try:
+        first.expect("gntipc proxy: ready: ")
+        second = Proc([*argv, "tcp:127.0.0.1:9"], env=env)
+        try:
+            assert second.wait() == 1
+            assert second.output() == (
+                f"gntipc: [Errno 98] /local/domain/0/{path} is already served for domain 4 by"
+                f" a gntipc listener in process {first.proc.pid}: one listener per path"
+                " (close that one first, or choose another path)"
+            )
+        finally:
+            second.kill()
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.wait() == 0
+    finally:
+        first.kill()
+
+
+def test_connect_to_a_path_served_for_another_domain_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = f"data/cli-other/{os.getpid()}"
+    server = gntipc(0, "listen", "3", path)
+    try:
+        wait_until(claimed(path), "the listener claims its path")
+        env = {"GNTIPC_SIM_DOMID": "1"}
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            code = main(["--backend", "sim", "connect", "0", path, "--timeout", "0.5"])
+        assert code == 1
+        assert capsys.readouterr().err == (
+            f"gntipc: no gntipc server at /local/domain/0/{path} within 0.5 s: it is served"
+            " for domain 3, not for us (domain 1)\n"
+        )
+    finally:
+        end(server)
+
+
+def test_connect_close_on_eof_exits_when_stdin_ends() -> None:
+    # The server keeps its side open (its stdin stays open): by default the client would
+    # wait for it; with --close-on-eof it sends EOF and exits.
+    path = f"data/cli-eof/{os.getpid()}"
+    server = gntipc(0, "listen", "4", path)
+    try:
+        client = gntipc(4, "connect", "--close-on-eof", "0", path, "--timeout", "60")
+        client.communicate(b"bye", timeout=60)
+        assert client.returncode == 0
+        assert server.stdout is not None and server.stdin is not None
+        assert server.stdout.read(3) == b"bye"
+        server.stdin.close()
+        assert server.wait(60) == 0
+        assert server.stdout.read() == b""  # the client's EOF, then its close
+    finally:
+        end(server)
+
+
+def test_connect_by_default_goes_on_after_its_stdin_ended() -> None:
+    path = f"data/cli-no-eof/{os.getpid()}"
+    server = gntipc(0, "listen", "4", path)
+    client = gntipc(4, "connect", "0", path, "--timeout", "60")
+    try:
+        assert server.stdin is not None and server.stdout is not None
+        assert client.stdin is not None and client.stdout is not None
+        client.stdin.write(b"ping")
+        client.stdin.close()  # our stdin ends; the server's side stays open
+        assert server.stdout.read(4) == b"ping"
+        server.stdin.write(b"pong")
+        server.stdin.close()
+        assert client.stdout.read() == b"pong"  # still copied after our stdin ended
+        assert client.wait(60) == 0 and server.wait(60) == 0
+    finally:
+        end(server, client)
+
+
+@pytest.mark.parametrize("command", ["listen", "connect"])
+def test_close_on_eof_is_documented(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "-N, --close-on-eof exit when stdin ends, after sending EOF to the peer" in help_text
+    assert "default: send EOF and go on copying the peer to stdout" in help_text
+
+
+@pytest.mark.parametrize("socket_arg", ["udp:1234", "http://x", "TCP:80"])
+def test_proxy_refuses_an_unknown_socket_scheme(
+    socket_arg: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--backend", "sim", "proxy", "0", "data/x", socket_arg]) == 2
+    scheme = socket_arg.split(":")[0]
+    assert capsys.readouterr().err == (
+        f"gntipc: proxy: unknown socket scheme {scheme!r} in {socket_arg!r} (SOCKET is PATH,"
+        f" unix:PATH, tcp:HOST:PORT, tcp:PORT or -; a unix socket of that name:"
+        f" ./{socket_arg}) (see gntipc proxy --help)\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # no file named after it
+
+
+def test_proxy_socket_errors_name_the_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["--backend", "sim", "proxy", "0", "data/x", f"tcp:{port}"]) == 1
+    assert capsys.readouterr().err == (f"gntipc: tcp:127.0.0.1:{port}: Address already in use\n")
+    missing = tmp_path / "no-such-dir" / "s.sock"
+    assert main(["--backend", "sim", "proxy", "0", "data/x", str(missing)]) == 1
+    assert capsys.readouterr().err == f"gntipc: unix:{missing}: No such file or directory\n"
+
+
+@pytest.mark.parametrize("value", ["abc", "99999", "-1"])
+def test_a_bad_sim_domid_in_the_environment_is_named(value: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gntipc.cli", "--backend", "sim", "info"],
+        env=dict(os.environ, GNTIPC_SIM_DOMID=value), capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"gntipc: info: GNTIPC_SIM_DOMID={value!r} is not a domain id (a number, 0..32751)"
+        " (see gntipc info --help)\n"
+    )
+
+
+def test_a_bad_sim_dir_in_the_environment_is_named(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    for where, error in (
+        (not_a_dir, "is not a directory"),
+        (not_a_dir / "sub", ": Not a directory"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "gntipc.cli", "--backend", "sim", "info"],
+            env=dict(os.environ, GNTIPC_SIM_DIR=str(where)), capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 1
+        assert f"sim runtime dir '{where}' (GNTIPC_SIM_DIR)" in proc.stderr
+        assert error in proc.stderr and len(proc.stderr.splitlines()) == 1

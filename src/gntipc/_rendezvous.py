@@ -24,16 +24,24 @@ the connect loops (blocking and async).
   whatever an earlier holder of its port left (ports are unique in a domain while bound,
   and reused), and every endpoint removes its node, and the directories it leaves empty,
   on close (read, compare and remove in one transaction).
+* Listener claims: a listener writes ``<path>/gntipc-listener`` (readable by every
+  domain) naming its domain, the domain it serves, and its process (pid and start
+  time).  A second listener on the path is refused at once (EADDRINUSE) while that
+  process lives; the claim of a process that is gone (a crash leaves it behind) is taken
+  over.  A client that finds no keys for itself reads the claim to say whom the path
+  serves instead (:func:`why_no_server`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import secrets
 import select
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
@@ -54,8 +62,12 @@ if TYPE_CHECKING:
     from ._endpoint import Endpoint
 
 __all__ = [
+    "LISTENER_NODE",
+    "PathClaim",
+    "PathHolder",
     "Presence",
     "StaleKeys",
+    "claim_path",
     "connect_async",
     "connect_blocking",
     "in_transaction",
@@ -64,6 +76,7 @@ __all__ = [
     "try_connect",
     "unpublish_keys",
     "wait_fd",
+    "why_no_server",
 ]
 
 MAX_PORT = (1 << 17) - 1  # EVTCHN_FIFO_NR_CHANNELS - 1
@@ -181,6 +194,136 @@ def _remove_own_node(store: Store, node: str, value: bytes, keep: str) -> None:
             parent = parent.rsplit("/", 1)[0]
 
     in_transaction(store, body)
+
+
+# A process is named by (pid, start time), immune to pid reuse.  The helpers are the
+# sim's, which only read /proc; imported when needed, so that importing gntipc does not
+# load the sim backend.
+def _process_alive(pid: int, start: int) -> bool:
+    from .backends.sim._runtime import proc_alive
+
+    return proc_alive(pid, start)
+
+
+def _our_start() -> int:
+    from .backends.sim._runtime import self_start
+
+    return self_start()
+
+
+#: The node beside a listener's keys that names the listener (see the module docstring).
+LISTENER_NODE = "gntipc-listener"
+
+
+@dataclass(frozen=True)
+class PathHolder:
+    """Who listens at a path: the value of its :data:`LISTENER_NODE`."""
+
+    domid: int
+    peer: int
+    pid: int
+    start: int
+
+    def encode(self) -> bytes:
+        return f"domain={self.domid} peer={self.peer} pid={self.pid} start={self.start}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PathHolder | None:
+        """The holder named by ``raw``, or None if it names none (not our format)."""
+        try:
+            fields = dict(item.split("=", 1) for item in raw.decode("ascii").split())
+            return cls(
+                int(fields["domain"]), int(fields["peer"]), int(fields["pid"]), int(fields["start"])
+            )
+        except (ValueError, KeyError, UnicodeDecodeError):
+            return None
+
+    def alive(self, backend: Backend) -> bool:
+        """Whether the holder may still listen.  A process of our domain is ours to
+        see (pid and start time, so a reused pid does not count); of another domain we
+        can only tell whether the domain lives (its home is there)."""
+        if self.domid == backend.domid:
+            return _process_alive(self.pid, self.start)
+        try:
+            backend.store.read(f"/local/domain/{self.domid}")
+        except XenError as exc:
+            return exc.errno != errno.ENOENT
+        return True
+
+    def describe(self, backend: Backend) -> str:
+        """``process <pid>``, ``this process (<pid>)`` or ``process <pid> of domain <d>``."""
+        if self.domid != backend.domid:
+            return f"process {self.pid} of domain {self.domid}"
+        return f"this process ({self.pid})" if self.pid == os.getpid() else f"process {self.pid}"
+
+
+class PathClaim:
+    """Our claim of a path (from :func:`claim_path`); :meth:`release` withdraws it."""
+
+    __slots__ = ("_value", "node", "store")
+
+    def __init__(self, store: Store, node: str, value: bytes) -> None:
+        self.store = store
+        self.node = node
+        self._value = value
+
+    def release(self) -> None:
+        """Remove our claim, if it is still ours, and the path node if that leaves it
+        empty (one transaction).
+
+        Raises:
+            XenError: the store failed.
+        """
+        path = self.node.rsplit("/", 1)[0]
+        _remove_own_node(self.store, self.node, self._value, path.rsplit("/", 1)[0])
+
+
+def claim_path(backend: Backend, path: str, peer: int) -> PathClaim:
+    """Claim the absolute store ``path`` for a listener of this process serving domain
+    ``peer``: refused while another listener that still lives holds it (a dead one's
+    claim is taken over).  Read, check and write in one transaction.
+
+    Raises:
+        XenError: EADDRINUSE: a live listener holds the path (the message names it);
+            or the store refused.
+    """
+    node = f"{path}/{LISTENER_NODE}"
+    value = PathHolder(backend.domid, peer, os.getpid(), _our_start()).encode()
+    # Readable by every domain: a client of another domain may learn whom we serve.
+    perms = [Perm(backend.domid, "r")]
+
+    def body(tx: Transaction) -> None:
+        try:
+            holder = PathHolder.decode(tx.read(node))
+        except XenError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            holder = None
+        if holder is not None and holder.alive(backend):
+            raise XenError(
+                errno.EADDRINUSE,
+                f"{path} is already served for domain {holder.peer} by a gntipc listener"
+                f" in {holder.describe(backend)}: one listener per path (close that one"
+                " first, or choose another path)",
+            )
+        tx.write(node, value)
+        tx.set_perms(node, perms)
+
+    in_transaction(backend.store, body)
+    return PathClaim(backend.store, node, value)
+
+
+def why_no_server(backend: Backend, path: str) -> str:
+    """Why a client of ours may find no keys at ``path`` although a listener is there:
+    ``"it is served for domain 3, not for us (domain 1)"``, or ``""`` (nothing known;
+    one store read, errors ignored)."""
+    try:
+        holder = PathHolder.decode(backend.store.read(f"{path}/{LISTENER_NODE}"))
+    except XenError:
+        return ""
+    if holder is None or holder.peer == backend.domid:
+        return ""
+    return f"it is served for domain {holder.peer}, not for us (domain {backend.domid})"
 
 
 class Presence:
@@ -369,8 +512,10 @@ def connect_blocking(backend: Backend, peer: int, path: str, timeout: float | No
                 return got
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
+                why = why_no_server(backend, path)
                 raise TimeoutError(
                     f"no vchan server at {path} (domain {peer}) within {timeout} s"
+                    + (f": {why}" if why else "")
                     + (f"; last attempt: {last}" if last else "")
                 )
             wait_fd(watch.fileno(), remaining)

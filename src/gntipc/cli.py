@@ -3,11 +3,18 @@
     gntipc info                       which backend, which domain
     gntipc listen PEER PATH           serve one client; stdin -> peer, peer -> stdout
     gntipc connect PEER PATH          connect to a server; stdin -> peer, peer -> stdout
-                                      (--progress: bytes and rates on stderr)
+                                      (--progress: bytes and rates on stderr;
+                                      --close-on-eof: exit when stdin ends)
     gntipc proxy PEER PATH SOCKET     bridge a vchan and a unix/TCP socket (vchan-socket-proxy)
     gntipc doctor                     check the backend, devices, limits and store; advice
     gntipc bench                      run the benchmarks of a source checkout
     gntipc sim-kill-domain DOMID      make a simulated domain die (no unmap notifications)
+
+listen and connect pass the end of stdin on to the peer as EOF (a half-close) and go on
+copying the peer to stdout until the peer ends its side too; with ``--close-on-eof`` (as
+netcat's ``-N``/``-q 0``) they exit when stdin ends, after sending EOF.  One listener
+per path: a ``listen`` or ``proxy --mode server`` on a path that another one serves is
+refused (``listen`` frees its path once its client is connected).
 
 ``--backend`` (or ``GNTIPC_BACKEND``) picks ``xen`` or ``sim``; ``GNTIPC_SIM_DOMID`` sets
 the simulated domain of this process.  ``gntipc COMMAND --help`` describes each command.
@@ -28,6 +35,7 @@ Errors are reported on one line of standard error, without a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from typing import BinaryIO
@@ -82,8 +90,16 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 async def _pump(
-    stream: VchanStream, stdin: BinaryIO, stdout: BinaryIO, progress: Progress | None = None
+    stream: VchanStream,
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    progress: Progress | None = None,
+    *,
+    close_on_eof: bool = False,
 ) -> None:
+    """Copy ``stdin`` to the peer and the peer to ``stdout``.  The end of ``stdin`` is
+    sent as EOF; then, with ``close_on_eof``, we stop (whatever the peer still sends is
+    dropped), else we go on until the peer ends its side."""
     read: Callable[[int], bytes] = getattr(stdin, "read1", stdin.read)
 
     async def upstream() -> None:
@@ -93,6 +109,8 @@ async def _pump(
             data = await anyio.to_thread.run_sync(read, _CHUNK)
             if not data:
                 await stream.send_eof()
+                if close_on_eof:
+                    tg.cancel_scope.cancel()
                 return
             await stream.send(data)
             if progress is not None:
@@ -112,24 +130,28 @@ async def _pump(
         # the peer finished sending; finish ours (the task group waits for upstream)
 
 
-async def _stdio_pump(stream: VchanStream, show_progress: bool = False) -> None:
+async def _stdio_pump(
+    stream: VchanStream, show_progress: bool = False, *, close_on_eof: bool = False
+) -> None:
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     if not show_progress:
-        await _pump(stream, sys.stdin.buffer, sys.stdout.buffer)
+        await _pump(stream, stdin, stdout, close_on_eof=close_on_eof)
         return
     with Progress() as progress:
-        await _pump(stream, sys.stdin.buffer, sys.stdout.buffer, progress)
+        await _pump(stream, stdin, stdout, progress, close_on_eof=close_on_eof)
 
 
 async def _netcat(args: argparse.Namespace, backend: Backend) -> None:
     if args.command == "listen":
-        async with (
-            await listen(args.peer, args.path, backend=backend) as listener,
-            await listener.accept() as stream,
-        ):
-            await _stdio_pump(stream, args.progress)
+        # One client: the path is free again once it is accepted (as netcat's listening
+        # socket is closed), so another listener may take it while we copy.
+        async with await listen(args.peer, args.path, backend=backend) as listener:
+            stream = await listener.accept()
+        async with stream:
+            await _stdio_pump(stream, args.progress, close_on_eof=args.close_on_eof)
     else:
         async with await connect(args.peer, args.path, timeout=args.timeout, backend=backend) as s:
-            await _stdio_pump(s, args.progress)
+            await _stdio_pump(s, args.progress, close_on_eof=args.close_on_eof)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,6 +194,14 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="show bytes each way and their rates on stderr (tqdm bars if tqdm is"
             " installed: pip install 'gntipc[progress]')",
+        )
+        p.add_argument(
+            "-N",
+            "--close-on-eof",
+            action="store_true",
+            help="exit when stdin ends, after sending EOF to the peer (as netcat -N);"
+            " default: send EOF and go on copying the peer to stdout until the peer ends"
+            " its side too",
         )
         if name == "connect":
             p.add_argument(
@@ -216,6 +246,47 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+#: ``scheme:`` at the start of a proxy's SOCKET (a unix socket path may hold a colon too:
+#: ``./name:1``).
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_SOCKET_FORMS = "PATH, unix:PATH, tcp:HOST:PORT, tcp:PORT or -"
+
+
+def _check_socket_scheme(text: str) -> None:
+    """Refuse ``udp:1234`` and the like, which would otherwise name a unix socket file.
+
+    Raises:
+        UsageError: an unknown scheme.
+    """
+    match = _SCHEME.match(text)
+    if match and match[1] not in ("unix", "tcp"):
+        raise _cli_proxy.UsageError(
+            f"unknown socket scheme {match[1]!r} in {text!r} (SOCKET is {_SOCKET_FORMS};"
+            f" a unix socket of that name: ./{text})"
+        )
+
+
+def _about(exc: BaseException, args: argparse.Namespace) -> str:
+    """The message of ``exc``, naming the proxy's SOCKET when an OS error does not say
+    what it is about (anyio's bind errors: "[Errno 98] Address already in use")."""
+    message = str(exc) or type(exc).__name__
+    if (
+        args.command == "proxy"
+        and isinstance(exc, OSError)
+        and not isinstance(exc, GntipcError | TimeoutError)
+        and exc.filename is None
+        and exc.strerror
+        and args.socket != "-"
+    ):
+        # Vchan errors are GntipcError and per-connection socket errors are logged, so an
+        # OS error that ends the proxy comes from its listening socket.
+        address = _cli_proxy.parse_socket_address(args.socket)
+        where = address.path if address.kind == "unix" else str(address)
+        if where not in exc.strerror:
+            return f"{address}: {exc.strerror}"
+    return message
+
+
 def _fail(message: str, code: int) -> int:
     print(f"gntipc: {message}", file=sys.stderr)
     return code
@@ -236,6 +307,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "info":
             print(f"backend {select_backend_name(args.backend)}, domain {backend.domid}")
         elif args.command == "proxy":
+            _check_socket_scheme(args.socket)
             anyio.run(_cli_proxy.run_proxy, args, backend, _stdio_pump)
         else:
             anyio.run(_netcat, args, backend)
@@ -260,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, anyio.BrokenResourceError):
             return _fail(f"the channel broke: {exc or 'the peer is gone'}", EXIT_FAILURE)
         if isinstance(exc, GntipcError | TimeoutError | OSError | ValueError):
-            return _fail(str(exc) or type(exc).__name__, EXIT_FAILURE)
+            return _fail(_about(exc, args), EXIT_FAILURE)
         if exc is not raised:
             raise exc from raised
         raise

@@ -16,6 +16,7 @@ for :func:`connect`; for :func:`listen`, the listener *and* every stream it acce
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import threading
@@ -42,7 +43,7 @@ from ._dispatch import Dispatcher
 from ._domid import check_domid
 from ._endpoint import Endpoint
 from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError, XenStoreTimeout
-from ._rendezvous import connect_async, resolve_path
+from ._rendezvous import PathClaim, claim_path, connect_async, resolve_path, why_no_server
 from ._soon import Deferred
 from ._spin import DEFAULT_SPIN_ASYNC, Spinner
 from ._stats import VchanStreamStatistics
@@ -156,17 +157,26 @@ def _close_vchan(vchan: Vchan) -> None:
     vchan.close()
 
 
-def _close_all(vchan: Vchan | None, ref: _SharedBackend | None) -> None:
-    """Close ``vchan``, then release ``ref`` (even if the close failed)."""
+def _close_all(
+    vchan: Vchan | None, ref: _SharedBackend | None, claim: PathClaim | None = None
+) -> None:
+    """Close ``vchan``, then withdraw a listener's ``claim`` of its path, then release
+    ``ref`` (each even if the one before failed)."""
     try:
-        if vchan is not None:
-            vchan.close()
+        try:
+            if vchan is not None:
+                vchan.close()
+        finally:
+            if claim is not None:
+                claim.release()
     finally:
         if ref is not None:
             ref.release()
 
 
-async def _aclose_all(vchan: Vchan | None, ref: _SharedBackend | None, path: str) -> None:
+async def _aclose_all(
+    vchan: Vchan | None, ref: _SharedBackend | None, path: str, claim: PathClaim | None = None
+) -> None:
     """:func:`_close_all` in a worker thread (it removes store nodes), shielded, bounded
     by :data:`gntipc._astore.STORE_TIMEOUT`.
 
@@ -174,10 +184,14 @@ async def _aclose_all(vchan: Vchan | None, ref: _SharedBackend | None, path: str
         XenStoreTimeout: not done in time (the close completes in the background).
         Whatever the close raises (MappingInUse, XenError).
     """
-    if vchan is None and ref is None:
+    if vchan is None and ref is None and claim is None:
         return
     await _astore.run_cleanup(
-        _close_all, vchan, ref, what=f"closing the channel at {path} (removing its store nodes)"
+        _close_all,
+        vchan,
+        ref,
+        claim,
+        what=f"closing the channel at {path} (removing its store nodes)",
     )
 
 
@@ -739,6 +753,10 @@ class Listener(AsyncResource):
     Each :meth:`accept` publishes fresh keys at the path and waits for one client; the
     next :meth:`accept` publishes new keys (between accepts, a client's :func:`connect`
     waits for them).  Concurrent :meth:`accept` calls are served one after the other.
+
+    One listener per path: a listener claims its path (:func:`listen` does, else the
+    first :meth:`accept`) until it is closed, and a second listener on the path is
+    refused with EADDRINUSE while the first one's process lives.
     """
 
     def __init__(
@@ -760,6 +778,7 @@ class Listener(AsyncResource):
         self._closed = False
         self._lock = anyio.Lock()
         self._pending: tuple[Vchan, Dispatcher] | None = None
+        self._claim: PathClaim | None = None
 
     async def accept(self) -> VchanStream:
         """Publish keys, wait for one client and return its stream.
@@ -780,7 +799,10 @@ class Listener(AsyncResource):
         Raises:
             anyio.ClosedResourceError: the listener is (or gets) closed.
             gntipc.XenError: the backend refused to offer a channel (e.g. gntalloc limit
-                reached: ENOSPC; the store failed while publishing the keys).
+                reached: ENOSPC; the store failed while publishing the keys); EADDRINUSE:
+                another listener serves the path (the first accept claims the path if
+                :func:`listen` did not: a listener made without it, or a store failure
+                then).
             gntipc.XenStoreTimeout: the store did not answer in time while the keys were
                 published (the offer is withdrawn in the background).
         """
@@ -807,7 +829,12 @@ class Listener(AsyncResource):
                 if stream is not None:
                     return stream
 
+    def _claim_path(self) -> PathClaim:
+        return claim_path(self.backend, self.path, self.peer)
+
     def _offer(self) -> Vchan:
+        if self._claim is None:
+            self._claim = self._claim_path()
         return Vchan.server(
             self.backend, self.peer, self.path, read_size=self.read_size, write_size=self.write_size
         )
@@ -925,7 +952,8 @@ class Listener(AsyncResource):
         keys (blocking on the store; in async code, use :meth:`aclose`); a waiting
         :meth:`accept` raises ClosedResourceError.  Accepted streams stay open."""
         if not self._closed:
-            _close_all(*self._stop())
+            vchan, ref = self._stop()
+            _close_all(vchan, ref, self._take_claim())
 
     async def aclose(self) -> None:
         """Stop listening (see :meth:`close`); the store work runs in a worker thread.
@@ -938,7 +966,8 @@ class Listener(AsyncResource):
                 withdrawn in the background.
         """
         if not self._closed:
-            await _aclose_all(*self._stop(), self.path)
+            vchan, ref = self._stop()
+            await _aclose_all(vchan, ref, self.path, self._take_claim())
         await checkpoint()
 
     def _stop(self) -> tuple[Vchan | None, _SharedBackend | None]:
@@ -950,6 +979,10 @@ class Listener(AsyncResource):
             pending[1].close()
         ref, self._backend_ref = self._backend_ref, None
         return (None if pending is None else pending[0]), ref
+
+    def _take_claim(self) -> PathClaim | None:
+        claim, self._claim = self._claim, None
+        return claim
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -975,7 +1008,15 @@ async def listen(
     sizes (powers of two from 1024 to 1 MiB) of the direction client→server and
     server→client.
 
+    One listener per path, as one socket per address: the listener claims the path
+    (a node beside its keys, ``<path>/gntipc-listener``, naming its process) until it is
+    closed.  A listener whose process is gone (it crashed) holds nothing: its claim is
+    taken over.
+
     Raises:
+        gntipc.XenError: EADDRINUSE (also an :class:`OSError`): another listener, whose
+            process still runs, serves ``path``; the message names the path and that
+            process.  (Other store failures show at :meth:`Listener.accept`.)
         ValueError: bad ring sizes or domid (a :class:`gntipc.LocalProtocolError`).
         TypeError: ``peer`` is not an int.
         gntipc.BackendUnavailable: the chosen backend cannot run here.
@@ -989,6 +1030,22 @@ async def listen(
         )
     except BaseException:
         await _aclose_all(None, ref, path)
+        raise
+    try:
+        listener._claim = await _astore.run(
+            listener._claim_path,
+            what=f"claiming {listener.path} for a listener",
+            discard=PathClaim.release,
+            holder=ref,
+        )
+    except (XenError, XenStoreTimeout) as exc:
+        if isinstance(exc, XenError) and exc.errno == errno.EADDRINUSE:
+            await listener.aclose()
+            raise
+        # Any other store failure shows where it always did: the first accept claims
+        # again, then publishes the keys (both fail alike, e.g. EACCES on the path).
+    except BaseException:
+        await listener.aclose()
         raise
     await checkpoint()
     return listener
@@ -1033,8 +1090,22 @@ async def connect(
             endpoint = await connect_async(be, peer, full, errors, ref)
         if scope.cancelled_caught:
             cause = errors[0] if errors else None
-            raise TimeoutError(f"no gntipc server at {full} within {timeout} s") from cause
+            why = await _why_no_server(be, full, ref)
+            raise TimeoutError(
+                f"no gntipc server at {full} within {timeout} s" + (f": {why}" if why else "")
+            ) from cause
     except BaseException:
         await _aclose_all(None, ref, full)
         raise
     return VchanStream(Vchan(endpoint), _backend_ref=ref)
+
+
+async def _why_no_server(backend: Backend, path: str, hold: _SharedBackend | None) -> str:
+    """:func:`gntipc._rendezvous.why_no_server` in a worker thread ("" if the store
+    does not answer in time)."""
+    try:
+        return await _astore.run(
+            why_no_server, backend, path, what=f"reading who listens at {path}", holder=hold
+        )
+    except XenStoreTimeout:
+        return ""

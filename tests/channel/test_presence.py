@@ -6,12 +6,16 @@
   clean close would then be reported as a crash);
 * stale nodes and empty ``data/gntipc/<server>/<port>`` directories do not pile up;
 * a node or keys replaced by a later endpoint are never removed by the earlier one:
-  read, compare and remove in one transaction, retried on EAGAIN.
+  read, compare and remove in one transaction, retried on EAGAIN;
+* a listener's claim of its path (issue 20): a second claim is refused while the holder
+  lives, every domain may read it, and a client of another domain is told whom the path
+  serves.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +27,7 @@ from gntipc import protocol as L
 from gntipc._exceptions import XenError
 from gntipc.backends import Backend, get_backend
 from gntipc.backends._abc import Transaction
+from gntipc.backends.sim._runtime import self_start
 from gntipc.channel import Vchan
 from gntipc.protocol import VchanState
 
@@ -294,3 +299,44 @@ def test_unpublish_never_removes_keys_published_meanwhile(
     assert backend.store.read(f"{full}/ring-ref") == b"99999"
     assert backend.store.exists(f"{full}/event-channel")
     backend.store.rm(full)
+
+
+# ------------------------------------------------------------- listener claims ---
+def test_a_second_claim_of_a_path_is_refused_while_the_holder_lives(
+    backend: Backend, other_domain: Backend
+) -> None:
+    full = Vchan.resolve_path(backend.domid, fresh_path())
+    claim = _rendezvous.claim_path(backend, full, other_domain.domid)
+    try:
+        with pytest.raises(XenError) as refused:
+            _rendezvous.claim_path(backend, full, 7)
+        assert refused.value.errno == errno.EADDRINUSE
+        assert f"{full} is already served for domain {other_domain.domid}" in str(refused.value)
+        # Every domain may read whom the path serves (not only the peer).
+        raw = other_domain.store.read(f"{full}/{_rendezvous.LISTENER_NODE}")
+        assert _rendezvous.PathHolder.decode(raw) == _rendezvous.PathHolder(
+            backend.domid, other_domain.domid, os.getpid(), self_start()
+        )
+    finally:
+        claim.release()
+    assert not backend.store.exists(full)
+    claim.release()  # gone already: nothing to do
+    _rendezvous.claim_path(backend, full, 7).release()
+
+
+def test_a_blocking_client_of_another_domain_is_told_whom_the_path_serves(
+    backend: Backend, other_domain: Backend
+) -> None:
+    path = fresh_path()
+    full = Vchan.resolve_path(backend.domid, path)
+    serves = other_domain.domid + 1
+    claim = _rendezvous.claim_path(backend, full, serves)
+    try:
+        with Vchan.server(backend, serves, path), pytest.raises(TimeoutError) as timed_out:
+            Vchan.client(other_domain, backend.domid, path, timeout=0.2)
+    finally:
+        claim.release()
+    assert str(timed_out.value) == (
+        f"no vchan server at {full} (domain {backend.domid}) within 0.2 s: it is served for"
+        f" domain {serves}, not for us (domain {other_domain.domid})"
+    )

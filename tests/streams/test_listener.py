@@ -1,7 +1,10 @@
-"""Listener and connect: timeouts, waiting for a server, stale keys, closing, ownership."""
+"""Listener and connect: timeouts, waiting for a server, stale keys, closing, ownership,
+one listener per path, and what a client is told when the path serves another domain."""
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 
 import anyio
@@ -10,6 +13,7 @@ from anyio import ClosedResourceError
 from conftest import fresh_path
 
 import gntipc
+from gntipc._rendezvous import LISTENER_NODE, PathHolder
 from gntipc.backends import Backend
 
 pytestmark = pytest.mark.anyio
@@ -143,3 +147,77 @@ async def test_bad_arguments(backend: Backend) -> None:
         await gntipc.connect(backend.domid, fresh_path(), timeout=-1, backend=backend)
     with pytest.raises(TypeError):
         await gntipc.connect(backend.domid, fresh_path(), backend=42)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------ one listener per path ---
+async def test_a_second_listener_on_a_path_is_refused_at_once(backend: Backend) -> None:
+    path = fresh_path()
+    full = gntipc.Vchan.resolve_path(backend.domid, path)
+    async with await gntipc.listen(5, path, backend=backend):
+        with pytest.raises(OSError) as refused:
+            await gntipc.listen(6, path, backend=backend)
+        assert refused.value.errno == errno.EADDRINUSE
+        message = str(refused.value)
+        assert f"{full} is already served for domain 5" in message
+        assert f"this process ({os.getpid()})" in message
+        # An absolute path naming the same node is the same path.
+        with pytest.raises(OSError, match="already served"):
+            await gntipc.listen(5, full, backend=backend)
+    # Closed: the path is free again, and the claim left nothing behind.
+    assert not backend.store.exists(full)
+    async with await gntipc.listen(6, path, backend=backend):
+        pass
+
+
+async def test_a_listener_made_without_listen_claims_at_its_first_accept(
+    backend: Backend,
+) -> None:
+    path = fresh_path()
+    async with await gntipc.listen(5, path, backend=backend):
+        listener = gntipc.Listener(backend, 5, path)
+        async with listener:
+            with pytest.raises(OSError, match="already served for domain 5"):
+                await listener.accept()
+
+
+@pytest.mark.parametrize("how", ["gone", "pid reused"])
+async def test_the_claim_of_a_dead_listener_is_taken_over(backend: Backend, how: str) -> None:
+    # What a crashed listener leaves: its claim names a process that no longer runs (or
+    # a pid that now belongs to another process, which started later).
+    path = fresh_path()
+    full = gntipc.Vchan.resolve_path(backend.domid, path)
+    pid, start = (2**22 + 1, 1) if how == "gone" else (os.getpid(), 1)
+    backend.store.write(
+        f"{full}/{LISTENER_NODE}", PathHolder(backend.domid, 5, pid, start).encode()
+    )
+    async with await gntipc.listen(5, path, backend=backend) as listener:
+        holder = PathHolder.decode(backend.store.read(f"{full}/{LISTENER_NODE}"))
+        assert holder is not None and holder.pid == os.getpid() and holder.start != 1
+        assert listener.path == full
+    assert not backend.store.exists(full)
+
+
+async def test_a_client_of_another_domain_is_told_whom_the_path_serves(
+    backend: Backend,
+) -> None:
+    if backend.name != "sim":
+        pytest.skip("plays a second domain in this process: needs the simulator")
+    path = fresh_path()
+    full = gntipc.Vchan.resolve_path(backend.domid, path)
+    with gntipc.get_backend("sim", domid=backend.domid + 1) as us:
+        async with (
+            await gntipc.listen(backend.domid + 3, path, backend=backend) as listener,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(listener.accept)  # keys published, for the other domain
+            with pytest.raises(TimeoutError) as timed_out:
+                await gntipc.connect(backend.domid, path, timeout=0.3, backend=us)
+            tg.cancel_scope.cancel()
+        assert str(timed_out.value) == (
+            f"no gntipc server at {full} within 0.3 s: it is served for domain"
+            f" {backend.domid + 3}, not for us (domain {backend.domid + 1})"
+        )
+        # Nothing there: the message stays as it was.
+        with pytest.raises(TimeoutError) as nothing:
+            await gntipc.connect(backend.domid, path, timeout=0.1, backend=us)
+        assert str(nothing.value) == f"no gntipc server at {full} within 0.1 s"

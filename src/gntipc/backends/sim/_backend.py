@@ -14,7 +14,8 @@ from typing import ClassVar
 
 from anyio import ClosedResourceError
 
-from ..._domid import check_domid
+from ..._domid import DOMID_MAX, check_domid
+from ..._exceptions import LocalProtocolError
 from ..._resource import Closeable
 from .._abc import Backend, CopySegment, check_import_args
 from ._dmabuf import SimDmabufExport, SimDmabufImport, dmabuf_alloc, export_refs, import_fd
@@ -24,9 +25,25 @@ from ._grants import SimPages, grant_copy, map_refs, share_pages
 from ._runtime import Runtime, default_runtime_dir, leftovers, proc_alive, self_start
 from ._store import SimStore, send_watch_events, watch_events
 
-__all__ = ["SimBackend", "assert_cleaned_up", "kill_domain"]
+__all__ = ["SimBackend", "assert_cleaned_up", "domid_from_env", "kill_domain"]
 
 _open_backends: weakref.WeakSet[SimBackend] = weakref.WeakSet()
+
+
+def domid_from_env() -> int:
+    """``$GNTIPC_SIM_DOMID`` (unset or empty: 0).
+
+    Raises:
+        LocalProtocolError: (a :class:`ValueError`) not a domid; the message names the
+            variable.
+    """
+    raw = os.environ.get("GNTIPC_SIM_DOMID") or "0"
+    try:
+        return check_domid(int(raw))
+    except ValueError:
+        raise LocalProtocolError(
+            f"GNTIPC_SIM_DOMID={raw!r} is not a domain id (a number, 0..{DOMID_MAX})"
+        ) from None
 
 
 class SimBackend(Backend):
@@ -52,9 +69,7 @@ class SimBackend(Backend):
         runtime_dir: str | None = None,
         page_limit: int = 1024,
     ) -> None:
-        if domid is None:
-            domid = int(os.environ.get("GNTIPC_SIM_DOMID", "0"))
-        self.domid = check_domid(domid)
+        self.domid = domid = check_domid(domid) if domid is not None else domid_from_env()
         if page_limit < 1:
             raise ValueError(f"page_limit must be >= 1, not {page_limit}")
         self._rt = Runtime(os.path.abspath(runtime_dir or default_runtime_dir()))

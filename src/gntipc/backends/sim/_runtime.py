@@ -196,11 +196,13 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
-def _raise_sqlite(exc: sqlite3.Error) -> None:
-    """Raise the :class:`XenError` for an sqlite error of the state database."""
+def _raise_sqlite(exc: sqlite3.Error, path: str = "") -> None:
+    """Raise the :class:`XenError` for an sqlite error of the state database (at
+    ``path``, named when given)."""
     text = str(exc)
     busy = "locked" in text or "busy" in text
-    raise_errno(errno.EBUSY if busy else errno.EIO, f"sim state database ({text})")
+    where = f" {path}" if path else ""
+    raise_errno(errno.EBUSY if busy else errno.EIO, f"sim state database{where} ({text})")
 
 
 class StateDb(sqlite3.Connection):
@@ -235,7 +237,7 @@ def _connect(path: str) -> StateDb:
             path, timeout=10.0, isolation_level=None, check_same_thread=False, factory=StateDb
         )
     except sqlite3.Error as exc:
-        _raise_sqlite(exc)
+        _raise_sqlite(exc, path)
         raise
     assert isinstance(db, StateDb)
     return db
@@ -370,24 +372,38 @@ class Runtime:
         return self._dirfd < 0
 
 
+def _dir_label(path: str) -> str:
+    """How errors name the runtime directory: its path, and the variable that chose it."""
+    env = os.environ.get("GNTIPC_SIM_DIR")
+    source = " (GNTIPC_SIM_DIR)" if env and os.path.abspath(env) == path else ""
+    return f"sim runtime dir {path!r}{source}"
+
+
 def _lock_dir_shared(path: str) -> int:
-    """Create ``path`` (0700) if needed and hold a shared flock on it."""
+    """Create ``path`` (0700) if needed and hold a shared flock on it.
+
+    Raises:
+        OSError: the directory cannot be made or opened (the message names it).
+    """
     uid = os.getuid()
     while True:
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileExistsError:
-            raise NotADirectoryError(f"sim runtime dir {path!r} is not a directory") from None
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            raise NotADirectoryError(f"{_dir_label(path)} is not a directory") from None
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"{_dir_label(path)}: {exc.strerror}") from None
         try:
             st = os.fstat(fd)
             if st.st_uid != uid:
-                raise PermissionError(
-                    errno.EPERM, f"sim runtime dir {path!r} belongs to uid {st.st_uid}"
-                )
-            if st.st_mode & 0o077:
-                os.fchmod(fd, 0o700)
-            fcntl.flock(fd, fcntl.LOCK_SH)
+                raise PermissionError(errno.EPERM, f"{_dir_label(path)} belongs to uid {st.st_uid}")
+            try:
+                if st.st_mode & 0o077:
+                    os.fchmod(fd, 0o700)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except OSError as exc:
+                raise type(exc)(exc.errno, f"{_dir_label(path)}: {exc.strerror}") from None
             try:
                 same = os.stat(path).st_ino == st.st_ino
             except FileNotFoundError:
