@@ -340,3 +340,53 @@ def test_stdio_proxy_pairs_with_the_netcat(proxy_mode: str) -> None:
                 p.kill()
             p.wait()
     assert first.returncode == 0 and second.returncode == 0
+
+
+#: N socket clients that hold their connections open at once (as redis-benchmark's do):
+#: all connect, then each echoes one message, then all close.
+HOLDING_CLIENTS = r"""
+import socket, sys
+host, port = sys.argv[1][4:].rsplit(":", 1)
+socks = [socket.create_connection((host, int(port)), timeout=120) for _ in range(int(sys.argv[2]))]
+for i, s in enumerate(socks):
+    s.sendall(b"ping %d\n" % i)
+for i, s in enumerate(socks):
+    want, got = b"ping %d\n" % i, b""
+    while len(got) < len(want):
+        chunk = s.recv(100)
+        if not chunk:
+            break
+        got += chunk
+    assert got == want, (i, got)
+for s in socks:
+    s.close()
+print("OK", flush=True)
+"""
+
+
+def test_plain_proxy_fits_max_connections_in_the_page_budget(procs: list[Proc]) -> None:
+    """Plain mode, the server's domain may share 100 pages (3 vchans of 64 KiB rings):
+    --max-connections 20 connections held open at once all get a vchan (smaller rings
+    as they add up), and the server proxy says so at start."""
+    server = python(ECHO_SERVER, "tcp")
+    procs.append(server)
+    backend_addr = server.expect("READY ").split()[1]
+    path = vchan_path()
+    args = ["proxy", "-v", "--mode", "server", "--max-connections=20", "4", path, backend_addr]
+    srv = Proc(
+        [sys.executable, "-m", "gntipc.cli", *args],
+        env=dict(_env(0), GNTIPC_SIM_PAGE_LIMIT="100"),
+    )
+    procs.append(srv)
+    srv.expect("gntipc proxy: ready: ")
+    assert "may share 100 pages" in srv.output() and "--max-connections 20" in srv.output()
+    cli = gntipc(4, "proxy", "-v", "0", path, "tcp:0")
+    procs.append(cli)
+    clients = python(HOLDING_CLIENTS, ready_address(cli), "20")
+    try:
+        assert clients.expect("", timeout=240) == "OK", clients.output() + srv.output()
+        assert clients.wait() == 0
+    finally:
+        clients.kill()
+    assert stop(cli) == 0, cli.output()
+    assert stop(srv) == 0, srv.output()

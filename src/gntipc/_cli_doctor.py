@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 
 from ._exceptions import BackendUnavailable, GntipcError, XenError
 from .backends import Backend, select_backend_name
+from .protocol import DEFAULT_RING_SIZE as _DEFAULT_RING
+from .protocol import channel_pages
 
 __all__ = ["Report", "add_arguments", "run"]
 
-#: The ring size of a default vchan, in bytes (for the "how many vchans fit" hint).
-_DEFAULT_RING = 65536
-_PAGE = 4096
 _SYS_MODULE = "/sys/module"
 #: Seconds a XenStore request may take before doctor calls the store unresponsive.
 _STORE_TIMEOUT = 5.0
@@ -98,12 +97,6 @@ def _read_sys(path: str) -> str | None:
         return None
 
 
-def _vchan_pages(ring: int) -> int:
-    """Pages a server shares for one vchan with two rings of ``ring`` bytes."""
-    per_ring = ring // _PAGE if ring > 2048 else 0
-    return 1 + 2 * per_ring
-
-
 # ----------------------------------------------------------------------------- xen ---
 
 _DEVICES = {
@@ -149,7 +142,7 @@ def _check_limits(report: Report) -> None:
     if limit is None:
         report.info("gntalloc page limit: unknown (no /sys/module/xen_gntalloc/parameters/limit)")
     else:
-        pages = _vchan_pages(_DEFAULT_RING)
+        pages = channel_pages(_DEFAULT_RING, _DEFAULT_RING)
         text = (
             f"gntalloc page limit: {limit} pages for the whole domain (a vchan with two"
             f" 64 KiB rings shares {pages}: about {int(limit) // pages} such vchans)"
@@ -324,7 +317,11 @@ def _sim_state(report: Report, backend: Backend) -> None:
     report.info(f"sim state: domains in use {domains}; other processes: {listed}")
     limit = getattr(backend, "page_limit", None)
     if limit is not None:
-        report.info(f"sim gntalloc page limit: {limit} pages per domain")
+        source = "GNTIPC_SIM_PAGE_LIMIT" if os.environ.get("GNTIPC_SIM_PAGE_LIMIT") else "default"
+        report.info(
+            f"sim gntalloc page limit: {limit} pages per domain ({source}; a vchan with two"
+            f" 64 KiB rings shares {channel_pages(_DEFAULT_RING, _DEFAULT_RING)})"
+        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ from anyio.abc import ByteStream, SocketStream
 from ._domid import check_domid
 from ._exceptions import GntipcError
 from .backends import Backend
-from .protocol import VchanState, check_ring_size
+from .protocol import VchanState, channel_pages, check_ring_size
 from .session import Session
 from .streams import Listener, VchanAttribute, VchanStream, connect, listen
 
@@ -309,9 +309,26 @@ class _Proxy:
 
     async def _listen(self) -> Listener:
         size = self.args.ring_size
-        return await listen(
-            self.args.peer, self.args.path, read_size=size, write_size=size, backend=self.backend
+        # Plain mode: a vchan per connection, each sized to the domain's page budget so
+        # that --max-connections of them fit (--mux: one vchan per client proxy).
+        listener = await listen(
+            self.args.peer,
+            self.args.path,
+            read_size=size,
+            write_size=size,
+            max_clients=self.args.max_connections,
+            backend=self.backend,
         )
+        limit = self.backend.page_limit
+        if limit is not None and not self.args.mux:
+            fits = limit // channel_pages(size, size)
+            if fits < self.args.max_connections:
+                _log(
+                    f"the domain may share {limit} pages (its gntalloc limit), {fits} vchans"
+                    f" of {size}-byte rings: connections get smaller rings as they add up,"
+                    f" so that --max-connections {self.args.max_connections} fit"
+                )
+        return listener
 
     async def _relay(self, n: str, channel: ByteStream, sock: ByteStream, half: bool) -> None:
         self.verbose(f"connection {n}: open")

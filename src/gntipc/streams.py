@@ -50,7 +50,14 @@ from ._stats import VchanStreamStatistics
 from .backends import Backend, get_backend
 from .channel import Vchan
 from .protocol import DEFAULT_RING_SIZE as _DEFAULT_RING
-from .protocol import LIVE_GONE, LIVE_WAITING, VchanState, check_ring_size
+from .protocol import (
+    LIVE_GONE,
+    LIVE_WAITING,
+    VchanState,
+    channel_pages,
+    check_ring_size,
+    fit_ring_sizes,
+)
 
 Buffer = bytes | bytearray | memoryview
 _A = TypeVar("_A")
@@ -757,6 +764,9 @@ class Listener(AsyncResource):
     One listener per path: a listener claims its path (:func:`listen` does, else the
     first :meth:`accept`) until it is closed, and a second listener on the path is
     refused with EADDRINUSE while the first one's process lives.
+
+    ``max_clients`` sizes each client's rings to the domain's page budget (see
+    :func:`listen`).
     """
 
     def __init__(
@@ -767,6 +777,7 @@ class Listener(AsyncResource):
         *,
         read_size: int = _DEFAULT_RING,
         write_size: int = _DEFAULT_RING,
+        max_clients: int | None = None,
         _backend_ref: _SharedBackend | None = None,
     ) -> None:
         self.backend = backend
@@ -774,6 +785,14 @@ class Listener(AsyncResource):
         self.path = resolve_path(backend.domid, path)
         self.read_size = read_size
         self.write_size = write_size
+        if max_clients is not None and (
+            isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1
+        ):
+            raise ValueError(f"max_clients must be an int >= 1 or None, not {max_clients!r}")
+        self.max_clients = max_clients
+        #: The channels handed out (while open, they hold their pages) and their size.
+        self._carried: list[tuple[VchanStream, int]] = []
+        self._sizes_logged: tuple[int, int] | None = None
         self._backend_ref = _backend_ref
         self._closed = False
         self._lock = anyio.Lock()
@@ -835,9 +854,54 @@ class Listener(AsyncResource):
     def _offer(self) -> Vchan:
         if self._claim is None:
             self._claim = self._claim_path()
-        return Vchan.server(
-            self.backend, self.peer, self.path, read_size=self.read_size, write_size=self.write_size
-        )
+        if self.max_clients is None:
+            return Vchan.server(
+                self.backend,
+                self.peer,
+                self.path,
+                read_size=self.read_size,
+                write_size=self.write_size,
+            )
+        read, write = self._budget_sizes()
+        while True:
+            try:
+                vchan = Vchan.server(
+                    self.backend, self.peer, self.path, read_size=read, write_size=write
+                )
+            except XenError as exc:
+                # Others share the domain's budget too: smaller rings, down to one page.
+                if exc.errno != errno.ENOSPC or channel_pages(read, write) == 1:
+                    raise
+                read, write = fit_ring_sizes(read, write, channel_pages(read, write) - 1)
+                continue
+            if (read, write) != self._sizes_logged:
+                self._sizes_logged = (read, write)
+                logger.info(
+                    "gntipc listener at %s: offering %d/%d-byte rings (asked %d/%d; %d of"
+                    " at most %d clients carried, page budget %s)",
+                    self.path,
+                    read,
+                    write,
+                    self.read_size,
+                    self.write_size,
+                    len(self._carried),
+                    self.max_clients,
+                    self.backend.page_limit,
+                )
+            return vchan
+
+    def _budget_sizes(self) -> tuple[int, int]:
+        """Ring sizes (at most the listener's) for the next client, such that the
+        domain's page budget still holds the smallest channel (one page) for each client
+        that may come after it, up to ``max_clients`` at once."""
+        assert self.max_clients is not None
+        limit = self.backend.page_limit
+        self._carried = [(s, pages) for s, pages in self._carried if not s.closed]
+        if limit is None:
+            return self.read_size, self.write_size
+        held = sum(pages for _, pages in self._carried)
+        after = max(0, self.max_clients - len(self._carried) - 1)
+        return fit_ring_sizes(self.read_size, self.write_size, limit - held - after)
 
     async def _await_client(self, vchan: Vchan, hold: _SharedBackend | None) -> VchanStream | None:
         """Wait for the client of the channel just offered; its stream, or None if the
@@ -882,7 +946,10 @@ class Listener(AsyncResource):
         finally:
             self._pending = None
         # The stream takes over our hold on the backend.
-        return VchanStream(vchan, dispatcher=dispatcher, _backend_ref=hold)
+        stream = VchanStream(vchan, dispatcher=dispatcher, _backend_ref=hold)
+        if self.max_clients is not None:
+            self._carried.append((stream, channel_pages(vchan.read_size, vchan.write_size)))
+        return stream
 
     async def serve(
         self,
@@ -999,6 +1066,7 @@ async def listen(
     *,
     read_size: int = _DEFAULT_RING,
     write_size: int = _DEFAULT_RING,
+    max_clients: int | None = None,
     backend: Backend | str | None = None,
 ) -> Listener:
     """Listen for clients from domain ``peer`` at ``path``.
@@ -1007,6 +1075,15 @@ async def listen(
     ``/local/domain/<our domid>/<path>``.  ``read_size`` / ``write_size`` are the ring
     sizes (powers of two from 1024 to 1 MiB) of the direction client→server and
     server→client.
+
+    ``max_clients``: how many clients the listener is to carry at once.  A domain may
+    share only so many pages (:attr:`gntipc.backends.Backend.page_limit`: gntalloc's
+    limit, 1024 by default; a 64 KiB channel takes 33): with ``max_clients``, each
+    client's rings are the largest (at most ``read_size`` / ``write_size``) that leave
+    the budget room for the smallest channel (one page: 1 and 2 KiB rings) of every
+    client that may come after it, and smaller still when other programs of the domain
+    share the budget (the sizes offered are logged at INFO).  Without it, every client
+    gets the sizes asked or none (ENOSPC past the limit).
 
     One listener per path, as one socket per address: the listener claims the path
     (a node beside its keys, ``<path>/gntipc-listener``, naming its process) until it is
@@ -1017,7 +1094,8 @@ async def listen(
         gntipc.XenError: EADDRINUSE (also an :class:`OSError`): another listener, whose
             process still runs, serves ``path``; the message names the path and that
             process.  (Other store failures show at :meth:`Listener.accept`.)
-        ValueError: bad ring sizes or domid (a :class:`gntipc.LocalProtocolError`).
+        ValueError: bad ring sizes or domid (a :class:`gntipc.LocalProtocolError`), or
+            ``max_clients`` < 1.
         TypeError: ``peer`` is not an int.
         gntipc.BackendUnavailable: the chosen backend cannot run here.
     """
@@ -1026,7 +1104,13 @@ async def listen(
     be, ref = await _open_backend(backend)
     try:
         listener = Listener(
-            be, peer, path, read_size=read_size, write_size=write_size, _backend_ref=ref
+            be,
+            peer,
+            path,
+            read_size=read_size,
+            write_size=write_size,
+            max_clients=max_clients,
+            _backend_ref=ref,
         )
     except BaseException:
         await _aclose_all(None, ref, path)

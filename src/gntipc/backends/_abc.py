@@ -482,6 +482,13 @@ class Backend(Closeable):
     #: The XenStore connection.
     store: Store
 
+    @property
+    def page_limit(self) -> int | None:
+        """How many pages this domain may share at once (gntalloc's limit), or None if
+        it is not known.  A listener that expects many clients sizes their rings to it
+        (``max_clients`` of :func:`gntipc.listen`)."""
+        return None
+
     @abstractmethod
     def share(self, domid: int, count: int, *, writable: bool = True) -> Pages:
         """Grant ``count`` fresh zeroed pages to ``domid`` (read-only for it unless

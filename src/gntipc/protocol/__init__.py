@@ -37,8 +37,10 @@ from ._layout import OFF_SRV_LIVE as OFF_SRV_LIVE
 from ._layout import OFF_SRV_NOTIFY as OFF_SRV_NOTIFY
 from ._layout import Geometry as Geometry
 from ._layout import VchanState as VchanState
+from ._layout import channel_pages as channel_pages
 from ._layout import check_ring_size as check_ring_size
 from ._layout import choose_orders as choose_orders
+from ._layout import fit_ring_sizes as fit_ring_sizes
 from ._layout import order_for_size as order_for_size
 from .framing import BATCH_FLAG as BATCH_FLAG
 from .framing import DECODE_AHEAD as DECODE_AHEAD

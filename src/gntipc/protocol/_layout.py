@@ -61,8 +61,10 @@ __all__ = [
     "OFF_SRV_LIVE",
     "OFF_SRV_NOTIFY",
     "VchanState",
+    "channel_pages",
     "check_ring_size",
     "choose_orders",
+    "fit_ring_sizes",
     "order_for_size",
 ]
 
@@ -169,6 +171,30 @@ def choose_orders(read_size: int, write_size: int) -> tuple[int, int]:
 
 def _pages(order: int) -> int:
     return 0 if order <= LARGE_ORDER else 1 << (order - PAGE_SHIFT)
+
+
+def channel_pages(read_size: int, write_size: int) -> int:
+    """How many pages a server shares for a channel with these ring sizes: the control
+    page and each ring's own pages (an in-page ring costs none; the smallest channel,
+    1 KiB and 2 KiB rings, is one page)."""
+    left, right = choose_orders(read_size, write_size)
+    return 1 + _pages(left) + _pages(right)
+
+
+def fit_ring_sizes(read_size: int, write_size: int, pages: int) -> tuple[int, int]:
+    """The largest ring sizes, at most ``read_size`` and ``write_size``, of a channel
+    that takes at most ``pages`` pages (:func:`channel_pages`): the larger ring is
+    halved first (the read ring on a tie).  At least the smallest channel
+    (:data:`MIN_RING_SIZE` both ways, one page), even if ``pages`` is less.
+    """
+    read = 1 << order_for_size(read_size)
+    write = 1 << order_for_size(write_size)
+    while channel_pages(read, write) > pages and max(read, write) > MIN_RING_SIZE:
+        if read >= write:
+            read //= 2
+        else:
+            write //= 2
+    return read, write
 
 
 def _in_page_offset(order: int) -> int:

@@ -46,6 +46,25 @@ def domid_from_env() -> int:
         ) from None
 
 
+def page_limit_from_env() -> int:
+    """``$GNTIPC_SIM_PAGE_LIMIT`` (unset or empty: 1024, Xen's gntalloc default).
+
+    Raises:
+        LocalProtocolError: (a :class:`ValueError`) not a number >= 1; the message names
+            the variable.
+    """
+    raw = os.environ.get("GNTIPC_SIM_PAGE_LIMIT") or "1024"
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise LocalProtocolError(
+            f"GNTIPC_SIM_PAGE_LIMIT={raw!r} is not a page limit (a number >= 1)"
+        ) from None
+    return limit
+
+
 class SimBackend(Backend):
     """A process playing domain ``domid`` of the simulated hypervisor.
 
@@ -53,7 +72,8 @@ class SimBackend(Backend):
         domid: our domain; default ``$GNTIPC_SIM_DOMID``, else 0.
         runtime_dir: the shared state directory; default ``$GNTIPC_SIM_DIR``, else
             ``$XDG_RUNTIME_DIR/gntipc-sim``, else ``/tmp/gntipc-sim-<uid>``.
-        page_limit: the gntalloc limit of pages this domain may share at once.
+        page_limit: the gntalloc limit of pages this domain may share at once; default
+            ``$GNTIPC_SIM_PAGE_LIMIT``, else 1024 (Xen's default).
 
     Raises:
         ValueError: bad domid or page limit.
@@ -67,10 +87,12 @@ class SimBackend(Backend):
         domid: int | None = None,
         *,
         runtime_dir: str | None = None,
-        page_limit: int = 1024,
+        page_limit: int | None = None,
     ) -> None:
         self.domid = domid = check_domid(domid) if domid is not None else domid_from_env()
-        if page_limit < 1:
+        if page_limit is None:
+            page_limit = page_limit_from_env()
+        elif page_limit < 1:
             raise ValueError(f"page_limit must be >= 1, not {page_limit}")
         self._rt = Runtime(os.path.abspath(runtime_dir or default_runtime_dir()))
         try:

@@ -178,7 +178,7 @@ def reserve_refs(
             errno.ENOSPC,
             f"sim grants: {what} {count} pages: domain {domain.domid} already shares "
             f"{used} of its limit of {domain.page_limit} (close channels, or raise the "
-            "limit: SimBackend(page_limit=...))",
+            "limit: SimBackend(page_limit=...) or GNTIPC_SIM_PAGE_LIMIT)",
         )
     row = db.execute("SELECT next_ref FROM domains WHERE domid=?", (domain.domid,)).fetchone()
     first = FIRST_REF if row is None or row[0] is None else int(row[0])

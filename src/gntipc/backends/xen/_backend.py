@@ -52,6 +52,8 @@ __all__ = ["XenBackend"]
 
 #: The devices every xen backend needs (privcmd is needed only for :meth:`status`).
 REQUIRED_DEVICES = ("/dev/xen/gntdev", "/dev/xen/gntalloc", "/dev/xen/evtchn")
+#: gntalloc's page limit for the whole domain (``modprobe xen-gntalloc limit=N``).
+GNTALLOC_LIMIT = "/sys/module/xen_gntalloc/parameters/limit"
 
 
 # What a forked child drops (see the module docstring), in stages: devices first, so that
@@ -325,6 +327,16 @@ class XenBackend(Backend):
         if self._closed or gntdev is None or gntalloc is None:
             raise ClosedResourceError("the xen backend is closed")
         return gntdev, gntalloc
+
+    @property
+    def page_limit(self) -> int | None:
+        """gntalloc's page limit (its module parameter ``limit``, shared by every
+        process of this domain), or None if ``/sys`` does not show it."""
+        try:
+            with open(GNTALLOC_LIMIT, "rb") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
 
     def share(self, domid: int, count: int, *, writable: bool = True) -> Pages:
         """Grant ``count`` zeroed pages to ``domid`` (see :meth:`Backend.share`).

@@ -1,0 +1,116 @@
+"""A listener that expects many clients sizes their rings to the domain's page budget
+(``max_clients``): every client up to ``max_clients`` gets a channel, however small,
+instead of ENOSPC once the first few took the budget (on sim, whose budget we set)."""
+
+from __future__ import annotations
+
+import errno
+
+import anyio
+import pytest
+from conftest import fresh_path
+
+import gntipc
+from gntipc.protocol import channel_pages, fit_ring_sizes
+
+pytestmark = pytest.mark.anyio
+
+KIB64 = 65536
+
+
+def test_fit_ring_sizes_halves_the_larger_ring_down_to_one_page() -> None:
+    assert channel_pages(KIB64, KIB64) == 33
+    assert channel_pages(1024, 2048) == channel_pages(1024, 1024) == 1
+    assert fit_ring_sizes(KIB64, KIB64, 33) == (KIB64, KIB64)
+    assert fit_ring_sizes(KIB64, KIB64, 32) == (32768, KIB64)
+    assert fit_ring_sizes(KIB64, 1024, 5) == (16384, 1024)
+    for pages in range(0, 40):
+        read, write = fit_ring_sizes(KIB64, KIB64, pages)
+        assert channel_pages(read, write) <= max(pages, 1)
+    assert fit_ring_sizes(KIB64, KIB64, 0) == (1024, 1024)
+
+
+async def _carry(
+    backend: gntipc.backends.Backend, clients: int, max_clients: int | None
+) -> list[gntipc.VchanStream]:
+    """Connect ``clients`` clients at once to one listener; every stream (server's and
+    client's) is returned open, in pairs."""
+    path = fresh_path()
+    streams: list[gntipc.VchanStream] = []
+    async with await gntipc.listen(
+        0, path, read_size=KIB64, write_size=KIB64, max_clients=max_clients, backend=backend
+    ) as listener:
+        try:
+            with anyio.fail_after(60):
+                for _ in range(clients):
+                    async with anyio.create_task_group() as tg:
+
+                        async def accept() -> None:
+                            streams.append(await listener.accept())
+
+                        tg.start_soon(accept)
+                        streams.append(await gntipc.connect(0, path, backend=backend))
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
+    return streams
+
+
+async def test_max_clients_get_a_channel_each_within_the_page_budget() -> None:
+    with gntipc.get_backend("sim", domid=0, page_limit=100) as backend:
+        streams = await _carry(backend, 5, max_clients=5)
+        try:
+            servers = [s for s in streams if s.vchan.is_server]
+            sizes = [(s.vchan.read_size, s.vchan.write_size) for s in servers]
+            assert sizes[0] == (KIB64, KIB64)  # room for all: the first ones get what we asked
+            assert sizes[-1] < sizes[0]  # the last ones shrank to what was left
+            assert sum(channel_pages(r, w) for r, w in sizes) <= 100
+            # Every channel works both ways, small ones included.
+            for a, b in zip(streams[0::2], streams[1::2], strict=True):
+                block = bytes(range(256)) * 40  # larger than the smallest ring
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(a.send, block)
+                    got = b""
+                    while len(got) < len(block):
+                        got += await b.receive()
+                assert got == block
+        finally:
+            for s in streams:
+                await s.aclose()
+        # The pages of closed channels return: the budget holds 64 KiB rings again.
+        again = await _carry(backend, 2, max_clients=2)
+        try:
+            assert {(s.vchan.read_size, s.vchan.write_size) for s in again} == {(KIB64, KIB64)}
+        finally:
+            for s in again:
+                await s.aclose()
+
+
+async def test_without_max_clients_the_budget_runs_out() -> None:
+    # The same five clients, rings as asked: the fourth finds no pages left.
+    with gntipc.get_backend("sim", domid=0, page_limit=100) as backend:
+        with pytest.raises(BaseExceptionGroup) as info:
+            await _carry(backend, 5, max_clients=None)
+        (exc,) = info.value.exceptions  # the accept of the fourth client failed
+        assert isinstance(exc, gntipc.XenError) and exc.errno == errno.ENOSPC
+
+
+async def test_pages_shared_by_others_shrink_the_rings_further() -> None:
+    # Another user of the domain's budget holds 90 of its 100 pages: the listener does
+    # not know, its offer of 64 KiB rings fails, and it retries smaller ones.
+    with (
+        gntipc.get_backend("sim", domid=0, page_limit=100) as backend,
+        backend.share(0, 90),
+    ):
+        streams = await _carry(backend, 2, max_clients=2)
+        try:
+            pages = sum(
+                channel_pages(s.vchan.read_size, s.vchan.write_size)
+                for s in streams
+                if s.vchan.is_server
+            )
+            assert pages <= 10
+        finally:
+            for s in streams:
+                await s.aclose()
