@@ -284,7 +284,9 @@ def test_socket_addresses(text: str, expected: SocketAddress) -> None:
     assert parse_socket_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["tcp:", "tcp:x", "tcp:70000", "tcp::80", "unix:", "/" * 120])
+@pytest.mark.parametrize(
+    "text", ["tcp:", "tcp:x", "tcp:70000", "tcp::80", "unix:", "/" * 120, "udp:1234", "http://x"]
+)
 def test_bad_socket_addresses(text: str) -> None:
     with pytest.raises(UsageError):
         parse_socket_address(text)

@@ -34,6 +34,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import re
 import signal
 import socket
 import stat
@@ -85,15 +86,28 @@ class SocketAddress:
         return "-"
 
 
+#: ``scheme:`` at the start of a SOCKET (a unix socket path may hold a colon too:
+#: ``./name:1``).
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_SOCKET_FORMS = "PATH, unix:PATH, tcp:HOST:PORT, tcp:PORT or -"
+
+
 def parse_socket_address(text: str) -> SocketAddress:
     """``PATH`` or ``unix:PATH``, ``tcp:HOST:PORT`` (``[V6]:PORT``), ``tcp:PORT``
     (127.0.0.1), or ``-`` (stdin/stdout).
 
     Raises:
-        UsageError: the address cannot be parsed.
+        UsageError: the address cannot be parsed, or names an unknown scheme
+            (``udp:1234`` is refused, not taken as a unix socket of that name).
     """
     if text == "-":
         return SocketAddress("stdio")
+    match = _SCHEME.match(text)
+    if match and match[1] not in ("unix", "tcp"):
+        raise UsageError(
+            f"unknown socket scheme {match[1]!r} in {text!r} (SOCKET is {_SOCKET_FORMS};"
+            f" a unix socket of that name: ./{text})"
+        )
     if text.startswith("tcp:"):
         rest = text[4:]
         host = "127.0.0.1"

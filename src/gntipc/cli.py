@@ -35,7 +35,6 @@ Errors are reported on one line of standard error, without a traceback.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Callable
 from typing import BinaryIO
@@ -246,26 +245,6 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-#: ``scheme:`` at the start of a proxy's SOCKET (a unix socket path may hold a colon too:
-#: ``./name:1``).
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
-_SOCKET_FORMS = "PATH, unix:PATH, tcp:HOST:PORT, tcp:PORT or -"
-
-
-def _check_socket_scheme(text: str) -> None:
-    """Refuse ``udp:1234`` and the like, which would otherwise name a unix socket file.
-
-    Raises:
-        UsageError: an unknown scheme.
-    """
-    match = _SCHEME.match(text)
-    if match and match[1] not in ("unix", "tcp"):
-        raise _cli_proxy.UsageError(
-            f"unknown socket scheme {match[1]!r} in {text!r} (SOCKET is {_SOCKET_FORMS};"
-            f" a unix socket of that name: ./{text})"
-        )
-
-
 def _about(exc: BaseException, args: argparse.Namespace) -> str:
     """The message of ``exc``, naming the proxy's SOCKET when an OS error does not say
     what it is about (anyio's bind errors: "[Errno 98] Address already in use")."""
@@ -307,7 +286,6 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "info":
             print(f"backend {select_backend_name(args.backend)}, domain {backend.domid}")
         elif args.command == "proxy":
-            _check_socket_scheme(args.socket)
             anyio.run(_cli_proxy.run_proxy, args, backend, _stdio_pump)
         else:
             anyio.run(_netcat, args, backend)
