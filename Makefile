@@ -1,14 +1,25 @@
 # The two commands: `make demo` and `make test`. Each sets up everything it needs.
+# `make test PYVER=3.12` does the same in .venv-3.12 with that Python (python3.12 on the
+# PATH, else pyenv's); `make test-versions` runs the suite under each of PYVERS.
+PYVER  ?=
+PYVERS ?= 3.12 3.13
+ifeq ($(PYVER),)
 PYTHON ?= python3
 VENV   ?= .venv
+else
+PYTHON ?= $(or $(shell for p in python$(PYVER) "$$(pyenv root 2>/dev/null)"/versions/$(PYVER)*/bin/python$(PYVER); do "$$p" -c '' 2>/dev/null && { echo "$$p"; break; }; done),python$(PYVER))
+VENV   ?= .venv-$(PYVER)
+endif
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 XENKIT := tools/xen-vm
 
 .PHONY: demo test test-xen test-xen-all test-xen-suite test-xen-domu test-xen-dmabuf bench-xen lint bench install clean stress
 
+# The venv ignores itself (as 3.13's venv does), so that git ignores .venv-3.12 too.
 $(PY):
 	$(PYTHON) -m venv $(VENV)
+	echo '*' > $(VENV)/.gitignore
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 
 # Reinstall when the build inputs change; the package itself is installed editable.
@@ -25,8 +36,19 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks
 	$(PY) -m mypy
 
+SUITE = $(PY) -m pytest -m "not xen" -q
+
 test: lint
-	$(PY) -m pytest -m "not xen" -q
+	$(SUITE)
+
+# The suite under the other supported Pythons, each in its own venv (.venv-3.12, ...);
+# without lint, which would say the same of the same code.
+.PHONY: test-versions test-suite
+test-versions:
+	set -e; for v in $(PYVERS); do $(MAKE) --no-print-directory test-suite PYVER=$$v; done
+
+test-suite: $(STAMP)
+	$(SUITE)
 
 # Real Xen 4.17 under QEMU (tools/xen-vm): every xen-marked test, under asyncio and trio,
 # with the xen backend in dom0 (dom0<->dom0, and dom0<->domU with real PV guests), on the
