@@ -63,6 +63,14 @@ def set_byte(pages: Pages, off: int, value: int) -> None:
         v[off] = value
 
 
+def test_page_limit_is_the_domains_budget(backend: Backend) -> None:
+    # The sim's default, and the kit's gntalloc module (loaded with its default limit):
+    # what listen(max_clients=...) sizes rings to.
+    assert backend.page_limit == 1024
+    with backend.share(backend.domid, 1):
+        assert backend.page_limit == 1024  # the limit, not what is left of it
+
+
 def test_share_map_read_write_across_processes(backend: Backend, peer: Peer) -> None:
     with backend.share(peer.domid, 3) as pages:
         assert len(pages.refs) == len(set(pages.refs)) == 3
