@@ -114,8 +114,8 @@ def test_is_open_returns_a_vchan_state() -> None:
 
 def test_error_tree_in_one_module_with_the_old_paths_kept() -> None:
     from gntipc import _exceptions
+    from gntipc._exceptions import StaleKeys
     from gntipc._mapping import MappingInUse
-    from gntipc._rendezvous import StaleKeys
     from gntipc.backends.xen._xenstore import XenStoreTimeout
     from gntipc.messages import MalformedMessage, MessageTooLarge
 

@@ -1,6 +1,6 @@
 """One end of a vchan: its pages, rings, event port and liveness, and the wait protocol.
 
-An :class:`Endpoint` is made by the rendezvous (:mod:`gntipc._rendezvous`) and used by
+An :class:`Endpoint` is made by the rendezvous (:mod:`gntipc._connect`) and used by
 the sync facade (:class:`gntipc.Vchan`) and the async streams.  Everything here is
 non-waiting; the waiting is done by whoever owns the endpoint's descriptor
 (:meth:`Endpoint.fileno`): the blocking waiter of the sync API or the async dispatcher.
@@ -40,13 +40,8 @@ from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 
 from ._domid import check_domid
 from ._exceptions import LocalProtocolError, StaleKeys, XenError
+from ._keys import Presence, publish_keys, resolve_path, unpublish_keys
 from ._native import ffi
-from ._rendezvous import (
-    Presence,
-    publish_keys,
-    resolve_path,
-    unpublish_keys,
-)
 from ._stats import EndpointCounters
 from .backends._abc import Backend, EventPort, Pages
 from .protocol import (

@@ -7,6 +7,9 @@ Each piece is created on first use, under one lock, and may be used from any thr
   alive, or a crash of the parent would go unnoticed).
 - :func:`datagram_sender`: the unbound unix datagram socket the sim backend delivers its
   events with (closed at exit).
+- :func:`self_start`: this process's start time, which with its pid names it
+  (:func:`proc_alive` tells whether a process so named still runs; both only read
+  ``/proc``).  Listener claims and the sim's process registry name processes this way.
 
 The first use registers the one ``os.register_at_fork`` hook; nothing happens at import.
 """
@@ -22,7 +25,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["datagram_sender", "drop_in_forked_child"]
+__all__ = ["datagram_sender", "drop_in_forked_child", "proc_alive", "proc_start", "self_start"]
 
 _T = TypeVar("_T")
 
@@ -31,6 +34,8 @@ _hooked = False
 # stage -> {object: what a forked child calls on it}
 _fork_drops: dict[int, weakref.WeakKeyDictionary[Any, Callable[[Any], object]]] = {}
 _sender: socket.socket | None = None
+# pid -> its start time (keyed by pid: a forked child has another)
+_self_start: dict[int, int] = {}
 
 
 def _first_use() -> None:
@@ -91,3 +96,33 @@ def _close_sender() -> None:
     sock, _sender = _sender, None
     if sock is not None:
         sock.close()
+
+
+def proc_start(pid: int) -> int | None:
+    """The start time (clock ticks since boot) of ``pid``, or None if it is gone or a
+    zombie.  (pid, start) names a process without the pid-reuse ambiguity."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def proc_alive(pid: int, start: int) -> bool:
+    """True if the process ``pid`` that started at ``start`` still runs."""
+    return proc_start(pid) == start
+
+
+def self_start() -> int:
+    """This process's start time (see :func:`proc_start`)."""
+    pid = os.getpid()
+    start = _self_start.get(pid)
+    if start is None:
+        start = proc_start(pid)
+        assert start is not None
+        _self_start[pid] = start
+    return start

@@ -3,10 +3,11 @@ over any backend.
 
 :class:`Vchan` is one end of a channel in libxenvchan's vocabulary (read/write = stream,
 send/recv = packet), a thin facade over three parts: the rendezvous
-(:mod:`gntipc._rendezvous`: store keys, presence nodes, connect loops), the endpoint
-(:mod:`gntipc._endpoint`: pages, rings, liveness, events and the wait protocol) and the
-blocking waiter (:mod:`gntipc._waiter`: spin-then-block for threads).  Every operation
-has a non-waiting form (``*_nowait``) and a blocking form for scripts and threads.
+(:mod:`gntipc._keys`: store keys and presence nodes; :mod:`gntipc._connect`: the connect
+loops), the endpoint (:mod:`gntipc._endpoint`: pages, rings, liveness, events and the
+wait protocol) and the blocking waiter (:mod:`gntipc._waiter`: spin-then-block for
+threads).  Every operation has a non-waiting form (``*_nowait``) and a blocking form for
+scripts and threads.
 
 Setup, byte-exact with libxenvchan (see :mod:`gntipc.protocol`):
 
@@ -42,10 +43,11 @@ import warnings
 
 from anyio import ClosedResourceError
 
+from ._connect import connect_blocking, try_connect
 from ._domid import check_domid
 from ._endpoint import Endpoint
 from ._exceptions import LocalProtocolError
-from ._rendezvous import connect_blocking, resolve_path, try_connect
+from ._keys import resolve_path
 from ._resource import Closeable
 from ._spin import DEFAULT_SPIN
 from ._waiter import BlockingWaiter

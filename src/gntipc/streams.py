@@ -39,11 +39,12 @@ from anyio.abc import AsyncResource, ByteStream
 from anyio.lowlevel import checkpoint
 
 from . import _astore
+from ._connect import connect_async
 from ._dispatch import Dispatcher
 from ._domid import check_domid
 from ._endpoint import Endpoint
 from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError, XenStoreTimeout
-from ._rendezvous import PathClaim, claim_path, connect_async, resolve_path, why_no_server
+from ._keys import PathClaim, claim_path, resolve_path, why_no_server
 from ._soon import Deferred
 from ._spin import DEFAULT_SPIN_ASYNC, Spinner
 from ._stats import VchanStreamStatistics
@@ -1185,7 +1186,7 @@ async def connect(
 
 
 async def _why_no_server(backend: Backend, path: str, hold: _SharedBackend | None) -> str:
-    """:func:`gntipc._rendezvous.why_no_server` in a worker thread ("" if the store
+    """:func:`gntipc._keys.why_no_server` in a worker thread ("" if the store
     does not answer in time)."""
     try:
         return await _astore.run(

@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 from anyio import EndOfStream
 
-from gntipc import _endpoint, _rendezvous
+from gntipc import _endpoint, _keys
 from gntipc import protocol as L
 from gntipc._exceptions import XenError
+from gntipc._process import self_start
 from gntipc.backends import Backend, get_backend
 from gntipc.backends._abc import Transaction
-from gntipc.backends.sim._runtime import self_start
 from gntipc.channel import Vchan
 from gntipc.protocol import VchanState
 
@@ -155,7 +155,7 @@ def test_a_crashed_servers_node_is_not_taken_for_a_plain_peers(
     reap(other_domain.domid)
     assert backend.store.exists(stale)
     # A plain libxenvchan server (no presence node) now gets the same port and path.
-    monkeypatch.setattr(_rendezvous.Presence, "announce_server", lambda self: None)
+    monkeypatch.setattr(_keys.Presence, "announce_server", lambda self: None)
     plain = Vchan.server(other_domain, backend.domid, path, read_size=4096, write_size=4096)
     monkeypatch.undo()
     with plain:
@@ -201,7 +201,7 @@ def test_a_crashed_clients_node_is_not_taken_for_a_plain_peers(
     # A new gntipc server gets the same port; a plain libxenvchan client connects.
     with Vchan.server(backend, other_domain.domid, path, read_size=4096) as srv2:
         assert server_port(srv2) == port
-        monkeypatch.setattr(_rendezvous.Presence, "announce_client", lambda self: None)
+        monkeypatch.setattr(_keys.Presence, "announce_client", lambda self: None)
         plain = Vchan.client(other_domain, backend.domid, full, timeout=10)
         monkeypatch.undo()
         with plain:
@@ -306,22 +306,22 @@ def test_a_second_claim_of_a_path_is_refused_while_the_holder_lives(
     backend: Backend, other_domain: Backend
 ) -> None:
     full = Vchan.resolve_path(backend.domid, fresh_path())
-    claim = _rendezvous.claim_path(backend, full, other_domain.domid)
+    claim = _keys.claim_path(backend, full, other_domain.domid)
     try:
         with pytest.raises(XenError) as refused:
-            _rendezvous.claim_path(backend, full, 7)
+            _keys.claim_path(backend, full, 7)
         assert refused.value.errno == errno.EADDRINUSE
         assert f"{full} is already served for domain {other_domain.domid}" in str(refused.value)
         # Every domain may read whom the path serves (not only the peer).
-        raw = other_domain.store.read(f"{full}/{_rendezvous.LISTENER_NODE}")
-        assert _rendezvous.PathHolder.decode(raw) == _rendezvous.PathHolder(
+        raw = other_domain.store.read(f"{full}/{_keys.LISTENER_NODE}")
+        assert _keys.PathHolder.decode(raw) == _keys.PathHolder(
             backend.domid, other_domain.domid, os.getpid(), self_start()
         )
     finally:
         claim.release()
     assert not backend.store.exists(full)
     claim.release()  # gone already: nothing to do
-    _rendezvous.claim_path(backend, full, 7).release()
+    _keys.claim_path(backend, full, 7).release()
 
 
 def test_a_blocking_client_of_another_domain_is_told_whom_the_path_serves(
@@ -330,7 +330,7 @@ def test_a_blocking_client_of_another_domain_is_told_whom_the_path_serves(
     path = fresh_path()
     full = Vchan.resolve_path(backend.domid, path)
     serves = other_domain.domid + 1
-    claim = _rendezvous.claim_path(backend, full, serves)
+    claim = _keys.claim_path(backend, full, serves)
     try:
         with Vchan.server(backend, serves, path), pytest.raises(TimeoutError) as timed_out:
             Vchan.client(other_domain, backend.domid, path, timeout=0.2)

@@ -13,7 +13,7 @@ from anyio import ClosedResourceError
 from conftest import fresh_path
 
 import gntipc
-from gntipc._rendezvous import LISTENER_NODE, PathHolder
+from gntipc._keys import LISTENER_NODE, PathHolder
 from gntipc.backends import Backend
 
 pytestmark = pytest.mark.anyio

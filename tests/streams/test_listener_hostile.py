@@ -15,7 +15,7 @@ from anyio import BrokenResourceError, EndOfStream
 from conftest import fresh_path
 
 import gntipc
-from gntipc import _endpoint, _rendezvous
+from gntipc import _endpoint, _keys
 from gntipc import protocol as L
 from gntipc._exceptions import XenError
 from gntipc.backends import Backend, EventPort, Pages
@@ -182,21 +182,21 @@ async def test_a_store_error_while_accepting_is_logged_and_retried(
         failures[0] += 1
         raise XenError(errno.EIO, "xenstore: injected failure")
 
-    real_publish = _rendezvous.publish_keys
-    real_watch = _rendezvous.Presence.watch_peer
+    real_publish = _keys.publish_keys
+    real_watch = _keys.Presence.watch_peer
 
     def publish(*args: Any) -> None:
         if armed[0] and where == "publishing" and failures[0] < 3:
             fail()
         real_publish(*args)
 
-    def watch_peer(self: _rendezvous.Presence, role: str) -> tuple[bool, bool]:
+    def watch_peer(self: _keys.Presence, role: str) -> tuple[bool, bool]:
         if armed[0] and where == "connecting" and role == "client" and failures[0] < 1:
             fail()  # the server starting its watch on the client's presence node
         return real_watch(self, role)
 
     monkeypatch.setattr(_endpoint, "publish_keys", publish)
-    monkeypatch.setattr(_rendezvous.Presence, "watch_peer", watch_peer)
+    monkeypatch.setattr(_keys.Presence, "watch_peer", watch_peer)
     async with (
         await gntipc.listen(backend.domid, path, backend=backend) as listener,
         anyio.create_task_group() as tg,

@@ -221,7 +221,7 @@ class Session:
 def log_announcements(log: Log) -> None:
     """Log ``A conn`` once our presence node is written: from then on the peer must
     read our crash as one (BrokenResourceError, never EndOfStream)."""
-    from gntipc._rendezvous import Presence
+    from gntipc._keys import Presence
 
     def logged(real: Callable[[Presence], None]) -> Callable[[Presence], None]:
         def announce(self: Presence) -> None:

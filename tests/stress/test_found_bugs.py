@@ -66,7 +66,7 @@ _DIE_AFTER_ANNOUNCE = """
 import os, signal, sys
 import anyio
 import gntipc
-from gntipc._rendezvous import Presence
+from gntipc._keys import Presence
 
 real = Presence.announce_client
 

@@ -16,10 +16,11 @@ from typing import Any
 import anyio
 
 from .._domid import check_domid
+from .._process import proc_alive
 from .._resource import Closeable
 from ..backends.sim import SimBackend, kill_domain
 from ..backends.sim._backend import _open_backends
-from ..backends.sim._runtime import Runtime, leftovers, proc_alive
+from ..backends.sim._runtime import Runtime, leftovers
 from ..streams import VchanStream
 from ._pair import connect_pair
 from ._process import DEFAULT_TIMEOUT, SimProcess

@@ -16,13 +16,14 @@ from anyio import ClosedResourceError
 
 from ..._domid import DOMID_MAX, check_domid
 from ..._exceptions import LocalProtocolError
+from ..._process import proc_alive, self_start
 from ..._resource import Closeable
 from .._abc import Backend, CopySegment, check_import_args
 from ._dmabuf import SimDmabufExport, SimDmabufImport, dmabuf_alloc, export_refs, import_fd
 from ._domain import SimDomain
 from ._events import SimEventPort, alloc_unbound, bind_interdomain
 from ._grants import SimPages, grant_copy, map_refs, share_pages
-from ._runtime import Runtime, default_runtime_dir, leftovers, proc_alive, self_start
+from ._runtime import Runtime, default_runtime_dir, leftovers
 from ._store import SimStore, send_watch_events, watch_events
 
 __all__ = ["SimBackend", "assert_cleaned_up", "domid_from_env", "kill_domain"]

@@ -36,9 +36,10 @@ import warnings
 from anyio import ClosedResourceError
 
 from ..._exceptions import raise_errno
+from ..._process import proc_alive, self_start
 from .._abc import EventPort, PortState
 from ._domain import SimDomain
-from ._runtime import bind_dgram, proc_alive, self_start, send_dgram, unbind_port
+from ._runtime import bind_dgram, send_dgram, unbind_port
 
 __all__ = ["SimEventPort", "alloc_unbound", "bind_interdomain", "is_port_of"]
 

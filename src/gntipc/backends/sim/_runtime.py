@@ -39,13 +39,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..._exceptions import XenError, raise_errno
-from ..._process import datagram_sender
+from ..._process import datagram_sender, proc_alive
 
 __all__ = [
     "Runtime",
     "default_runtime_dir",
-    "proc_alive",
-    "proc_start",
     "send_dgram",
 ]
 
@@ -87,38 +85,6 @@ def default_runtime_dir() -> str:
     if xdg and os.path.isdir(xdg):
         return os.path.join(xdg, "gntipc-sim")
     return f"/tmp/gntipc-sim-{os.getuid()}"
-
-
-def proc_start(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of ``pid``, or None if it is gone or a
-    zombie.  (pid, start) names a process without the pid-reuse ambiguity."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
-
-
-def proc_alive(pid: int, start: int) -> bool:
-    """True if the process ``pid`` that started at ``start`` still runs."""
-    return proc_start(pid) == start
-
-
-_SELF_START: dict[int, int] = {}
-
-
-def self_start() -> int:
-    pid = os.getpid()
-    start = _SELF_START.get(pid)
-    if start is None:
-        start = proc_start(pid)
-        assert start is not None
-        _SELF_START[pid] = start
-    return start
 
 
 def send_dgram(path: str, data: bytes) -> bool:

@@ -1,14 +1,12 @@
-"""Rendezvous in XenStore: publishing and finding a channel's keys, presence nodes, and
-the connect loops (blocking and async).
+"""What a channel keeps in XenStore: its keys, the endpoints' presence nodes and the
+listener's claim of its path.  Non-waiting store operations, used by the endpoint
+(:mod:`gntipc._endpoint`) and the listener; the connect loops that wait for the keys and
+build endpoints from them are in :mod:`gntipc._connect`.
 
 * A server publishes ``ring-ref`` and ``event-channel`` under the channel path in one
   transaction (owner: the server, no access for others, read for the client), and
-  removes them when it closes, unless a newer server replaced them.
-* A client reads the keys and tries them (:func:`try_connect`).  Keys of a server that is
-  gone, or that another client took first, raise :class:`StaleKeys`; the connect loops
-  retry each time the keys change (a store watch, never polling) until their deadline.
-  The async loop (:func:`connect_async`) makes each store access in a worker thread
-  (:mod:`gntipc._astore`) and waits for the watch on the event loop.
+  removes them when it closes, unless a newer server replaced them.  A client reads them
+  with :func:`read_keys`.
 * Presence nodes: each gntipc endpoint writes ``data/gntipc/<server>/<port>/<role>`` in
   its own domain's home, readable by the peer, and watches the peer's.  The toolstack
   removes a dead domain's home, so a vanished node while the live byte still says
@@ -34,48 +32,29 @@ the connect loops (blocking and async).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import secrets
-import select
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-import anyio
-from anyio import ClosedResourceError, WouldBlock
+from anyio import WouldBlock
 
-from . import _astore
-from ._exceptions import (
-    GntipcError,
-    LocalProtocolError,
-    RemoteProtocolError,
-    XenError,
-    XenStoreTimeout,
-)
-from ._exceptions import StaleKeys as StaleKeys
+from ._exceptions import GntipcError, LocalProtocolError, RemoteProtocolError, XenError
+from ._process import proc_alive, self_start
 from .backends._abc import Backend, Perm, Store, Transaction, Watch
-
-if TYPE_CHECKING:
-    from ._endpoint import Endpoint
 
 __all__ = [
     "LISTENER_NODE",
     "PathClaim",
     "PathHolder",
     "Presence",
-    "StaleKeys",
     "claim_path",
-    "connect_async",
-    "connect_blocking",
     "in_transaction",
     "publish_keys",
+    "read_keys",
     "resolve_path",
-    "try_connect",
     "unpublish_keys",
-    "wait_fd",
     "why_no_server",
 ]
 
@@ -143,6 +122,26 @@ def publish_keys(backend: Backend, peer: int, path: str, ref: int, port: int) ->
     in_transaction(backend.store, body)
 
 
+def read_keys(store: Store, path: str) -> tuple[int, int]:
+    """The ``(ring-ref, event-channel)`` a server published at the absolute store ``path``.
+
+    Raises:
+        WouldBlock: the server has not published its keys (yet).
+        RemoteProtocolError: invalid keys.
+        XenError: the store failed.
+    """
+    try:
+        ref = parse_uint(store.read(f"{path}/ring-ref"), "ring-ref", 0xFFFFFFFF)
+        port = parse_uint(store.read(f"{path}/event-channel"), "event-channel", MAX_PORT)
+    except XenError as exc:
+        if exc.errno in (errno.ENOENT, errno.EACCES):
+            raise WouldBlock from None
+        raise
+    if port == 0:
+        raise RemoteProtocolError("the server published event-channel 0 (not a port)")
+    return ref, port
+
+
 def unpublish_keys(store: Store, path: str, ref: int) -> None:
     """Remove our keys (and the path node, if that leaves it empty), unless a newer
     server already replaced them: read, compare and remove in one transaction, so that
@@ -196,21 +195,6 @@ def _remove_own_node(store: Store, node: str, value: bytes, keep: str) -> None:
     in_transaction(store, body)
 
 
-# A process is named by (pid, start time), immune to pid reuse.  The helpers are the
-# sim's, which only read /proc; imported when needed, so that importing gntipc does not
-# load the sim backend.
-def _process_alive(pid: int, start: int) -> bool:
-    from .backends.sim._runtime import proc_alive
-
-    return proc_alive(pid, start)
-
-
-def _our_start() -> int:
-    from .backends.sim._runtime import self_start
-
-    return self_start()
-
-
 #: The node beside a listener's keys that names the listener (see the module docstring).
 LISTENER_NODE = "gntipc-listener"
 
@@ -243,7 +227,7 @@ class PathHolder:
         see (pid and start time, so a reused pid does not count); of another domain we
         can only tell whether the domain lives (its home is there)."""
         if self.domid == backend.domid:
-            return _process_alive(self.pid, self.start)
+            return proc_alive(self.pid, self.start)
         try:
             backend.store.read(f"/local/domain/{self.domid}")
         except XenError as exc:
@@ -288,7 +272,7 @@ def claim_path(backend: Backend, path: str, peer: int) -> PathClaim:
             or the store refused.
     """
     node = f"{path}/{LISTENER_NODE}"
-    value = PathHolder(backend.domid, peer, os.getpid(), _our_start()).encode()
+    value = PathHolder(backend.domid, peer, os.getpid(), self_start()).encode()
     # Readable by every domain: a client of another domain may learn whom we serve.
     perms = [Perm(backend.domid, "r")]
 
@@ -468,140 +452,3 @@ class Presence:
         finally:
             if watch is not None:
                 watch.close()
-
-
-def try_connect(backend: Backend, peer: int, path: str) -> Endpoint:
-    """One connection attempt to the keys at the absolute store ``path``.
-
-    Raises:
-        WouldBlock: the server has not published its keys (yet).
-        StaleKeys: the keys belong to a server that is gone or already taken.
-        RemoteProtocolError: invalid keys or control page.
-        XenError: the store failed.
-    """
-    from ._endpoint import Endpoint
-
-    store = backend.store
-    try:
-        ref = parse_uint(store.read(f"{path}/ring-ref"), "ring-ref", 0xFFFFFFFF)
-        port = parse_uint(store.read(f"{path}/event-channel"), "event-channel", MAX_PORT)
-    except XenError as exc:
-        if exc.errno in (errno.ENOENT, errno.EACCES):
-            raise WouldBlock from None
-        raise
-    if port == 0:
-        raise RemoteProtocolError("the server published event-channel 0 (not a port)")
-    return Endpoint.client(backend, peer, path, ref, port)
-
-
-def connect_blocking(backend: Backend, peer: int, path: str, timeout: float | None) -> Endpoint:
-    """:func:`try_connect` until it succeeds, retrying when the keys change.
-
-    Raises:
-        TimeoutError: no connection within ``timeout`` seconds (None: wait forever).
-        RemoteProtocolError: the server published invalid keys or control page.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    last: BaseException | None = None
-    with backend.store.watch(path, "gntipc-connect") as watch:
-        while True:
-            got = _attempt(watch, backend, peer, path)
-            if isinstance(got, StaleKeys):
-                last = got
-            elif got is not None:
-                return got
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                why = why_no_server(backend, path)
-                raise TimeoutError(
-                    f"no vchan server at {path} (domain {peer}) within {timeout} s"
-                    + (f": {why}" if why else "")
-                    + (f"; last attempt: {last}" if last else "")
-                )
-            wait_fd(watch.fileno(), remaining)
-
-
-async def connect_async(
-    backend: Backend,
-    peer: int,
-    path: str,
-    errors: list[Exception],
-    holder: _astore.Holder | None = None,
-) -> Endpoint:
-    """As :func:`connect_blocking` without a deadline (the caller cancels); the last
-    stale-keys error is left in ``errors``.
-
-    Every store access (setting the watch, each attempt, removing the watch) runs in a
-    worker thread (:mod:`gntipc._astore`); waiting for the watch stays on the event loop.
-    ``holder`` (the backend's owner) is held by every worker until it is done.
-
-    Raises:
-        XenStoreTimeout: the store did not answer one of these in time.
-        RemoteProtocolError: the server published invalid keys or control page.
-
-    Cancellation: an endpoint connected meanwhile is closed (see :func:`_astore.run`).
-    """
-    watch = await _astore.run(
-        backend.store.watch,
-        path,
-        "gntipc-connect",
-        what=f"watching {path} for a server's keys",
-        discard=_close_watch,
-        holder=holder,
-    )
-    try:
-        while True:
-            watch.read_events()  # never blocks: a watch is driven by its descriptor
-            got = await _astore.run(
-                _try,
-                backend,
-                peer,
-                path,
-                what=f"connecting to the keys at {path}",
-                discard=_close_attempt,
-                holder=holder,
-            )
-            if isinstance(got, StaleKeys):
-                errors[:] = [got]
-            elif got is not None:
-                return got
-            await anyio.wait_readable(watch.fileno())
-    finally:
-        # Best effort, like every release of a watch: a wedged store leaves it to the
-        # worker (bounded), and the outcome above is what the caller needs.
-        with contextlib.suppress(XenStoreTimeout, XenError, ClosedResourceError):
-            await _astore.run_cleanup(watch.close, what=f"removing the watch on {path}")
-
-
-def _close_watch(watch: Watch) -> None:
-    watch.close()
-
-
-def _close_attempt(got: Endpoint | StaleKeys | None) -> None:
-    if got is not None and not isinstance(got, StaleKeys):
-        got.close()
-
-
-def _attempt(watch: Watch, backend: Backend, peer: int, path: str) -> Endpoint | StaleKeys | None:
-    """One round of a connect loop: consume the watch's events, then :func:`_try`."""
-    watch.read_events()
-    return _try(backend, peer, path)
-
-
-def _try(backend: Backend, peer: int, path: str) -> Endpoint | StaleKeys | None:
-    """:func:`try_connect`, returning the endpoint, the stale-keys error (retried only
-    after the store changes, so a permanent error costs no CPU), or None (no keys yet)."""
-    try:
-        return try_connect(backend, peer, path)
-    except WouldBlock:
-        return None
-    except StaleKeys as exc:
-        return exc
-
-
-def wait_fd(fd: int, timeout: float | None) -> bool:
-    """Block until ``fd`` is readable; False on timeout."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
-    return bool(poller.poll(ms))
