@@ -16,11 +16,9 @@ from typing import Any
 import anyio
 
 from .._domid import check_domid
-from .._process import proc_alive
 from .._resource import Closeable
 from ..backends.sim import SimBackend, kill_domain
-from ..backends.sim._backend import _open_backends
-from ..backends.sim._runtime import Runtime, leftovers
+from ..backends.sim._backend import _open_backends, find_leftovers
 from ..streams import VchanStream
 from ._pair import connect_pair
 from ._process import DEFAULT_TIMEOUT, SimProcess
@@ -231,27 +229,7 @@ class SimRuntime(Closeable):
         their pages, ports and watches), rows of the shared state and stray files.
         Reaps dead processes first (that is the clean-up of a ``kill -9``).  Processes
         still running are not leftovers."""
-        problems: list[str] = []
-        for b in list(_open_backends):
-            if not b.closed and b.runtime_dir == self.path:
-                problems.append(f"open {b!r}")
-                problems.extend(f"  open {c!r}" for c in b._children)
-        if not os.path.isdir(self.path):
-            return problems
-        rt = Runtime(self.path)
-        try:
-            rt.reap_dead()
-            problems.extend(leftovers(rt))
-            live = rt.db.execute("SELECT pid, start FROM procs").fetchall()
-            if not problems and not any(proc_alive(p, s) for p, s in live):
-                problems.extend(
-                    f"stray file {os.path.join(sub, f)}"
-                    for sub in ("m", "p", "w")
-                    for f in os.listdir(os.path.join(self.path, sub))
-                )
-        finally:
-            rt.close()
-        return problems
+        return find_leftovers(self.path)
 
     def assert_cleaned_up(self) -> None:
         """Fail if anything is left (see :meth:`leftovers`).

@@ -1,4 +1,4 @@
-"""SimBackend, kill_domain and assert_cleaned_up."""
+"""SimBackend, kill_domain and the leak check (find_leftovers, assert_cleaned_up)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from ._grants import SimPages, grant_copy, map_refs, share_pages
 from ._runtime import Runtime, default_runtime_dir, leftovers
 from ._store import SimStore, send_watch_events, watch_events
 
-__all__ = ["SimBackend", "assert_cleaned_up", "domid_from_env", "kill_domain"]
+__all__ = ["SimBackend", "assert_cleaned_up", "domid_from_env", "find_leftovers", "kill_domain"]
 
 _open_backends: weakref.WeakSet[SimBackend] = weakref.WeakSet()
 
@@ -360,38 +360,50 @@ def kill_domain(domid: int, runtime_dir: str | None = None, *, timeout: float = 
         rt.close()
 
 
+def find_leftovers(runtime_dir: str, *, all_runtimes: bool = False) -> list[str]:
+    """What this process, or a dead one, left in the runtime directory ``runtime_dir``
+    (absolute): the sim backends of this process still open there (in any runtime
+    directory with ``all_runtimes``) with their pages, ports and watches, every row of the
+    shared state that belongs to this process or to a dead one, and, when that is all
+    clean and no process of the runtime lives, stray files.  Reaps dead processes first
+    (that is the clean-up of a ``kill -9``).  Processes still running are not leftovers.
+    """
+    problems: list[str] = []
+    for b in list(_open_backends):
+        if not b.closed and (all_runtimes or b.runtime_dir == runtime_dir):
+            problems.append(f"open {b!r}")
+            problems.extend(f"  open {c!r}" for c in b._children)
+    if not os.path.isdir(runtime_dir):
+        return problems
+    rt = Runtime(runtime_dir)
+    try:
+        rt.reap_dead()
+        problems.extend(leftovers(rt))
+        live = rt.db.execute("SELECT pid, start FROM procs").fetchall()
+        if not problems and not any(proc_alive(p, s) for p, s in live):
+            problems.extend(
+                f"stray file {os.path.join(sub, f)}"
+                for sub in ("m", "p", "w")
+                for f in os.listdir(os.path.join(runtime_dir, sub))
+            )
+    finally:
+        rt.close()
+    return problems
+
+
 def assert_cleaned_up(runtime_dir: str | None = None) -> None:
     """Check that this process left nothing open, and that dead processes' state has
     been reclaimed.
 
     Reaps dead processes first (that is the clean-up of a ``kill -9``), then lists
     open sim backends, pages, ports and watches of this process and every row of the
-    shared state that belongs to this process or to a dead one.
+    shared state that belongs to this process or to a dead one (see
+    :func:`find_leftovers`).
 
     Raises:
         AssertionError: with the list of leftovers.
     """
-    problems: list[str] = []
-    for b in list(_open_backends):
-        if not b.closed:
-            problems.append(f"open {b!r}")
-            problems.extend(f"  open {c!r}" for c in b._domain.children)
     path = os.path.abspath(runtime_dir or default_runtime_dir())
-    if os.path.isdir(path):
-        rt = Runtime(path)
-        try:
-            rt.reap_dead()
-            problems.extend(leftovers(rt))
-            if not problems:
-                live = rt.db.execute("SELECT pid, start FROM procs").fetchall()
-                if not any(proc_alive(p, s) for p, s in live):
-                    stray = [
-                        os.path.join(sub, f)
-                        for sub in ("m", "p", "w")
-                        for f in os.listdir(os.path.join(path, sub))
-                    ]
-                    problems.extend(f"stray file {s}" for s in stray)
-        finally:
-            rt.close()
+    problems = find_leftovers(path, all_runtimes=True)
     if problems:
         raise AssertionError("sim leftovers:\n" + "\n".join(problems))
