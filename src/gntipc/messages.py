@@ -257,9 +257,10 @@ class MessageQueue(AsyncResource, Generic[T]):
         """Send all ``messages`` now with one ring write, or none of them (a
         :class:`~gntipc.VchanStream` only).
 
+        Besides the errors below, it raises those of :meth:`put_nowait`.
+
         Raises:
             anyio.WouldBlock: not enough room for the whole batch right now.
-            Otherwise as :meth:`put_nowait`.
         """
         if self._putting:
             raise BusyResourceError("sending to")
@@ -491,8 +492,8 @@ class MessageQueue(AsyncResource, Generic[T]):
         Cancellation: nothing is lost; a cancelled get took nothing, and bytes already
         received stay buffered.
 
-        Raises:
-            As :meth:`get_nowait`, except that it waits instead of raising WouldBlock.
+        It raises the errors of :meth:`get_nowait`, except that it waits instead of
+        raising WouldBlock.
         """
         self._check_get()
         if self._send_held is not None:
@@ -545,10 +546,11 @@ class MessageQueue(AsyncResource, Generic[T]):
         An error met after some messages were collected is raised by the next call, so
         no message is lost.
 
+        Besides the errors below, it raises those of :meth:`get_nowait`.
+
         Raises:
             anyio.WouldBlock: no complete message yet.
             ValueError: ``max_items`` is less than 1.
-            Otherwise as :meth:`get_nowait`.
         """
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
@@ -563,9 +565,11 @@ class MessageQueue(AsyncResource, Generic[T]):
         loop as :meth:`get` does, then collects without waiting, within the bounds
         above: a loop of ``get_many`` calls does not starve other tasks.
 
+        Besides the errors below, it raises those of :meth:`get` (an error met after the
+        first message is deferred to the next call).
+
         Raises:
             ValueError: ``max_items`` is less than 1.
-            As :meth:`get` (an error after the first message is deferred to the next call).
         """
         if max_items < 1:
             raise ValueError("max_items must be at least 1")

@@ -644,9 +644,10 @@ class VchanStream(ByteStream):
     async def receive_exactly(self, nbytes: int) -> bytes:
         """Receive exactly ``nbytes`` bytes.
 
+        Besides the error below, it raises those of :meth:`receive`.
+
         Raises:
             anyio.IncompleteRead: the stream ended before ``nbytes`` arrived.
-            The errors of :meth:`receive`.
         """
         buf = bytearray(nbytes)
         view = memoryview(buf)
@@ -728,8 +729,8 @@ class VchanStream(ByteStream):
         (removing our store nodes) runs in a worker thread, so a slow store never blocks
         the event loop.
 
-        Cancellation: the close completes anyway (shielded, at most
-        :data:`gntipc._astore.STORE_TIMEOUT` seconds).
+        Cancellation: the close completes anyway (shielded, at most 30 seconds, the
+        store timeout).
 
         Raises:
             gntipc.XenStoreTimeout: the store did not answer in time; the close completes
@@ -804,8 +805,8 @@ class Listener(AsyncResource):
         """Publish keys, wait for one client and return its stream.
 
         The store work (publishing the keys, watching the client's presence node) runs
-        in worker threads, each waited for at most :data:`gntipc._astore.STORE_TIMEOUT`
-        seconds, so a slow store never blocks the event loop.
+        in worker threads, each waited for at most 30 seconds (the store timeout), so a
+        slow store never blocks the event loop.
 
         A client that breaks the protocol while connecting (e.g. an invalid live byte in
         the control page), or a store failure while its connection is set up, costs only
@@ -1151,8 +1152,7 @@ async def connect(
     that another client took first) are retried when the keys change.
 
     The store work (the watch, each attempt) runs in worker threads, each waited for at
-    most :data:`gntipc._astore.STORE_TIMEOUT` seconds, so a slow store never blocks the
-    event loop.
+    most 30 seconds (the store timeout), so a slow store never blocks the event loop.
 
     Raises:
         TimeoutError: no connection within ``timeout`` seconds (``None``: wait forever);
