@@ -336,3 +336,82 @@ def test_reassembly_is_linear() -> None:
     framer.feed(pieces[-1])
     assert framer.next_message() == bytes(500_000)
     assert framer.next_message() == b"next"
+
+
+@settings(max_examples=60, **STABLE)
+@given(
+    st.lists(st.binary(max_size=3000), min_size=1, max_size=12),
+    st.lists(st.tuples(st.booleans(), st.integers(min_value=1, max_value=5000)), max_size=60),
+)
+def test_receiving_large_frames_in_place_decodes_the_same_messages(
+    payloads: list[bytes], steps: list[tuple[bool, int]]
+) -> None:
+    # Any mix of feed() and receive_buffer()/received(), in pieces of any size: the
+    # same messages, in order, and nothing left over.
+    framer = MessageFramer(bytes)
+    wire = b"".join(framer.encode(p) for p in payloads)
+    got: list[bytes] = []
+    pos = 0
+    moves = iter(steps)
+    while pos < len(wire):
+        in_place, size = next(moves, (False, len(wire)))
+        view = framer.receive_buffer(100) if in_place else None
+        if view is not None:
+            k = min(size, len(view), len(wire) - pos)
+            view[:k] = wire[pos : pos + k]
+            framer.received(k)
+        else:
+            k = min(size, len(wire) - pos)
+            framer.feed(wire[pos : pos + k])
+        pos += k
+        assert framer.buffered + sum(map(len, (framer.encode(g) for g in got))) == pos
+        while (message := framer.next_message()) is not NEED_DATA:
+            got.append(message)  # type: ignore[arg-type]
+    assert got == payloads
+    assert framer.buffered == 0
+    framer.end_of_stream()
+
+
+def test_receive_buffer_only_for_a_large_frame_of_known_length() -> None:
+    framer = MessageFramer(bytes, max_message_size=1 << 20)
+    wire = framer.encode(bytes(range(256)) * 1000)
+    assert framer.receive_buffer(0) is None  # nothing buffered: no length yet
+    framer.feed(wire[:3])
+    assert framer.receive_buffer(0) is None  # a partial header
+    framer.feed(wire[3:10])
+    assert framer.receive_buffer(len(wire) - 10) is None  # not more than that missing
+    view = framer.receive_buffer(1000)
+    assert view is not None and len(view) == len(wire) - 10 == framer.missing()
+    view[:5] = wire[10:15]
+    framer.received(5)
+    with pytest.raises(ValueError):
+        framer.received(len(wire))  # more than the view holds
+    framer.feed(wire[15:] + framer.encode(b"next"))  # fills the view first
+    assert framer.next_message() == bytes(range(256)) * 1000
+    assert framer.next_message() == b"next"
+    with pytest.raises(ValueError):
+        framer.received(1)  # no view any more
+
+
+def test_receive_buffer_never_allocates_for_an_oversized_header() -> None:
+    # A hostile length: no buffer of that size, the usual MessageTooLarge instead.
+    framer = MessageFramer(bytes, max_message_size=1000)
+    framer.feed(struct.pack("<I", 1 << 30) + b"x")
+    assert framer.receive_buffer(0) is None
+    with pytest.raises(MessageTooLarge):
+        framer.next_message()
+    assert framer.receive_buffer(0) is None
+
+
+def test_the_stream_may_end_inside_a_frame_received_in_place() -> None:
+    framer = MessageFramer(bytes, max_message_size=1 << 20)
+    wire = framer.encode(bytes(10_000))
+    framer.feed(wire[:100])
+    view = framer.receive_buffer(0)
+    assert view is not None
+    view[:50] = wire[100:150]
+    framer.received(50)
+    assert framer.buffered == 150
+    with pytest.raises(MalformedMessage, match="150 bytes left"):
+        framer.end_of_stream()
+    assert framer.buffered == 0 and framer.receive_buffer(0) is None

@@ -150,9 +150,13 @@ class MessageFramer(Generic[T]):
         self._batch_pos = 0
         # Received bytes (immutable: the caller's chunks, never copied unless a frame
         # straddles them), the view decoding slices from, and the next unread frame.
-        self._rbuf = b""
+        self._rbuf: bytes | bytearray = b""
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
+        # A large frame received in place (receive_buffer): its bytes so far are
+        # _big[:_big_fill]; once full it becomes _rbuf (nothing else is buffered then).
+        self._big: bytearray | None = None
+        self._big_fill = 0
         # Chunks fed after _rbuf while the frame at _rpos is incomplete: joined once the
         # frame is complete (re-joining on every chunk would be quadratic).
         self._parts: collections.deque[bytes] = collections.deque()
@@ -272,6 +276,16 @@ class MessageFramer(Generic[T]):
             raise MessageTooLarge(self._broken)
         if type(data) is not bytes:
             raise TypeError(f"feed() takes bytes, not {type(data).__name__}")
+        big = self._big
+        if big is not None:
+            # A large frame is being received in place: its part of data goes there.
+            fill = self._big_fill
+            k = min(len(data), len(big) - fill)
+            big[fill : fill + k] = data[:k]
+            self.received(k)
+            if k == len(data):
+                return
+            data = data[k:]
         if self._rpos == len(self._rbuf) and not self._parts:
             self._rbuf = data
             self._rview = memoryview(data)
@@ -279,6 +293,57 @@ class MessageFramer(Generic[T]):
         elif data:
             self._parts.append(data)
             self._parts_len += len(data)
+
+    def receive_buffer(self, more_than: int) -> memoryview | None:
+        """Where to receive the rest of a large frame in place: a writable view of the
+        missing bytes of the frame at the read position, once its length is known, if
+        more than ``more_than`` of them are missing; else None.  Receive into a prefix
+        of it (e.g. ``await stream.receive_into(view)``) and report the count with
+        :meth:`received`: the frame is then gathered without the copies of joining
+        received pieces (:meth:`feed` may go on meanwhile: it fills the view first).
+        """
+        big = self._big
+        if big is None:
+            have = self.buffered
+            if have < _HEADER or self._broken is not None:
+                return None
+            pos, left = self._rpos, len(self._rbuf) - self._rpos
+            header = _U32.unpack_from(self._rbuf, pos)[0] if left >= _HEADER else None
+            n = (self._split_header() if header is None else header) & _LENGTH_MASK
+            total = _HEADER + n
+            if n > self.max_message_size or total - have <= more_than:
+                return None  # (an oversized frame is reported by next_message)
+            big = bytearray(total)
+            big[:left] = self._rview[pos:]
+            fill = left
+            for part in self._parts:
+                big[fill : fill + len(part)] = part
+                fill += len(part)
+            self._parts.clear()
+            self._parts_len = 0
+            self._rbuf = b""
+            self._rview = memoryview(self._rbuf)
+            self._rpos = 0
+            self._big, self._big_fill = big, fill
+        return memoryview(big)[self._big_fill :]
+
+    def received(self, n: int) -> None:
+        """``n`` more bytes of the frame are in the view :meth:`receive_buffer`
+        returned.
+
+        Raises:
+            ValueError: no such view, or more bytes than it holds.
+        """
+        big = self._big
+        fill = self._big_fill + n
+        if big is None or n < 0 or fill > len(big):
+            raise ValueError(f"received({n}) without room for it in a receive_buffer() view")
+        self._big_fill = fill
+        if fill == len(big):
+            self._big, self._big_fill = None, 0
+            self._rbuf = big
+            self._rview = memoryview(big)
+            self._rpos = 0
 
     def _split_header(self) -> int:
         """The header of the frame at the read position, which is buffered but split
@@ -466,6 +531,8 @@ class MessageFramer(Generic[T]):
         """How many more bytes complete the frame being received, while
         :meth:`next_message` returns :data:`NEED_DATA` (the rest of the header while
         the length is not known yet); at least 1."""
+        if self._big is not None:
+            return len(self._big) - self._big_fill
         pos = self._rpos
         left = len(self._rbuf) - pos
         have = left + self._parts_len
@@ -477,7 +544,7 @@ class MessageFramer(Generic[T]):
     @property
     def buffered(self) -> int:
         """Bytes fed and not yet decoded (or skipped); see also :attr:`pending`."""
-        return len(self._rbuf) - self._rpos + self._parts_len
+        return len(self._rbuf) - self._rpos + self._parts_len + self._big_fill
 
     @property
     def pending(self) -> int:
@@ -498,6 +565,7 @@ class MessageFramer(Generic[T]):
 
     def _drop(self) -> None:
         self._batch, self._batch_pos = [], 0
+        self._big, self._big_fill = None, 0
         self._rbuf = b""
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
