@@ -52,7 +52,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from time import monotonic as _monotonic
-from typing import Any, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
 
 import anyio
 from anyio import (
@@ -72,6 +72,11 @@ from .protocol.framing import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SI
 from .protocol.framing import NEED_DATA, MessageFramer
 from .session import SessionStream
 from .streams import FAIR_SLICE, VchanAttribute, VchanStream
+
+if TYPE_CHECKING:
+    # PEP 747, as msgspec's own stubs use it: a union such as ``Request | Reply`` is a
+    # TypeForm[Request | Reply] but not a type[...]; only type checkers need the name.
+    from typing_extensions import TypeForm
 
 __all__ = ["MalformedMessage", "MessageQueue", "MessageTooLarge"]
 
@@ -123,15 +128,15 @@ class MessageQueue(AsyncResource, Generic[T]):
     def __init__(
         self,
         stream: ByteStream,
-        type: type[T],
+        type: TypeForm[T],
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         enc_hook: Callable[[Any], Any] | None = None,
         dec_hook: Callable[[type, Any], Any] | None = None,
         batch_frames: bool = True,
     ) -> None:
-        self._framer = MessageFramer(
-            type,
+        self._framer: MessageFramer[T] = MessageFramer(
+            type,  # type: ignore[arg-type]  # the framer's own signature says type[T]
             max_message_size=max_message_size,
             enc_hook=enc_hook,
             dec_hook=dec_hook,
