@@ -1,8 +1,8 @@
 """Bulk file transfer between two VMs, with progress and an end-to-end checksum.
 
-    python examples/bulk_transfer.py [--file FILE] [--size 64M]   # both VMs here
-    python examples/bulk_transfer.py server --peer 5 [--output DIR]  # receiver, in domain 0
-    python examples/bulk_transfer.py client --peer 0 --file FILE     # sender, in domain 5
+    python examples/bulk_transfer.py [--file FILE] [--size 64M]     # both VMs on this machine
+    python examples/bulk_transfer.py server --peer 5 [--output DIR]  # in domain 0: receives
+    python examples/bulk_transfer.py client --peer 0 --file FILE     # in domain 5: sends
 
 The sender streams FILE (by default a temporary file of --size random bytes) over one
 vchan with 1 MiB rings: a small header (a msgspec Struct: name and size), the bytes, then
@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import _launch
 import anyio
 import msgspec
 
@@ -152,11 +151,40 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+# -- The command line ---------------------------------------------------------------------
+# With a role, this file is all a VM needs.  Without one, examples/_launch.py (not part of
+# the example) plays both VMs on this machine, running this file once per role.
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "role",
+        nargs="?",
+        choices=["server", "client"],
+        help="the side to run in this VM (default: both, on this machine)",
+    )
+    parser.add_argument("--peer", type=int, help="with a role: the other VM's domain id")
     parser.add_argument("--file", help="sender: the file to send (default: random bytes)")
     parser.add_argument("--size", type=size_arg, default="64M", help="without --file")
     parser.add_argument("--output", help="receiver: where to write (default: a temporary dir)")
+    args = parser.parse_args()
+    if args.role is None:
+        import _launch
+
+        _launch.play("bulk_transfer", sys.argv[1:])
+    elif args.peer is None:
+        parser.error("a role needs --peer")
+    else:
+        try:
+            anyio.run(server if args.role == "server" else client, args.peer, args)
+        except Exception as exc:  # one line, not a traceback
+            while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            raise SystemExit(f"bulk_transfer {args.role}: {type(exc).__name__}: {exc}") from None
 
 
 if __name__ == "__main__":
-    _launch.main(__doc__, server, client, add_arguments=add_arguments)
+    main()

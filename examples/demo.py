@@ -1,22 +1,23 @@
 """gntipc demo: a producer VM streams typed sensor readings to a consumer VM.
 
-    python examples/demo.py [--count N] [--sensors K]
+    python examples/demo.py [--count N] [--sensors K]       # both VMs on this machine
+    python examples/demo.py consumer --peer 5 [--count N]   # in domain 0: receives
+    python examples/demo.py producer --peer 0 [--count N]   # in domain 5: sends
 
-Starts two processes.  The consumer plays domain 0 and listens on the store path
-``data/gntipc-demo``; the producer plays domain 1 (on the sim backend; on a real Xen host
-both run in this domain) and connects to it.  The producer sends ``N`` readings
-(msgspec Structs) through a :class:`gntipc.MessageQueue`, in batches; the consumer
-aggregates them per sensor and prints a summary: messages, bytes, rate and latency.
+The consumer listens on the store path ``data/gntipc-demo`` for the producer's domain;
+the producer connects to it and sends ``N`` readings (msgspec Structs) through a
+``gntipc.MessageQueue``, in batches; the consumer aggregates them per sensor and prints a
+summary: messages, bytes, rate and latency.  Give both the same ``--count``.
 
-The backend is chosen as everywhere in gntipc: ``GNTIPC_BACKEND``, else ``xen`` when
-``/dev/xen/gntdev`` exists, else the simulated hypervisor.
+Without a role, both run here: on the simulated hypervisor (the default without Xen) the
+consumer is a process playing domain 0 and the producer one playing domain 1; on a Xen
+host both run in this domain.  The backend is chosen as everywhere in gntipc:
+``GNTIPC_BACKEND``, else ``xen`` when ``/dev/xen/gntdev`` exists, else ``sim``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 
@@ -24,7 +25,6 @@ import anyio
 import msgspec
 
 import gntipc
-from gntipc.backends import select_backend_name
 
 PATH = "data/gntipc-demo"
 BATCH = 256
@@ -102,58 +102,37 @@ async def consume(client: int, count: int) -> None:
         raise SystemExit(f"consumer: expected {count} readings, got {received}")
 
 
+# -- The command line ---------------------------------------------------------------------
+# With a role, this file is all a VM needs.  Without one, examples/_launch.py (not part of
+# the example) plays both VMs on this machine, running this file once per role.
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=1_000_000)
-    parser.add_argument("--sensors", type=int, default=16)
-    parser.add_argument("--role", choices=["consumer", "producer"], help=argparse.SUPPRESS)
-    parser.add_argument("--peer", type=int, help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "role",
+        nargs="?",
+        choices=["consumer", "producer"],
+        help="the side to run in this VM (default: both, on this machine)",
+    )
+    parser.add_argument("--peer", type=int, help="with a role: the other VM's domain id")
+    parser.add_argument(
+        "--count", type=int, default=1_000_000, help="readings sent (both sides need it)"
+    )
+    parser.add_argument("--sensors", type=int, default=16, help="producer: sensors simulated")
     args = parser.parse_args()
+    if args.role is None:
+        import _launch
 
-    if args.role == "consumer":
+        _launch.play("demo", sys.argv[1:], roles=("consumer", "producer"))
+    elif args.peer is None:
+        parser.error("a role needs --peer")
+    elif args.role == "consumer":
         anyio.run(consume, args.peer, args.count)
-        return
-    if args.role == "producer":
-        anyio.run(produce, args.peer, args.count, args.sensors)
-        return
-
-    backend = select_backend_name()
-    if backend == "sim":
-        consumer_dom, producer_dom = 0, 1
     else:
-        with gntipc.get_backend(backend) as b:  # real Xen: both ends in this domain
-            consumer_dom = producer_dom = b.domid
-    print(f"gntipc demo on the {backend} backend: domain {producer_dom} -> domain {consumer_dom}")
-
-    def spawn(role: str, domid: int, peer: int) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, GNTIPC_BACKEND=backend, GNTIPC_SIM_DOMID=str(domid))
-        cmd = [
-            sys.executable,
-            __file__,
-            "--role",
-            role,
-            "--peer",
-            str(peer),
-            "--count",
-            str(args.count),
-            "--sensors",
-            str(args.sensors),
-        ]
-        return subprocess.Popen(cmd, env=env)
-
-    consumer = spawn("consumer", consumer_dom, producer_dom)
-    producer = spawn("producer", producer_dom, consumer_dom)
-    try:
-        rc_producer = producer.wait(timeout=300)
-        rc_consumer = consumer.wait(timeout=60)
-    finally:
-        for p in (producer, consumer):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if rc_producer or rc_consumer:
-        raise SystemExit(f"demo failed: producer exit {rc_producer}, consumer exit {rc_consumer}")
-    print("demo: ok")
+        anyio.run(produce, args.peer, args.count, args.sensors)
 
 
 if __name__ == "__main__":

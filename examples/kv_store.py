@@ -1,6 +1,6 @@
 """Many clients on one listener: a small key-value service.
 
-    python examples/kv_store.py [--clients 16]    # both VMs on this machine (see _launch.py)
+    python examples/kv_store.py [--clients 16]    # both VMs on this machine
     python examples/kv_store.py server --peer 5   # in domain 0; stop it with Ctrl-C or SIGTERM
     python examples/kv_store.py client --peer 0   # in domain 5
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 
-import _launch
 import anyio
 import msgspec
 
@@ -138,10 +138,39 @@ async def client(peer: int, args: argparse.Namespace) -> None:
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clients", type=int, default=16, help="connections at once")
-    parser.add_argument("--requests", type=int, default=50, help="keys each client sets")
+# -- The command line ---------------------------------------------------------------------
+# With a role, this file is all a VM needs.  Without one, examples/_launch.py (not part of
+# the example) plays both VMs on this machine, running this file once per role.
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "role",
+        nargs="?",
+        choices=["server", "client"],
+        help="the side to run in this VM (default: both, on this machine)",
+    )
+    parser.add_argument("--peer", type=int, help="with a role: the other VM's domain id")
+    parser.add_argument("--clients", type=int, default=16, help="client: connections at once")
+    parser.add_argument("--requests", type=int, default=50, help="client: keys each one sets")
+    args = parser.parse_args()
+    if args.role is None:
+        import _launch
+
+        _launch.play("kv_store", sys.argv[1:], stop_server=True)
+    elif args.peer is None:
+        parser.error("a role needs --peer")
+    else:
+        try:
+            anyio.run(server if args.role == "server" else client, args.peer, args)
+        except Exception as exc:  # one line, not a traceback
+            while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            raise SystemExit(f"kv_store {args.role}: {type(exc).__name__}: {exc}") from None
 
 
 if __name__ == "__main__":
-    _launch.main(__doc__, server, client, add_arguments=add_arguments, stop_server=True)
+    main()

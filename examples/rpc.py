@@ -1,8 +1,8 @@
 """Request/response RPC between two VMs: typed calls, timeouts and cancellation.
 
-    python examples/rpc.py                     # both VMs on this machine (see _launch.py)
+    python examples/rpc.py                     # both VMs on this machine
     python examples/rpc.py server --peer 5     # in domain 0: serves domain 5
-    python examples/rpc.py client --peer 0     # in domain 5
+    python examples/rpc.py client --peer 0     # in domain 5: calls the server in domain 0
 
 The protocol is one tagged union of msgspec Structs (Request | Cancel | Response), so
 each side validates whatever arrives.  The client keeps many calls in flight on one
@@ -17,8 +17,8 @@ import argparse
 import hashlib
 import itertools
 import os
+import sys
 
-import _launch
 import anyio
 import msgspec
 
@@ -268,5 +268,37 @@ async def client(peer: int, args: argparse.Namespace) -> None:
     print("rpc client: ok", flush=True)
 
 
+# -- The command line ---------------------------------------------------------------------
+# With a role, this file is all a VM needs.  Without one, examples/_launch.py (not part of
+# the example) plays both VMs on this machine, running this file once per role.
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "role",
+        nargs="?",
+        choices=["server", "client"],
+        help="the side to run in this VM (default: both, on this machine)",
+    )
+    parser.add_argument("--peer", type=int, help="with a role: the other VM's domain id")
+    args = parser.parse_args()
+    if args.role is None:
+        import _launch
+
+        _launch.play("rpc", sys.argv[1:])
+    elif args.peer is None:
+        parser.error("a role needs --peer")
+    else:
+        try:
+            anyio.run(server if args.role == "server" else client, args.peer, args)
+        except Exception as exc:  # one line, not a traceback
+            while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            raise SystemExit(f"rpc {args.role}: {type(exc).__name__}: {exc}") from None
+
+
 if __name__ == "__main__":
-    _launch.main(__doc__, server, client)
+    main()

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
-import _launch
+import _launch  # the domains each side plays, as in every example (not part of this one)
 
 PATH = "data/gntipc-examples/web"
 TIMEOUT = 60  # for each step
