@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gntipc._exceptions import RemoteProtocolError, XenError
 from gntipc.backends._abc import Perm
-from gntipc.backends.xen._xenstore import (
+from gntipc.backends.xen._xenstore_codec import (
     HEADER,
     XENSTORE_PAYLOAD_MAX,
     Decoder,
@@ -200,7 +200,7 @@ def test_decoder_rejects_oversized_payload() -> None:
 
 
 def test_xenbus_payload_limit() -> None:
-    from gntipc.backends.xen._xenstore import XENBUS_PAYLOAD_MAX
+    from gntipc.backends.xen._xenstore_codec import XENBUS_PAYLOAD_MAX
 
     assert XENBUS_PAYLOAD_MAX == 4080
     data = encode_message(MsgType.WRITE, 1, 0, b"x" * 4080, payload_max=XENBUS_PAYLOAD_MAX)

@@ -16,15 +16,8 @@ from anyio import ClosedResourceError
 
 from gntipc._exceptions import RemoteProtocolError
 from gntipc.backends.xen import _xenstore
-from gntipc.backends.xen._xenstore import (
-    HEADER,
-    MAX_QUEUED_EVENTS,
-    Message,
-    MsgType,
-    XenStore,
-    XenStoreTimeout,
-    encode_message,
-)
+from gntipc.backends.xen._xenstore import MAX_QUEUED_EVENTS, XenStore, XenStoreTimeout
+from gntipc.backends.xen._xenstore_codec import HEADER, Message, MsgType, encode_message
 
 #: How long a flood lasts at most: a client that does not give up fails instead of hanging.
 FLOOD_SECONDS = 6.0

@@ -189,7 +189,7 @@ def test_watch_empty_token_and_special_paths(store: XenStore) -> None:
 
 def test_events_on_the_request_connection_do_not_confuse_replies(store: XenStore) -> None:
     # a watch set on a plain Store connection (as a raw request) queues its events
-    from gntipc.backends.xen._xenstore import MsgType, join_strings
+    from gntipc.backends.xen._xenstore_codec import MsgType, join_strings
 
     b = _base(store)
     store.write(f"{b}/raw", b"1")
