@@ -51,14 +51,11 @@ from ._keys import resolve_path
 from ._resource import Closeable
 from ._spin import DEFAULT_SPIN
 from ._waiter import BlockingWaiter
-from .backends._abc import Backend
+from .backends._abc import Backend, Buffer
 from .protocol import DEFAULT_RING_SIZE as DEFAULT_RING_SIZE
 from .protocol import VchanState
 
 __all__ = ["DEFAULT_RING_SIZE", "Vchan"]
-
-
-Buffer = bytes | bytearray | memoryview
 
 
 class Vchan(Closeable):

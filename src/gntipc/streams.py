@@ -49,6 +49,7 @@ from ._soon import Deferred
 from ._spin import DEFAULT_SPIN_ASYNC, Spinner
 from ._stats import VchanStreamStatistics
 from .backends import Backend, get_backend
+from .backends._abc import Buffer
 from .channel import Vchan
 from .protocol import DEFAULT_RING_SIZE as _DEFAULT_RING
 from .protocol import (
@@ -60,7 +61,6 @@ from .protocol import (
     fit_ring_sizes,
 )
 
-Buffer = bytes | bytearray | memoryview
 _A = TypeVar("_A")
 _R = TypeVar("_R")
 

@@ -35,7 +35,7 @@ from anyio import ClosedResourceError
 
 from ..._exceptions import BackendUnavailable, RemoteProtocolError, XenError, raise_errno
 from ..._exceptions import XenStoreTimeout as XenStoreTimeout
-from .._abc import Perm, Store, Transaction, Watch
+from .._abc import Buffer, Perm, Store, Transaction, Watch
 from ._xenstore_codec import (
     XENBUS_PAYLOAD_MAX,
     XENSTORE_PAYLOAD_MAX,
@@ -321,7 +321,7 @@ class _Ops:
             ValueError: path and value exceed the 4096-byte payload limit.
             XenError: EACCES if denied, EINVAL for a bad path.
         """
-        if not isinstance(value, bytes | bytearray | memoryview):
+        if not isinstance(value, Buffer):
             raise TypeError(f"a XenStore value must be bytes, not {type(value).__name__}")
         self._c().request(
             MsgType.WRITE,
