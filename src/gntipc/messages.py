@@ -520,14 +520,25 @@ class MessageQueue(AsyncResource, Generic[T]):
             self._getting = True
             try:
                 receive = self.stream.receive
+                vchan = self._vchan
                 while True:
+                    # A large frame is received straight into a buffer of its size (one
+                    # copy out of the ring, none to gather the pieces).
+                    view = framer.receive_buffer(self._chunk) if vchan is not None else None
                     try:
-                        data = await receive(self._receive_size())
+                        if view is None or vchan is None:
+                            data = await receive(self._receive_size())
+                        else:
+                            n = await vchan.receive_into(view)
                     except EndOfStream:
                         raise self._at_end() from None
                     self._yielded = _monotonic()
-                    self._bytes_received += len(data)
-                    framer.feed(data if type(data) is bytes else bytes(data))
+                    if view is None:
+                        self._bytes_received += len(data)
+                        framer.feed(data if type(data) is bytes else bytes(data))
+                    else:
+                        self._bytes_received += n
+                        framer.received(n)
                     message = framer.next_message()
                     if message is not NEED_DATA:
                         self._messages_received += 1

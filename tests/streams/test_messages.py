@@ -404,3 +404,41 @@ async def test_a_busy_consumer_lets_other_tasks_run(make_pair: PairFactory) -> N
     # The loop went round in small steps: functional bound, not a benchmark (a loaded
     # CI machine preempts us now and then: the median, not the maximum).
     assert statistics.median(gaps) < 0.01, (statistics.median(gaps), max(gaps))
+
+
+async def test_large_messages_are_received_in_place_and_survive_cancellation(
+    make_pair: PairFactory,
+) -> None:
+    # Messages of several rings' size: get() receives each into a buffer of its size
+    # (MessageFramer.receive_buffer); a get cancelled half-way through one loses
+    # nothing, and the next get (or get_nowait) finishes it.
+    srv, cli = await make_pair(read_size=65536, write_size=65536)
+    into = 0
+    receive_into = srv.receive_into
+
+    async def counted(buffer: bytearray | memoryview) -> int:
+        nonlocal into
+        into += 1
+        return await receive_into(buffer)
+
+    srv.receive_into = counted  # type: ignore[method-assign]
+    rx = MessageQueue(srv, bytes, max_message_size=1 << 20)
+    tx = MessageQueue(cli, bytes, max_message_size=1 << 20)
+    big = [bytes([i]) * (300_000 + i) for i in range(3)]
+    async with anyio.create_task_group() as tg:
+
+        async def produce() -> None:
+            for m in big:
+                await tx.put(m)
+            await tx.aclose()
+
+        tg.start_soon(produce)
+        with anyio.move_on_after(0.001):
+            while True:
+                assert await rx.get() == big[0]
+                big.pop(0)
+        with anyio.fail_after(30):
+            got = [m async for m in rx]
+    assert got == big
+    assert into >= 3  # each message was received in place (in several pieces)
+    await rx.aclose()
