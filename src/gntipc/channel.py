@@ -197,17 +197,19 @@ class Vchan(Closeable):
         """Stream write: as many bytes as fit now (0 if the ring is full).
 
         Raises:
-            BrokenResourceError: the peer is gone.  ClosedResourceError: after close()
-            or send_eof().  RemoteProtocolError: the peer corrupted its index.
+            BrokenResourceError: the peer is gone.
+            ClosedResourceError: after close() or send_eof().
+            RemoteProtocolError: the peer corrupted its index.
         """
         return self.endpoint.write_nowait(data)
 
     def send_nowait(self, data: Buffer) -> bool:
         """Packet write: all of ``data`` (True) or nothing (False) if it does not fit now.
 
+        Besides the error below, it raises those of :meth:`write_nowait`.
+
         Raises:
             LocalProtocolError: ``data`` is larger than the ring: it can never fit.
-            (and as :meth:`write_nowait`)
         """
         return self.endpoint.send_nowait(data)
 

@@ -245,9 +245,10 @@ class Geometry:
         """Check a pair of orders (read from the page when ``remote``).
 
         Raises:
-            RemoteProtocolError (remote) / LocalProtocolError: orders outside 10..20, two
-                in-page rings in the same slot, or a grants[] array that overlaps an
+            RemoteProtocolError: ``remote`` and the orders are invalid: outside 10..20,
+                two in-page rings in the same slot, or a grants[] array that overlaps an
                 in-page ring or the end of the page.
+            LocalProtocolError: not ``remote`` and the orders are invalid (as above).
         """
         error = RemoteProtocolError if remote else LocalProtocolError
         for name, order in (("left", left_order), ("right", right_order)):

@@ -179,8 +179,8 @@ class MessageFramer(Generic[T]):
     def encode_many(self, messages: Iterable[T]) -> bytes:
         """Return the frames of ``messages``, concatenated.
 
-        Raises:
-            As :meth:`encode` (for the first message that fails; nothing is returned).
+        It raises the errors of :meth:`encode`, for the first message that fails
+        (nothing is returned then).
         """
         buf = bytearray()
         self.encode_many_into(messages, buf)
@@ -190,8 +190,7 @@ class MessageFramer(Generic[T]):
         """Write the frame of ``message`` into ``buf`` at ``start``; ``buf`` ends with it
         (it is truncated or extended as needed).
 
-        Raises:
-            As :meth:`encode`; ``buf`` is then truncated at ``start``.
+        It raises the errors of :meth:`encode`; ``buf`` is then truncated at ``start``.
         """
         try:
             self._encoder.encode_into(message, buf, start + _HEADER)
@@ -213,8 +212,8 @@ class MessageFramer(Generic[T]):
         only if one would exceed ``max_message_size``), unless ``batch_frames`` is
         False: then one message frame each, in one loop.
 
-        Raises:
-            As :meth:`encode`; ``buf`` is then truncated at ``start`` (all or nothing).
+        It raises the errors of :meth:`encode`; ``buf`` is then truncated at ``start``
+        (all or nothing).
         """
         del buf[start:]
         if not isinstance(messages, list):
@@ -472,9 +471,11 @@ class MessageFramer(Generic[T]):
         call may also stop early at a frame split across fed pieces (the next call
         joins it).
 
+        Besides the error below, it raises those of :meth:`next_message`, for the
+        first frame.
+
         Raises:
             ValueError: ``max_items`` is less than 1.
-            As :meth:`next_message`, for the first frame.
         """
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
