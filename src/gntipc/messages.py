@@ -136,7 +136,7 @@ class MessageQueue(AsyncResource, Generic[T]):
         batch_frames: bool = True,
     ) -> None:
         self._framer: MessageFramer[T] = MessageFramer(
-            type,  # type: ignore[arg-type]  # the framer's own signature says type[T]
+            type,
             max_message_size=max_message_size,
             enc_hook=enc_hook,
             dec_hook=dec_hook,

@@ -8,6 +8,7 @@ import msgspec
 from anyio.abc import ByteStream
 
 from gntipc import MessageQueue
+from gntipc.protocol import MessageFramer
 
 
 class Request(msgspec.Struct):
@@ -26,6 +27,7 @@ async def check(stream: ByteStream) -> None:
     reveal_type(MessageQueue(stream, list[Request]))  # MessageQueue[list[Request]]
     reveal_type(MessageQueue(stream, int | None))  # MessageQueue[int | None]
     reveal_type(MessageQueue(stream, Any))  # MessageQueue[Any]
+    reveal_type(MessageFramer(Request | Reply))  # MessageFramer[Request | Reply]
     queue: MessageQueue[Request | Reply] = MessageQueue(stream, Request | Reply)
     await queue.put(Reply(y="ok"))
     await queue.put_many([Request(x=1), Reply(y="two")])

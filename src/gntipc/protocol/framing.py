@@ -53,9 +53,13 @@ from __future__ import annotations
 import collections
 import struct
 from collections.abc import Callable, Iterable
-from typing import Any, Final, Generic, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, final
 
 import msgspec
+
+if TYPE_CHECKING:
+    # PEP 747, as msgspec's stubs use it: ``Request | Reply`` is a TypeForm, not a type.
+    from typing_extensions import TypeForm
 
 from .._exceptions import MalformedMessage, MessageTooLarge
 
@@ -128,7 +132,7 @@ class MessageFramer(Generic[T]):
 
     def __init__(
         self,
-        type: type[T],
+        type: TypeForm[T],
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         enc_hook: Callable[[Any], Any] | None = None,
