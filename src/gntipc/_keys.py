@@ -422,11 +422,6 @@ class Presence:
         """The watch's descriptor (None before :meth:`watch_peer` found a node)."""
         return None if self._watch is None else self._watch.fileno()
 
-    def peer_vanished(self) -> bool:
-        """Consume watch events; True if the peer's node is gone (blocking store I/O
-        when an event fired)."""
-        return self.watch_fired() and self.peer_gone()
-
     def watch_fired(self) -> bool:
         """Consume the watch's events without blocking (no store request); True if
         there were any: then :meth:`peer_gone` tells whether the node went away."""

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from anyio import ClosedResourceError
 
-from gntipc._exceptions import RemoteProtocolError
+from gntipc._exceptions import RemoteProtocolError, XenStoreTimeout
 from gntipc.backends.xen import _xenstore
-from gntipc.backends.xen._xenstore import MAX_QUEUED_EVENTS, XenStore, XenStoreTimeout
+from gntipc.backends.xen._xenstore import MAX_QUEUED_EVENTS, XenStore
 from gntipc.backends.xen._xenstore_codec import HEADER, Message, MsgType, encode_message
 
 #: How long a flood lasts at most: a client that does not give up fails instead of hanging.

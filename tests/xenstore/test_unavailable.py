@@ -32,7 +32,7 @@ def test_silent_xenstored_times_out_instead_of_hanging(tmp_path: os.PathLike[str
     import socket
     import time
 
-    from gntipc.backends.xen._xenstore import XenStoreTimeout
+    from gntipc._exceptions import XenStoreTimeout
 
     path = os.path.join(os.fspath(tmp_path), "socket")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:

@@ -33,8 +33,13 @@ from collections.abc import Sequence
 
 from anyio import ClosedResourceError
 
-from ..._exceptions import BackendUnavailable, RemoteProtocolError, XenError, raise_errno
-from ..._exceptions import XenStoreTimeout as XenStoreTimeout
+from ..._exceptions import (
+    BackendUnavailable,
+    RemoteProtocolError,
+    XenError,
+    XenStoreTimeout,
+    raise_errno,
+)
 from .._abc import Buffer, Perm, Store, Transaction, Watch
 from ._xenstore_codec import (
     XENBUS_PAYLOAD_MAX,
@@ -59,7 +64,6 @@ __all__ = [
     "SOCKET_PATH",
     "XENBUS_PATH",
     "XenStore",
-    "XenStoreTimeout",
 ]
 
 #: The unix socket of xenstored (dom0).
