@@ -20,6 +20,9 @@ Four sections (see benchmarks/README.md), each printed as a table:
   ``send(1 MiB)``/``receive`` (queue/raw >= 0.8x).
 * **latency** (``_latency.py``): 64-byte round trips, p50/p99 µs, CPU µs per round trip.
 * **idle** (``_idle.py``): CPU % of each process of a connected pair waiting after a burst.
+* **proxy** (``_proxy.py``): redis-benchmark through two ``gntipc proxy`` hops (plain and
+  ``--mux``) vs two socat relays to redis-server; requests/s with 50 clients, GET p50 with
+  one (skipped, with the reason, without redis-server, redis-benchmark or socat).
 
 Each pair of processes is forked fresh for each row; nothing is shared but the sim
 runtime directory (a private temporary one).  The parent is pinned to one CPU and the
@@ -50,10 +53,11 @@ import _harness
 import _idle
 import _latency
 import _messages
+import _proxy
 import _throughput
 import zmq
 
-SECTIONS = ("throughput", "messages", "latency", "idle")
+SECTIONS = ("throughput", "messages", "latency", "idle", "proxy")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -174,6 +178,8 @@ def main() -> None:
         report["latency"] = _latency.section(rounds)
     if "idle" in only:
         report["idle"] = _idle.section(idle, burst)
+    if "proxy" in only:
+        report["proxy"] = _proxy.section(args.quick, repeat)
     report["total_seconds"] = time.perf_counter() - t0
     shutil.rmtree(sim_dir, ignore_errors=True)  # normally gone already (last one out)
     report["notes"] = _harness.NOTES
