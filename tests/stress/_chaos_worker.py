@@ -170,6 +170,9 @@ class Session:
                 else:
                     await queue.put_many(batch)
                 sent += k
+                # A put in a burst may hold its frame back until the loop runs again
+                # (documented: "accepted", not yet in the ring); "w" says "in the ring".
+                await anyio.lowlevel.checkpoint()
                 log("w", self.conn, sent)
                 await self.pause()
             log("f", self.conn)
