@@ -192,9 +192,23 @@ def test_bench_not_available_outside_a_checkout(
     assert "--dir" in err
 
 
-def test_bench_dir_without_benchmarks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_dir_without_benchmarks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert main(["bench", "--dir", str(tmp_path)]) == 3
-    assert f"no run.py in {tmp_path}" in capsys.readouterr().err
+    assert f"no run.py in {tmp_path} (--dir)" in capsys.readouterr().err
+    monkeypatch.setenv("GNTIPC_BENCHMARKS", str(tmp_path))
+    assert main(["bench"]) == 3
+    assert f"no run.py in {tmp_path} (GNTIPC_BENCHMARKS)" in capsys.readouterr().err
+
+
+def test_a_bad_backend_in_the_environment_is_named() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gntipc.cli", "info"],
+        env=dict(os.environ, GNTIPC_BACKEND="foo"), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "unknown backend 'foo' (GNTIPC_BACKEND) (expected one of xen, sim)" in proc.stderr
 
 
 def test_bench_found_in_this_checkout() -> None:

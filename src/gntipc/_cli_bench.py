@@ -63,7 +63,10 @@ def find_benchmarks(explicit: str | None = None) -> Path:
         where = Path(given)
         if (where / "run.py").is_file():
             return where
-        raise BenchmarksMissing(f"no run.py in {where}: not a gntipc benchmarks directory")
+        source = "--dir" if explicit else "GNTIPC_BENCHMARKS"
+        raise BenchmarksMissing(
+            f"no run.py in {where} ({source}): not a gntipc benchmarks directory"
+        )
     # An editable install or a checkout on sys.path: <checkout>/src/gntipc.
     checkout = _PACKAGE.parent.parent
     where = checkout / "benchmarks"

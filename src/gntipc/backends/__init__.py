@@ -28,12 +28,14 @@ _NAMES = ("xen", "sim")
 def select_backend_name(name: str | None = None) -> str:
     """Explicit ``name``, else ``$GNTIPC_BACKEND``, else ``xen`` when
     ``/dev/xen/gntdev`` exists, else ``sim``."""
+    source = ""
     if name is None:
         name = os.environ.get("GNTIPC_BACKEND") or None
+        source = " (GNTIPC_BACKEND)"
     if name is None:
         name = "xen" if os.path.exists("/dev/xen/gntdev") else "sim"
     if name not in _NAMES:
-        raise ValueError(f"unknown backend {name!r} (expected one of {', '.join(_NAMES)})")
+        raise ValueError(f"unknown backend {name!r}{source} (expected one of {', '.join(_NAMES)})")
     return name
 
 
