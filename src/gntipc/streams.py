@@ -22,6 +22,7 @@ import math
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -792,8 +793,9 @@ class Listener(AsyncResource):
         ):
             raise ValueError(f"max_clients must be an int >= 1 or None, not {max_clients!r}")
         self.max_clients = max_clients
-        #: The channels handed out (while open, they hold their pages) and their size.
-        self._carried: list[tuple[VchanStream, int]] = []
+        #: The channels handed out (while open, they hold their pages) and their size;
+        #: weak references: this list must not keep a dropped stream alive.
+        self._carried: list[tuple[weakref.ref[VchanStream], int]] = []
         self._sizes_logged: tuple[int, int] | None = None
         self._backend_ref = _backend_ref
         self._closed = False
@@ -898,7 +900,11 @@ class Listener(AsyncResource):
         that may come after it, up to ``max_clients`` at once."""
         assert self.max_clients is not None
         limit = self.backend.page_limit
-        self._carried = [(s, pages) for s, pages in self._carried if not s.closed]
+        self._carried = [
+            (ref, pages)
+            for ref, pages in self._carried
+            if (stream := ref()) is not None and not stream.closed
+        ]
         if limit is None:
             return self.read_size, self.write_size
         held = sum(pages for _, pages in self._carried)
@@ -950,7 +956,8 @@ class Listener(AsyncResource):
         # The stream takes over our hold on the backend.
         stream = VchanStream(vchan, dispatcher=dispatcher, _backend_ref=hold)
         if self.max_clients is not None:
-            self._carried.append((stream, channel_pages(vchan.read_size, vchan.write_size)))
+            pages = channel_pages(vchan.read_size, vchan.write_size)
+            self._carried.append((weakref.ref(stream), pages))
         return stream
 
     async def serve(
