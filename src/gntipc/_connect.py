@@ -21,7 +21,7 @@ from anyio import ClosedResourceError, WouldBlock
 from . import _astore
 from ._endpoint import Endpoint
 from ._exceptions import StaleKeys, XenError, XenStoreTimeout
-from ._keys import read_keys, why_no_server
+from ._keys import read_keys, refusal, why_no_server
 from .backends._abc import Backend, Watch
 
 __all__ = ["connect_async", "connect_blocking", "try_connect", "wait_fd"]
@@ -46,6 +46,7 @@ def connect_blocking(backend: Backend, peer: int, path: str, timeout: float | No
     Raises:
         TimeoutError: no connection within ``timeout`` seconds (None: wait forever).
         RemoteProtocolError: the server published invalid keys or control page.
+        XenError: ECONNREFUSED: the listener says it offers no channel now (why).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     last: BaseException | None = None
@@ -84,6 +85,7 @@ async def connect_async(
     Raises:
         XenStoreTimeout: the store did not answer one of these in time.
         RemoteProtocolError: the server published invalid keys or control page.
+        XenError: ECONNREFUSED: the listener says it offers no channel now (why).
 
     Cancellation: an endpoint connected meanwhile is closed (see :func:`_astore.run`).
     """
@@ -136,13 +138,21 @@ def _attempt(watch: Watch, backend: Backend, peer: int, path: str) -> Endpoint |
 
 def _try(backend: Backend, peer: int, path: str) -> Endpoint | StaleKeys | None:
     """:func:`try_connect`, returning the endpoint, the stale-keys error (retried only
-    after the store changes, so a permanent error costs no CPU), or None (no keys yet)."""
+    after the store changes, so a permanent error costs no CPU), or None (no keys yet).
+
+    Raises:
+        XenError: ECONNREFUSED: the listener at ``path`` says it offers no channel now
+            (:func:`gntipc._keys.refusal`: the message says why).
+    """
     try:
         return try_connect(backend, peer, path)
-    except WouldBlock:
-        return None
-    except StaleKeys as exc:
-        return exc
+    except (WouldBlock, StaleKeys) as exc:
+        # No keys, or keys another client took: none yet, or a listener that says it
+        # cannot offer any now (its last offer failed; the taken keys stay meanwhile).
+        refused = refusal(backend, path)
+        if refused is not None:
+            raise refused from None
+        return exc if isinstance(exc, StaleKeys) else None
 
 
 def wait_fd(fd: int, timeout: float | None) -> bool:

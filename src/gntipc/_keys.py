@@ -27,7 +27,10 @@ build endpoints from them are in :mod:`gntipc._connect`.
   time).  A second listener on the path is refused at once (EADDRINUSE) while that
   process lives; the claim of a process that is gone (a crash leaves it behind) is taken
   over.  A client that finds no keys for itself reads the claim to say whom the path
-  serves instead (:func:`why_no_server`).
+  serves instead (:func:`why_no_server`).  A listener whose offer of a channel failed
+  (no grant pages left) says so in its claim (``refusing=ENOSPC``) until an offer
+  succeeds again: its clients are refused at once with that reason (:func:`refusal`)
+  instead of waiting for keys that will not come.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import errno
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from anyio import WouldBlock
 
@@ -46,6 +49,7 @@ from .backends._abc import Backend, Perm, Store, Transaction, Watch
 
 __all__ = [
     "LISTENER_NODE",
+    "REFUSALS",
     "PathClaim",
     "PathHolder",
     "Presence",
@@ -53,6 +57,7 @@ __all__ = [
     "in_transaction",
     "publish_keys",
     "read_keys",
+    "refusal",
     "resolve_path",
     "unpublish_keys",
     "why_no_server",
@@ -199,25 +204,42 @@ def _remove_own_node(store: Store, node: str, value: bytes, keep: str) -> None:
 LISTENER_NODE = "gntipc-listener"
 
 
+#: Why a listener may offer no channel, as its claim says (``refusing=<code>``), and what
+#: its clients are told.
+REFUSALS = {
+    "ENOSPC": "its domain may share no more grant pages (gntalloc's limit: ENOSPC); it"
+    " offers a channel again once one of its connections closes",
+}
+
+
 @dataclass(frozen=True)
 class PathHolder:
-    """Who listens at a path: the value of its :data:`LISTENER_NODE`."""
+    """Who listens at a path: the value of its :data:`LISTENER_NODE`; ``refusing``: a
+    key of :data:`REFUSALS` while its last offer of a channel failed, else ``""``."""
 
     domid: int
     peer: int
     pid: int
     start: int
+    refusing: str = ""
 
     def encode(self) -> bytes:
-        return f"domain={self.domid} peer={self.peer} pid={self.pid} start={self.start}".encode()
+        text = f"domain={self.domid} peer={self.peer} pid={self.pid} start={self.start}"
+        return (f"{text} refusing={self.refusing}" if self.refusing else text).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> PathHolder | None:
-        """The holder named by ``raw``, or None if it names none (not our format)."""
+        """The holder named by ``raw``, or None if it names none (not our format; an
+        unknown ``refusing`` reads as none)."""
         try:
             fields = dict(item.split("=", 1) for item in raw.decode("ascii").split())
+            refusing = fields.get("refusing", "")
             return cls(
-                int(fields["domain"]), int(fields["peer"]), int(fields["pid"]), int(fields["start"])
+                int(fields["domain"]),
+                int(fields["peer"]),
+                int(fields["pid"]),
+                int(fields["start"]),
+                refusing if refusing in REFUSALS else "",
             )
         except (ValueError, KeyError, UnicodeDecodeError):
             return None
@@ -244,12 +266,39 @@ class PathHolder:
 class PathClaim:
     """Our claim of a path (from :func:`claim_path`); :meth:`release` withdraws it."""
 
-    __slots__ = ("_value", "node", "store")
+    __slots__ = ("_holder", "_value", "node", "store")
 
-    def __init__(self, store: Store, node: str, value: bytes) -> None:
+    def __init__(self, store: Store, node: str, holder: PathHolder) -> None:
         self.store = store
         self.node = node
-        self._value = value
+        self._holder = holder
+        self._value = holder.encode()
+
+    def refuse(self, code: str) -> None:
+        """Say in the claim why we offer no channel now (a key of :data:`REFUSALS`), or
+        ``""``: we offer again.  No store I/O unless that changes; nothing if the claim is
+        no longer ours.
+
+        Raises:
+            XenError: the store failed.
+        """
+        if code == self._holder.refusing:
+            return
+        holder = replace(self._holder, refusing=code)
+        value = holder.encode()
+
+        def body(tx: Transaction) -> None:
+            try:
+                if tx.read(self.node) != self._value:
+                    return
+            except XenError as exc:
+                if exc.errno == errno.ENOENT:
+                    return
+                raise
+            tx.write(self.node, value)
+
+        in_transaction(self.store, body)
+        self._holder, self._value = holder, value
 
     def release(self) -> None:
         """Remove our claim, if it is still ours, and the path node if that leaves it
@@ -272,7 +321,8 @@ def claim_path(backend: Backend, path: str, peer: int) -> PathClaim:
             or the store refused.
     """
     node = f"{path}/{LISTENER_NODE}"
-    value = PathHolder(backend.domid, peer, os.getpid(), self_start()).encode()
+    holder = PathHolder(backend.domid, peer, os.getpid(), self_start())
+    value = holder.encode()
     # Readable by every domain: a client of another domain may learn whom we serve.
     perms = [Perm(backend.domid, "r")]
 
@@ -294,20 +344,45 @@ def claim_path(backend: Backend, path: str, peer: int) -> PathClaim:
         tx.set_perms(node, perms)
 
     in_transaction(backend.store, body)
-    return PathClaim(backend.store, node, value)
+    return PathClaim(backend.store, node, holder)
+
+
+def _holder(backend: Backend, path: str) -> PathHolder | None:
+    try:
+        return PathHolder.decode(backend.store.read(f"{path}/{LISTENER_NODE}"))
+    except XenError:
+        return None
 
 
 def why_no_server(backend: Backend, path: str) -> str:
     """Why a client of ours may find no keys at ``path`` although a listener is there:
-    ``"it is served for domain 3, not for us (domain 1)"``, or ``""`` (nothing known;
-    one store read, errors ignored)."""
-    try:
-        holder = PathHolder.decode(backend.store.read(f"{path}/{LISTENER_NODE}"))
-    except XenError:
+    ``"it is served for domain 3, not for us (domain 1)"``, or why the listener offers
+    no channel now (:func:`refusal`), or ``""`` (nothing known; one store read, errors
+    ignored)."""
+    holder = _holder(backend, path)
+    if holder is None:
         return ""
-    if holder is None or holder.peer == backend.domid:
-        return ""
-    return f"it is served for domain {holder.peer}, not for us (domain {backend.domid})"
+    if holder.peer != backend.domid:
+        return f"it is served for domain {holder.peer}, not for us (domain {backend.domid})"
+    return (
+        f"the listener there offers no channel: {REFUSALS[holder.refusing]}"
+        if holder.refusing
+        else ""
+    )
+
+
+def refusal(backend: Backend, path: str) -> XenError | None:
+    """The error for a client of ours that finds no keys at ``path`` because the
+    listener there says it cannot offer a channel now (its claim's ``refusing``), or
+    None (one store read, errors ignored)."""
+    holder = _holder(backend, path)
+    if holder is None or not holder.refusing or holder.peer != backend.domid:
+        return None
+    return XenError(
+        errno.ECONNREFUSED,
+        f"the gntipc listener at {path} (domain {holder.domid}) offers no channel now:"
+        f" {REFUSALS[holder.refusing]}",
+    )
 
 
 class Presence:

@@ -136,6 +136,8 @@ class Vchan(Closeable):
         Raises:
             TimeoutError: no connection within ``timeout`` seconds (None: wait forever).
             RemoteProtocolError: the server published an invalid control page.
+            XenError: ECONNREFUSED: the gntipc listener at ``path`` says it can offer no
+                channel now (the message says why).
         """
         check_domid(peer)
         return cls(connect_blocking(backend, peer, resolve_path(peer, path), timeout))

@@ -858,6 +858,23 @@ class Listener(AsyncResource):
     def _offer(self) -> Vchan:
         if self._claim is None:
             self._claim = self._claim_path()
+        claim = self._claim
+        try:
+            vchan = self._offer_sized()
+        except XenError as exc:
+            if exc.errno == errno.ENOSPC:
+                # Our clients are told at once, instead of waiting for keys.
+                with contextlib.suppress(XenError):
+                    claim.refuse("ENOSPC")
+            raise
+        try:
+            claim.refuse("")  # no store I/O unless we were refusing
+        except BaseException:
+            vchan.close()
+            raise
+        return vchan
+
+    def _offer_sized(self) -> Vchan:
         if self.max_clients is None:
             return Vchan.server(
                 self.backend,
@@ -1167,6 +1184,10 @@ async def connect(
         gntipc.XenStoreTimeout: the store did not answer one operation in time (also
             with ``timeout=None``).
         gntipc.RemoteProtocolError: the server published invalid keys or control page.
+        gntipc.XenError: ECONNREFUSED (also a :class:`ConnectionRefusedError`-like
+            :class:`OSError`): the gntipc listener at ``path`` says it can offer no
+            channel now (e.g. its domain shares no more grant pages); the message says
+            why.  Raised at once, not after ``timeout``.
         gntipc.LocalProtocolError: bad arguments.
         TypeError: ``peer`` is not an int.
         gntipc.BackendUnavailable: the chosen backend cannot run here.
