@@ -514,3 +514,17 @@ def test_a_bad_sim_dir_in_the_environment_is_named(tmp_path: Path) -> None:
         assert proc.returncode == 1
         assert f"sim runtime dir '{where}' (GNTIPC_SIM_DIR)" in proc.stderr
         assert error in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_sim_page_limit_from_the_command_line() -> None:
+    def doctor(*options: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "GNTIPC_SIM_PAGE_LIMIT"}
+        return subprocess.run(
+            [sys.executable, "-m", "gntipc.cli", "--backend", "sim", *options, "doctor"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    assert "page limit: 1024 pages per domain" in doctor().stdout
+    assert "page limit: 77 pages per domain" in doctor("--sim-page-limit", "77").stdout
+    bad = doctor("--sim-page-limit", "0")
+    assert bad.returncode == 2 and "--sim-page-limit must be at least 1" in bad.stderr

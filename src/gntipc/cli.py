@@ -17,7 +17,9 @@ per path: a ``listen`` or ``proxy --mode server`` on a path that another one ser
 refused (``listen`` frees its path once its client is connected).
 
 ``--backend`` (or ``GNTIPC_BACKEND``) picks ``xen`` or ``sim``; ``GNTIPC_SIM_DOMID`` sets
-the simulated domain of this process.  ``gntipc COMMAND --help`` describes each command.
+the simulated domain of this process, ``--sim-page-limit`` (or ``GNTIPC_SIM_PAGE_LIMIT``)
+how many pages it may share at once (gntalloc's limit on Xen).  ``gntipc COMMAND --help``
+describes each command.
 
 Exit status:
     0  success: a clean end of stream; proxy stopped by SIGINT/SIGTERM; doctor found
@@ -35,6 +37,7 @@ Errors are reported on one line of standard error, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import BinaryIO
@@ -170,6 +173,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the backend (default: $GNTIPC_BACKEND, else xen when /dev/xen/gntdev exists,"
         " else sim)",
     )
+    parser.add_argument(
+        "--sim-page-limit",
+        type=int,
+        metavar="PAGES",
+        help="sim: how many pages this domain may share at once, as gntalloc's limit on Xen"
+        " (default: $GNTIPC_SIM_PAGE_LIMIT, else 1024); a 64 KiB vchan takes 33",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, epilog: str = _EPILOG) -> argparse.ArgumentParser:
@@ -272,6 +282,13 @@ def _fail(message: str, code: int) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.sim_page_limit is not None:
+        if args.sim_page_limit < 1:
+            raise _cli_proxy.UsageError(
+                f"--sim-page-limit must be at least 1, not {args.sim_page_limit}"
+            )
+        # The sim backend reads it when it opens (the doctor's report too).
+        os.environ["GNTIPC_SIM_PAGE_LIMIT"] = str(args.sim_page_limit)
     if args.command == "sim-kill-domain":
         from .backends.sim import kill_domain
 
