@@ -207,8 +207,9 @@ LISTENER_NODE = "gntipc-listener"
 #: Why a listener may offer no channel, as its claim says (``refusing=<code>``), and what
 #: its clients are told.
 REFUSALS = {
-    "ENOSPC": "its domain may share no more grant pages (gntalloc's limit: ENOSPC); it"
-    " offers a channel again once one of its connections closes",
+    "ENOSPC": "no space left on its side (ENOSPC: its domain may share no more grant"
+    " pages, gntalloc's limit, or its store quota is used up); it offers a channel again"
+    " once one of its connections closes",
 }
 
 
