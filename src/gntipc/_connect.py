@@ -12,6 +12,7 @@ event loop.
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import time
 
@@ -24,7 +25,12 @@ from ._exceptions import StaleKeys, XenError, XenStoreTimeout
 from ._keys import read_keys, refusal, why_no_server
 from .backends._abc import Backend, Watch
 
-__all__ = ["connect_async", "connect_blocking", "try_connect", "wait_fd"]
+__all__ = ["REFUSAL_GRACE", "connect_async", "connect_blocking", "try_connect", "wait_fd"]
+
+#: Seconds a listener's refusal (its claim says it can offer no channel now) must last,
+#: the store unchanged meanwhile, before a client gives up: a listener that is offering
+#: again (a page came back) publishes fresh keys within that time.
+REFUSAL_GRACE = 2.0
 
 
 def try_connect(backend: Backend, peer: int, path: str) -> Endpoint:
@@ -50,15 +56,27 @@ def connect_blocking(backend: Backend, peer: int, path: str, timeout: float | No
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     last: BaseException | None = None
+    refused_at: float | None = None
     with backend.store.watch(path, "gntipc-connect") as watch:
         while True:
             got = _attempt(watch, backend, peer, path)
+            now = time.monotonic()
+            if isinstance(got, XenError):
+                refused_at = now if refused_at is None else refused_at
+                if now - refused_at >= REFUSAL_GRACE:
+                    raise got
+                got = None
+            else:
+                refused_at = None
             if isinstance(got, StaleKeys):
                 last = got
             elif got is not None:
                 return got
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            remaining = None if deadline is None else deadline - now
+            if refused_at is not None:
+                grace = refused_at + REFUSAL_GRACE - now
+                remaining = grace if remaining is None else min(remaining, grace)
+            if deadline is not None and deadline - now <= 0:
                 why = why_no_server(backend, path)
                 raise TimeoutError(
                     f"no vchan server at {path} (domain {peer}) within {timeout} s"
@@ -97,6 +115,7 @@ async def connect_async(
         discard=_close_watch,
         holder=holder,
     )
+    refused_at: float | None = None
     try:
         while True:
             watch.read_events()  # never blocks: a watch is driven by its descriptor
@@ -109,11 +128,22 @@ async def connect_async(
                 discard=_close_attempt,
                 holder=holder,
             )
+            now = time.monotonic()
+            if isinstance(got, XenError):
+                refused_at = now if refused_at is None else refused_at
+                if now - refused_at >= REFUSAL_GRACE:
+                    raise got
+                got = None
+            else:
+                refused_at = None
             if isinstance(got, StaleKeys):
                 errors[:] = [got]
             elif got is not None:
                 return got
-            await anyio.wait_readable(watch.fileno())
+            with anyio.move_on_after(
+                math.inf if refused_at is None else refused_at + REFUSAL_GRACE - now
+            ):
+                await anyio.wait_readable(watch.fileno())
     finally:
         # Best effort, like every release of a watch: a wedged store leaves it to the
         # worker (bounded), and the outcome above is what the caller needs.
@@ -125,25 +155,25 @@ def _close_watch(watch: Watch) -> None:
     watch.close()
 
 
-def _close_attempt(got: Endpoint | StaleKeys | None) -> None:
-    if got is not None and not isinstance(got, StaleKeys):
+def _close_attempt(got: Endpoint | StaleKeys | XenError | None) -> None:
+    if isinstance(got, Endpoint):
         got.close()
 
 
-def _attempt(watch: Watch, backend: Backend, peer: int, path: str) -> Endpoint | StaleKeys | None:
+def _attempt(
+    watch: Watch, backend: Backend, peer: int, path: str
+) -> Endpoint | StaleKeys | XenError | None:
     """One round of a connect loop: consume the watch's events, then :func:`_try`."""
     watch.read_events()
     return _try(backend, peer, path)
 
 
-def _try(backend: Backend, peer: int, path: str) -> Endpoint | StaleKeys | None:
+def _try(backend: Backend, peer: int, path: str) -> Endpoint | StaleKeys | XenError | None:
     """:func:`try_connect`, returning the endpoint, the stale-keys error (retried only
-    after the store changes, so a permanent error costs no CPU), or None (no keys yet).
-
-    Raises:
-        XenError: ECONNREFUSED: the listener at ``path`` says it offers no channel now
-            (:func:`gntipc._keys.refusal`: the message says why).
-    """
+    after the store changes, so a permanent error costs no CPU), the refusal of a
+    listener that says it offers no channel now (:func:`gntipc._keys.refusal`: ECONNREFUSED,
+    the message says why; the loops raise it once it lasted :data:`REFUSAL_GRACE`), or
+    None (no keys yet)."""
     try:
         return try_connect(backend, peer, path)
     except (WouldBlock, StaleKeys) as exc:
@@ -151,7 +181,7 @@ def _try(backend: Backend, peer: int, path: str) -> Endpoint | StaleKeys | None:
         # cannot offer any now (its last offer failed; the taken keys stay meanwhile).
         refused = refusal(backend, path)
         if refused is not None:
-            raise refused from None
+            return refused
         return exc if isinstance(exc, StaleKeys) else None
 
 

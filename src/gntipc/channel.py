@@ -137,7 +137,7 @@ class Vchan(Closeable):
             TimeoutError: no connection within ``timeout`` seconds (None: wait forever).
             RemoteProtocolError: the server published an invalid control page.
             XenError: ECONNREFUSED: the gntipc listener at ``path`` says it can offer no
-                channel now (the message says why).
+                channel now (the message says why), for 2 s in a row.
         """
         check_domid(peer)
         return cls(connect_blocking(backend, peer, resolve_path(peer, path), timeout))

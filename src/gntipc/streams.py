@@ -1187,7 +1187,8 @@ async def connect(
         gntipc.XenError: ECONNREFUSED (also a :class:`ConnectionRefusedError`-like
             :class:`OSError`): the gntipc listener at ``path`` says it can offer no
             channel now (e.g. its domain shares no more grant pages); the message says
-            why.  Raised at once, not after ``timeout``.
+            why.  Raised once the refusal lasted 2 s (``REFUSAL_GRACE``: a listener that
+            is offering again publishes fresh keys within that), not after ``timeout``.
         gntipc.LocalProtocolError: bad arguments.
         TypeError: ``peer`` is not an int.
         gntipc.BackendUnavailable: the chosen backend cannot run here.
