@@ -33,6 +33,37 @@ __all__ = ["REFUSAL_GRACE", "connect_async", "connect_blocking", "try_connect", 
 REFUSAL_GRACE = 2.0
 
 
+class _Refusal:
+    """When a connect loop first met the listener's refusal (reset by any other outcome)."""
+
+    __slots__ = ("since",)
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def check(
+        self, got: Endpoint | StaleKeys | XenError | None, now: float
+    ) -> Endpoint | StaleKeys | None:
+        """``got``, with a refusal as None (no keys yet) until it lasted
+        :data:`REFUSAL_GRACE`.
+
+        Raises:
+            XenError: the refusal, once it lasted that long.
+        """
+        if not isinstance(got, XenError):
+            self.since = None
+            return got
+        if self.since is None:
+            self.since = now
+        elif now - self.since >= REFUSAL_GRACE:
+            raise got
+        return None
+
+    def wait_limit(self, now: float) -> float:
+        """Seconds a loop may wait for the store before it looks again (inf: no limit)."""
+        return math.inf if self.since is None else self.since + REFUSAL_GRACE - now
+
+
 def try_connect(backend: Backend, peer: int, path: str) -> Endpoint:
     """One connection attempt to the keys at the absolute store ``path``.
 
@@ -56,26 +87,20 @@ def connect_blocking(backend: Backend, peer: int, path: str, timeout: float | No
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     last: BaseException | None = None
-    refused_at: float | None = None
+    refusal = _Refusal()
     with backend.store.watch(path, "gntipc-connect") as watch:
         while True:
             got = _attempt(watch, backend, peer, path)
             now = time.monotonic()
-            if isinstance(got, XenError):
-                refused_at = now if refused_at is None else refused_at
-                if now - refused_at >= REFUSAL_GRACE:
-                    raise got
-                got = None
-            else:
-                refused_at = None
+            got = refusal.check(got, now)
             if isinstance(got, StaleKeys):
                 last = got
             elif got is not None:
                 return got
             remaining = None if deadline is None else deadline - now
-            if refused_at is not None:
-                grace = refused_at + REFUSAL_GRACE - now
-                remaining = grace if remaining is None else min(remaining, grace)
+            limit = refusal.wait_limit(now)
+            if limit != math.inf:
+                remaining = limit if remaining is None else min(remaining, limit)
             if deadline is not None and deadline - now <= 0:
                 why = why_no_server(backend, path)
                 raise TimeoutError(
@@ -115,7 +140,7 @@ async def connect_async(
         discard=_close_watch,
         holder=holder,
     )
-    refused_at: float | None = None
+    refusal = _Refusal()
     try:
         while True:
             watch.read_events()  # never blocks: a watch is driven by its descriptor
@@ -129,20 +154,12 @@ async def connect_async(
                 holder=holder,
             )
             now = time.monotonic()
-            if isinstance(got, XenError):
-                refused_at = now if refused_at is None else refused_at
-                if now - refused_at >= REFUSAL_GRACE:
-                    raise got
-                got = None
-            else:
-                refused_at = None
+            got = refusal.check(got, now)
             if isinstance(got, StaleKeys):
                 errors[:] = [got]
             elif got is not None:
                 return got
-            with anyio.move_on_after(
-                math.inf if refused_at is None else refused_at + REFUSAL_GRACE - now
-            ):
+            with anyio.move_on_after(refusal.wait_limit(now)):
                 await anyio.wait_readable(watch.fileno())
     finally:
         # Best effort, like every release of a watch: a wedged store leaves it to the

@@ -147,6 +147,12 @@ async def test_a_listener_out_of_pages_refuses_its_clients_at_once() -> None:
                     await extra.aclose()  # the listener had not tried to offer yet
             assert refused.errno == errno.ECONNREFUSED
             assert "offers no channel now" in str(refused) and "grant pages" in str(refused)
+            # The blocking client is told the same, well before its timeout.
+            with anyio.fail_after(20), pytest.raises(gntipc.XenError) as blocking:
+                await anyio.to_thread.run_sync(
+                    lambda: gntipc.Vchan.client(backend, 0, path, timeout=60)
+                )
+            assert blocking.value.errno == errno.ECONNREFUSED
             await first.aclose()
             with anyio.fail_after(30):  # the listener's retry (SERVE_RETRY at most)
                 while True:
