@@ -379,6 +379,8 @@ def refusal(backend: Backend, path: str) -> XenError | None:
     holder = _holder(backend, path)
     if holder is None or not holder.refusing or holder.peer != backend.domid:
         return None
+    if not holder.alive(backend):
+        return None  # a crashed listener's claim: nobody refuses, nobody serves either
     return XenError(
         errno.ECONNREFUSED,
         f"the gntipc listener at {path} (domain {holder.domid}) offers no channel now:"

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 
 import anyio
 import pytest
 from conftest import fresh_path
 
 import gntipc
+from gntipc import _process
 from gntipc.protocol import channel_pages, fit_ring_sizes
 
 pytestmark = pytest.mark.anyio
@@ -163,3 +165,22 @@ async def test_a_listener_out_of_pages_refuses_its_clients_at_once() -> None:
                         await anyio.sleep(0.05)
             await second.aclose()
             tg.cancel_scope.cancel()
+
+
+def test_the_refusal_of_a_dead_listener_is_not_reported() -> None:
+    # A claim that says "refusing" but whose process is gone (a crash left it): its
+    # clients wait for a server as usual instead of being refused by nobody.
+    from gntipc._keys import LISTENER_NODE, PathHolder, refusal
+
+    with gntipc.get_backend("sim", domid=0) as backend:
+        path = "/local/domain/0/" + fresh_path()
+        node = f"{path}/{LISTENER_NODE}"
+        alive = PathHolder(0, 0, os.getpid(), _process.self_start(), "ENOSPC")
+        backend.store.write(node, alive.encode())
+        try:
+            assert refusal(backend, path) is not None
+            dead = PathHolder(0, 0, os.getpid(), alive.start + 1, "ENOSPC")  # pid reused
+            backend.store.write(node, dead.encode())
+            assert refusal(backend, path) is None
+        finally:
+            backend.store.rm(path)
