@@ -424,21 +424,22 @@ async def test_large_messages_are_received_in_place_and_survive_cancellation(
     srv.receive_into = counted  # type: ignore[method-assign]
     rx = MessageQueue(srv, bytes, max_message_size=1 << 20)
     tx = MessageQueue(cli, bytes, max_message_size=1 << 20)
-    big = [bytes([i]) * (300_000 + i) for i in range(3)]
+    sent = [bytes([i]) * (300_000 + i) for i in range(3)]
+    left = list(sent)  # what the consumer has still to get (the producer iterates `sent`)
     async with anyio.create_task_group() as tg:
 
         async def produce() -> None:
-            for m in big:
+            for m in sent:
                 await tx.put(m)
             await tx.aclose()
 
         tg.start_soon(produce)
         with anyio.move_on_after(0.001):
-            while True:
-                assert await rx.get() == big[0]
-                big.pop(0)
+            while left:
+                assert await rx.get() == left[0]
+                left.pop(0)
         with anyio.fail_after(30):
             got = [m async for m in rx]
-    assert got == big
+    assert got == left
     assert into >= 3  # each message was received in place (in several pieces)
     await rx.aclose()
