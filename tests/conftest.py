@@ -1,5 +1,6 @@
-"""Shared fixtures: an isolated sim runtime dir, the backend parametrisation, and the
-sim leak check after every test."""
+"""Shared fixtures: an isolated sim runtime dir, the backend parametrisation (the one
+``backend`` fixture of the suite), the one ``HAVE_XEN``, and the sim leak check after
+every test."""
 
 from __future__ import annotations
 
@@ -10,20 +11,19 @@ from collections.abc import Iterator
 
 import pytest
 
+import gntipc
+from gntipc.backends import Backend
+
+#: The only place that asks whether this is Xen: every test that needs it is marked
+#: ``xen`` and skipped here without it (pytest_collection_modifyitems).
 HAVE_XEN = os.path.exists("/dev/xen/gntdev")
+NO_XEN = "no /dev/xen/gntdev: not running on Xen"
 
 #: Use as ``@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)`` or through the
 #: ``backend_name`` fixture below.
 BACKEND_PARAMS = [
     pytest.param("sim", id="sim"),
-    pytest.param(
-        "xen",
-        id="xen",
-        marks=[
-            pytest.mark.xen,
-            pytest.mark.skipif(not HAVE_XEN, reason="no /dev/xen/gntdev: not running on Xen"),
-        ],
-    ),
+    pytest.param("xen", id="xen", marks=pytest.mark.xen),
 ]
 
 # A short private runtime dir for the whole run (AF_UNIX paths are limited to 108
@@ -36,10 +36,39 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_SIM_PARENT, ignore_errors=True)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "no_xen: only where Xen is absent (what fails without it); skipped on Xen"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test marked ``xen`` (the mark, a parameter's mark or a module's ``pytestmark``)
+    is skipped, with the reason, where there is no Xen; one marked ``no_xen`` on Xen."""
+    for item in items:
+        if not HAVE_XEN and item.get_closest_marker("xen") is not None:
+            item.add_marker(pytest.mark.skip(reason=NO_XEN))
+        if HAVE_XEN and item.get_closest_marker("no_xen") is not None:
+            item.add_marker(pytest.mark.skip(reason="only meaningful where Xen is absent"))
+
+
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend_name(request: pytest.FixtureRequest) -> str:
     """``"sim"`` and ``"xen"`` (skipped with a reason without /dev/xen/gntdev)."""
     return str(request.param)
+
+
+@pytest.fixture
+def backend(backend_name: str) -> Iterator[Backend]:
+    """This process's backend of ``backend_name``, closed after the test: domain 0 on
+    sim (whatever ``GNTIPC_SIM_DOMID`` says), this domain on Xen."""
+    opened = (
+        gntipc.get_backend("sim", domid=0)
+        if backend_name == "sim"
+        else gntipc.get_backend(backend_name)
+    )
+    with opened as b:
+        yield b
 
 
 @pytest.fixture(autouse=True)

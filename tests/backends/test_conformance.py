@@ -14,18 +14,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from _peer import Peer, PeerError, open_backend
+from _peer import Peer, PeerError
 
 from gntipc._exceptions import XenError
 from gntipc.backends import Backend, EventPort, Pages, Perm, PortState
 
 PAGE = 4096
-
-
-@pytest.fixture
-def backend(backend_name: str) -> Iterator[Backend]:
-    with open_backend(backend_name, 0) as b:
-        yield b
 
 
 @pytest.fixture

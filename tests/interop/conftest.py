@@ -21,14 +21,11 @@ from gntipc.backends import Backend
 from ._util import Proc
 
 HERE = Path(__file__).parent
-HAVE_XEN = os.path.exists("/dev/xen/gntdev")
 HAVE_LIBXENVCHAN = os.path.exists("/usr/include/libxenvchan.h")
 
-#: ``pytestmark`` of every test module here: real Xen only.
-XEN_ONLY = [
-    pytest.mark.xen,
-    pytest.mark.skipif(not HAVE_XEN, reason="no /dev/xen/gntdev: not running on Xen"),
-]
+#: ``pytestmark`` of every test module here: real Xen only (skipped without it by
+#: tests/conftest.py).
+XEN_ONLY = [pytest.mark.xen]
 
 
 @pytest.fixture(scope="session")

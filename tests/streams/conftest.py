@@ -1,11 +1,11 @@
-"""Fixtures for the async API tests: event loops (asyncio and trio), backends, and
+"""Fixtures for the async API tests: event loops (asyncio and trio) and
 connected stream pairs over loopback (this process plays both ends)."""
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import anyio.abc
@@ -28,15 +28,6 @@ def fresh_path() -> str:
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture
-def backend(backend_name: str) -> Iterator[Backend]:
-    b = gntipc.get_backend("sim", domid=0) if backend_name == "sim" else gntipc.get_backend("xen")
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 @pytest.fixture

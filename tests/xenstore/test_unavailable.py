@@ -9,9 +9,7 @@ import pytest
 from gntipc._exceptions import BackendUnavailable
 from gntipc.backends.xen._xenstore import XenStore
 
-pytestmark = pytest.mark.skipif(
-    os.path.exists("/dev/xen/gntdev"), reason="only meaningful where Xen is absent"
-)
+pytestmark = pytest.mark.no_xen  # skipped on Xen (tests/conftest.py)
 
 
 def test_xen_backend_names_the_missing_device() -> None:
