@@ -15,11 +15,10 @@ from collections.abc import Callable
 
 from anyio import ClosedResourceError
 
-from ._exceptions import LocalProtocolError
-from ._exceptions import MappingInUse as MappingInUse
+from ._exceptions import LocalProtocolError, MappingInUse
 from ._resource import Closeable
 
-__all__ = ["Mapping", "MappingInUse", "PAGE_SIZE"]
+__all__ = ["PAGE_SIZE", "Mapping"]
 
 PAGE_SIZE = 4096
 

@@ -8,9 +8,9 @@ thin, checked wrappers over the ioctls, every failing call raising
 
 from __future__ import annotations
 
+from ._domid import DOMID_MAX as DOMID_MAX
+from ._domid import DOMID_SELF as DOMID_SELF
 from .backends.xen import _devices
-from .backends.xen._devices import DOMID_MAX as DOMID_MAX
-from .backends.xen._devices import DOMID_SELF as DOMID_SELF
 from .backends.xen._devices import MAX_PAGES as MAX_PAGES
 from .backends.xen._devices import Evtchn as Evtchn
 from .backends.xen._devices import EvtchnStatus as EvtchnStatus
@@ -20,4 +20,4 @@ from .backends.xen._devices import Gntdev as Gntdev
 from .backends.xen._devices import GntdevMap as GntdevMap
 from .backends.xen._devices import Privcmd as Privcmd
 
-__all__ = [*_devices.__all__]
+__all__ = ["DOMID_MAX", "DOMID_SELF", *_devices.__all__]

@@ -32,7 +32,6 @@ from typing import ClassVar, Literal
 import anyio.to_thread
 from anyio import ClosedResourceError
 
-from .._domid import DOMID_MAX as DOMID_MAX
 from .._mapping import PAGE_SIZE, Mapping
 from .._resource import Closeable
 

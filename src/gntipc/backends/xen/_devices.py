@@ -26,9 +26,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from anyio import ClosedResourceError
 
-from ..._domid import DOMID_MAX as DOMID_MAX
-from ..._domid import DOMID_SELF as DOMID_SELF
-from ..._domid import check_domid
+from ..._domid import DOMID_SELF, check_domid
 from ..._exceptions import BackendUnavailable, LocalProtocolError, XenError, raise_errno
 from ..._mapping import PAGE_SIZE, Mapping
 from ..._native import check_rc, ffi, lib
@@ -36,8 +34,6 @@ from ..._resource import Closeable
 from .._abc import CopySegment, ForeignRef, PortState
 
 __all__ = [
-    "DOMID_MAX",
-    "DOMID_SELF",
     "MAX_PAGES",
     "Evtchn",
     "EvtchnStatus",
