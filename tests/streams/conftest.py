@@ -7,13 +7,12 @@ import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import anyio
-import anyio.abc
 import pytest
 
 import gntipc
 from gntipc.backends import Backend
 from gntipc.testing import connect_pair
+from gntipc.testing._conformance import send_receive
 
 _paths = itertools.count()
 
@@ -48,21 +47,6 @@ async def make_pair(backend: Backend) -> AsyncIterator[PairFactory]:
             await s.aclose()
 
 
-async def check_send_receive(tx: anyio.abc.ByteStream, rx: anyio.abc.ByteStream) -> None:
-    """The basic ByteStream contract both ways between ``tx`` and ``rx``: every buffer
-    type, max_bytes honoured with the rest kept in order, max_bytes < 1 refused, an empty
-    send a no-op."""
-    await tx.send(b"hello")
-    assert await rx.receive() == b"hello"
-    await rx.send(bytearray(b"world"))
-    await rx.send(memoryview(b"!!"))
-    got = b""
-    while len(got) < 7:
-        got += await tx.receive()
-    assert got == b"world!!"
-    await tx.send(b"abcdef")
-    assert await rx.receive(2) == b"ab"
-    assert await rx.receive(100) == b"cdef"
-    with pytest.raises(ValueError):
-        await rx.receive(0)
-    await tx.send(b"")  # a no-op, not an error
+#: The basic ByteStream contract both ways between two streams (the check the session
+#: suite of gntipc.testing uses, for the session and stream tests here).
+check_send_receive = send_receive

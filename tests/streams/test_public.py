@@ -46,13 +46,13 @@ def test_error_tree() -> None:
     for name in (
         "BackendUnavailable",
         "XenError",
-    "XenStoreTimeout",
+        "XenStoreTimeout",
         "ProtocolError",
         "LocalProtocolError",
         "RemoteProtocolError",
         "MessageTooLarge",
         "MalformedMessage",
-    "MappingInUse",
+        "MappingInUse",
     ):
         assert issubclass(getattr(gntipc, name), gntipc.GntipcError), name
     assert issubclass(gntipc.MalformedMessage, gntipc.RemoteProtocolError)

@@ -17,14 +17,39 @@ Processes are :class:`SimProcess` objects (``kill()`` one to crash it); a whole 
 dies with :meth:`SimRuntime.kill_domain`.  :class:`SimRuntime` works without pytest too,
 as a context manager.  :func:`connect_pair` makes a connected server and client stream
 on any backend (sim or Xen), e.g. for fixtures of your own.
+
+The conformance suites gntipc runs on every stream it makes are yours too, for a stream
+of your own (a wrapper around a gntipc stream, say): :func:`check_byte_stream`,
+:func:`check_message_queue` and :func:`check_session` take a factory of connected pairs
+and raise :class:`AssertionError` naming the check that failed.
 """
 
 from __future__ import annotations
 
+from ._conformance import BYTE_STREAM_CHECKS as BYTE_STREAM_CHECKS
+from ._conformance import MESSAGE_QUEUE_CHECKS as MESSAGE_QUEUE_CHECKS
+from ._conformance import SESSION_CHECKS as SESSION_CHECKS
+from ._conformance import StreamMaker as StreamMaker
+from ._conformance import check_byte_stream as check_byte_stream
+from ._conformance import check_message_queue as check_message_queue
+from ._conformance import check_session as check_session
 from ._pair import connect_pair as connect_pair
 from ._process import DEFAULT_TIMEOUT as DEFAULT_TIMEOUT
 from ._process import SimProcess as SimProcess
 from ._runtime import ServerClient as ServerClient
 from ._runtime import SimRuntime as SimRuntime
 
-__all__ = ["DEFAULT_TIMEOUT", "ServerClient", "SimProcess", "SimRuntime", "connect_pair"]
+__all__ = [
+    "BYTE_STREAM_CHECKS",
+    "DEFAULT_TIMEOUT",
+    "MESSAGE_QUEUE_CHECKS",
+    "SESSION_CHECKS",
+    "ServerClient",
+    "SimProcess",
+    "SimRuntime",
+    "StreamMaker",
+    "check_byte_stream",
+    "check_message_queue",
+    "check_session",
+    "connect_pair",
+]
