@@ -67,11 +67,11 @@ from anyio.lowlevel import checkpoint
 
 from ._exceptions import MalformedMessage as MalformedMessage
 from ._exceptions import MessageTooLarge as MessageTooLarge
+from ._fastpath import held_writes, ring_stream
 from ._stats import MessageQueueStatistics, VchanStreamStatistics
 from .protocol.framing import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 from .protocol.framing import NEED_DATA, MessageFramer
-from .session import SessionStream
-from .streams import FAIR_SLICE, VchanAttribute, VchanStream
+from .streams import FAIR_SLICE, VchanAttribute
 
 if TYPE_CHECKING:
     # PEP 747, as msgspec's own stubs use it: a union such as ``Request | Reply`` is a
@@ -144,15 +144,18 @@ class MessageQueue(AsyncResource, Generic[T]):
         )
         self.stream = stream
         self.type = type
-        # The fast paths: a VchanStream sends all or nothing without waiting; a stream
-        # with receive_nowait can be drained without waiting.
-        self._vchan = stream if isinstance(stream, VchanStream) else None
-        # Streams that gather small writes (see put), and how to send what they hold.
+        # The fast paths the stream declares (gntipc._fastpath): a ring (a VchanStream)
+        # sends all or nothing without waiting; a stream that gathers small writes (a
+        # ring, a SessionStream) takes a frame without sending it yet (see put) and
+        # closes synchronously.  A stream with receive_nowait can be drained without
+        # waiting.
+        self._vchan = ring_stream(stream)
+        self._held = held = held_writes(stream)
         self._send_soon: Callable[[bytearray], bool] | None = None
         self._send_held: Callable[[], None] | None = None
-        if isinstance(stream, (VchanStream, SessionStream)):
-            self._send_soon = stream._send_soon
-            self._send_held = stream._flush_before_wait
+        if held is not None:
+            self._send_soon = held._send_soon
+            self._send_held = held._flush_before_wait
         self._receive_nowait: Callable[[int], bytes] | None = getattr(
             stream, "receive_nowait", None
         )
@@ -249,11 +252,12 @@ class MessageQueue(AsyncResource, Generic[T]):
         if self._putting:
             raise BusyResourceError("sending to")
         vchan = self._vchan
-        if vchan is None:
+        send_soon = self._send_soon  # the ring's
+        if vchan is None or send_soon is None:
             raise self._no_nowait("put_nowait")
         buf = self._wbuf
         self._framer.encode_into(message, buf)
-        if not vchan._send_soon(buf):
+        if not send_soon(buf):
             vchan.send_nowait(buf)  # no room (WouldBlock), or larger than the ring
         self._messages_sent += 1
         self._bytes_sent += len(buf)
@@ -410,10 +414,9 @@ class MessageQueue(AsyncResource, Generic[T]):
         except (BrokenResourceError, BusyResourceError):
             raise  # the peer is gone (see above), or nothing was sent
         except BaseException:
-            if isinstance(stream, SessionStream):
-                partial = 0 < stream.send_progress < len(data)
-            else:
-                partial = True  # unknown: assume the worst
+            held = self._held
+            # Without send_progress, how much went out is unknown: assume the worst.
+            partial = held is None or 0 < held.send_progress < len(data)
             if partial:
                 await self._abort()
             raise
@@ -656,17 +659,16 @@ class MessageQueue(AsyncResource, Generic[T]):
         :class:`~gntipc.SessionStream`) is closed."""
         if self._closed:
             return True
-        stream = self.stream
-        return isinstance(stream, (VchanStream, SessionStream)) and stream.closed
+        held = self._held
+        return held is not None and held.closed
 
     def close(self) -> None:
         """Close the queue (idempotent).  A :class:`~gntipc.VchanStream` or
         :class:`~gntipc.SessionStream` is closed at once; any other stream (it has no
         synchronous close) when :meth:`aclose` is called."""
         self._closed = True
-        stream = self.stream
-        if isinstance(stream, (VchanStream, SessionStream)):
-            stream.close()
+        if self._held is not None:
+            self._held.close()
 
     async def aclose(self) -> None:
         """Close the queue and its stream (idempotent)."""
@@ -677,7 +679,7 @@ class MessageQueue(AsyncResource, Generic[T]):
         """Close the queue and its stream at once, after the framing broke (a partial
         frame went out, or the peer announced an oversized one)."""
         self.close()
-        if not isinstance(self.stream, (VchanStream, SessionStream)):
+        if self._held is None:
             # Forcefully: a TLS stream's graceful close would wait for the peer.
             with contextlib.suppress(BrokenResourceError, ClosedResourceError, OSError):
                 await anyio.aclose_forcefully(self.stream)
