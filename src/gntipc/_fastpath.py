@@ -80,7 +80,6 @@ def ring_stream(stream: object) -> RingStream | None:
     return cast("RingStream", stream) if _declared(stream) == "ring" else None
 
 
-
 if TYPE_CHECKING:
     # mypy checks that VchanStream has the fast path it is taken to have (and
     # gntipc.session that SessionStream has its own).
