@@ -104,6 +104,8 @@ def _describe(exc: BaseException) -> str:
         return "; ".join(_describe(e) for e in exc.exceptions)
     if isinstance(exc, AssertionError):
         return str(exc)
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "TimeoutError (a deadline of the check passed: what it waited for never came)"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
@@ -188,11 +190,21 @@ def _raises(
     raise AssertionError(f"{what}: expected {names}, nothing was raised")
 
 
-async def _receive_all(stream: ByteReceiveStream, n: int) -> bytes:
-    got = bytearray()
+async def _receive_all(stream: ByteReceiveStream, n: int, got: bytearray | None = None) -> bytes:
+    """``n`` bytes, received into ``got`` (which tells the progress if this never ends)."""
+    got = bytearray() if got is None else got
     while len(got) < n:
         got += await stream.receive()
     return bytes(got)
+
+
+@contextlib.contextmanager
+def _within(seconds: float, progress: Callable[[], str]) -> Iterator[None]:
+    """As anyio.fail_after, but the failure says how far the block got."""
+    with anyio.move_on_after(seconds) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise AssertionError(f"not done within {seconds:g} s: {progress()}")
 
 
 async def _receive_exactly(stream: ByteReceiveStream, n: int) -> bytes:
@@ -238,14 +250,20 @@ _BULK = 300_000
 async def _bulk_both_ways_at_once(pairs: _Pairs) -> None:
     a_data, b_data = os.urandom(_BULK), os.urandom(_BULK // 3)
     async with pairs.open() as (a, b):
-        received: dict[str, bytes] = {}
+        received: dict[str, bytearray] = {"a": bytearray(), "b": bytearray()}
 
         async def side(name: str, me: ByteStream, data: bytes, n: int) -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(me.send, data)
-                received[name] = await _receive_all(me, n)
+                await _receive_all(me, n, received[name])
 
-        with anyio.fail_after(60):
+        def progress() -> str:
+            return (
+                f"the first stream received {len(received['a'])} of {len(b_data)} bytes,"
+                f" the second {len(received['b'])} of {len(a_data)}"
+            )
+
+        with _within(60, progress):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(side, "a", a, a_data, len(b_data))
                 tg.start_soon(side, "b", b, b_data, len(a_data))
@@ -258,7 +276,7 @@ def _receive_at_most(max_bytes: int) -> _Check:
         data = os.urandom(20_000)
         async with pairs.open() as (a, b):
             got = bytearray()
-            with anyio.fail_after(60):
+            with _within(60, lambda: f"received {len(got)} of {len(data)} bytes"):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(a.send, data)
                     while len(got) < len(data):
@@ -309,18 +327,30 @@ async def _use_after_own_close_is_closed_resource(pairs: _Pairs) -> None:
             await a.receive()
 
 
-_BYTE_STREAM: dict[str, _Check] = {
-    "bulk_both_ways_at_once": _bulk_both_ways_at_once,
-    **{
-        f"receive_returns_at_most_max_bytes[{n}]": _receive_at_most(n)
-        for n in (1, 7, 4096, 1 << 20)
-    },
-    "send_eof_half_closes_one_direction": _send_eof_half_closes_one_direction,
-    "peer_close_is_end_of_stream_after_the_data": _peer_close_is_end_of_stream_after_the_data,
-    "use_after_own_close_is_closed_resource": _use_after_own_close_is_closed_resource,
-}
 #: The names of :func:`check_byte_stream`'s checks, in the order they run.
-BYTE_STREAM_CHECKS: tuple[str, ...] = tuple(_BYTE_STREAM)
+BYTE_STREAM_CHECKS: tuple[str, ...] = (
+    "bulk_both_ways_at_once",
+    "receive_returns_at_most_max_bytes[1]",
+    "receive_returns_at_most_max_bytes[7]",
+    "receive_returns_at_most_max_bytes[4096]",
+    "receive_returns_at_most_max_bytes[1048576]",
+    "send_eof_half_closes_one_direction",
+    "peer_close_is_end_of_stream_after_the_data",
+    "use_after_own_close_is_closed_resource",
+)
+_BYTE_STREAM: dict[str, _Check] = dict(
+    zip(
+        BYTE_STREAM_CHECKS,
+        (
+            _bulk_both_ways_at_once,
+            *(_receive_at_most(n) for n in (1, 7, 4096, 1 << 20)),
+            _send_eof_half_closes_one_direction,
+            _peer_close_is_end_of_stream_after_the_data,
+            _use_after_own_close_is_closed_resource,
+        ),
+        strict=True,
+    )
+)
 
 
 async def check_byte_stream(
@@ -679,28 +709,45 @@ def _held_back_puts_go_out_before(end: str) -> _Check:
     return check
 
 
-_MESSAGE_QUEUE: dict[str, _Check] = {
-    "put_get_and_the_wire_format": _put_get_and_the_wire_format,
-    "batches_and_messages_larger_than_any_buffer": _batches_and_messages_larger_than_any_buffer,
-    "iteration_ends_with_the_stream": _iteration_ends_with_the_stream,
-    "nowait_methods": _nowait_methods,
-    "malformed_frames_are_skipped_without_desync": _malformed_frames_are_skipped_without_desync,
-    "oversized_frame_from_the_peer_closes_the_queue": (
-        _oversized_frame_from_the_peer_closes_the_queue
-    ),
-    "stream_ending_inside_a_frame": _stream_ending_inside_a_frame,
-    "cancelled_get_loses_nothing": _cancelled_get_loses_nothing,
-    "cancelled_put": _cancelled_put,
-    "put_cancelled_while_sending": _put_cancelled_while_sending,
-    "busy_getters": _busy_getters,
-    "a_put_goes_out_when_the_producer_stops_putting": (
-        _a_put_goes_out_when_the_producer_stops_putting
-    ),
-    "held_back_puts_go_out_before_send_eof": _held_back_puts_go_out_before("send_eof"),
-    "held_back_puts_go_out_before_aclose": _held_back_puts_go_out_before("aclose"),
-}
 #: The names of :func:`check_message_queue`'s checks, in the order they run.
-MESSAGE_QUEUE_CHECKS: tuple[str, ...] = tuple(_MESSAGE_QUEUE)
+MESSAGE_QUEUE_CHECKS: tuple[str, ...] = (
+    "put_get_and_the_wire_format",
+    "batches_and_messages_larger_than_any_buffer",
+    "iteration_ends_with_the_stream",
+    "nowait_methods",
+    "malformed_frames_are_skipped_without_desync",
+    "oversized_frame_from_the_peer_closes_the_queue",
+    "stream_ending_inside_a_frame",
+    "cancelled_get_loses_nothing",
+    "cancelled_put",
+    "put_cancelled_while_sending",
+    "busy_getters",
+    "a_put_goes_out_when_the_producer_stops_putting",
+    "held_back_puts_go_out_before_send_eof",
+    "held_back_puts_go_out_before_aclose",
+)
+_MESSAGE_QUEUE: dict[str, _Check] = dict(
+    zip(
+        MESSAGE_QUEUE_CHECKS,
+        (
+            _put_get_and_the_wire_format,
+            _batches_and_messages_larger_than_any_buffer,
+            _iteration_ends_with_the_stream,
+            _nowait_methods,
+            _malformed_frames_are_skipped_without_desync,
+            _oversized_frame_from_the_peer_closes_the_queue,
+            _stream_ending_inside_a_frame,
+            _cancelled_get_loses_nothing,
+            _cancelled_put,
+            _put_cancelled_while_sending,
+            _busy_getters,
+            _a_put_goes_out_when_the_producer_stops_putting,
+            _held_back_puts_go_out_before("send_eof"),
+            _held_back_puts_go_out_before("aclose"),
+        ),
+        strict=True,
+    )
+)
 
 
 async def check_message_queue(
@@ -873,16 +920,29 @@ async def _hostile_bytes_from_the_peer(pairs: _Pairs) -> None:
         )
 
 
-_SESSION: dict[str, _Check] = {
-    "is_initiator_is_required_off_a_vchan": _is_initiator_is_required_off_a_vchan,
-    "open_accept_both_ways": _open_accept_both_ways,
-    "many_streams_with_flow_control": _many_streams_with_flow_control,
-    "closing_the_session_ends_the_peer": _closing_the_session_ends_the_peer,
-    "typed_queue_over_a_session_stream": _typed_queue_over_a_session_stream,
-    "hostile_bytes_from_the_peer": _hostile_bytes_from_the_peer,
-}
 #: The names of :func:`check_session`'s checks, in the order they run.
-SESSION_CHECKS: tuple[str, ...] = tuple(_SESSION)
+SESSION_CHECKS: tuple[str, ...] = (
+    "is_initiator_is_required_off_a_vchan",
+    "open_accept_both_ways",
+    "many_streams_with_flow_control",
+    "closing_the_session_ends_the_peer",
+    "typed_queue_over_a_session_stream",
+    "hostile_bytes_from_the_peer",
+)
+_SESSION: dict[str, _Check] = dict(
+    zip(
+        SESSION_CHECKS,
+        (
+            _is_initiator_is_required_off_a_vchan,
+            _open_accept_both_ways,
+            _many_streams_with_flow_control,
+            _closing_the_session_ends_the_peer,
+            _typed_queue_over_a_session_stream,
+            _hostile_bytes_from_the_peer,
+        ),
+        strict=True,
+    )
+)
 
 
 async def check_session(
