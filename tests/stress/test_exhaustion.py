@@ -18,6 +18,7 @@ import pytest
 import gntipc
 from gntipc.backends.sim import SimBackend
 from gntipc.channel import Vchan
+from gntipc.testing import connect_pair
 
 from ._common import by_level, leftovers, reap, sim_counts, spawn
 from ._report import REPORT
@@ -43,21 +44,9 @@ class Pairs:
     async def open(self, size: int = 65536) -> tuple[gntipc.VchanStream, gntipc.VchanStream]:
         self.n += 1
         path = f"data/exhaust/{os.getpid()}/{self.n}"
-        async with await gntipc.listen(
-            self.backend.domid, path, read_size=size, write_size=size, backend=self.backend
-        ) as listener:
-            got: list[gntipc.VchanStream] = []
-
-            async def accept() -> None:
-                got.append(await listener.accept())
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(accept)
-                client = await gntipc.connect(
-                    self.backend.domid, path, timeout=10, backend=self.backend
-                )
-        self.streams += [got[0], client]
-        return got[0], client
+        pair = await connect_pair(self.backend, path, read_size=size, write_size=size, timeout=10)
+        self.streams += pair
+        return pair
 
     async def aclose(self) -> None:
         for s in self.streams:
@@ -108,6 +97,7 @@ async def test_grant_limit_reached_reported_and_recovered() -> None:
                 async def connect() -> gntipc.VchanStream:
                     return await gntipc.connect(0, path, timeout=10, backend=backend)
 
+                # Not connect_pair: the point is that this same listener serves again.
                 async with anyio.create_task_group() as tg:
                     out: list[gntipc.VchanStream] = []
 
