@@ -141,3 +141,30 @@ async def test_hostile_bytes_from_a_socket_peer(kind: str) -> None:
             with pytest.raises(RemoteProtocolError):
                 await s.accept_stream()
         assert isinstance(s.error, RemoteProtocolError)
+
+
+async def test_fast_paths_are_declared_not_guessed(kind: str) -> None:
+    from gntipc._fastpath import held_writes, ring_stream
+
+    class Ring:  # declares the ring fast path (as a wrapper of a VchanStream may)
+        gntipc_fast_path = "ring"
+
+    class Forwarding:  # forwards every attribute lookup, the declaration too
+        def __getattr__(self, name: str) -> object:
+            return getattr(Ring(), name)
+
+    ring = Ring()
+    assert ring_stream(ring) is ring and held_writes(ring) is ring
+    assert ring_stream(Forwarding()) is None and held_writes(Forwarding()) is None
+    async with sessions(kind) as (s, c):
+        with anyio.fail_after(10):
+            a = await c.open_stream()
+            b = await s.accept_stream()
+            async with a, b:
+                # a session stream gathers writes but is no ring; TCP/TLS neither
+                assert held_writes(a) is a and ring_stream(a) is None
+    async with stream_pair(kind) as (x, _y):
+        assert held_writes(x) is None and ring_stream(x) is None
+        queue = MessageQueue(x, bytes)
+        with pytest.raises(NotImplementedError, match="put_nowait needs"):
+            queue.put_nowait(b"no ring")

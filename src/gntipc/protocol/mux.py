@@ -601,6 +601,8 @@ class SessionState:
         :class:`Open` (a new stream, see :meth:`get`), :class:`Data` (to deliver, unless
         we reset the stream: its ``reset_sent``), :class:`Window`, :class:`Eof`,
         :class:`Reset` (the stream's ``freed`` says whether its id is free now).
+        Iterate to the end (or until it raises): each frame is applied when its event is
+        yielded, and the bytes are consumed at the first step.
 
         Raises:
             gntipc.RemoteProtocolError: the peer broke the protocol, at the event of the
