@@ -64,7 +64,7 @@ StreamMaker = Callable[[], Awaitable[StreamPair] | AbstractAsyncContextManager[S
 
 # --------------------------------------------------------------------------- harness
 class _Pairs:
-    """Fresh pairs for one check, and what the streams can do."""
+    """Fresh pairs for one check, each closed when the check is done with it."""
 
     def __init__(self, maker: StreamMaker) -> None:
         self._maker = maker
@@ -368,6 +368,8 @@ async def check_byte_stream(
     both ways at once; ``receive(max_bytes)`` returning 1 to ``max_bytes`` bytes, in
     order; ``send_eof`` ending one direction only; the data sent before a close read
     before ``EndOfStream``; ``ClosedResourceError`` after the stream's own ``aclose``.
+    They stop at the first failure.  Cancelled, the running check stops and its pair is
+    closed (as after a failure).
 
     Args:
         stream_maker: makes a connected pair (see :data:`StreamMaker`).
