@@ -4,7 +4,21 @@ builds its endpoint from them, blocking (:func:`connect_blocking`) or async
 
 Keys of a server that is gone, or that another client took first, raise
 :class:`~gntipc.StaleKeys` (:func:`try_connect`); the loops retry each time the keys
-change (a store watch, never polling) until their deadline.  The async loop makes each
+change (a store watch, never polling) until their deadline.
+
+One page whose client live byte says "gone" is taken all the same: a plain libxenvchan
+server's, offered again.  Such a server (Debian's ``vchan-socket-proxy -m server``) sets
+up its channel once and, after each client left, waits for the next one on the same
+control page, grant and event port, its keys unchanged (a libxenvchan client connects to
+it as is).  What tells it from stale keys: the port binds (no client holds it, the server
+still does), the server's live byte says "live", and no gntipc server announced the
+channel (a gntipc server never offers a page twice; its page looks the same between its
+client's close and its own).
+
+Nothing in the store changes when such a page is offered again (the keys stay), so while
+a plain server's page is not offered (its client holds it, or our own previous
+connection to it is still closing), the loops also look again after a pause that grows
+from :data:`PLAIN_POLL` to 0.5 s: the one case where they poll.  The async loop makes each
 store access in a worker thread (:mod:`gntipc._astore`) and waits for the watch on the
 event loop.
 """
@@ -22,15 +36,51 @@ from anyio import ClosedResourceError, WouldBlock
 from . import _astore
 from ._endpoint import Endpoint
 from ._exceptions import StaleKeys, XenError, XenStoreTimeout
-from ._keys import read_keys, refusal, why_no_server
+from ._keys import read_keys, refusal, server_announced, why_no_server
 from .backends._abc import Backend, Watch
+from .protocol import LIVE_CONNECTED, LIVE_GONE, LIVE_WAITING, OFF_CLI_LIVE, OFF_SRV_LIVE
 
-__all__ = ["REFUSAL_GRACE", "connect_async", "connect_blocking", "try_connect", "wait_fd"]
+__all__ = [
+    "PLAIN_POLL",
+    "REFUSAL_GRACE",
+    "connect_async",
+    "connect_blocking",
+    "try_connect",
+    "wait_fd",
+]
 
 #: Seconds a listener's refusal (its claim says it can offer no channel now) must last,
 #: the store unchanged meanwhile, before a client gives up: a listener that is offering
 #: again (a page came back) publishes fresh keys within that time.
 REFUSAL_GRACE = 2.0
+
+
+#: Seconds (first, most) between looks at a plain libxenvchan server's page that is not
+#: offered now (see the module docstring).
+PLAIN_POLL = (0.02, 0.5)
+
+
+class _NotOfferedNow(StaleKeys):
+    """Stale keys of a plain libxenvchan server whose page is not offered now: it may be
+    offered again without any change in the store."""
+
+
+class _Poll:
+    """The pause before a connect loop looks again without a store change."""
+
+    __slots__ = ("pause",)
+
+    def __init__(self) -> None:
+        self.pause = 0.0
+
+    def after(self, got: object) -> float:
+        """Seconds after the outcome ``got`` (inf: wait for the store only); the pause
+        grows while the page stays not offered, and is reset by any other outcome."""
+        if not isinstance(got, _NotOfferedNow):
+            self.pause = 0.0
+            return math.inf
+        self.pause = min(max(2 * self.pause, PLAIN_POLL[0]), PLAIN_POLL[1])
+        return self.pause
 
 
 class _Refusal:
@@ -69,12 +119,58 @@ def try_connect(backend: Backend, peer: int, path: str) -> Endpoint:
 
     Raises:
         WouldBlock: the server has not published its keys (yet).
-        StaleKeys: the keys belong to a server that is gone or already taken.
+        StaleKeys: the keys belong to a server that is gone or already taken (a plain
+            libxenvchan server's page offered again is taken: see the module docstring).
         RemoteProtocolError: invalid keys or control page.
         XenError: the store failed.
     """
     ref, port = read_keys(backend.store, path)
+    try:
+        return Endpoint.client(backend, peer, path, ref, port)
+    except StaleKeys as exc:
+        offered = _offered_again(backend, peer, ref, port)
+        if offered is None:
+            raise
+        if not offered:
+            raise _NotOfferedNow(str(exc)) from exc
     return Endpoint.client(backend, peer, path, ref, port)
+
+
+def _offered_again(backend: Backend, peer: int, ref: int, port: int) -> bool | None:
+    """Whether the control page ``ref`` is a plain libxenvchan server's, offered again
+    after its client left (see the module docstring); if so, its client live byte is
+    set back to "waiting", so that a connection attempt takes it.  False: a plain
+    server's page that is not offered now (or whose server is gone: nothing tells);
+    None: a gntipc server's page.
+
+    We hold the port while we look and write: the bind is the claim every client makes
+    first, so no other client connects meanwhile.
+
+    Raises:
+        XenError: the store failed.
+    """
+    if server_announced(backend.store, peer, port, ref):
+        return None
+    try:
+        claim = backend.bind_interdomain(peer, port)
+    except XenError:
+        return False  # a client holds the port (or the server closed it)
+    try:
+        try:
+            pages = backend.map(peer, [ref], writable=True)
+        except XenError:
+            return False  # the grant is gone
+        with pages:
+            page = pages.mapping.view()
+            try:
+                if page[OFF_SRV_LIVE] != LIVE_CONNECTED or page[OFF_CLI_LIVE] != LIVE_GONE:
+                    return False
+                page[OFF_CLI_LIVE] = LIVE_WAITING
+            finally:
+                page.release()
+        return True
+    finally:
+        claim.close()
 
 
 def connect_blocking(backend: Backend, peer: int, path: str, timeout: float | None) -> Endpoint:
@@ -88,6 +184,7 @@ def connect_blocking(backend: Backend, peer: int, path: str, timeout: float | No
     deadline = None if timeout is None else time.monotonic() + timeout
     last: BaseException | None = None
     refusal = _Refusal()
+    poll = _Poll()
     with backend.store.watch(path, "gntipc-connect") as watch:
         while True:
             got = _attempt(watch, backend, peer, path)
@@ -98,7 +195,7 @@ def connect_blocking(backend: Backend, peer: int, path: str, timeout: float | No
             elif got is not None:
                 return got
             remaining = None if deadline is None else deadline - now
-            limit = refusal.wait_limit(now)
+            limit = min(refusal.wait_limit(now), poll.after(got))
             if limit != math.inf:
                 remaining = limit if remaining is None else min(remaining, limit)
             if deadline is not None and deadline - now <= 0:
@@ -141,6 +238,7 @@ async def connect_async(
         holder=holder,
     )
     refusal = _Refusal()
+    poll = _Poll()
     try:
         while True:
             watch.read_events()  # never blocks: a watch is driven by its descriptor
@@ -159,7 +257,7 @@ async def connect_async(
                 errors[:] = [got]
             elif got is not None:
                 return got
-            with anyio.move_on_after(refusal.wait_limit(now)):
+            with anyio.move_on_after(min(refusal.wait_limit(now), poll.after(got))):
                 await anyio.wait_readable(watch.fileno())
     finally:
         # Best effort, like every release of a watch: a wedged store leaves it to the

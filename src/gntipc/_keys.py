@@ -5,7 +5,8 @@ build endpoints from them are in :mod:`gntipc._connect`.
 
 * A server publishes ``ring-ref`` and ``event-channel`` under the channel path in one
   transaction (owner: the server, no access for others, read for the client), and
-  removes them when it closes, unless a newer server replaced them.  A client reads them
+  removes them when it closes, unless a newer server replaced them; a listener removes
+  them as soon as a client took them (:meth:`PathClaim.withdraw`).  A client reads them
   with :func:`read_keys`.
 * Presence nodes: each gntipc endpoint writes ``data/gntipc/<server>/<port>/<role>`` in
   its own domain's home, readable by the peer, and watches the peer's.  The toolstack
@@ -58,7 +59,9 @@ __all__ = [
     "publish_keys",
     "read_keys",
     "refusal",
+    "presence_node",
     "resolve_path",
+    "server_announced",
     "unpublish_keys",
     "why_no_server",
 ]
@@ -301,6 +304,31 @@ class PathClaim:
         in_transaction(self.store, body)
         self._holder, self._value = holder, value
 
+    @property
+    def path(self) -> str:
+        """The absolute store path claimed."""
+        return self.node.rsplit("/", 1)[0]
+
+    def published_ref(self) -> int | None:
+        """The ``ring-ref`` published at our path now (our offer's: the path is ours),
+        or None (none, or unreadable; one store read, errors ignored)."""
+        try:
+            return read_keys(self.store, self.path)[0]
+        except (WouldBlock, GntipcError):
+            return None
+
+    def withdraw(self, ref: int) -> None:
+        """Remove the keys of our offer whose control page is ``ref``, once a client
+        took it: until the next offer replaces them, a client that comes then waits for
+        that offer instead of taking keys whose port its predecessor may already have
+        given back (on its close the port is unbound again: a libxenvchan client binds it
+        and maps the page, which is about to close).  Keys published meanwhile stay.
+
+        Raises:
+            XenError: the store failed.
+        """
+        unpublish_keys(self.store, self.path, ref)
+
     def release(self) -> None:
         """Remove our claim, if it is still ours, and the path node if that leaves it
         empty (one transaction).
@@ -308,8 +336,7 @@ class PathClaim:
         Raises:
             XenError: the store failed.
         """
-        path = self.node.rsplit("/", 1)[0]
-        _remove_own_node(self.store, self.node, self._value, path.rsplit("/", 1)[0])
+        _remove_own_node(self.store, self.node, self._value, self.path.rsplit("/", 1)[0])
 
 
 def claim_path(backend: Backend, path: str, peer: int) -> PathClaim:
@@ -388,6 +415,34 @@ def refusal(backend: Backend, path: str) -> XenError | None:
     )
 
 
+def presence_node(domid: int, server: int, server_port: int, role: str) -> str:
+    """The presence node of ``role`` (``server`` or ``client``) in domain ``domid``, for
+    the channel of the server ``server`` whose event port is ``server_port``."""
+    return f"/local/domain/{domid}/data/gntipc/{server}/{server_port}/{role}"
+
+
+def server_announced(store: Store, server: int, server_port: int, ref: int) -> bool:
+    """Whether a gntipc server announced the channel whose control page is ``ref`` and
+    whose event port is ``server_port`` (its presence node names that page).  False for
+    a plain libxenvchan server, and when the node left under that port is a crashed
+    earlier holder's (it names another page).  True when we may not look (EACCES): we
+    cannot tell, so the caller must assume it.
+
+    Raises:
+        XenError: the store failed.
+    """
+    try:
+        value = store.read(presence_node(server, server, server_port, "server"))
+    except XenError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        if exc.errno == errno.EACCES:
+            return True
+        raise
+    page, sep, _ = value.partition(b":")
+    return bool(sep) and page == str(ref).encode()
+
+
 class Presence:
     """Our presence node and the watch on the peer's (see the module docstring).
 
@@ -427,7 +482,7 @@ class Presence:
         self._watch: Watch | None = None
 
     def _path(self, domid: int, role: str) -> str:
-        return f"/local/domain/{domid}/data/gntipc/{self._server}/{self._server_port}/{role}"
+        return presence_node(domid, self._server, self._server_port, role)
 
     def _perms(self) -> list[Perm]:
         return [Perm(self._backend.domid, "n"), Perm(self._peer, "r")]
