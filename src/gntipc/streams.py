@@ -760,9 +760,12 @@ class VchanStream(ByteStream):
 class Listener(AsyncResource):
     """Accepts clients on one channel path, one client per :meth:`accept`.
 
-    Each :meth:`accept` publishes fresh keys at the path and waits for one client; the
-    next :meth:`accept` publishes new keys (between accepts, a client's :func:`connect`
-    waits for them).  Concurrent :meth:`accept` calls are served one after the other.
+    Each :meth:`accept` publishes fresh keys at the path and waits for one client; they
+    are withdrawn as soon as that client took them, and the next :meth:`accept`
+    publishes new keys (between accepts, a client's :func:`connect` waits for them: a
+    client that comes while the path is offered again never finds the keys of the
+    previous channel, whose port its client gives back when it leaves).  Concurrent
+    :meth:`accept` calls are served one after the other.
 
     One listener per path: a listener claims its path (:func:`listen` does, else the
     first :meth:`accept`) until it is closed, and a second listener on the path is
@@ -802,6 +805,8 @@ class Listener(AsyncResource):
         self._lock = anyio.Lock()
         self._pending: tuple[Vchan, Dispatcher] | None = None
         self._claim: PathClaim | None = None
+        #: The control page's grant of the channel on offer (its keys' ``ring-ref``).
+        self._offered_ref: int | None = None
 
     async def accept(self) -> VchanStream:
         """Publish keys, wait for one client and return its stream.
@@ -869,10 +874,21 @@ class Listener(AsyncResource):
             raise
         try:
             claim.refuse("")  # no store I/O unless we were refusing
+            self._offered_ref = claim.published_ref()
         except BaseException:
             vchan.close()
             raise
         return vchan
+
+    def _taken(self, ep: Endpoint) -> None:
+        """A client took the channel on offer: withdraw its keys (best effort: else
+        the next offer replaces them), then start watching the client's presence node.
+        Store I/O, in a worker thread."""
+        ref, self._offered_ref = self._offered_ref, None
+        if ref is not None and self._claim is not None:
+            with contextlib.suppress(XenError, TimeoutError):
+                self._claim.withdraw(ref)
+        ep.check_presence()  # a no-op if the dispatcher did it
 
     def _offer_sized(self) -> Vchan:
         if self.max_clients is None:
@@ -946,8 +962,7 @@ class Listener(AsyncResource):
                 await dispatcher.wait()
                 if self._closed:
                     raise ClosedResourceError
-            # Start watching the client's presence node (a no-op if the dispatcher did).
-            await _astore.run(ep.check_presence, what=f"watching the client at {self.path}")
+            await _astore.run(self._taken, ep, what=f"taking the client at {self.path}")
         except (RemoteProtocolError, XenError, XenStoreTimeout) as exc:
             dispatcher.close()
             try:

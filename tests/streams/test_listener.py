@@ -19,6 +19,11 @@ from gntipc.backends import Backend
 pytestmark = pytest.mark.anyio
 
 
+async def connect_into(out: list[gntipc.VchanStream], backend: Backend, path: str) -> None:
+    """Connect to ``path`` (10 s at most) and append the stream to ``out``."""
+    out.append(await gntipc.connect(backend.domid, path, timeout=10, backend=backend))
+
+
 async def test_connect_times_out(backend: Backend) -> None:
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="no gntipc server"):
@@ -29,13 +34,9 @@ async def test_connect_times_out(backend: Backend) -> None:
 async def test_connect_waits_for_a_late_server(backend: Backend) -> None:
     path = fresh_path()
     streams: list[gntipc.VchanStream] = []
-
-    async def client() -> None:
-        streams.append(await gntipc.connect(backend.domid, path, timeout=10, backend=backend))
-
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(client)
+            tg.start_soon(connect_into, streams, backend, path)
             await anyio.sleep(0.2)  # the client is waiting on a store watch by now
             assert not streams
             async with (
@@ -50,8 +51,8 @@ async def test_connect_waits_for_a_late_server(backend: Backend) -> None:
 
 
 async def test_one_client_per_accept_and_stale_keys_are_retried(backend: Backend) -> None:
-    # After the first accept, its (now taken) keys stay until the next accept replaces
-    # them: a second client reading them fails that attempt and waits for fresh keys.
+    # After the first accept, its keys are withdrawn (it was taken): a second client
+    # waits for the fresh keys of the next accept.
     path = fresh_path()
     async with await gntipc.listen(backend.domid, path, backend=backend) as listener:
         async with anyio.create_task_group() as tg:
@@ -63,15 +64,9 @@ async def test_one_client_per_accept_and_stale_keys_are_retried(backend: Backend
             tg.start_soon(accept_into, first)
             c1 = await gntipc.connect(backend.domid, path, timeout=10, backend=backend)
         second_client: list[gntipc.VchanStream] = []
-
-        async def connect_second() -> None:
-            second_client.append(
-                await gntipc.connect(backend.domid, path, timeout=10, backend=backend)
-            )
-
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(connect_second)
+                tg.start_soon(connect_into, second_client, backend, path)
                 await anyio.sleep(0.2)
                 assert not second_client  # stale keys: not connected
                 second: list[gntipc.VchanStream] = []
@@ -81,6 +76,44 @@ async def test_one_client_per_accept_and_stale_keys_are_retried(backend: Backend
             await c2.send(b"two")
             assert await s1.receive() == b"one"
             assert await s2.receive() == b"two"
+
+
+async def test_keys_are_withdrawn_once_taken_and_the_next_client_waits(
+    backend: Backend,
+) -> None:
+    """A client that comes while the listener offers the path again waits for the new
+    offer, even after the previous client left: the taken channel's keys are gone by
+    the time accept() returns, so it never finds them with their port given back (a
+    libxenvchan client would bind it and take a page about to close: reset)."""
+    path = fresh_path()
+    full = gntipc.Vchan.resolve_path(backend.domid, path)
+    async with await gntipc.listen(backend.domid, path, backend=backend) as listener:
+        first: list[gntipc.VchanStream] = []
+
+        async def accept_into(out: list[gntipc.VchanStream]) -> None:
+            out.append(await listener.accept())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(accept_into, first)
+            c1 = await gntipc.connect(backend.domid, path, timeout=10, backend=backend)
+        async with first[0] as s1:
+            async with c1:
+                assert not backend.store.exists(f"{full}/ring-ref")
+                assert not backend.store.exists(f"{full}/event-channel")
+                await c1.send(b"first")
+                assert await s1.receive() == b"first"
+            # The first client left, its stream is still open: the next one waits.
+            later: list[gntipc.VchanStream] = []
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(connect_into, later, backend, path)
+                    await anyio.sleep(0.2)
+                    assert not later
+                    second: list[gntipc.VchanStream] = []
+                    await accept_into(second)
+            async with second[0] as s2, later[0] as c2:
+                await c2.send(b"second")
+                assert await s2.receive() == b"second"
 
 
 async def test_closing_the_listener_stops_accept_and_withdraws_keys(backend: Backend) -> None:
