@@ -96,6 +96,45 @@ sys.exit(1 if failures else 0)
 """
 
 
+#: ROUNDS socket connections one after another (no pause): each sends SIZE random bytes,
+#: reads exactly that much back, checks it byte for byte and closes; prints one line per
+#: failed connection, then "DONE <ok> of <rounds>".
+BACK_TO_BACK = r"""
+import os, socket, sys, threading
+addr, rounds, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ok = 0
+for i in range(rounds):
+    data = os.urandom(size)
+    got = bytearray()
+    try:
+        if addr.startswith("tcp:"):
+            host, port = addr[4:].rsplit(":", 1)
+            s = socket.create_connection((host, int(port)), timeout=120)
+        else:
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(120)
+            s.connect(addr[5:] if addr.startswith("unix:") else addr)
+        with s:
+            sender = threading.Thread(target=s.sendall, args=(data,))
+            sender.start()
+            while len(got) < len(data):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            sender.join()
+    except Exception as exc:
+        print("connection %d: %r" % (i + 1, exc), flush=True)
+    if bytes(got) == data:
+        ok += 1
+    else:
+        print("connection %d: %d of %d bytes back, equal prefix: %s"
+              % (i + 1, len(got), len(data), bytes(got) == data[:len(got)]), flush=True)
+print("DONE %d of %d" % (ok, rounds), flush=True)
+sys.exit(0 if ok == rounds else 1)
+"""
+
+
 def _env(domid: int) -> dict[str, str]:
     return dict(os.environ, GNTIPC_BACKEND="sim", GNTIPC_SIM_DOMID=str(domid))
 
@@ -143,6 +182,19 @@ def run_clients(address: str, n: int, size: int, how: str) -> None:
         clients.kill()
 
 
+def run_back_to_back(address: str, rounds: int, size: int, *proxies: Proc) -> None:
+    """``rounds`` connections one right after another (:data:`BACK_TO_BACK`) through the
+    proxies; every one must get its echo, byte for byte (the proxies' output on failure)."""
+    proc = python(BACK_TO_BACK, address, str(rounds), str(size))
+    try:
+        line = proc.expect("DONE ", timeout=900)
+        logs = "\n".join(f"--- {' '.join(p.argv[-6:])}:\n{p.output()}" for p in proxies)
+        assert line == f"DONE {rounds} of {rounds}", f"{proc.output()}\n{logs}"
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+
+
 def start_pair(
     procs: list[Proc], client_socket: str, *, mux: bool, echo: str = "tcp", limit: int = 256
 ) -> tuple[Proc, Proc, str]:
@@ -173,6 +225,17 @@ def test_plain_proxy_unix_client_tcp_server(procs: list[Proc], short_tmp: Path, 
     assert stop(srv) == 0, srv.output()
     assert not os.path.exists(sock)  # our socket file is removed on exit
     assert "connection 7: closed" in srv.output()
+
+
+def test_plain_proxy_connections_back_to_back(procs: list[Proc], short_tmp: Path) -> None:
+    """Connections one right after another, each on a vchan of its own: each one that
+    comes while the server proxy offers the path again waits for the new offer (the
+    keys of the channel just taken are withdrawn at once), none is reset."""
+    srv, cli, address = start_pair(procs, str(short_tmp / "c.sock"), mux=False, echo="tcp")
+    run_back_to_back(address, 10, 100_000, srv, cli)
+    assert stop(cli) == 0, cli.output()
+    assert stop(srv) == 0, srv.output()
+    assert srv.output().count(": closed") == 10, srv.output()
 
 
 @pytest.mark.parametrize("how", ["halfclose", "exact"])

@@ -13,11 +13,13 @@ ways, so the other side may be Debian's ``vchan-socket-proxy`` (or any libxenvch
 program) as well as ``gntipc proxy``.  ``--mux`` carries every connection over one vchan
 as :class:`gntipc.Session` streams (``gntipc proxy --mux`` on both sides).
 
-One limit with ``vchan-socket-proxy -m server`` on the other side: it sets up its vchan
-server once and, after its first client left, waits for a client to reconnect to that
-same control page (a libxenvchan client does); a gntipc client refuses a page whose
-client live byte no longer says "waiting" (stale keys), so only the first connection
-gets through; the next ones end after ``--timeout``.
+Connection after connection, back to back, with ``vchan-socket-proxy`` in either role:
+as a server it sets up its vchan once and, after each client left, offers the same
+control page again (same grant and event channel, its keys unchanged), which our client
+takes as a libxenvchan client does (:mod:`gntipc._connect`); as a client it connects as
+soon as its next socket client comes, and our listener withdraws each channel's keys as
+soon as its client took them, so such a client waits for the next offer instead of
+finding the previous channel's keys (:class:`gntipc.Listener`).
 
 Ends of connections: with a gntipc peer (it announces itself in the store) and in
 ``--mux``, a half-close travels through (a socket's EOF becomes the vchan's EOF and the
