@@ -38,10 +38,11 @@ from anyio import (
 from anyio.abc import AsyncResource, ByteReceiveStream, ByteStream
 
 from .._exceptions import LocalProtocolError, RemoteProtocolError
+from .._fastpath import held_writes, ring_stream
 from ..messages import MalformedMessage, MessageQueue, MessageTooLarge
 from ..protocol import BATCH_FLAG
 from ..session import Session, SessionStream
-from ..streams import FAIR_SLICE, VchanAttribute, VchanStream
+from ..streams import FAIR_SLICE, VchanAttribute
 
 __all__ = [
     "BYTE_STREAM_CHECKS",
@@ -414,14 +415,16 @@ def frame(payload: bytes) -> bytes:
 
 
 def _put_nowait_works(stream: ByteStream) -> bool:
-    """gntipc's rule: ``put_nowait`` needs a VchanStream (all or nothing at once)."""
-    return isinstance(stream, VchanStream)
+    """gntipc's rule: ``put_nowait`` needs a stream that declares the ``"ring"`` fast
+    path (all or nothing at once), as a VchanStream does."""
+    return ring_stream(stream) is not None
 
 
 def _reports_send_progress(stream: ByteStream) -> bool:
-    """gntipc's rule: a VchanStream and a SessionStream tell how much of a cancelled
-    send went out (``send_progress``); other streams do not."""
-    return isinstance(stream, (VchanStream, SessionStream))
+    """gntipc's rule: a stream that declares a fast path (a VchanStream, a
+    SessionStream) tells how much of a cancelled send went out (``send_progress``);
+    other streams do not."""
+    return held_writes(stream) is not None
 
 
 async def _put_get_and_the_wire_format(pairs: _Pairs) -> None:
@@ -765,9 +768,10 @@ async def check_message_queue(
     (messages go from the second to the first) and closes both streams afterwards.
     The checks: messages and batches arrive in order and byte for byte in the
     documented frames; iteration ends with the stream; the ``*_nowait`` methods
-    (``put_nowait`` only on a :class:`gntipc.VchanStream`); malformed and oversized
-    frames; a stream cut inside a frame; cancelled gets and puts lose nothing (a put
-    cancelled while sending closes the queue unless the stream reports its
+    (``put_nowait`` only on a stream with the ring fast path, as
+    :class:`gntipc.VchanStream`); malformed and oversized frames; a stream cut inside a
+    frame; cancelled gets and puts lose nothing (a put cancelled while sending closes
+    the queue unless the stream declares a fast path and so reports its
     ``send_progress``, as VchanStream and SessionStream do); a second getter is
     ``BusyResourceError``; held-back small puts go out when the producer waits, and
     before ``send_eof`` or ``aclose``.
