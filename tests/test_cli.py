@@ -177,7 +177,7 @@ def test_bench_not_available_outside_a_checkout(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Installed from a wheel: the package sits in site-packages, no benchmarks beside."""
-    from gntipc import _cli_bench
+    from gntipc.cli import _bench as _cli_bench
 
     site = tmp_path / "lib" / "python3" / "site-packages" / "gntipc"
     site.mkdir(parents=True)
@@ -210,7 +210,7 @@ def test_a_bad_backend_in_the_environment_is_named() -> None:
 
 
 def test_bench_found_in_this_checkout() -> None:
-    from gntipc._cli_bench import find_benchmarks
+    from gntipc.cli._bench import find_benchmarks
 
     found = find_benchmarks()
     assert found == Path(__file__).resolve().parents[1] / "benchmarks"

@@ -19,8 +19,8 @@ import pytest
 from interop import conftest as interop_conftest
 from interop._util import Proc
 
-from gntipc._cli_proxy import SocketAddress, UsageError, parse_socket_address
 from gntipc.cli import main
+from gntipc.cli._proxy import SocketAddress, UsageError, parse_socket_address
 
 _paths = itertools.count()
 #: The fixture of the interop tests: the processes a test starts, killed after it.

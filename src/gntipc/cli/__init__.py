@@ -45,11 +45,11 @@ from typing import BinaryIO
 import anyio
 import anyio.to_thread
 
-from . import _cli_bench, _cli_doctor, _cli_proxy
-from ._exceptions import BackendUnavailable, GntipcError, LocalProtocolError
-from ._progress import Progress
-from .backends import Backend, get_backend, select_backend_name
-from .streams import VchanStream, connect, listen
+from .._exceptions import BackendUnavailable, GntipcError, LocalProtocolError
+from .._progress import Progress
+from ..backends import Backend, get_backend, select_backend_name
+from ..streams import VchanStream, connect, listen
+from . import _bench, _doctor, _proxy
 
 __all__ = ["EXIT_FAILURE", "EXIT_MISSING", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -219,26 +219,26 @@ def _parser() -> argparse.ArgumentParser:
                 default=30.0,
                 help="seconds to wait for the server (default 30)",
             )
-    _cli_proxy.add_arguments(
+    _proxy.add_arguments(
         command(
             "proxy",
             "bridge a vchan and a local unix or TCP socket (like Xen's vchan-socket-proxy)",
             _PROXY_EPILOG,
         )
     )
-    _cli_doctor.add_arguments(
+    _doctor.add_arguments(
         command(
             "doctor",
             "check what gntipc needs here (backend, domain, devices and limits, store, sim"
             " state) and advise on each problem",
         )
     )
-    _cli_bench.add_arguments(
+    _bench.add_arguments(
         command(
             "bench",
             "run the benchmarks (benchmarks/run.py of a source checkout; they are not part"
             " of an installed wheel)",
-            _cli_bench.EPILOG + "\n\n" + _EPILOG,
+            _bench.EPILOG + "\n\n" + _EPILOG,
         )
     )
     kill = command("sim-kill-domain", "kill a simulated domain (sim backend only)")
@@ -269,7 +269,7 @@ def _about(exc: BaseException, args: argparse.Namespace) -> str:
     ):
         # Vchan errors are GntipcError and per-connection socket errors are logged, so an
         # OS error that ends the proxy comes from its listening socket.
-        address = _cli_proxy.parse_socket_address(args.socket)
+        address = _proxy.parse_socket_address(args.socket)
         where = address.path if address.kind == "unix" else str(address)
         if where not in exc.strerror:
             return f"{address}: {exc.strerror}"
@@ -284,26 +284,26 @@ def _fail(message: str, code: int) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.sim_page_limit is not None:
         if args.sim_page_limit < 1:
-            raise _cli_proxy.UsageError(
+            raise _proxy.UsageError(
                 f"--sim-page-limit must be at least 1, not {args.sim_page_limit}"
             )
         # The sim backend reads it when it opens (the doctor's report too).
         os.environ["GNTIPC_SIM_PAGE_LIMIT"] = str(args.sim_page_limit)
     if args.command == "sim-kill-domain":
-        from .backends.sim import kill_domain
+        from ..backends.sim import kill_domain
 
         pids = kill_domain(args.domid)
         print(f"domain {args.domid}: killed {len(pids)} processes")
         return EXIT_OK
     if args.command == "doctor":
-        return _cli_doctor.run(args)
+        return _doctor.run(args)
     if args.command == "bench":
-        return _cli_bench.run(args)
+        return _bench.run(args)
     with get_backend(args.backend) as backend:
         if args.command == "info":
             print(f"backend {select_backend_name(args.backend)}, domain {backend.domid}")
         elif args.command == "proxy":
-            anyio.run(_cli_proxy.run_proxy, args, backend, _stdio_pump)
+            anyio.run(_proxy.run_proxy, args, backend, _stdio_pump)
         else:
             anyio.run(_netcat, args, backend)
     return EXIT_OK
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         exc = _leaf(raised)
         if isinstance(exc, KeyboardInterrupt):
             return EXIT_INTERRUPTED
-        if isinstance(exc, _cli_proxy.UsageError | LocalProtocolError):
+        if isinstance(exc, _proxy.UsageError | LocalProtocolError):
             return _fail(f"{args.command}: {exc} (see gntipc {args.command} --help)", EXIT_USAGE)
         if isinstance(exc, BackendUnavailable):
             return _fail(f"{exc} (see: gntipc doctor)", EXIT_MISSING)
@@ -331,7 +331,3 @@ def main(argv: list[str] | None = None) -> int:
         if exc is not raised:
             raise exc from raised
         raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,7 @@ full run takes about a minute and wants two idle CPUs.  Every run also saves its
 to <benchmarks>/results/<UTC time>.json.  They ship with the source (git checkout), not
 with the wheel: in an installed package, pass --dir or set GNTIPC_BENCHMARKS."""
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent
 
 
 class BenchmarksMissing(Exception):

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ._exceptions import BackendUnavailable, GntipcError, XenError
-from .backends import Backend, select_backend_name
-from .protocol import DEFAULT_RING_SIZE as _DEFAULT_RING
-from .protocol import channel_pages
+from .._exceptions import BackendUnavailable, GntipcError, XenError
+from ..backends import Backend, select_backend_name
+from ..protocol import DEFAULT_RING_SIZE as _DEFAULT_RING
+from ..protocol import channel_pages
 
 __all__ = ["Report", "add_arguments", "run"]
 
@@ -109,7 +109,7 @@ _DEVICES = {
 
 
 def _check_devices(report: Report) -> bool:
-    from . import devices
+    from .. import devices
 
     classes = {
         "/dev/xen/gntdev": devices.Gntdev,
@@ -166,7 +166,7 @@ def _check_xen(report: Report) -> None:
     report.info(f"hypervisor: {hv}" if hv else "hypervisor: unknown (no /sys/hypervisor/type)")
     devices_ok = _check_devices(report)
     _check_limits(report)
-    from .backends.xen._xenstore import XenStore
+    from ..backends.xen._xenstore import XenStore
 
     try:
         t0 = time.monotonic()
@@ -195,7 +195,7 @@ def _check_xen(report: Report) -> None:
 
 
 def _open_xen(store: object) -> Backend:
-    from .backends.xen import XenBackend
+    from ..backends.xen import XenBackend
 
     return XenBackend(store=store)  # type: ignore[arg-type]
 
@@ -253,8 +253,8 @@ def _check_backend(
 
 
 def _check_sim(report: Report) -> None:
-    from .backends.sim import SimBackend
-    from .backends.sim._runtime import default_runtime_dir
+    from ..backends.sim import SimBackend
+    from ..backends.sim._runtime import default_runtime_dir
 
     if os.path.exists("/dev/xen/gntdev"):
         report.info("/dev/xen/gntdev exists: this is a Xen domain, yet sim was chosen")

@@ -50,12 +50,12 @@ import anyio.abc
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 from anyio.abc import ByteStream, SocketStream
 
-from ._domid import check_domid
-from ._exceptions import GntipcError
-from .backends import Backend
-from .protocol import VchanState, channel_pages, check_ring_size
-from .session import Session
-from .streams import Listener, VchanAttribute, VchanStream, connect, listen
+from .._domid import check_domid
+from .._exceptions import GntipcError
+from ..backends import Backend
+from ..protocol import VchanState, channel_pages, check_ring_size
+from ..session import Session
+from ..streams import Listener, VchanAttribute, VchanStream, connect, listen
 
 __all__ = ["SocketAddress", "add_arguments", "parse_socket_address", "run_proxy"]
 

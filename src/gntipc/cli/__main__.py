@@ -1,0 +1,7 @@
+"""``python -m gntipc.cli``: the ``gntipc`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
