@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, cast
 
-from .streams import VchanStream
-
 if TYPE_CHECKING:
     from ._stats import VchanStreamStatistics
     from .backends._abc import Buffer
+    from .streams import VchanStream
 
 __all__ = ["HeldWrites", "RingStream", "held_writes", "ring_stream"]
 
@@ -64,9 +63,6 @@ class RingStream(HeldWrites, Protocol):
 
 def _declared(stream: object) -> str | None:
     kind = getattr(type(stream), FAST_PATH_ATTRIBUTE, None)
-    if kind is None and isinstance(stream, VchanStream):
-        # Until VchanStream declares it itself (a class attribute in streams.py).
-        return "ring"
     return kind if isinstance(kind, str) else None
 
 

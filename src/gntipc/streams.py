@@ -24,7 +24,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 from anyio import (
@@ -230,6 +230,10 @@ class VchanStream(ByteStream):
     :meth:`send_eof`); :class:`gntipc.RemoteProtocolError` when the peer corrupted the
     shared page.
     """
+
+    #: The fast path :class:`gntipc.MessageQueue` and :class:`gntipc.Session` take on
+    #: this stream (see :mod:`gntipc._fastpath`): a ring.
+    gntipc_fast_path: ClassVar[str] = "ring"
 
     def __init__(
         self,
