@@ -895,27 +895,22 @@ class Listener(AsyncResource):
         ep.check_presence()  # a no-op if the dispatcher did it
 
     def _offer_sized(self) -> Vchan:
-        if self.max_clients is None:
-            return Vchan.server(
-                self.backend,
-                self.peer,
-                self.path,
-                read_size=self.read_size,
-                write_size=self.write_size,
-            )
-        read, write = self._budget_sizes()
+        """Offer the path with the listener's ring sizes, or, with ``max_clients``, the
+        sizes the page budget allows (smaller on ENOSPC: others share the budget)."""
+        budgeted = self.max_clients is not None
+        read, write = self._budget_sizes() if budgeted else (self.read_size, self.write_size)
         while True:
             try:
                 vchan = Vchan.server(
                     self.backend, self.peer, self.path, read_size=read, write_size=write
                 )
             except XenError as exc:
-                # Others share the domain's budget too: smaller rings, down to one page.
-                if exc.errno != errno.ENOSPC or channel_pages(read, write) == 1:
+                # Down to one page; without max_clients the sizes asked are kept.
+                if not budgeted or exc.errno != errno.ENOSPC or channel_pages(read, write) == 1:
                     raise
                 read, write = fit_ring_sizes(read, write, channel_pages(read, write) - 1)
                 continue
-            if (read, write) != self._sizes_logged:
+            if budgeted and (read, write) != self._sizes_logged:
                 self._sizes_logged = (read, write)
                 logger.info(
                     "gntipc listener at %s: offering %d/%d-byte rings (asked %d/%d; %d of"
