@@ -84,6 +84,10 @@ __all__ = ["Session", "SessionStream"]
 
 #: How long :meth:`Session.aclose` waits to flush pending control frames and GOAWAY.
 _FLUSH_TIMEOUT = 2.0
+#: How long the writer, after the stream refused a write because the peer left, waits for
+#: the reader to read how it left (its GOAWAY and end, or the break) before the session
+#: goes down as broken anyway (a stream whose reading side never ends).
+_LEFT_TIMEOUT = 2.0
 
 
 class _Signal:
@@ -121,7 +125,7 @@ class _Outgoing:
 
 class _Down(enum.Enum):
     CLOSED = "closed"  # we closed the session
-    EOF = "eof"  # the peer closed the session (or the underlying stream) cleanly
+    EOF = "eof"  # the peer closed the session (its GOAWAY came, or the stream ended) cleanly
     BROKEN = "broken"  # the underlying stream broke (peer crashed, domain died)
     PROTOCOL = "protocol"  # the peer violated the protocol
 
@@ -153,10 +157,12 @@ class _Link:
         "down",
         "mux",
         "out",
+        "peer_closed",
         "pending",
         "ring",
         "state_signal",
         "stream",
+        "write_error",
         "writes",
         "writing",
     )
@@ -175,6 +181,12 @@ class _Link:
         self.state_signal = _Signal()  # hello, accept backlog, free slots, going down
         self.down: _Down | None = None
         self.cause: BaseException | None = None
+        # The peer's GOAWAY arrived while the session was up: the peer closed it, cleanly,
+        # whatever happens to the stream after that (see Session.error).
+        self.peer_closed = False
+        # The stream refused a write because the peer left: how it left (closed, or gone)
+        # is for the reader to read; the writer writes no more and waits (write_failed).
+        self.write_error: BaseException | None = None
         # Statistics: plain counters, bumped where the work is done anyway.
         self.writes = 0
         self.bytes_sent = 0
@@ -212,29 +224,56 @@ class _Link:
     # -- writing ---------------------------------------------------------------------
 
     def write_failed(self, exc: Exception) -> BaseException:
-        """Take the session down after the stream refused a write; the error to raise."""
+        """Record that the stream refused a write; the error to raise.
+
+        A protocol error, or our stream closed under us, takes the session down at once.
+        A stream that is broken or at its end (the peer left) does not: a peer that
+        closed the session cleanly makes our writes fail as soon as it is gone, while its
+        GOAWAY and the end of its stream may still wait unread in the stream (a
+        :class:`SessionStream` refuses writes once its peer's RESET arrived, before its
+        reader is handed the end).  So only the reader tells a clean close (EOF) from a
+        crash (BROKEN); meanwhile ``write_error`` is set, and nothing more is written.
+        """
         if isinstance(exc, RemoteProtocolError):
             self.go_down(_Down.PROTOCOL, exc)
-        elif not isinstance(exc, ClosedResourceError) or self.down is None:
-            self.go_down(_Down.BROKEN, exc)
+        elif isinstance(exc, ClosedResourceError):
+            if self.down is None:
+                self.go_down(_Down.BROKEN, exc)
+        elif self.down is None and self.write_error is None:
+            self.write_error = exc
+            self.control_signal.fire()  # the writer stops writing and waits for the reader
+        if self.down is None:  # the writer waits for the reader; __aenter__ (HELLO) raises it
+            error = BrokenResourceError("the session's stream broke (the peer is gone)")
+            error.__cause__ = exc
+            return error
         return self.error()
 
     def write_now(self, data: bytes) -> bool:
         """Write ``data`` at once if nothing is queued before it and the ring has room for
-        all of it (all or nothing: never a partial frame); False if it must be queued.
+        all of it (all or nothing: never a partial frame); False if it must be queued
+        (also when the peer left: the writer then holds it until the reader read how).
 
         Raises:
-            The session's error if the stream failed (the session is then down).
+            The session's error if the stream failed and the session is down.
         """
         ring = self.ring
-        if ring is None or self.out or self.writing or self.stream is None:
+        if (
+            ring is None
+            or self.out
+            or self.writing
+            or self.stream is None
+            or self.write_error is not None
+        ):
             return False
         try:
             ring.send_nowait(data)
         except (WouldBlock, LocalProtocolError):  # no room now, or larger than the ring
             return False
         except (BrokenResourceError, ClosedResourceError, EndOfStream, RemoteProtocolError) as exc:
-            raise self.write_failed(exc) from exc
+            error = self.write_failed(exc)
+            if self.down is not None:
+                raise error from exc
+            return False  # queued: the writer holds it until the reader knows the outcome
         self.writes += 1
         self.bytes_sent += len(data)
         return True
@@ -337,6 +376,10 @@ class Session:
             tg.start_soon(self._run_task, self._reader)
             tg.start_soon(self._run_task, self._writer)
         except BaseException:
+            link = self._link
+            if link.down is None and link.write_error is not None:
+                # The HELLO was refused and no reader runs to tell why: the peer is gone.
+                link.go_down(_Down.BROKEN, link.write_error)
             await self.aclose()
             await tg.__aexit__(None, None, None)
             raise
@@ -402,15 +445,24 @@ class Session:
 
     @property
     def error(self) -> BaseException | None:
-        """What ended the session, if not a close by us: a
-        :class:`gntipc.RemoteProtocolError`, :class:`anyio.BrokenResourceError` or
-        :class:`anyio.EndOfStream` (the peer closed it); ``None`` otherwise."""
-        down = self._link.down
+        """What ended the session, if not a close by us.
+
+        :class:`anyio.EndOfStream`: the peer closed the session, from the moment its
+        GOAWAY arrived (when :meth:`accept_stream` starts raising EndOfStream, while the
+        rest of its stream may still be read: :attr:`closed` may be False yet) or its
+        stream ended cleanly; it stays so, also if the stream then breaks or we close.
+        :class:`anyio.BrokenResourceError` (or another error of the stream, e.g.
+        :class:`OSError`): the stream broke before the peer closed the session (it
+        crashed, its domain died).  :class:`gntipc.RemoteProtocolError`: the peer violated
+        the protocol (also after its GOAWAY).  ``None`` while the session runs and the
+        peer has not closed it, and once we closed it first."""
+        link = self._link
+        down = link.down
         if down in (None, _Down.CLOSED):
-            return None
+            return EndOfStream() if link.peer_closed else None
         if down is _Down.EOF:
             return EndOfStream()
-        return self._link.cause
+        return link.cause
 
     def statistics(self) -> SessionStatistics:
         """A snapshot of what this session has done so far (bytes, writes and frames,
@@ -489,7 +541,9 @@ class Session:
         Cancellation: no stream is lost (it stays queued for the next call).
 
         Raises:
-            anyio.EndOfStream: the peer closed the session (no more streams will come).
+            anyio.EndOfStream: the peer closed the session (no more streams will come):
+                as soon as its GOAWAY arrived, even if the rest of its stream is not read
+                yet; :attr:`error` is EndOfStream from then on.
             anyio.ClosedResourceError: the session is (or gets) closed.
             anyio.BrokenResourceError: the underlying stream broke (peer crashed).
             gntipc.RemoteProtocolError: the peer violated the protocol.
@@ -503,8 +557,8 @@ class Session:
                 channel = link.pending.popleft()
                 self._streams_accepted += 1
                 return SessionStream(self, link, channel)
-            if link.down is _Down.EOF or (self._mux.peer_goaway and link.down is None):
-                raise EndOfStream
+            if link.down is _Down.EOF or (link.peer_closed and link.down is None):
+                raise EndOfStream  # Session.error is EndOfStream from now on
             if link.down is not None:
                 raise link.error()
             await link.state_signal.wait()
@@ -514,7 +568,12 @@ class Session:
     async def _send_raw(self, data: bytes) -> None:
         """Write whole frames.  Only the writer task calls it (and ``__aenter__``, before
         the writer starts), so frames never interleave.  A write cancelled half-way
-        happens only when the session goes down, and the stream is then closed."""
+        happens only when the session goes down, and the stream is then closed.
+
+        Raises:
+            What :meth:`_Link.write_failed` returns: the session's error, or
+            BrokenResourceError while the reader is left to tell how the peer left.
+        """
         link = self._link
         stream = link.stream
         if stream is None:
@@ -532,6 +591,9 @@ class Session:
         taken: list[_Outgoing] = []
         try:
             while True:
+                if link.write_error is not None and link.down is None:
+                    await self._wait_for_reader()
+                    return
                 out = link.out
                 if out:
                     parts: list[bytes] = []
@@ -546,6 +608,12 @@ class Session:
                     link.writing = True
                     try:
                         await self._send_raw(parts[0] if len(parts) == 1 else b"".join(parts))
+                    except BrokenResourceError:
+                        if link.write_error is None or link.down is not None:
+                            raise
+                        # The peer left: what we took is not written; the reader tells how.
+                        await self._wait_for_reader()
+                        return
                     finally:
                         link.writing = False
                     for item in taken:
@@ -581,6 +649,19 @@ class Session:
             assert self._control_done is not None
             self._control_done.set()
 
+    async def _wait_for_reader(self) -> None:
+        """After the stream refused a write because the peer left (``write_error``):
+        wait for the reader to take the session down, as the peer left it: closed
+        (its GOAWAY, or the end of the stream: EOF) or gone (the stream broke: BROKEN).
+        If the reader cannot tell within :data:`_LEFT_TIMEOUT`, the session is broken."""
+        link = self._link
+        with anyio.move_on_after(_LEFT_TIMEOUT):
+            while link.down is None:
+                await link.state_signal.wait()
+        if link.down is None:
+            link.go_down(_Down.BROKEN, link.write_error)
+            await self._close_stream()
+
     # -- reading ---------------------------------------------------------------------
 
     async def _reader(self) -> None:
@@ -606,7 +687,9 @@ class Session:
         except ClosedResourceError as exc:
             link.go_down(_Down.CLOSED if link.stream is None else _Down.BROKEN, exc)
         except BrokenResourceError as exc:
-            link.go_down(_Down.BROKEN, exc)
+            # After the peer's GOAWAY (its last word), a broken stream is how it closed
+            # (e.g. a TCP reset), not a crash.
+            link.go_down(_Down.EOF if link.peer_closed else _Down.BROKEN, exc)
         except Exception as exc:
             # A bug or an unexpected error from the stream: fail the session loudly
             # (every operation raises BrokenResourceError from it) rather than hang.
@@ -618,6 +701,8 @@ class Session:
         deliver data, wake the tasks it concerns."""
         link = self._link
         if isinstance(event, (Hello, GoAway)):
+            if isinstance(event, GoAway) and link.down is None:
+                link.peer_closed = True
             link.state_signal.fire()
             return
         sid = event.stream_id

@@ -11,14 +11,8 @@ from gntipc.testing import SESSION_CHECKS, check_session
 
 pytestmark = pytest.mark.anyio
 
-#: Known failures: (kind, check) -> why.
-KNOWN = {
-    ("session", "closing_the_session_ends_the_peer"): (
-        "#20: a session whose transport is a SessionStream goes down as broken, not at its"
-        " end: its writer's control frame after the peer's close meets 'the peer closed"
-        " stream 1' (BrokenResourceError) before its reader meets EndOfStream"
-    ),
-}
+#: Known failures: (kind, check) -> why (none now; #20's session-in-a-session close was).
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(params=KINDS)
