@@ -11,9 +11,6 @@ from gntipc.testing import SESSION_CHECKS, check_session
 
 pytestmark = pytest.mark.anyio
 
-#: Known failures: (kind, check) -> why (none now; #20's session-in-a-session close was).
-KNOWN: dict[tuple[str, str], str] = {}
-
 
 @pytest.fixture(params=KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
@@ -21,7 +18,5 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.mark.parametrize("check", SESSION_CHECKS)
-async def test_session(kind: str, check: str, request: pytest.FixtureRequest) -> None:
-    if (kind, check) in KNOWN:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN[kind, check], strict=False))
+async def test_session(kind: str, check: str) -> None:
     await check_session(lambda: stream_pair(kind), checks=[check])
