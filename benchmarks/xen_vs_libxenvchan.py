@@ -25,7 +25,7 @@ the interop tests' ``vchan_peer.c``, which builds its pattern byte by byte and h
 every byte it reads (FNV-1a), work no Python reader could do at the same cost.
 
 Both sides use their blocking API (libxenvchan ``blocking = 1``; gntipc's default wait
-policy: spin briefly, yielding the one vCPU to the peer, then block).
+policy, which does not spin on a single CPU, the kit's default).
 """
 
 from __future__ import annotations
