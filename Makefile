@@ -50,7 +50,8 @@ test-versions:
 test-suite: $(STAMP)
 	$(SUITE)
 
-# Real Xen 4.17 under QEMU (tools/xen-vm): every xen-marked test, under asyncio and trio,
+# Real Xen 4.17 under QEMU (tools/xen-vm): every xen-marked test under asyncio (and trio in
+# the modules about the event loop and the devices, tests/conftest.py TRIO_ON_XEN),
 # with the xen backend in dom0 (dom0<->dom0, and dom0<->domU with real PV guests), on the
 # stock xen_gntdev; then the dma-buf tests on a xen_gntdev built with
 # CONFIG_XEN_GNTDEV_DMABUF (tools/xen-vm/build-gntdev-dmabuf.sh; Debian's kernel has it
