@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from typing import Any
 
 import msgspec
 import pytest
@@ -383,6 +384,50 @@ def test_receive_buffer_only_for_a_large_frame_of_known_length() -> None:
     assert framer.next_message() == b"next"
     with pytest.raises(ValueError):
         framer.received(1)  # no view any more
+
+
+def _receive_in_place(framer: MessageFramer[Any], wire: bytes) -> object:
+    """Feed ``wire``'s header, receive the rest in place; the buffer it was received
+    into (the view is released: a view held would keep the buffer from being reused)."""
+    framer.feed(wire[:8])
+    with framer.receive_buffer(100) as view:  # type: ignore[union-attr]
+        view[:] = wire[8:]
+        framer.received(len(view))
+        return view.obj
+
+
+def test_a_large_frame_reuses_the_last_ones_buffer() -> None:
+    # A fresh buffer per large frame is zero-filled and page-faulted in: the next
+    # large frame is received into the last one's buffer, once its message is decoded.
+    framer = MessageFramer(bytes, max_message_size=1 << 20)
+    first = _receive_in_place(framer, framer.encode(b"a" * 50_000))
+    assert framer.next_message() == b"a" * 50_000
+    second = _receive_in_place(framer, framer.encode(b"b" * 40_000))
+    assert second is first
+    assert framer.next_message() == b"b" * 40_000
+    third = _receive_in_place(framer, framer.encode(b"c" * 60_000))  # grows it
+    assert third is first
+    assert framer.next_message() == b"c" * 60_000
+
+
+@pytest.mark.parametrize("kind", [memoryview, msgspec.Raw])
+def test_a_large_frame_never_overwrites_what_a_message_refers_to(kind: Any) -> None:
+    # msgspec decodes memoryview and msgspec.Raw values as references into the frame:
+    # while a message holds one, the next large frame gets a buffer of its own.
+    framer: MessageFramer[Any] = MessageFramer(kind, max_message_size=1 << 20)
+
+    def wire(fill: bytes) -> bytes:
+        value = fill * 50_000
+        raw = msgspec.Raw(msgspec.msgpack.encode(value))
+        return framer.encode(raw if kind is msgspec.Raw else value)
+
+    first = _receive_in_place(framer, wire(b"a"))
+    held = framer.next_message()
+    before = bytes(held)
+    second = _receive_in_place(framer, wire(b"b"))
+    assert second is not first
+    assert bytes(framer.next_message()) != before
+    assert bytes(held) == before
 
 
 def test_receive_buffer_never_allocates_for_an_oversized_header() -> None:

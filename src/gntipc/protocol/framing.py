@@ -161,6 +161,8 @@ class MessageFramer(Generic[T]):
         # _big[:_big_fill]; once full it becomes _rbuf (nothing else is buffered then).
         self._big: bytearray | None = None
         self._big_fill = 0
+        # The buffer of the last large frame, reused for the next one (see _frame_buffer).
+        self._spare: bytearray | None = None
         # Chunks fed after _rbuf while the frame at _rpos is incomplete: joined once the
         # frame is complete (re-joining on every chunk would be quadratic).
         self._parts: collections.deque[bytes] = collections.deque()
@@ -304,6 +306,10 @@ class MessageFramer(Generic[T]):
         of it (e.g. ``await stream.receive_into(view)``) and report the count with
         :meth:`received`: the frame is then gathered without the copies of joining
         received pieces (:meth:`feed` may go on meanwhile: it fills the view first).
+        The buffer is the last large frame's, reused once its message was decoded
+        (unless the message refers to it, or a view of it is still held: release
+        the view once :meth:`received` was called); the framer keeps it, so it holds
+        up to ``max_message_size`` bytes between large frames.
         """
         big = self._big
         if big is None:
@@ -316,7 +322,13 @@ class MessageFramer(Generic[T]):
             total = _HEADER + n
             if n > self.max_message_size or total - have <= more_than:
                 return None  # (an oversized frame is reported by next_message)
-            big = bytearray(total)
+            if left == 0 and self._rbuf is self._spare:
+                # Our reference to the last large frame, all of it decoded: let it go
+                # (it is the spare).
+                self._rbuf = b""
+                self._rview = memoryview(self._rbuf)
+                pos = 0
+            big = self._frame_buffer(total)
             big[:left] = self._rview[pos:]
             fill = left
             for part in self._parts:
@@ -329,6 +341,33 @@ class MessageFramer(Generic[T]):
             self._rpos = 0
             self._big, self._big_fill = big, fill
         return memoryview(big)[self._big_fill :]
+
+    def _frame_buffer(self, total: int) -> bytearray:
+        """A ``total``-byte buffer for a large frame: the last one's, unless something
+        still refers to its bytes.
+
+        A fresh buffer per large frame costs more than its copy: it is zero-filled, and
+        the allocator gives a freed 1 MiB back to the system and takes it again, a page
+        fault per 4 KiB touched.  msgspec copies what it decodes (``bytes``, ``str``...)
+        out of the frame, except ``memoryview`` and ``msgspec.Raw`` values, which refer
+        to it; such a reference holds a buffer export, and a bytearray with exports
+        cannot be resized: the resize below raises BufferError, and the frame gets a
+        buffer of its own (what the message refers to is never overwritten).
+        """
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            try:
+                if len(spare) > total:
+                    del spare[total:]
+                else:
+                    del spare[-1:]  # (raises BufferError if anything refers to it)
+                    spare.extend(bytes(total - len(spare)))
+            except BufferError:
+                spare = None
+        if spare is None:
+            spare = bytearray(total)
+        self._spare = spare
+        return spare
 
     def received(self, n: int) -> None:
         """``n`` more bytes of the frame are in the view :meth:`receive_buffer`
