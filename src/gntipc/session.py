@@ -13,8 +13,9 @@ multiplexes it::
             print(await stream.receive())
 
 Every logical stream has its own credit-based flow control: the receiver announces a
-window (default 256 KiB) and grants credit back as the application consumes data, so a
-stream whose reader never reads stalls only its own sender; the others keep flowing.  One
+window (by default 256 KiB, or the vchan's receive ring if larger) and grants credit back
+as the application consumes data, so a stream whose reader never reads stalls only its
+own sender; the others keep flowing.  One
 reader task per session dispatches incoming frames.  Frames go out in order through one
 writer task (a send that finds room in the ring and nothing queued writes at once), so a
 send can be cancelled at any point, even while the peer does not read at all, and the
@@ -70,6 +71,7 @@ from .protocol.mux import DEFAULT_WINDOW as DEFAULT_WINDOW
 from .protocol.mux import HEADER_SIZE as HEADER_SIZE
 from .protocol.mux import MAX_FRAME as MAX_FRAME
 from .protocol.mux import (
+    MAX_WINDOW,
     Data,
     GoAway,
     Hello,
@@ -278,6 +280,20 @@ class _Link:
         self.bytes_sent += len(data)
         return True
 
+    def send_control(self, frame: bytes | None) -> None:
+        """Write a control frame now if nothing is queued before it and the ring has
+        room (no task switch, and the peer has it at once: a WINDOW grant it may be
+        waiting for), else queue it for the writer.  Never raises: a session that went
+        down sends nothing more, and its next operation reports why."""
+        if frame is None or self.down is not None:
+            return
+        try:
+            if self.write_now(frame):
+                return
+        except Exception:  # the session is down now
+            return
+        self.queue_control(frame)
+
     def queue_control(self, frame: bytes | None) -> None:
         """Queue a control frame for the writer (none if the session is down)."""
         if frame is not None and self.down is None:
@@ -310,6 +326,11 @@ class Session:
             :func:`gntipc.connect`) is the initiator; required for any other stream
             (e.g. True on the side that connected a TCP socket).
         window: our receive window per logical stream, in bytes (1 KiB .. 1 GiB).
+            ``None``: the larger of :data:`DEFAULT_WINDOW` (256 KiB) and the receive
+            ring of a :class:`gntipc.VchanStream` (so that one stream can keep the ring
+            as full as the bare stream would: a smaller window leaves a fast sender
+            waiting for credit, and the receiver idle while the grant wakes it).
+            Buffered memory is bounded by ``window * max_streams``.
         max_streams: how many streams the peer may have open towards us at once
             (:meth:`accept_stream` backlog included); the peer's :meth:`open_stream`
             waits for a free slot.
@@ -326,7 +347,7 @@ class Session:
         stream: ByteStream,
         *,
         is_initiator: bool | None = None,
-        window: int = DEFAULT_WINDOW,
+        window: int | None = None,
         max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
         if is_initiator is None:
@@ -337,6 +358,9 @@ class Session:
                     " (pass True on one side and False on the other)"
                 )
             is_initiator = not is_server
+        if window is None:
+            ring = stream.extra(VchanAttribute.read_size, 0)
+            window = min(max(DEFAULT_WINDOW, ring), MAX_WINDOW)
         # The protocol's state (it checks window and max_streams).
         self._mux = SessionState(is_initiator=is_initiator, window=window, max_streams=max_streams)
         self._link = _Link(stream, self._mux)
@@ -970,7 +994,7 @@ class SessionStream(ByteStream):
                 data = b"".join(parts)
         grant = self._state.consume(len(data))
         if grant is not None:
-            self._link.queue_control(grant)
+            self._link.send_control(grant)
         return data
 
     def _end_of_data(self) -> BaseException:

@@ -269,14 +269,18 @@ def test_state_data_takes_credit_each_way() -> None:
         mine.send_data(bytes(3097))  # more than the credit: nothing taken
     mine.refund(1000)  # not written after all
     assert mine.send_credit == 4096
-    # the receiver grants credit back once half its window was consumed
+    # the receiver grants credit back once a quarter of its window was consumed
+    assert mux.GRANT_DIVISOR == 4
     assert theirs.consume(1000) is None
-    grant = theirs.consume(1048)
-    assert grant == mux.encode_frame(FrameType.WINDOW, 1, 2048)
-    assert theirs.recv_credit == 3096 + 2048
+    assert theirs.consume(23) is None
+    grant = theirs.consume(1)
+    assert grant == mux.encode_frame(FrameType.WINDOW, 1, 1024)
+    assert theirs.recv_credit == 3096 + 1024
+    assert theirs.consume(1000) is None  # counted from the grant on
+    assert theirs.consume(24) == mux.encode_frame(FrameType.WINDOW, 1, 1024)
     mine.send_data(bytes(2048))  # in flight
-    assert events_of(a, grant) == [Window(1, 2048)]
-    assert mine.send_credit == 4096
+    assert events_of(a, grant) == [Window(1, 1024)]
+    assert mine.send_credit == 3072
 
 
 def test_state_credit_overflow_and_flow_control() -> None:

@@ -366,6 +366,42 @@ async def test_bad_arguments(make_pair: PairFactory) -> None:
             pass
 
 
+async def test_default_window_is_the_receive_ring_if_larger(make_pair: PairFactory) -> None:
+    # One logical stream may keep the ring as full as the bare stream would: with the
+    # 256 KiB default on a 1 MiB ring, a fast sender waited for credit once per grant and
+    # left the receiver idle while the grant woke it (issue 18).
+    srv, cli = await make_pair(read_size=1 << 20)  # the client reads a 64 KiB ring
+    async with Session(srv) as s, Session(cli) as c:
+        assert (s.window, c.window) == (1 << 20, WINDOW)
+        assert Session(ScriptedStream(b"", 1), is_initiator=True).window == WINDOW
+        a = await c.open_stream()
+        b = await s.accept_stream()
+        async with a, b:
+            # the whole window goes out before the receiver reads anything (with a
+            # 256 KiB window the send would wait for credit forever: the guard fails it)
+            with anyio.fail_after(10):
+                await a.send(b"w" * (1 << 20))
+            assert await receive_exactly(b, 1 << 20) == b"w" * (1 << 20)
+
+
+async def test_a_grant_is_written_by_the_receive_that_earns_it(make_pair: PairFactory) -> None:
+    # A WINDOW frame goes out from the receive that consumed the quarter of the window,
+    # not through the writer task: no task switch, and the sender waiting for it gets it
+    # at once (issue 18).
+    async with sessions(make_pair) as (s, c):
+        a = await c.open_stream()
+        b = await s.accept_stream()
+        async with a, b:
+            quarter = s.window // 4
+            await a.send(b"g" * quarter)
+            assert await receive_exactly(b, quarter - 1) == b"g" * (quarter - 1)
+            before = s.statistics()
+            assert await b.receive(1) == b"g"  # the quarter: the grant
+            after = s.statistics()
+            assert (after.writes, after.queued_frames) == (before.writes + 1, 0)
+            assert after.bytes_sent == before.bytes_sent + gntipc.session.HEADER_SIZE
+
+
 # -- hostile frames -----------------------------------------------------------------------
 
 H = struct.Struct("<BBHII")
@@ -418,7 +454,8 @@ async def test_hostile_frames_raise_remote_protocol_error(
 ) -> None:
     raw_data, message = HOSTILE[case]
     srv, raw = await make_pair(read_size=1 << 20)
-    async with Session(srv, max_streams=4) as s:
+    # the window the cases are written for (a 1 MiB ring would make it 1 MiB)
+    async with Session(srv, max_streams=4, window=WINDOW) as s:
         await raw.send(raw_data)
         if case == "truncated":
             await raw.send_eof()
