@@ -5,6 +5,7 @@ Every wait has a functional deadline (the step must happen), never a timing asse
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -455,3 +456,39 @@ def test_plain_proxy_fits_max_connections_in_the_page_budget(procs: list[Proc]) 
         clients.kill()
     assert stop(cli) == 0, cli.output()
     assert stop(srv) == 0, srv.output()
+
+
+@pytest.mark.parametrize("mux", [False, True], ids=["plain", "mux"])
+def test_a_crashed_server_proxy_ends_the_open_connections(procs: list[Proc], mux: bool) -> None:
+    """SIGKILL of the server proxy while connections are open: the client proxy sees
+    the channels break (the sim's unmap notification) and closes the socket clients'
+    connections at once (they read an end, not a hang); plain mode logs each close and
+    goes on, a --mux client exits (its session is gone), saying so in one line."""
+    srv, cli, address = start_pair(procs, "tcp:0", mux=mux)
+    host, port = address[4:].rsplit(":", 1)
+    socks = [socket.create_connection((host, int(port)), timeout=60) for _ in range(3)]
+    try:
+        for i, s in enumerate(socks):  # each connection carries a round trip first
+            s.sendall(b"ping %d" % i)
+            assert s.recv(100) == b"ping %d" % i
+        srv.proc.kill()
+        srv.wait(60)
+        for s in socks:
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(100) == b""
+    finally:
+        for s in socks:
+            s.close()
+    if mux:
+        assert cli.wait(60) == 1, cli.output()
+        assert (
+            cli.lines[-1]
+            == "gntipc: the channel broke: the session's stream broke (the peer is gone)"
+        )
+        return
+    deadline = time.monotonic() + 60
+    while cli.output().count(": closed") < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cli.output().count(": closed") == 3, cli.output()
+    assert "Traceback" not in cli.output()
+    assert stop(cli) == 0, cli.output()

@@ -32,6 +32,7 @@ written before is lost in either case.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -41,15 +42,17 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.abc
+import sniffio
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
-from anyio.abc import ByteStream, SocketStream
+from anyio.abc import ByteStream
 
+from .. import _astore
 from .._domid import check_domid
 from .._exceptions import GntipcError
 from ..backends import Backend
@@ -60,6 +63,8 @@ from ..streams import Listener, VchanAttribute, VchanStream, connect, listen
 __all__ = ["SocketAddress", "add_arguments", "parse_socket_address", "run_proxy"]
 
 _CHUNK = 65536
+#: The listening socket's backlog (redis-benchmark opens its 50 connections at once).
+_BACKLOG = 511
 #: Errors that end one connection (logged, the proxy goes on): the peer or the socket
 #: program went away or misbehaved.
 _CONNECTION_ERRORS = (BrokenResourceError, ClosedResourceError, GntipcError, OSError)
@@ -211,53 +216,369 @@ def _peer_closed(stream: ByteStream) -> bool:
     return isinstance(stream, VchanStream) and stream.vchan.is_open() != VchanState.CONNECTED
 
 
-async def relay(channel: ByteStream, sock: ByteStream, *, half_close: bool) -> None:
-    """Copy bytes both ways between ``channel`` and ``sock`` until the connection ends;
-    then close both.
+async def relay(channel: ByteStream, sock: socket.socket, *, half_close: bool) -> None:
+    """Copy bytes both ways between ``channel`` and the connected socket ``sock`` until
+    the connection ends; then close both.
 
     ``half_close``: an end of one direction is passed on as a half-close and the
     connection ends when both directions ended; otherwise an end of either direction
     closes both (after everything written before it was delivered).  An error of
     either side (a broken peer, a reset socket) ends both at once.
+
+    A :class:`VchanStream` under asyncio is relayed by :class:`_RingRelay` (event-loop
+    callbacks straight on the ring and the socket, no task per direction); anything
+    else (a :class:`gntipc.SessionStream`, trio) by :func:`_relay_tasks`.
     """
-    async with channel, sock, anyio.create_task_group() as tg:
+    sock.setblocking(False)
+    if isinstance(channel, VchanStream) and sniffio.current_async_library() == "asyncio":
+        await _RingRelay(channel, sock, half_close).run()
+    else:
+        await _relay_tasks(channel, sock, half_close=half_close)
 
-        async def copy(src: ByteStream, dst: ByteStream) -> None:
-            try:
-                while True:
-                    try:
-                        data = await src.receive(_CHUNK)
-                    except EndOfStream:
-                        break
-                    await dst.send(data)
-                if not half_close or _peer_closed(src):
+
+async def _relay_tasks(channel: ByteStream, sock: socket.socket, *, half_close: bool) -> None:
+    """:func:`relay` with a task per direction (any stream, any event loop)."""
+    with sock:
+        async with channel, anyio.create_task_group() as tg:
+
+            async def up() -> None:  # socket -> channel
+                try:
+                    while True:
+                        try:
+                            # A fresh bytes object each time: the channel may keep the
+                            # item after send() returned (a queued frame).
+                            data = sock.recv(_CHUNK)
+                        except BlockingIOError:
+                            await anyio.wait_readable(sock)
+                            continue
+                        if not data:
+                            break
+                        await channel.send(data)
+                    if not half_close:
+                        tg.cancel_scope.cancel()
+                        return
+                    await channel.send_eof()
+                except _CONNECTION_ERRORS:
                     tg.cancel_scope.cancel()
-                    return
-                await dst.send_eof()
-            except _CONNECTION_ERRORS:
-                tg.cancel_scope.cancel()
 
-        tg.start_soon(copy, channel, sock)
-        tg.start_soon(copy, sock, channel)
+            async def down() -> None:  # channel -> socket
+                try:
+                    while True:
+                        try:
+                            data = await channel.receive(_CHUNK)
+                        except EndOfStream:
+                            break
+                        view = memoryview(data)
+                        while view:
+                            try:
+                                view = view[sock.send(view) :]
+                            except BlockingIOError:
+                                await anyio.wait_writable(sock)
+                    if not half_close or _peer_closed(channel):
+                        tg.cancel_scope.cancel()
+                        return
+                    sock.shutdown(socket.SHUT_WR)
+                except _CONNECTION_ERRORS:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(up)
+            tg.start_soon(down)
 
 
-async def _connect_socket(address: SocketAddress) -> SocketStream:
+class _RingRelay:
+    """One connection between a :class:`VchanStream` and a socket, relayed by asyncio
+    callbacks on the vchan's event descriptor and the socket's, with no task per
+    direction and no await per chunk: a readable socket is read into a reused buffer and
+    written into the ring in the same callback; an event from the peer (or a ring found
+    non-empty) is read out of the ring into the other buffer and sent to the socket at
+    once.  A chunk that does not fit (ring full, socket buffer full) stays in its buffer
+    and that direction stops reading until it is gone: backpressure both ways.  Never
+    spins: with many connections in one process, a spinning wait holds up every other
+    connection.
+
+    The vchan's descriptor stays registered for the connection's life (level-triggered:
+    each callback consumes the events); before the ring side waits, the peer is asked
+    for a notification and the ring checked again (the endpoint's ``poll_read`` /
+    ``poll_write``), so no event is lost.  The store work a presence event calls for
+    (the peer's domain died) runs in a worker thread from :meth:`run`'s task.
+    """
+
+    def __init__(self, stream: VchanStream, sock: socket.socket, half_close: bool) -> None:
+        self.stream = stream
+        self.ep = stream.vchan.endpoint
+        self.sock = sock
+        self.half_close = half_close
+        self.loop = asyncio.get_running_loop()
+        self.vfd = self.ep.fileno()
+        self.sfd = sock.fileno()
+        # socket -> vchan ("up"): the chunk not yet in the ring is up[up_off:up_end].
+        self.up = bytearray(_CHUNK)
+        self.up_view = memoryview(self.up)
+        self.up_off = self.up_end = 0
+        self.up_done = False  # the socket's EOF was passed on
+        self.reading_sock = False
+        # vchan -> socket ("down"): the chunk not yet sent is down[down_off:down_end].
+        self.down = bytearray(_CHUNK)
+        self.down_view = memoryview(self.down)
+        self.down_off = self.down_end = 0
+        self.down_done = False  # the ring's end was passed on
+        self.writing_sock = False
+        self.kick = anyio.Event()  # the task has work: the end, or a presence check
+        self.error: BaseException | None = None
+        self.finished = False
+
+    async def run(self) -> None:
+        loop, stream, sock = self.loop, self.stream, self.sock
+        try:
+            loop.add_reader(self.vfd, self._on_event)
+            self._read_sock(True)
+            self._pump()
+            while not self.finished:
+                await self.kick.wait()
+                self.kick = anyio.Event()
+                if not self.finished and self.ep.presence_check_due():
+                    try:
+                        await _astore.run(
+                            self.ep.check_presence, what="checking the peer's presence"
+                        )
+                    except _CONNECTION_ERRORS as exc:
+                        self._finish(exc)
+                    else:
+                        self._guard(self._pump)
+        finally:
+            self.finished = True
+            loop.remove_reader(self.vfd)
+            self._read_sock(False)
+            self._write_sock(False)
+            sock.close()
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _read_sock(self, on: bool) -> None:
+        if on != self.reading_sock and not (on and self.finished):
+            self.reading_sock = on
+            self._watch(self.loop.add_reader, self.loop.remove_reader, on, self._on_readable)
+
+    def _write_sock(self, on: bool) -> None:
+        if on != self.writing_sock and not (on and self.finished):
+            self.writing_sock = on
+            self._watch(self.loop.add_writer, self.loop.remove_writer, on, self._on_writable)
+
+    def _watch(
+        self, add: Callable[..., None], remove: Callable[[int], object], on: bool, step: Any
+    ) -> None:
+        if on:
+            add(self.sfd, self._guard, step)
+        else:
+            remove(self.sfd)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if not self.finished:
+            self.finished = True
+            self.error = error
+            self._read_sock(False)
+            self._write_sock(False)
+        self.kick.set()
+
+    def _guard(self, step: Callable[[], None]) -> None:
+        """Run a callback's ``step``; an error of either side ends the connection."""
+        if self.finished:
+            return
+        try:
+            step()
+        except _CONNECTION_ERRORS as exc:
+            self._finish(exc)
+
+    # -- callbacks ----------------------------------------------------------------------
+
+    def _on_event(self) -> None:
+        if self.finished:
+            # The fd may still be readable until run() unregisters it: consume nothing.
+            self.loop.remove_reader(self.vfd)
+            return
+        try:
+            if self.ep.consume_events():
+                self.kick.set()  # the store check runs in run()'s task
+            self._pump()
+        except _CONNECTION_ERRORS as exc:
+            self._finish(exc)
+
+    def _on_readable(self) -> None:
+        try:
+            n = self.sock.recv_into(self.up)
+        except BlockingIOError:
+            return
+        if n == 0:
+            self._read_sock(False)
+            self._sock_ended()
+            return
+        self.up_off, self.up_end = 0, n
+        self._flush_up()
+
+    def _on_writable(self) -> None:
+        if self._flush_down():
+            self._write_sock(False)
+            self._pump()
+
+    # -- the two directions --------------------------------------------------------------
+
+    def _flush_up(self) -> bool:
+        """Write the pending socket chunk into the ring; True once it is all in (the
+        socket is read again), else wait for ring space (the socket is not read)."""
+        ep = self.ep
+        while True:
+            written, _ = ep.write_from(self.up_view[: self.up_end], self.up_off)
+            self.up_off += written
+            if self.up_off >= self.up_end:
+                self.up_off = self.up_end = 0
+                self._read_sock(True)
+                return True
+            self._read_sock(False)
+            if not ep.poll_write(1):
+                return False  # the peer's read notifies us
+
+    def _flush_down(self) -> bool:
+        """Send the pending ring chunk to the socket; True once it is all sent."""
+        while self.down_off < self.down_end:
+            try:
+                sent = self.sock.send(self.down_view[self.down_off : self.down_end])
+            except BlockingIOError:
+                return False
+            self.down_off += sent
+        self.down_off = self.down_end = 0
+        return True
+
+    def _pump(self) -> None:
+        """After an event (or a socket that became writable): go on in both directions."""
+        if self.up_end:
+            self._flush_up()
+        ep = self.ep
+        while not self.down_done and not self.down_end and not self.finished:
+            try:
+                n = ep.readinto_nowait(self.down)
+            except EndOfStream:
+                self._ring_ended()
+                return
+            if not n:
+                if ep.poll_read(1):
+                    continue  # data (or the end) came meanwhile
+                return  # the peer's write notifies us
+            self.down_off, self.down_end = 0, n
+            if not self._flush_down():
+                self._write_sock(True)
+                return
+
+    # -- ends ---------------------------------------------------------------------------
+
+    def _sock_ended(self) -> None:
+        """The socket program sent EOF (all it sent is in the ring: it was read only
+        when the ring had taken the chunk before)."""
+        if not self.half_close:
+            self._finish()
+            return
+        self.ep.send_eof()
+        self.up_done = True
+        if self.down_done:
+            self._finish()
+
+    def _ring_ended(self) -> None:
+        """The peer sent EOF or closed, and everything it wrote was sent on."""
+        self.down_done = True
+        if not self.half_close or _peer_closed(self.stream):
+            self._finish()
+            return
+        self.sock.shutdown(socket.SHUT_WR)
+        if self.up_done:
+            self._finish()
+
+
+async def _connect_socket(address: SocketAddress) -> socket.socket:
+    """A connected, non-blocking socket to ``address``.
+
+    Raises:
+        OSError: the connection failed.
+    """
     if address.kind == "unix":
-        return await anyio.connect_unix(address.path)
-    return await anyio.connect_tcp(address.host, address.port)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: Any = address.path
+    else:
+        infos = await anyio.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        family, _, _, _, target = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        try:
+            sock.connect(target)
+        except (BlockingIOError, InterruptedError):
+            await anyio.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err)) from None
+        if address.kind == "tcp":
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _SocketListener:
+    """The listening sockets of ``SOCKET`` (one per address of a TCP host name), served
+    without anyio's streams: each accepted connection is a plain non-blocking socket."""
+
+    def __init__(self, listener: anyio.abc.Listener[Any]) -> None:
+        self.listener = listener
+        listeners = getattr(listener, "listeners", [listener])
+        self.socks: list[socket.socket] = [
+            one.extra(anyio.abc.SocketAttribute.raw_socket) for one in listeners
+        ]
+
+    async def serve(self, handler: Callable[[socket.socket], Coroutine[Any, Any, None]]) -> None:
+        """Accept connections for ever, each handled in a task of its own."""
+        async with anyio.create_task_group() as tg:
+            for lsock in self.socks:
+                tg.start_soon(self._accept_loop, lsock, handler, tg)
+
+    @staticmethod
+    async def _accept_loop(
+        lsock: socket.socket,
+        handler: Callable[[socket.socket], Coroutine[Any, Any, None]],
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        lsock.setblocking(False)
+        tcp = lsock.family in (socket.AF_INET, socket.AF_INET6)
+        while True:
+            await anyio.wait_readable(lsock)
+            while True:
+                try:
+                    conn, _ = lsock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # EMFILE and the like: this connection only
+                    _log(f"accept: {exc.strerror or exc}")
+                    await anyio.sleep(0.1)
+                    break
+                conn.setblocking(False)
+                if tcp:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tg.start_soon(handler, conn)
 
 
 @contextlib.asynccontextmanager
-async def _socket_listener(address: SocketAddress) -> AsyncIterator[anyio.abc.Listener[Any]]:
+async def _socket_listener(address: SocketAddress) -> AsyncIterator[_SocketListener]:
     """A listening socket at ``address``; a unix socket file we created is removed on exit.
 
     Raises:
         OSError: the address is in use (a live listener), or the bind failed.
     """
     if address.kind == "tcp":
-        tcp = await anyio.create_tcp_listener(local_host=address.host, local_port=address.port)
+        tcp = await anyio.create_tcp_listener(
+            local_host=address.host, local_port=address.port, backlog=_BACKLOG
+        )
         async with tcp:
-            yield tcp
+            yield _SocketListener(tcp)
         return
     path = address.path
     try:
@@ -276,22 +597,21 @@ async def _socket_listener(address: SocketAddress) -> AsyncIterator[anyio.abc.Li
             raise OSError(errno.EADDRINUSE, f"{path}: another program listens there")
         finally:
             probe.close()
-    unix = await anyio.create_unix_listener(path)
+    unix = await anyio.create_unix_listener(path, backlog=_BACKLOG)
     ino = os.stat(path).st_ino
     try:
         async with unix:
-            yield unix
+            yield _SocketListener(unix)
     finally:
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == ino:
                 os.unlink(path)
 
 
-def _sockname(listener: anyio.abc.Listener[Any], address: SocketAddress) -> str:
+def _sockname(listener: _SocketListener, address: SocketAddress) -> str:
     if address.kind != "tcp":
         return str(address)
-    listeners = getattr(listener, "listeners", [listener])
-    local = listeners[0].extra(anyio.abc.SocketAttribute.local_address)
+    local = listener.socks[0].getsockname()
     return str(SocketAddress("tcp", host=str(local[0]), port=int(local[1])))
 
 
@@ -346,7 +666,7 @@ class _Proxy:
                 )
         return listener
 
-    async def _relay(self, n: str, channel: ByteStream, sock: ByteStream, half: bool) -> None:
+    async def _relay(self, n: str, channel: ByteStream, sock: socket.socket, half: bool) -> None:
         self.verbose(f"connection {n}: open")
         await relay(channel, sock, half_close=half)
         self.verbose(f"connection {n}: closed")
@@ -390,7 +710,7 @@ class _Proxy:
                 return
             await stream.aclose()  # connections are opened from this side only
 
-    async def _client_connection(self, sock: ByteStream, session: Session | None) -> None:
+    async def _client_connection(self, sock: socket.socket, session: Session | None) -> None:
         async with self.limiter:
             self.count += 1
             n = self.count
@@ -403,7 +723,7 @@ class _Proxy:
                     channel, half_close = vchan, _peer_understands_eof(vchan)
             except (TimeoutError, EndOfStream, GntipcError, *_CONNECTION_ERRORS) as exc:
                 _log(f"connection {n}: no channel to domain {self.args.peer}: {exc}")
-                await sock.aclose()
+                sock.close()
                 return
             await self._relay(str(n), channel, sock, half_close)
 
