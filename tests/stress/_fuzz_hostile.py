@@ -13,7 +13,9 @@ shared with gntalloc or mapped with gntdev, written the same way).
 Mutations: indices (its own and the target's) behind, ahead, a ring ahead and far past
 the ring; orders; live and notify bytes (with and without the EOF bit); grants[]; bytes
 of both rings; message frames with lying headers, undecodable payloads and truncations,
-and batch frames (good, lying about their count, array bombs, the wrong element type);
+batch frames (good, lying about their count, array bombs, the wrong element type) and
+frames larger than the target's receive chunk (whole, or announcing up to 1 MiB and cut
+short);
 bursts of events.  Stops when STOPFILE exists, and writes what it did to RESULT (JSON:
 episodes, mutations by kind, frames by kind, traffic by outcome), so that the test can
 tell a hostile peer from an inert one.  An unexpected exception ends the process (the
@@ -86,7 +88,7 @@ MUTATIONS = (
     "event burst",
     "restore",
 )
-#: The kinds of :meth:`Hostile.frame`, by its random pick (0-11).
+#: The kinds of :meth:`Hostile.frame`, by its random pick (0-13).
 FRAMES = ("good",) * 3 + (
     "huge header",
     "undecodable",
@@ -97,6 +99,8 @@ FRAMES = ("good",) * 3 + (
     "lying batch count",
     "array bomb",
     "wrong element type",
+    "large",
+    "large, cut short",
 )
 #: What a vchan operation of a live peer may raise (the target misbehaves too: it may
 #: close, send garbage or leave at any moment).
@@ -141,6 +145,10 @@ class Hostile:
             OFF_RIGHT_PROD: 1 << right_order,
         }
         self.seq = 0
+        # The rest of frames a write did not take, written first by the next write of
+        # frames (half of the time: else it is dropped, a truncation): a frame larger
+        # than the ring then arrives whole, over several writes.
+        self.tail = b""
         self.ops = 0
 
     def close(self) -> None:
@@ -205,11 +213,13 @@ class Hostile:
     def frame(self) -> bytes:
         rnd = self.rnd
         self.seq += 1
-        kind = rnd.randrange(12)
+        kind = rnd.randrange(len(FRAMES))
         COUNTS["frames"][FRAMES[kind]] += 1
         good = ENC.encode(Msg(self.seq, rnd.randbytes(rnd.randrange(0, 300))))
         if kind <= 2:
             return U32.pack(len(good)) + good
+        if kind >= 12:
+            return self.large_frame(cut=kind == 13)
         if kind >= 8:
             return self.batch_frame(kind)
         if kind == 3:  # a header larger than any limit
@@ -223,6 +233,18 @@ class Hostile:
         if kind == 6:  # a header that lies by a little
             return U32.pack(max(0, len(good) + rnd.choice((-3, -1, 1, 5)))) + good
         return U32.pack(0)  # an empty payload
+
+    def large_frame(self, cut: bool) -> bytes:
+        """A frame larger than the target's receive chunk (it is received in place, into
+        the buffer of the previous large frame when it can be reused), whole or cut
+        short: its header announces up to 1 MiB (the target's largest limit) and only
+        a part follows (the next frames are then read as its bytes)."""
+        rnd = self.rnd
+        body = ENC.encode(Msg(self.seq, bytes(rnd.randrange(2_000, 100_000))))
+        if not cut:
+            return U32.pack(len(body)) + body
+        announced = rnd.choice((len(body) + rnd.randrange(1, 5000), (1 << 20) - 1, 1 << 20))
+        return U32.pack(announced) + body[: rnd.randrange(0, len(body))]
 
     def batch_frame(self, kind: int) -> bytes:
         """A batch frame (format version 1: the header's top bit, an array of messages):
@@ -245,11 +267,16 @@ class Hostile:
         rnd, ch, count = self.rnd, self.ch, COUNTS["traffic"]
         try:
             if rnd.random() < 0.5:
-                if rnd.random() < 0.5:
+                frames = rnd.random() < 0.5
+                if frames:
                     data = b"".join(self.frame() for _ in range(rnd.randrange(1, 6)))
+                    data, self.tail = self.tail + data, b""
                 else:
                     data = rnd.randbytes(rnd.randrange(1, 5000))
-                count["bytes written"] += ch.write_nowait(data)
+                written = ch.write_nowait(data)
+                count["bytes written"] += written
+                if frames and rnd.random() < 0.5:
+                    self.tail = data[written:]
             else:
                 count["bytes read"] += len(ch.read_nowait(rnd.randrange(1, 70000)))
         except VCHAN_ERRORS as exc:
