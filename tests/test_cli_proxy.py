@@ -492,3 +492,51 @@ def test_a_crashed_server_proxy_ends_the_open_connections(procs: list[Proc], mux
     assert cli.output().count(": closed") == 3, cli.output()
     assert "Traceback" not in cli.output()
     assert stop(cli) == 0, cli.output()
+
+
+def test_plain_proxy_without_pages_refuses_on_both_sides(procs: list[Proc]) -> None:
+    """The server proxy's domain has no grant page left (another server proxy offers a
+    channel of 64 KiB rings: all 33 pages of its budget): the server proxy says why it
+    cannot offer a channel, and the client proxy refuses the socket connection with
+    that reason (the listener's refusal), not after its --timeout with "no gntipc
+    server"."""
+    limit = dict(GNTIPC_SIM_PAGE_LIMIT="33")
+    hog_args = ["-v", "-m", "server", "--max-connections=1", "4", vchan_path(), "tcp:1"]
+    hog = Proc([sys.executable, "-m", "gntipc.cli", "proxy", *hog_args], env=dict(_env(0), **limit))
+    procs.append(hog)
+    hog.expect("gntipc proxy: ready: ")
+    path = vchan_path()
+    srv = Proc(
+        [sys.executable, "-m", "gntipc.cli", "proxy", "-m", "server", "4", path, "tcp:1"],
+        env=dict(_env(0), **limit),
+    )
+    procs.append(srv)
+    line = srv.expect("gntipc listener at ")
+    assert "cannot offer a channel" in line and "limit of 33" in line, srv.output()
+    cli = gntipc(4, "proxy", "-v", "--timeout", "100", "0", path, "tcp:0")
+    procs.append(cli)
+    host, port = ready_address(cli)[4:].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        assert s.recv(10) == b""  # refused: closed
+    line = cli.expect("gntipc proxy: connection 1: no channel")
+    assert "ENOSPC" in line and "no gntipc server" not in line, cli.output()
+    assert stop(cli) == 0, cli.output()
+    assert stop(srv) == 0, srv.output()
+
+
+def test_doctor_reports_the_page_budget_in_use(procs: list[Proc]) -> None:
+    """gntipc doctor counts the pages its domain shares now: a server proxy offering a
+    channel of 64 KiB rings holds 33 of the domain's 100."""
+    env = dict(_env(0), GNTIPC_SIM_PAGE_LIMIT="100")
+
+    def doctor() -> str:
+        cmd = [sys.executable, "-m", "gntipc.cli", "doctor"]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120).stdout
+
+    assert "domain 0: 0 of 100 pages shared now, 100 free: 3 more vchans" in doctor()
+    args = ["-v", "-m", "server", "--max-connections=1", "4", vchan_path(), "tcp:1"]
+    srv = Proc([sys.executable, "-m", "gntipc.cli", "proxy", *args], env=env)
+    procs.append(srv)
+    srv.expect("gntipc proxy: ready: ")
+    assert "domain 0: 33 of 100 pages shared now, 67 free: 2 more vchans" in doctor()
+    assert stop(srv) == 0, srv.output()

@@ -311,6 +311,7 @@ def _sim_state(report: Report, backend: Backend) -> None:
         return
     with runtime.snapshot() as db:
         rows = db.execute("SELECT pid, domid FROM procs").fetchall()
+        shared = dict(db.execute("SELECT domid, COUNT(*) FROM grants GROUP BY domid").fetchall())
     others = [(int(pid), int(domid)) for pid, domid in rows if pid != os.getpid()]
     domains = sorted({int(domid) for _, domid in rows})
     listed = ", ".join(f"pid {pid} (domain {d})" for pid, d in others) or "none"
@@ -318,9 +319,18 @@ def _sim_state(report: Report, backend: Backend) -> None:
     limit = getattr(backend, "page_limit", None)
     if limit is not None:
         source = "GNTIPC_SIM_PAGE_LIMIT" if os.environ.get("GNTIPC_SIM_PAGE_LIMIT") else "default"
+        pages = channel_pages(_DEFAULT_RING, _DEFAULT_RING)
         report.info(
             f"sim gntalloc page limit: {limit} pages per domain ({source}; a vchan with two"
-            f" 64 KiB rings shares {channel_pages(_DEFAULT_RING, _DEFAULT_RING)})"
+            f" 64 KiB rings shares {pages})"
+        )
+        used = int(shared.get(backend.domid, 0))
+        free = max(0, limit - used)
+        report.info(
+            f"grant page budget of domain {backend.domid}: {used} of {limit} pages shared"
+            f" now, {free} free: {free // pages} more vchans of 64 KiB rings, or {free} of"
+            " one page each (gntipc proxy --mode server sizes its rings so that"
+            " --max-connections fit)"
         )
 
 
