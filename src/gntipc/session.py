@@ -84,6 +84,12 @@ from .streams import FAIR_SLICE, FLUSH_BYTES, VchanAttribute
 
 __all__ = ["Session", "SessionStream"]
 
+#: The most the session's reader reads from the underlying stream at a time.
+_READ_SIZE = 1 << 18
+#: After delivering data, the session's reader looks at a VchanStream without waiting
+#: on it (between the application's steps) as long as the application took some of what
+#: was received less than this long ago (seconds); then it waits (spins, then sleeps).
+_LOOK_FOR = 1e-3
 #: How long :meth:`Session.aclose` waits to flush pending control frames and GOAWAY.
 _FLUSH_TIMEOUT = 2.0
 #: How long the writer, after the stream refused a write because the peer left, waits for
@@ -99,6 +105,11 @@ class _Signal:
 
     def __init__(self) -> None:
         self._event: anyio.Event | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """True if a task waits (or is about to wait) for the next :meth:`fire`."""
+        return self._event is not None
 
     def fire(self) -> None:
         event, self._event = self._event, None
@@ -156,6 +167,7 @@ class _Link:
         "cause",
         "channels",
         "control_signal",
+        "delivered_to",
         "down",
         "mux",
         "out",
@@ -164,6 +176,7 @@ class _Link:
         "ring",
         "state_signal",
         "stream",
+        "taken",
         "write_error",
         "writes",
         "writing",
@@ -180,6 +193,9 @@ class _Link:
         self.out: collections.deque[bytes | _Outgoing] = collections.deque()
         self.writing = False  # the writer task is inside the stream's send
         self.control_signal = _Signal()
+        # What the tasks of the stream the reader last delivered data to wait on (None
+        # while it dispatches a chunk that has no data for any).
+        self.delivered_to: _Signal | None = None
         self.state_signal = _Signal()  # hello, accept backlog, free slots, going down
         self.down: _Down | None = None
         self.cause: BaseException | None = None
@@ -192,6 +208,9 @@ class _Link:
         # Statistics: plain counters, bumped where the work is done anyway.
         self.writes = 0
         self.bytes_sent = 0
+        # Bytes the logical streams' readers took so far: the session's reader tells by
+        # it whether the application is working through what was received.
+        self.taken = 0
 
     def go_down(self, how: _Down, cause: BaseException | None) -> None:
         if self.down is not None:
@@ -693,18 +712,50 @@ class Session:
         stream = link.stream
         assert stream is not None
         mux = self._mux
+        # A VchanStream's: what the ring holds now, without waiting (nor spinning).
+        receive_nowait: Callable[[int], bytes] | None = getattr(stream, "receive_nowait", None)
+        # While the application works through what we delivered (it took some less than
+        # _LOOK_FOR ago, and does not wait for more), look at the stream between its
+        # steps instead of waiting on it: a wait spins first, taking the loop from it for
+        # a slice at each of its yields.
+        look_until = 0.0
+        taken = link.taken
+        consumer: _Signal | None = None  # that of the stream we last delivered data to
         try:
             while True:
+                if look_until:
+                    now = time.monotonic()
+                    if link.taken != taken:
+                        taken = link.taken
+                        look_until = now + _LOOK_FOR
+                    if now >= look_until or consumer is None or consumer.waiting:
+                        look_until = 0.0  # idle, or waiting for data: wait the usual way
                 try:
-                    chunk = await stream.receive(1 << 18)
+                    if look_until and receive_nowait is not None:
+                        try:
+                            chunk = receive_nowait(_READ_SIZE)
+                        except WouldBlock:
+                            await checkpoint()
+                            continue
+                    else:
+                        chunk = await stream.receive(_READ_SIZE)
                 except EndOfStream:
                     mux.end_of_stream()
                     link.go_down(_Down.EOF, None)
                     return
                 self._bytes_received += len(chunk)
+                link.delivered_to = None
                 for event in mux.receive_data(chunk):
                     self._frames_received += 1
                     self._handle(event)
+                # Only after data (not after control frames alone), and not where spinning
+                # is off (a VchanStream's spin is 0 on one CPU: the peer needs the CPU
+                # that looking would keep).
+                spin: float = getattr(stream, "spin", 1.0)
+                if link.delivered_to is not None and receive_nowait is not None and spin > 0:
+                    consumer = link.delivered_to
+                    taken = link.taken
+                    look_until = time.monotonic() + _LOOK_FOR
         except RemoteProtocolError as exc:
             link.go_down(_Down.PROTOCOL, exc)
             await self._close_stream()
@@ -743,6 +794,7 @@ class Session:
             if channel.state.reset_sent:
                 return  # we closed the stream: discard what was in flight
             channel.chunks.append(event.data)
+            link.delivered_to = channel.signal
         channel.signal.fire()
         if channel.state.freed:  # its RESET went both ways
             link.forget(channel.state)
@@ -992,9 +1044,11 @@ class SessionStream(ByteStream):
                     parts.append(nxt)
                     size += len(nxt)
                 data = b"".join(parts)
+        link = self._link
+        link.taken += len(data)
         grant = self._state.consume(len(data))
         if grant is not None:
-            self._link.send_control(grant)
+            link.send_control(grant)
         return data
 
     def _end_of_data(self) -> BaseException:
@@ -1029,23 +1083,55 @@ class SessionStream(ByteStream):
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
         self._receiving = True
-        link = self._link
-        state = self._state
         try:
             await self._fair_checkpoint()
             while True:
-                if self._closed:
-                    raise ClosedResourceError
-                down = link.down
-                if self._chunks and down not in (_Down.CLOSED, _Down.PROTOCOL):
-                    return self._take(max_bytes)
-                if state.remote_eof or state.remote_reset or down is not None:
-                    raise self._end_of_data()
+                data = self._take_now(max_bytes)
+                if data is not None:
+                    return data
                 self._flush_before_wait()
                 await self._signal.wait()
                 self._yielded = time.monotonic()
         finally:
             self._receiving = False
+
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes:
+        """Return between 1 and ``max_bytes`` bytes received already, without waiting
+        (what :class:`gntipc.MessageQueue`'s ``get_many`` and ``get_nowait`` use to
+        collect more messages without yielding).
+
+        Raises:
+            anyio.WouldBlock: nothing was received yet.
+            anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                gntipc.RemoteProtocolError: as :meth:`receive`.
+            anyio.BusyResourceError: another task is inside :meth:`receive`.
+        """
+        if self._closed:
+            raise ClosedResourceError
+        if self._receiving:
+            raise BusyResourceError("receiving from")
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        data = self._take_now(max_bytes)
+        if data is None:
+            raise WouldBlock
+        return data
+
+    def _take_now(self, max_bytes: int) -> bytes | None:
+        """What :meth:`receive` returns without waiting, or None if it must wait.
+
+        Raises:
+            The end of the data, or the session's error (see :meth:`receive`).
+        """
+        if self._closed:
+            raise ClosedResourceError
+        down = self._link.down
+        if self._chunks and down not in (_Down.CLOSED, _Down.PROTOCOL):
+            return self._take(max_bytes)
+        state = self._state
+        if state.remote_eof or state.remote_reset or down is not None:
+            raise self._end_of_data()
+        return None
 
     # -- closing ---------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ Hostile-frame tests write raw frames into the vchan under a session."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -20,6 +21,7 @@ import anyio
 import pytest
 from anyio import BrokenResourceError, BusyResourceError, ClosedResourceError, EndOfStream
 from anyio.abc import Process
+from anyio.lowlevel import checkpoint
 from anyio.streams.buffered import BufferedByteReceiveStream
 from conftest import PairFactory, check_send_receive, fresh_path
 
@@ -631,13 +633,13 @@ class ScriptedStream(anyio.abc.ByteStream):
         self.chunks.reverse()
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
-        await anyio.lowlevel.checkpoint()
+        await checkpoint()
         if not self.chunks:
             raise EndOfStream
         return self.chunks.pop()
 
     async def send(self, item: bytes) -> None:
-        await anyio.lowlevel.checkpoint()
+        await checkpoint()
 
     async def send_eof(self) -> None:
         pass
@@ -785,3 +787,132 @@ async def test_unexpected_writer_error_is_recorded_and_ends_the_peer(
         with anyio.fail_after(10):
             while not s.closed:
                 await anyio.sleep(0.01)
+
+
+# -- receiving without waiting (issue 18) ---------------------------------------------------
+
+
+async def test_receive_nowait(make_pair: PairFactory) -> None:
+    async with sessions(make_pair) as (s, c):
+        a = await c.open_stream()
+        b = await s.accept_stream()
+        async with a, b:
+            with pytest.raises(anyio.WouldBlock):
+                b.receive_nowait()
+            with pytest.raises(ValueError):
+                b.receive_nowait(0)
+            await a.send(b"one")
+            await a.send(b"two")
+            assert await b.receive(2) == b"on"  # waits for the first piece
+            got = b""
+            with anyio.fail_after(10):
+                while len(got) < 4:  # the rest, as it arrives, without waiting
+                    with contextlib.suppress(anyio.WouldBlock):
+                        got += b.receive_nowait(100)
+                    await checkpoint()
+            assert got == b"etwo"
+            with pytest.raises(anyio.WouldBlock):
+                b.receive_nowait()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(b.receive)
+                await anyio.wait_all_tasks_blocked()
+                with pytest.raises(BusyResourceError):
+                    b.receive_nowait()
+                await a.send(b"x")
+            await a.send_eof()
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        b.receive_nowait()
+                    except anyio.WouldBlock:
+                        await checkpoint()
+                    except EndOfStream:
+                        break
+        with pytest.raises(ClosedResourceError):
+            b.receive_nowait()
+
+
+async def test_get_many_collects_what_arrived_in_many_pieces(make_pair: PairFactory) -> None:
+    # MessageQueue.get_many takes every message already received, across DATA pieces
+    # too large to be joined by one receive, with the stream's receive_nowait (without
+    # it, a call returned the messages of one piece).
+    async with sessions(make_pair) as (s, c):
+        a = await c.open_stream()
+        b = await s.accept_stream()
+        tx, rx = gntipc.MessageQueue(a, bytes), gntipc.MessageQueue(b, bytes)
+        async with tx, rx:
+            batches = [[bytes([i]) * 1000] * 40 for i in range(3)]  # ~40 KB pieces
+            for batch in batches:
+                await tx.put_many(batch)
+            with anyio.fail_after(10):
+                while s.statistics().bytes_received < c.statistics().bytes_sent:
+                    await anyio.sleep(0.001)
+            assert await rx.get_many() == [m for batch in batches for m in batch]
+
+
+class NowaitStream(anyio.abc.ByteStream):
+    """A peer's bytes, all there at once, then nothing more (until closed); with a
+    counted ``receive_nowait`` as a VchanStream has, which the session's reader uses
+    while the application works through what was received."""
+
+    def __init__(self, wire: bytes) -> None:
+        self.wire = wire
+        self.nowait_calls = 0
+        self.closed = anyio.Event()
+
+    def _take(self, max_bytes: int) -> bytes:
+        data, self.wire = self.wire[:max_bytes], self.wire[max_bytes:]
+        return data
+
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes:
+        self.nowait_calls += 1
+        if not self.wire:
+            raise anyio.WouldBlock
+        return self._take(max_bytes)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await checkpoint()
+        if not self.wire:
+            await self.closed.wait()
+            raise EndOfStream
+        return self._take(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await checkpoint()
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+async def test_data_nobody_reads_does_not_keep_the_reader_looking() -> None:
+    # The reader looks at the ring between the application's steps only while the
+    # application takes what was received; data nobody reads must not make it poll for
+    # longer than _LOOK_FOR (a busy loop in an idle process): then it waits in receive.
+    stream = NowaitStream(OPEN_1 + frame(T_DATA, 1, 5, b"hello"))
+    async with Session(stream, is_initiator=False) as s:
+        st = await s.accept_stream()  # never read
+        await anyio.sleep(10 * gntipc.session._LOOK_FOR)
+        calls = stream.nowait_calls
+        for _ in range(1000):
+            await checkpoint()
+        assert stream.nowait_calls == calls
+        await st.aclose()
+
+
+async def test_the_reader_looks_without_waiting_while_the_application_reads() -> None:
+    # 64 DATA pieces of 1 KiB arrive in one chunk: while the application reads them one
+    # by one (yielding between), the reader looks at the stream without waiting on it.
+    wire = OPEN_1 + b"".join(frame(T_DATA, 1, 1024, bytes([i]) * 1024) for i in range(64))
+    stream = NowaitStream(wire)
+    async with Session(stream, is_initiator=False) as s:
+        st = await s.accept_stream()
+        got = bytearray()
+        while len(got) < 64 * 1024:
+            got += await st.receive(1024)
+            await checkpoint()
+        assert got == b"".join(bytes([i]) * 1024 for i in range(64))
+        assert stream.nowait_calls >= 32
+        await st.aclose()
