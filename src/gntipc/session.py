@@ -1076,12 +1076,7 @@ class SessionStream(ByteStream):
                 waiting).
             gntipc.RemoteProtocolError: the peer violated the protocol.
         """
-        if self._closed:
-            raise ClosedResourceError
-        if self._receiving:
-            raise BusyResourceError("receiving from")
-        if max_bytes < 1:
-            raise ValueError("max_bytes must be at least 1")
+        self._check_receive(max_bytes)
         self._receiving = True
         try:
             await self._fair_checkpoint()
@@ -1106,16 +1101,19 @@ class SessionStream(ByteStream):
                 gntipc.RemoteProtocolError: as :meth:`receive`.
             anyio.BusyResourceError: another task is inside :meth:`receive`.
         """
+        self._check_receive(max_bytes)
+        data = self._take_now(max_bytes)
+        if data is None:
+            raise WouldBlock
+        return data
+
+    def _check_receive(self, max_bytes: int) -> None:
         if self._closed:
             raise ClosedResourceError
         if self._receiving:
             raise BusyResourceError("receiving from")
         if max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
-        data = self._take_now(max_bytes)
-        if data is None:
-            raise WouldBlock
-        return data
 
     def _take_now(self, max_bytes: int) -> bytes | None:
         """What :meth:`receive` returns without waiting, or None if it must wait.
