@@ -55,6 +55,7 @@ from anyio.abc import ByteStream
 from .. import _astore
 from .._domid import check_domid
 from .._exceptions import GntipcError
+from .._fastpath import HeldWrites, held_writes
 from ..backends import Backend
 from ..protocol import VchanState, channel_pages, check_ring_size
 from ..session import Session
@@ -238,22 +239,16 @@ async def relay(channel: ByteStream, sock: socket.socket, *, half_close: bool) -
 
 async def _relay_tasks(channel: ByteStream, sock: socket.socket, *, half_close: bool) -> None:
     """:func:`relay` with a task per direction (any stream, any event loop)."""
+    held = held_writes(channel)
     with sock:
         async with channel, anyio.create_task_group() as tg:
 
             async def up() -> None:  # socket -> channel
                 try:
-                    while True:
-                        try:
-                            # A fresh bytes object each time: the channel may keep the
-                            # item after send() returned (a queued frame).
-                            data = sock.recv(_CHUNK)
-                        except BlockingIOError:
-                            await anyio.wait_readable(sock)
-                            continue
-                        if not data:
-                            break
-                        await channel.send(data)
+                    if held is not None and sniffio.current_async_library() == "asyncio":
+                        await _up_by_callback(sock, channel, held)
+                    else:
+                        await _up_by_task(sock, channel)
                     if not half_close:
                         tg.cancel_scope.cancel()
                         return
@@ -283,6 +278,62 @@ async def _relay_tasks(channel: ByteStream, sock: socket.socket, *, half_close: 
 
             tg.start_soon(up)
             tg.start_soon(down)
+
+
+async def _up_by_task(sock: socket.socket, channel: ByteStream) -> None:
+    """Socket to ``channel`` until the socket's EOF: wait, read, send."""
+    while True:
+        try:
+            # A fresh bytes object each time: the channel may keep the item after
+            # send() returned (a queued frame).
+            data = sock.recv(_CHUNK)
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+            continue
+        if not data:
+            return
+        await channel.send(data)
+
+
+async def _up_by_callback(sock: socket.socket, channel: ByteStream, held: HeldWrites) -> None:
+    """Socket to ``channel`` until the socket's EOF, asyncio: a reader callback stays
+    registered on the socket and hands each chunk to the stream's gathered writes (a
+    :class:`gntipc.SessionStream` writes it into the ring at once, or gathers a burst
+    into one frame), so a request costs no task switch and no (un)registration of the
+    socket; only a chunk the stream cannot take now (no credit) is sent by this task,
+    the socket not read meanwhile (backpressure)."""
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()
+    wake = anyio.Event()
+    state: dict[str, Any] = {"data": None, "error": None, "eof": False}
+
+    def on_readable() -> None:
+        try:
+            data = sock.recv(_CHUNK)
+            if data and held._send_soon(data):
+                return
+        except BlockingIOError:
+            return
+        except _CONNECTION_ERRORS as exc:
+            state["error"] = exc
+        else:
+            state["data"], state["eof"] = data, not data
+        loop.remove_reader(fd)
+        wake.set()
+
+    try:
+        while True:
+            loop.add_reader(fd, on_readable)
+            await wake.wait()
+            wake = anyio.Event()
+            if state["error"] is not None:
+                raise state["error"]
+            if state["eof"]:
+                return
+            data, state["data"] = state["data"], None
+            await channel.send(data)
+    finally:
+        loop.remove_reader(fd)
 
 
 class _RingRelay:
