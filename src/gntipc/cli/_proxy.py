@@ -507,15 +507,15 @@ class _RingRelay:
             self._flush_up()
         ep = self.ep
         while not self.down_done and not self.down_end and not self.finished:
+            # Before each read, not after an empty one: an empty ring then costs one
+            # call (ask the peer to notify us, check again) instead of two.
+            if not ep.poll_read(1):
+                return  # the peer's next write notifies us
             try:
                 n = ep.readinto_nowait(self.down)
             except EndOfStream:
                 self._ring_ended()
                 return
-            if not n:
-                if ep.poll_read(1):
-                    continue  # data (or the end) came meanwhile
-                return  # the peer's write notifies us
             self.down_off, self.down_end = 0, n
             if not self._flush_down():
                 self._write_sock(True)
