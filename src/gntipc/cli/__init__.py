@@ -74,13 +74,14 @@ examples (domain 0 serves a unix socket program to domain 5; a client there uses
   in domain 0:  gntipc proxy --mode server 5 data/vchan/5/web tcp:127.0.0.1:8080
   in domain 5:  gntipc proxy 0 data/vchan/5/web /run/web.sock
 Plain mode uses one vchan per connection and interoperates with Xen's vchan-socket-proxy
-on the other side (against "vchan-socket-proxy -m server" only its first connection: it
-offers its vchan once and waits for a reconnect to the same page, which gntipc refuses
-as stale); --mux carries every connection over one vchan (gntipc proxy --mux on both
-sides).  A half-close (shutdown SHUT_WR) crosses over to a gntipc peer and in --mux; with a
-plain libxenvchan peer a socket's EOF closes the vchan and the vchan's end closes the
-socket.  Runs until SIGINT/SIGTERM; --mux in client mode also ends when the peer closes
-the session; SOCKET - serves one connection on stdin/stdout.
+on the other side, in either role, connection after connection; the server side sizes
+each vchan's rings to the domain's grant page budget so that --max-connections fit (gntipc
+doctor reports the budget; the sim's: --sim-page-limit).  --mux carries every connection
+over one vchan (gntipc proxy --mux on both sides).  A half-close (shutdown SHUT_WR)
+crosses over to a gntipc peer and in --mux; with a plain libxenvchan peer a socket's EOF
+closes the vchan and the vchan's end closes the socket.  Runs until SIGINT/SIGTERM; --mux
+in client mode also ends when the peer closes the session; SOCKET - serves one connection
+on stdin/stdout.
 
 """
     + _EPILOG

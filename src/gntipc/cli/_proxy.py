@@ -187,7 +187,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=65536,
         help="server mode: size in bytes of each ring (a power of two, 1024..1048576;"
-        " default 65536)",
+        " default 65536); plain mode: at most that, smaller as connections add up, so that"
+        " --max-connections fit the domain's grant page budget",
     )
     p.add_argument(
         "--max-connections",
