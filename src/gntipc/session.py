@@ -302,14 +302,19 @@ class _Link:
     def send_control(self, frame: bytes | None) -> None:
         """Write a control frame now if nothing is queued before it and the ring has
         room (no task switch, and the peer has it at once: a WINDOW grant it may be
-        waiting for), else queue it for the writer.  Never raises: a session that went
-        down sends nothing more, and its next operation reports why."""
+        waiting for), else queue it for the writer.  Never raises (its caller, a
+        receive, has taken the data it returns): a session that went down sends
+        nothing more, and its next operation reports why."""
         if frame is None or self.down is not None:
             return
         try:
             if self.write_now(frame):
                 return
-        except Exception:  # the session is down now
+        except Exception as exc:
+            # The stream's own errors took the session down already (write_now); an
+            # unexpected one does here, as it would in the writer (the frame may be
+            # half-written: nothing more can be written in sync).
+            self.go_down(_Down.BROKEN, exc)
             return
         self.queue_control(frame)
 

@@ -23,6 +23,7 @@ from anyio import BrokenResourceError, BusyResourceError, ClosedResourceError, E
 from anyio.abc import Process
 from anyio.lowlevel import checkpoint
 from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.stapled import StapledByteStream
 from conftest import PairFactory, check_send_receive, fresh_path
 
 import gntipc
@@ -916,3 +917,43 @@ async def test_the_reader_looks_without_waiting_while_the_application_reads() ->
         assert got == b"".join(bytes([i]) * 1024 for i in range(64))
         assert stream.nowait_calls >= 32
         await st.aclose()
+
+
+class WindowsFail(StapledByteStream):
+    """A VchanStream (both halves of the stapled stream) whose ``send_nowait`` fails
+    unexpectedly on WINDOW frames (as a failing notification might), declaring the ring
+    fast path as a wrapper may."""
+
+    gntipc_fast_path = "ring"
+
+    def send_nowait(self, item: bytes) -> None:
+        if bytes(item[:1]) == bytes([T_WINDOW]):
+            raise OSError("the notification failed")
+        self.inner.send_nowait(item)
+
+    def statistics(self) -> gntipc.VchanStreamStatistics:
+        return self.inner.statistics()
+
+    @property
+    def inner(self) -> gntipc.VchanStream:
+        assert isinstance(self.send_stream, gntipc.VchanStream)
+        return self.send_stream
+
+
+async def test_a_grant_that_fails_to_be_written_breaks_the_session(
+    make_pair: PairFactory,
+) -> None:
+    # The receive that earned the grant returns its data; the unexpected error of the
+    # grant's write takes the session down (as in the writer), never silently dropping
+    # the credit (the peer would wait for it forever).
+    srv, cli = await make_pair()
+    async with Session(WindowsFail(srv, srv)) as s, Session(cli) as c:
+        a = await c.open_stream()
+        b = await s.accept_stream()
+        async with a, b:
+            quarter = s.window // 4
+            await a.send(b"q" * quarter)
+            assert await receive_exactly(b, quarter) == b"q" * quarter
+            assert s.closed and isinstance(s.error, OSError)
+            with pytest.raises(BrokenResourceError):
+                await b.receive()
