@@ -17,11 +17,14 @@
  * and hashes every byte it reads (FNV-1a), which no Python peer could match.
  *
  * The server prints "LISTENING" once the path is offered; the receiver prints
- * "RATE seconds=<s>" (connection to last byte) and "ok".  No wait lasts: the process
+ * "RATE seconds=<s>" (connection to last byte) and "ok"; both print "CSW <voluntary>
+ * <involuntary> <cpu seconds>", their context switches and CPU time (user + system) over
+ * the transfer (getrusage).  No wait lasts: the process
  * ends by SIGALRM DEADLINE seconds after it started.
  */
 #include <libxenvchan.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,6 +78,8 @@ int main(int argc, char **argv) {
     }
     c->blocking = 1;
 
+    struct rusage r0, r1;
+    getrusage(RUSAGE_SELF, &r0);
     double t0 = now();
     uint64_t done = 0;
     while (done < nbytes) {
@@ -91,7 +96,13 @@ int main(int argc, char **argv) {
         }
         done += (uint64_t)n;
     }
-    if (!sending) printf("RATE seconds=%.6f\nok\n", now() - t0);
+    double t1 = now();
+    getrusage(RUSAGE_SELF, &r1);
+    double cpu = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec) + (r1.ru_stime.tv_sec - r0.ru_stime.tv_sec)
+                 + ((r1.ru_utime.tv_usec - r0.ru_utime.tv_usec)
+                    + (r1.ru_stime.tv_usec - r0.ru_stime.tv_usec)) / 1e6;
+    printf("CSW %ld %ld %.6f\n", r1.ru_nvcsw - r0.ru_nvcsw, r1.ru_nivcsw - r0.ru_nivcsw, cpu);
+    if (!sending) printf("RATE seconds=%.6f\nok\n", t1 - t0);
     fflush(stdout);
     libxenvchan_close(c);
     free(pattern);

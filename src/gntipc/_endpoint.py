@@ -42,6 +42,7 @@ from ._domid import check_domid
 from ._exceptions import LocalProtocolError, StaleKeys, XenError
 from ._keys import Presence, publish_keys, resolve_path, unpublish_keys
 from ._native import ffi
+from ._spin import Spinner
 from ._stats import EndpointCounters
 from .backends._abc import Backend, EventPort, Pages
 from .protocol import (
@@ -328,9 +329,16 @@ class Endpoint:
         return EndOfStream()
 
     # ---------------------------------------------------------------- writing ---
-    def write_nowait(self, data: Any, *, all_or_nothing: bool = False) -> int:
+    def write_nowait(
+        self, data: Any, *, all_or_nothing: bool = False, spinner: Spinner | None = None
+    ) -> int:
         """Write as many bytes of ``data`` (any buffer) as fit now; with
         ``all_or_nothing``, all of them or none.  Returns the count (0 if none).
+
+        With a ``spinner`` (not all or nothing), when the ring fills before all of
+        ``data`` is written, spin for room up to its budget (telling it how the spin
+        went) and write on, in the same native call: on a busy channel, no return to
+        Python between the spin and the copy it waited for.
 
         Raises:
             BrokenResourceError: the peer is gone.  ClosedResourceError: after close()
@@ -339,7 +347,7 @@ class Endpoint:
         """
         src = ffi.from_buffer(data)  # len(src) is in bytes, whatever the item size
         try:
-            n, notify = self._write(src, all_or_nothing, len(src))
+            n, notify = self._write(src, all_or_nothing, len(src), spinner)
         except BaseException:
             # Released at once: a traceback keeping this frame alive must not keep the
             # caller's buffer exported.  (On return, `src` dies with the frame.)
@@ -382,7 +390,10 @@ class Endpoint:
             self._notify()
         return n, total
 
-    def _write(self, src: Any, all_or_nothing: bool, size: int) -> tuple[int, bool]:
+    def _write(
+        self, src: Any, all_or_nothing: bool, size: int, spinner: Spinner | None = None
+    ) -> tuple[int, bool]:
+        ns = 0 if spinner is None else spinner.budget_ns()
         with self._wlock:
             rings = self._rings
             if self.closed or rings is None:
@@ -394,7 +405,14 @@ class Endpoint:
                     f"a {size}-byte packet can never fit a {self.write_size}-byte ring"
                 )
             n = -1
-            if not self._peer_dead:
+            if self._peer_dead:
+                pass
+            elif spinner is not None and ns and not all_or_nothing:
+                # The liveness check, the write, and spinning for room to write the rest.
+                n, notify, spun = rings.write_spin(src, size, ns)
+                if spun:
+                    spinner.spun(spun == 1)
+            else:
                 # The liveness check and the write in one native call.
                 n, notify = rings.write(src, size, all_or_nothing)
             if n < 0:
@@ -461,28 +479,40 @@ class Endpoint:
             self._notify()
         return data
 
-    def readinto_nowait(self, buf: Any, *, all_or_nothing: bool = False) -> int:
+    def readinto_nowait(
+        self, buf: Any, *, all_or_nothing: bool = False, spinner: Spinner | None = None
+    ) -> int:
         """Copy the bytes available now into ``buf`` (a writable buffer); with
         ``all_or_nothing``, exactly ``len(buf)`` bytes or none.  Returns the count.
+        With a ``spinner`` (not all or nothing), when nothing is readable, spin for a
+        byte up to its budget (telling it how the spin went) and read, in one native call.
 
         Raises: as :meth:`read_nowait`.
         """
         dst = ffi.from_buffer(buf, require_writable=True)
         try:
-            n, notify = self._readinto(dst, all_or_nothing)
+            n, notify = self._readinto(dst, all_or_nothing, spinner)
         finally:
             ffi.release(dst)
         if notify:
             self._notify()
         return n
 
-    def _readinto(self, dst: Any, all_or_nothing: bool) -> tuple[int, bool]:
+    def _readinto(
+        self, dst: Any, all_or_nothing: bool, spinner: Spinner | None = None
+    ) -> tuple[int, bool]:
         size = len(dst)
+        ns = 0 if spinner is None else spinner.budget_ns()
         with self._rlock:
             rings = self._live()
             if not self._connected:
                 self._peer_state(rings)
-            n, notify = rings.read(dst, size, all_or_nothing=all_or_nothing)
+            if spinner is not None and ns and not all_or_nothing:
+                n, notify, spun = rings.read_spin(dst, size, ns)
+                if spun:
+                    spinner.spun(spun == 1)
+            else:
+                n, notify = rings.read(dst, size, all_or_nothing=all_or_nothing)
             if not n and size:
                 if not self._read_ended(rings):
                     return 0, False

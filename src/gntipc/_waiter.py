@@ -33,36 +33,39 @@ class BlockingWaiter:
         self.read_spinner = Spinner(spin)
         self.write_spinner = Spinner(spin)
 
-    def wait_readable(self, want: int, deadline: float | None) -> None:
+    def wait_readable(self, want: int, deadline: float | None, *, spin: bool = True) -> None:
         """Return once ``want`` bytes are readable or there is an end to report (or
-        maybe spuriously: the caller re-checks).
+        maybe spuriously: the caller re-checks).  ``spin=False``: the caller spun
+        already (:meth:`Endpoint.readinto_spin`), block at once.
 
         Raises:
             TimeoutError: ``deadline`` (a ``time.monotonic()`` value) passed.
             anyio.ClosedResourceError: the endpoint is (or gets) closed.
         """
         ep = self._ep
-        self._wait(ep.poll_read, ep.spin_read, self.read_spinner, want, deadline)
+        self._wait(ep.poll_read, ep.spin_read, self.read_spinner, spin, want, deadline)
 
-    def wait_writable(self, want: int, deadline: float | None) -> None:
+    def wait_writable(self, want: int, deadline: float | None, *, spin: bool = True) -> None:
         """Return once ``want`` bytes (capped at the ring size) are free or a write
-        would fail at once (or maybe spuriously: the caller re-checks).
+        would fail at once (or maybe spuriously: the caller re-checks).  ``spin`` as
+        for :meth:`wait_readable`.
 
         Raises: as :meth:`wait_readable`.
         """
         ep = self._ep
-        self._wait(ep.poll_write, ep.spin_write, self.write_spinner, want, deadline)
+        self._wait(ep.poll_write, ep.spin_write, self.write_spinner, spin, want, deadline)
 
     def _wait(
         self,
         poll: Callable[[int], bool],
         spin: Callable[[int, int], bool],
         spinner: Spinner,
+        spinning: bool,
         want: int,
         deadline: float | None,
     ) -> None:
         gen = self._gen  # before the check: see the module docstring
-        ns = spinner.budget_ns()
+        ns = spinner.budget_ns() if spinning else 0
         if ns:
             if deadline is not None:
                 ns = min(ns, max(0, int((deadline - time.monotonic()) * 1e9)))

@@ -339,11 +339,13 @@ class Vchan(Closeable):
         Raises: as :meth:`read`.
         """
         deadline = _deadline(timeout)
+        waiter = self._waiter
         while True:
-            n = self.endpoint.readinto_nowait(buf)
+            # With the channel busy, spinning for data and reading it are one native call.
+            n = self.endpoint.readinto_nowait(buf, spinner=waiter.read_spinner)
             if n or not memoryview(buf).nbytes:
                 return n
-            self._waiter.wait_readable(1, deadline)
+            waiter.wait_readable(1, deadline, spin=False)
 
     def recv(self, n: int, *, timeout: float | None = None) -> bytes:
         """Packet read: wait until ``n`` bytes are available and return exactly them."""
@@ -369,14 +371,17 @@ class Vchan(Closeable):
         """Write every byte of ``data``, waiting for space as needed (the writer fills
         whatever is free and goes on as the reader frees more)."""
         deadline = _deadline(timeout)
+        waiter = self._waiter
         with memoryview(data) as raw, raw.cast("B") as view:
             offset, total = 0, len(view)
             while offset < total:
-                n = self.endpoint.write_nowait(view[offset:])
+                # With the channel busy, writing, spinning for room and writing on are one
+                # native call.
+                n = self.endpoint.write_nowait(view[offset:], spinner=waiter.write_spinner)
                 if n:
                     offset += n
                     continue
-                self._waiter.wait_writable(1, deadline)
+                waiter.wait_writable(1, deadline, spin=False)
 
     def send(self, data: Buffer, *, timeout: float | None = None) -> None:
         """Packet write: wait until all of ``data`` fits, then write it at once."""

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,6 +233,103 @@ def test_notify_bits(shared: Any) -> None:
     assert s.read(2) == (b"ab", 1) and s.reader_byte == 0
     assert s.read(2) == (b"cd", 0)
     assert s.read(2) == (b"", 0)
+
+
+class Spinning:
+    """The spin-then-transfer calls on a :class:`Shared` pair, with a live byte."""
+
+    def __init__(self, s: Shared) -> None:
+        self.s = s
+        self.live = ffi.new("uint8_t *", 1)
+        self.notify = ffi.new("int *")
+        self.spun = ffi.new("int *")
+
+    def write(self, data: bytes, ns: int) -> tuple[int, int, int]:
+        n = lib.gnt_ring_write_spin(
+            self.s.w, self.live, data, len(data), ns, self.notify, self.spun
+        )
+        return n, self.notify[0], self.spun[0]
+
+    def read(self, n: int, ns: int) -> tuple[bytes | int, int, int]:
+        buf = bytearray(n)
+        dst = ffi.from_buffer(buf)
+        got = lib.gnt_ring_read_spin(self.s.r, self.live, 4, dst, n, ns, self.notify, self.spun)
+        return (bytes(buf[:got]) if got >= 0 else got), self.notify[0], self.spun[0]
+
+
+def _later(delay: float, action: Any) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        action()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_read_spin(shared: Any) -> None:
+    sp = Spinning(shared(1024))
+    assert sp.s.write(b"ready")[0] == 5
+    assert sp.read(16, 10**9) == (b"ready", 0, 0)  # readable: no spin at all
+    assert sp.read(16, 0) == (b"", 0, 0)  # empty, no budget: no spin
+    assert sp.read(16, 50_000) == (b"", 0, 2)  # empty: the spin runs out
+    # A write that lands during the spin is read in the same call (5 s: never runs out).
+    t = _later(0.05, lambda: sp.s.write(b"late"))
+    assert sp.read(16, 5 * 10**9) == (b"late", 0, 1)
+    t.join()
+    # The peer leaving, or its EOF bit, ends the spin at once, empty-handed (well
+    # before its 30 s budget).
+    sp.live[0] = 0
+    t0 = time.monotonic()
+    assert sp.read(16, 30 * 10**9) == (b"", 0, 2)
+    sp.live[0] = 1
+    sp.s.mm[9] |= 4  # EOF_BIT in the reader's own notify byte
+    assert sp.read(16, 30 * 10**9) == (b"", 0, 2)
+    assert time.monotonic() - t0 < 10
+    # A hostile index is reported, not read.
+    sp.s.ctrl[1] = sp.s.ctrl[0] + 5000
+    assert sp.read(16, 10**6)[0] == lib.GNT_RING_EPROTO
+
+
+def test_write_spin(shared: Any) -> None:
+    sp = Spinning(shared(1024))
+    data = random.Random(7).randbytes(64 * 1024)
+    got = bytearray()
+
+    def drain() -> None:  # the peer: reads until everything came
+        while len(got) < len(data):
+            chunk = sp.s.read(700)[0]
+            assert isinstance(chunk, bytes)
+            got.extend(chunk)
+
+    t = _later(0.0, drain)
+    # 64 KiB through a 1 KiB ring in one call: it spins for room and writes on (60 s:
+    # never runs out), and no event is owed since the reader never asked for one.
+    assert sp.write(data, 60 * 10**9) == (len(data), 0, 1)
+    t.join()
+    assert bytes(got) == data
+    # The ring full: a short budget runs out, with what fitted written.
+    assert sp.write(b"x" * 2000, 50_000) == (1024, 0, 2)
+    # An event owed to the peer (it waits for data) goes first: no spin, back at once.
+    assert sp.s.read(1024)[0] == b"x" * 1024
+    assert lib.gnt_ring_prepare_wait_read(sp.s.r) == 0
+    assert sp.write(b"y" * 2000, 60 * 10**9) == (1024, 1, 0)
+    # The peer gone: nothing is written (the caller reports it).
+    assert sp.s.read(1024)[0] == b"y" * 1024
+    sp.live[0] = 0
+    assert sp.write(b"z", 10**9) == (lib.GNT_RING_NOTLIVE, 0, 0)
+    # The peer leaving during the spin ends it.
+    sp.live[0] = 1
+    assert sp.write(b"z" * 1024, 0)[0] == 1024
+    t = _later(0.05, lambda: sp.live.__setitem__(0, 0))
+    t0 = time.monotonic()
+    assert sp.write(b"w", 30 * 10**9) == (0, 0, 2)
+    assert time.monotonic() - t0 < 10  # well before the budget
+    t.join()
+    # A hostile index is reported.
+    sp.live[0] = 1
+    sp.s.ctrl[0] = sp.s.ctrl[1] + 5000
+    assert sp.write(b"v", 10**6)[0] == lib.GNT_RING_EPROTO
 
 
 def test_atomic_accessors() -> None:

@@ -104,10 +104,7 @@ async def test_bytes_producer_consumer(backend: Backend, spawn: object) -> None:
     assert h.hexdigest() == hashlib.blake2b(random.Random(42).randbytes(n)).hexdigest()
 
 
-@pytest.mark.skipif(
-    not hasattr(os, "sched_setaffinity") or not gntipc._spin._can_spin(),
-    reason="the spin policy is off on a one-CPU machine",
-)
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity")
 async def test_two_processes_on_one_cpu_hand_over_by_spinning(
     backend: Backend, spawn: object
 ) -> None:
@@ -160,7 +157,9 @@ async def test_typed_messages_producer_consumer(
         check: int
 
     path = fresh_path()
-    n = 50_000
+    # Fewer on real Xen under the kit's emulation (per-message Python cost x10-20: 50,000
+    # one at a time took 106-174 s there, against a 180 s deadline on a loaded machine).
+    n = 10_000 if backend.name == "xen" else 50_000
     async with await gntipc.listen(
         spawn.peer_domid,
         path,
@@ -170,9 +169,7 @@ async def test_typed_messages_producer_consumer(
         queue = gntipc.MessageQueue(await listener.accept(), Reading)
         async with queue:
             expected = 0
-            # Real Xen under the kit's emulation: 48-67 s measured for the one-message
-            # batches (per-message Python cost x10-20, no wake-up lost: it passes alone).
-            with anyio.fail_after(180 if backend.name == "xen" else 60):
+            with anyio.fail_after(120 if backend.name == "xen" else 60):
                 async for batch_ in _batches(queue):
                     for r in batch_:
                         assert r.seq == expected

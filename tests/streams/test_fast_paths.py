@@ -14,11 +14,9 @@ import pytest
 from conftest import PairFactory
 
 import gntipc
-from gntipc._spin import IDLE_AFTER, PROBE_EVERY, Spinner, _can_spin
+from gntipc._spin import IDLE_AFTER, PROBE_EVERY, Spinner
 
 pytestmark = pytest.mark.anyio
-
-needs_spin = pytest.mark.skipif(not _can_spin(), reason="one CPU: the policy never spins")
 
 
 def pattern(n: int) -> bytes:
@@ -111,9 +109,6 @@ def test_spinner_goes_quiet() -> None:
     s = Spinner(50e-6)
     assert s.budget_ns() == 0  # a channel with no history is idle: no spinning
     s.woke()  # the channel is busy now
-    if not _can_spin():
-        assert s.budget_ns() == 0
-        return
     assert s.budget_ns() == 50_000
     s.spun(False)
     assert s.budget_ns() == 25_000  # a miss halves the budget...
@@ -134,7 +129,6 @@ def test_spinner_goes_quiet() -> None:
         s.limit = -1
 
 
-@needs_spin
 async def test_idle_pair_uses_no_cpu(make_pair: PairFactory) -> None:
     srv, cli = await make_pair()
     for _ in range(200):  # a burst of traffic: the spinners are warm
@@ -163,7 +157,6 @@ async def test_idle_pair_uses_no_cpu(make_pair: PairFactory) -> None:
     assert idle < 0.05, f"an idle pair used {idle:.3f} s of CPU in 1 s"
 
 
-@needs_spin
 async def test_a_long_spin_is_cancellable_and_lets_others_run(make_pair: PairFactory) -> None:
     srv, cli = await make_pair()
     srv.spin = 2.0  # far longer than the test: only a cancellation ends it
@@ -199,7 +192,9 @@ async def test_small_receives_free_ring_space_in_blocks(make_pair: PairFactory, 
     7-byte receives over a 1 KiB ring cost ~8,500 wake-ups per 120 KB, ~3 ms each)."""
     srv, cli = await make_pair(read_size=1024, write_size=1024)
     srv.spin = cli.spin = 0  # every wait sleeps on an event: the events are the count
-    data = pattern(100_000)
+    # 1-byte receives: 20 KB (100 KB took 75-240 s on real Xen under the kit's emulation,
+    # against the 240 s test timeout on a loaded machine).
+    data = pattern(20_000 if n == 1 else 100_000)
     got = bytearray()
     async with anyio.create_task_group() as tg:
         tg.start_soon(pump, cli, data)

@@ -288,6 +288,21 @@ int64_t gnt_ring_read_commit(struct gnt_ring *r, uint32_t n, int *notify);
 int64_t gnt_ring_spin(struct gnt_ring *r, int writer, uint32_t want, uint64_t ns,
                       const uint8_t *peer_live, uint8_t eof_bit);
 
+/* Spin-then-transfer in one call (the blocking API's common case on a busy channel: no
+ * return to Python between a spin that found room or data and the copy it waited for).
+ * write_spin: as gnt_ring_write_live (not all-or-nothing), then, while some of `src` is
+ * left, no event is owed to the peer (*notify 0) and the peer stays connected, spin as
+ * gnt_ring_spin for free space, `ns` nanoseconds in all, and write on.
+ * read_spin: as gnt_ring_read; if nothing was readable, spin as gnt_ring_spin (up to `ns`)
+ * for one byte, then read.
+ * Both: *spun is 0 if no spin ran, 1 if every spin found what it waited for, 2 if the
+ * last one ran out (or the peer left, or sent EOF); the caller's slow path takes it
+ * from there.  Errors as the calls they combine. */
+int64_t gnt_ring_write_spin(struct gnt_ring *r, const uint8_t *peer_live, const void *src,
+                            size_t len, uint64_t ns, int *notify, int *spun);
+int64_t gnt_ring_read_spin(struct gnt_ring *r, const uint8_t *peer_live, uint8_t eof_bit,
+                           void *dst, size_t len, uint64_t ns, int *notify, int *spun);
+
 uint8_t gnt_load_u8(const uint8_t *p);
 void gnt_store_u8(uint8_t *p, uint8_t v);
 uint32_t gnt_load_u32(const uint32_t *p);

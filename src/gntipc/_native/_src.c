@@ -377,6 +377,64 @@ int64_t gnt_ring_spin(struct gnt_ring *r, int writer, uint32_t want, uint64_t ns
     }
 }
 
+int64_t gnt_ring_write_spin(struct gnt_ring *r, const uint8_t *peer_live, const void *src,
+                            size_t len, uint64_t ns, int *notify, int *spun)
+{
+    uint64_t deadline = 0, now;
+    int64_t n, avail;
+    size_t done;
+
+    *spun = 0;
+    n = gnt_ring_write_live(r, peer_live, src, len, 0, notify);
+    if (n < 0)
+        return n;
+    done = (size_t)n;
+    /* A notify owed to the peer goes first (the peer sleeps until it comes): back to the
+     * caller, which sends it and calls again. */
+    while (done < len && ns && !*notify) {
+        now = gnt_now_ns();
+        if (deadline == 0)
+            deadline = now + ns;
+        else if (now >= deadline)
+            break;
+        avail = gnt_ring_spin(r, 1, 1, deadline - now, peer_live, 0);
+        if (avail < 0)
+            return avail;
+        if (avail == 0) {
+            *spun = 2;
+            return (int64_t)done;
+        }
+        *spun = 1;
+        n = gnt_ring_write_live(r, peer_live, (const uint8_t *)src + done, len - done, 0, notify);
+        if (n == GNT_RING_NOTLIVE) {
+            *spun = 2;
+            break;
+        }
+        if (n < 0)
+            return n;
+        done += (size_t)n;
+    }
+    return (int64_t)done;
+}
+
+int64_t gnt_ring_read_spin(struct gnt_ring *r, const uint8_t *peer_live, uint8_t eof_bit,
+                           void *dst, size_t len, uint64_t ns, int *notify, int *spun)
+{
+    int64_t n, avail;
+
+    *spun = 0;
+    n = gnt_ring_read(r, dst, len, 0, notify);
+    if (n != 0 || ns == 0 || len == 0)
+        return n;
+    avail = gnt_ring_spin(r, 0, 1, ns, peer_live, eof_bit);
+    if (avail <= 0) {
+        *spun = 2;
+        return avail;
+    }
+    *spun = 1;
+    return gnt_ring_read(r, dst, len, 0, notify);
+}
+
 int64_t gnt_ring_read_begin(struct gnt_ring *r, size_t max, uint32_t *pos)
 {
     int64_t avail;
