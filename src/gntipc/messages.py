@@ -45,6 +45,14 @@ A peer that keeps the stream full cannot keep :meth:`MessageQueue.get_many` busy
 call returns at most ``max_items`` messages (:data:`DEFAULT_MAX_ITEMS` by default) and
 stops reading once :data:`COLLECT_BYTES` were received; the rest stays for the next call.
 A frame arriving in many pieces is joined once, when it is complete (linear in its size).
+
+Copies: on a :class:`~gntipc.VchanStream`, a frame larger than a receive chunk (64 KiB)
+is received straight from the ring into a buffer of its size, the last large frame's
+buffer reused (no allocation, no page faults from frame to frame; the queue keeps it, up
+to ``max_message_size`` bytes), then msgspec copies what it decodes out of it; a
+``memoryview`` or :class:`msgspec.Raw` value of a message refers to the buffer instead,
+and the next large frame then gets a buffer of its own.  Sending, the frame is encoded
+into a buffer the queue reuses, then written into the ring.
 """
 
 from __future__ import annotations
