@@ -13,15 +13,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 from interop import conftest as interop_conftest
 from interop._util import Proc
 
+from gntipc import VchanStream, get_backend
 from gntipc.cli import main
-from gntipc.cli._proxy import SocketAddress, UsageError, parse_socket_address
+from gntipc.cli._proxy import SocketAddress, UsageError, parse_socket_address, relay
+from gntipc.testing import connect_pair
 
 _paths = itertools.count()
 #: The fixture of the interop tests: the processes a test starts, killed after it.
@@ -540,3 +544,93 @@ def test_doctor_reports_the_page_budget_in_use(procs: list[Proc]) -> None:
     srv.expect("gntipc proxy: ready: ")
     assert "domain 0: 33 of 100 pages shared now, 67 free: 2 more vchans" in doctor()
     assert stop(srv) == 0, srv.output()
+
+
+def _relay_through_a_pair(check: Callable[..., Awaitable[None]]) -> None:
+    """Run ``check(relay_done, relayed, client, sock)`` against :func:`relay` (under
+    asyncio: the callback relay) between one end of a sim vchan pair with 1 KiB rings
+    (every chunk fills the ring: backpressure) and one end of a socket pair."""
+
+    async def main() -> None:
+        with get_backend("sim", domid=0) as backend:
+            server, client = await connect_pair(
+                backend, vchan_path(), read_size=1024, write_size=1024
+            )
+            ours, theirs = socket.socketpair()
+            done = anyio.Event()
+
+            async def run() -> None:
+                try:
+                    await relay(server, ours, half_close=True)
+                finally:
+                    done.set()
+
+            theirs.settimeout(60)
+            try:
+                async with client, anyio.create_task_group() as tg:
+                    tg.start_soon(run)
+                    with anyio.fail_after(60):
+                        await check(done, server, client, theirs)
+            finally:
+                theirs.close()
+
+    anyio.run(main, backend="asyncio")
+
+
+def test_ring_relay_passes_both_half_closes_byte_for_byte() -> None:
+    """The callback relay: 100 KB vchan -> socket, then its EOF as the socket's
+    shutdown(SHUT_WR) while the other direction stays open; then 200 KB socket -> vchan
+    and the socket's EOF as the vchan's; 1 KiB rings, byte for byte.  The relay ends
+    (and closes both) once both directions ended."""
+    up, down = os.urandom(200_000), os.urandom(100_000)
+
+    async def check(
+        done: anyio.Event, relayed: VchanStream, client: VchanStream, sock: socket.socket
+    ) -> None:
+        def socket_side() -> bytes:
+            got = bytearray()
+            while chunk := sock.recv(65536):  # the EOF must come while we still send
+                got += chunk
+            sock.sendall(up)
+            sock.shutdown(socket.SHUT_WR)
+            return bytes(got)
+
+        async with anyio.create_task_group() as tg:
+            result: list[bytes] = []
+
+            async def in_thread() -> None:
+                result.append(await anyio.to_thread.run_sync(socket_side))
+
+            tg.start_soon(in_thread)
+            await client.send(down)
+            await client.send_eof()
+            got = bytearray()
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    got += await client.receive()
+            assert bytes(got) == up
+        assert result == [down]
+        await done.wait()
+
+    _relay_through_a_pair(check)
+
+
+def test_ring_relay_ends_the_connection_on_an_internal_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An unexpected error inside a relay callback (here: the ring read fails) ends that
+    connection, said in one line, instead of leaving it hanging."""
+
+    async def check(
+        done: anyio.Event, relayed: VchanStream, client: VchanStream, sock: socket.socket
+    ) -> None:
+        def boom(*args: object) -> int:
+            raise RuntimeError("boom")
+
+        relayed.vchan.endpoint.readinto_nowait = boom  # type: ignore[method-assign,assignment]
+        await client.send(b"request")
+        await done.wait()
+        assert sock.recv(10) == b""  # the socket was closed
+
+    _relay_through_a_pair(check)
+    assert "connection ended by an internal error: RuntimeError('boom')" in capsys.readouterr().err

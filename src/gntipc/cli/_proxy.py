@@ -384,7 +384,7 @@ class _RingRelay:
         try:
             loop.add_reader(self.vfd, self._on_event)
             self._read_sock(True)
-            self._pump()
+            self._guard(self._pump)
             while not self.finished:
                 await self.kick.wait()
                 self.kick = anyio.Event()
@@ -397,6 +397,9 @@ class _RingRelay:
                         self._finish(exc)
                     else:
                         self._guard(self._pump)
+            if self.error is not None and not isinstance(self.error, _CONNECTION_ERRORS):
+                # A bug, not the peer: said, and this connection ends (not the proxy).
+                _log(f"connection ended by an internal error: {self.error!r}")
         finally:
             self.finished = True
             loop.remove_reader(self.vfd)
@@ -440,7 +443,7 @@ class _RingRelay:
             return
         try:
             step()
-        except _CONNECTION_ERRORS as exc:
+        except Exception as exc:  # from a callback: the loop would only log it
             self._finish(exc)
 
     # -- callbacks ----------------------------------------------------------------------
@@ -454,7 +457,7 @@ class _RingRelay:
             if self.ep.consume_events():
                 self.kick.set()  # the store check runs in run()'s task
             self._pump()
-        except _CONNECTION_ERRORS as exc:
+        except Exception as exc:  # from a callback: the loop would only log it
             self._finish(exc)
 
     def _on_readable(self) -> None:
