@@ -31,9 +31,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 import anyio
-from anyio.lowlevel import checkpoint
 
 from . import _astore
+from ._soon import LoopCheckpoint
 from ._spin import Spinner
 
 __all__ = ["SPIN_SLICE", "Dispatcher", "Endpoint"]
@@ -60,7 +60,7 @@ class Dispatcher:
     Not thread-safe: every task using it must run in the same event loop.
     """
 
-    __slots__ = ("_closed", "_endpoint", "_fd", "_followers", "_leading")
+    __slots__ = ("_closed", "_endpoint", "_fd", "_followers", "_leading", "checkpoint")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self._endpoint = endpoint
@@ -68,6 +68,9 @@ class Dispatcher:
         self._leading = False
         self._followers: list[anyio.Event] = []
         self._closed = False
+        #: ``await dispatcher.checkpoint()``: the event loop's checkpoint (a cancellation
+        #: and scheduling point, as ``anyio.lowlevel.checkpoint``), looked up once.
+        self.checkpoint = LoopCheckpoint()
 
     async def wait(self) -> None:
         """Wait until there may be news on the endpoint (spurious wake-ups happen).
@@ -143,7 +146,7 @@ class Dispatcher:
                 if budget <= 0:
                     break
                 try:
-                    await checkpoint()
+                    await self.checkpoint()
                 except BaseException:
                     spinner.spun(False)  # cancelled mid-spin: a miss
                     raise

@@ -71,11 +71,11 @@ from anyio import (
     WouldBlock,
 )
 from anyio.abc import AsyncResource, ByteStream
-from anyio.lowlevel import checkpoint
 
 from ._exceptions import MalformedMessage as MalformedMessage
 from ._exceptions import MessageTooLarge as MessageTooLarge
 from ._fastpath import held_writes, ring_stream
+from ._soon import LoopCheckpoint
 from ._stats import MessageQueueStatistics, VchanStreamStatistics
 from .protocol.framing import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 from .protocol.framing import NEED_DATA, MessageFramer
@@ -183,6 +183,7 @@ class MessageQueue(AsyncResource, Generic[T]):
         # answer makes the next put's yield needless (a request/response loop then pays
         # no loop iteration per call).
         self._yielded = 0.0
+        self._checkpoint = LoopCheckpoint()  # anyio's, without its per-call lookup
         self._ended = False
         self._closed = False
         self._deferred: BaseException | None = None
@@ -228,7 +229,7 @@ class MessageQueue(AsyncResource, Generic[T]):
         else:
             self._putting = True
         try:
-            await checkpoint()
+            await self._checkpoint()
         finally:
             if getting:
                 self._getting = False
@@ -369,7 +370,7 @@ class MessageQueue(AsyncResource, Generic[T]):
             now = _monotonic()
             if now - self._yielded >= FAIR_SLICE:
                 self._yielded = now
-                await checkpoint()
+                await self._checkpoint()
             if not isinstance(messages, (list, tuple)):
                 messages = list(messages)  # counted in the statistics
             buf = self._wbuf

@@ -474,7 +474,7 @@ class VchanStream(ByteStream):
             now = time.monotonic()
             if now - self._yielded >= FAIR_SLICE:
                 self._yielded = now
-                await checkpoint()
+                await self._dispatcher.checkpoint()
             if self._later.buf:
                 await self._drain_later()
             try:
@@ -632,7 +632,7 @@ class VchanStream(ByteStream):
             now = time.monotonic()
             if now - self._yielded >= FAIR_SLICE:
                 self._yielded = now
-                await checkpoint()
+                await self._dispatcher.checkpoint()
             while True:
                 if self._vchan is None:
                     raise ClosedResourceError
