@@ -908,6 +908,14 @@ class SessionStream(ByteStream):
                 self._check_send()
                 self._flush()
             state = self._state
+            if type(item) is bytes and 0 < len(item) <= state.send_credit:
+                # The common case (a MessageQueue's frames, credit for all of it): one
+                # piece, without a view of it.
+                self._check_send()
+                total = len(item)
+                await self._send_piece(state.send_data(item), total, 0)
+                self.send_progress = total
+                return
             with memoryview(item) as raw, raw.cast("B") as view:
                 total = len(view)
                 atomic = total <= self._link.mux.peer_window // 2
