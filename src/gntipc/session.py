@@ -780,6 +780,14 @@ class Session:
         """Do the I/O side of one frame that the protocol state checked and applied:
         deliver data, wake the tasks it concerns."""
         link = self._link
+        if type(event) is Data:  # the common case first
+            channel = link.channels[event.stream_id]
+            if channel.state.reset_sent:
+                return  # we closed the stream: discard what was in flight
+            channel.chunks.append(event.data)
+            link.delivered_to = signal = channel.signal
+            signal.fire()
+            return
         if isinstance(event, (Hello, GoAway)):
             if isinstance(event, GoAway) and link.down is None:
                 link.peer_closed = True
@@ -795,11 +803,6 @@ class Session:
                 link.state_signal.fire()
             return
         channel = link.channels[sid]
-        if isinstance(event, Data):
-            if channel.state.reset_sent:
-                return  # we closed the stream: discard what was in flight
-            channel.chunks.append(event.data)
-            link.delivered_to = channel.signal
         channel.signal.fire()
         if channel.state.freed:  # its RESET went both ways
             link.forget(channel.state)

@@ -649,24 +649,9 @@ class SessionState:
         self._decoder.end_of_stream()
 
     def _apply(self, event: MuxEvent) -> None:
-        if isinstance(event, Hello):
-            self.peer_window = event.window
-            self.peer_max_streams = event.max_streams
-            return
-        if isinstance(event, GoAway):
-            return
-        sid = event.stream_id
-        if isinstance(event, Open):
-            self._on_open(sid)
-            return
-        stream = self._streams.get(sid)
-        if stream is None:
-            name = type(event).__name__.upper()
-            raise RemoteProtocolError(f"{name} frame for unknown stream id {sid}")
-        if stream.remote_reset:
-            name = type(event).__name__.upper()
-            raise RemoteProtocolError(f"{name} frame on stream {sid} after its RESET")
-        if isinstance(event, Data):
+        if type(event) is Data:  # the common case first
+            stream = self._open_stream(event)
+            sid = event.stream_id
             if stream.remote_eof:
                 raise RemoteProtocolError(f"DATA on stream {sid} after its EOF")
             n = len(event.data)
@@ -676,22 +661,45 @@ class SessionState:
                     f" {stream.recv_credit} bytes of credit"
                 )
             stream.recv_credit -= n
-        elif isinstance(event, Window):
+            return
+        if isinstance(event, Hello):
+            self.peer_window = event.window
+            self.peer_max_streams = event.max_streams
+            return
+        if isinstance(event, GoAway):
+            return
+        if isinstance(event, Open):
+            self._on_open(event.stream_id)
+            return
+        stream = self._open_stream(event)
+        if isinstance(event, Window):
             increment = event.increment
             if increment < 1 or stream.send_credit + increment > self.peer_window:
                 raise RemoteProtocolError(
-                    f"credit overflow on stream {sid}: {stream.send_credit} + {increment}"
-                    f" exceeds the window of {self.peer_window}"
+                    f"credit overflow on stream {event.stream_id}: {stream.send_credit} +"
+                    f" {increment} exceeds the window of {self.peer_window}"
                 )
             stream.send_credit += increment
         elif isinstance(event, Eof):
             if stream.remote_eof:
-                raise RemoteProtocolError(f"duplicate EOF on stream {sid}")
+                raise RemoteProtocolError(f"duplicate EOF on stream {event.stream_id}")
             stream.remote_eof = True
         else:  # Reset
             stream.remote_reset = True
             if stream.reset_sent:
                 self.release(stream)
+
+    def _open_stream(self, event: Data | Window | Eof | Reset) -> StreamState:
+        """The state of the stream a frame names: open, and not reset by the peer."""
+        sid = event.stream_id
+        stream = self._streams.get(sid)
+        if stream is None:
+            name = type(event).__name__.upper()
+            raise RemoteProtocolError(f"{name} frame for unknown stream id {sid}")
+        if stream.remote_reset:
+            name = type(event).__name__.upper()
+            raise RemoteProtocolError(f"{name} frame on stream {sid} after its RESET")
+        return stream
 
     def _on_open(self, sid: int) -> None:
         if (sid & 1) == (1 if self.is_initiator else 0):
