@@ -63,7 +63,7 @@ from anyio.lowlevel import checkpoint
 
 from ._exceptions import LocalProtocolError, RemoteProtocolError
 from ._fastpath import HeldWrites, ring_stream
-from ._soon import Deferred
+from ._soon import Deferred, LoopCheckpoint
 from ._stats import SessionStatistics
 from .backends._abc import Buffer
 from .protocol.mux import DEFAULT_MAX_STREAMS as DEFAULT_MAX_STREAMS
@@ -717,6 +717,7 @@ class Session:
         stream = link.stream
         assert stream is not None
         mux = self._mux
+        yield_ = LoopCheckpoint()  # the loop's own checkpoint, looked up once
         # A VchanStream's: what the ring holds now, without waiting (nor spinning).
         receive_nowait: Callable[[int], bytes] | None = getattr(stream, "receive_nowait", None)
         # While the application works through what we delivered (it took some less than
@@ -740,7 +741,7 @@ class Session:
                         try:
                             chunk = receive_nowait(_READ_SIZE)
                         except WouldBlock:
-                            await checkpoint()
+                            await yield_()
                             continue
                     else:
                         chunk = await stream.receive(_READ_SIZE)
@@ -844,6 +845,7 @@ class SessionStream(ByteStream):
         # last yielded to the event loop (FAIR_SLICE).
         self._later = Deferred()
         self._yielded = 0.0
+        self._checkpoint = LoopCheckpoint()  # anyio's, without its per-call lookup
         #: How many bytes of the item of the last (or current) :meth:`send` were written:
         #: after a cancelled send, the length of the prefix that will be delivered.
         self.send_progress = 0
@@ -944,7 +946,7 @@ class SessionStream(ByteStream):
         now = time.monotonic()
         if now - self._yielded >= FAIR_SLICE:
             self._yielded = now
-            await checkpoint()
+            await self._checkpoint()
 
     def _send_soon(self, item: Buffer) -> bool:
         """Accept ``item`` without sending it yet: what gathers is sent as one DATA piece
