@@ -7,14 +7,17 @@ the cost of one block-and-wake, then block; that is never worse than twice the o
 
 A :class:`Spinner` keeps that rule cheap when it does not pay:
 
-* on one CPU (a one-vCPU VM, two processes pinned to one core) a spin is a hand-over:
-  between its checks of the index it yields the CPU (``sched_yield``), so a peer that
-  shares our CPU runs right away and the wait ends without an event, a notify or a
-  wake-up.  In the Xen kit (one vCPU, gntipc to gntipc, 64 KiB ring) this cut the
-  events per 64 KiB from ~0.7 to ~0.1 each way and moved 2-3.7x the bytes of the same
-  session without it (``benchmarks/README.md``).  A peer that cannot run on our CPU
-  (another VM) makes it an ordinary spin, which the rules below fade out when it does
-  not pay;
+* a spin yields the CPU between its checks of the index (``sched_yield``), so a peer
+  that shares our CPU (two processes pinned to one core, a one-vCPU VM) runs right away
+  and the wait ends without an event;
+* on a machine with one CPU only the blocking API spins (``one_cpu=True``): there the
+  peer it waits for is another thread or process, which the yield lets run (in the Xen
+  kit, one vCPU, gntipc to gntipc: under one event per MiB instead of ~13, and with the
+  spin-and-copy calls 2.3-3.7x the bytes; ``benchmarks/README.md``).  The async API does
+  not: a peer in the same event loop (both ends of a pair in one process) cannot run
+  while we spin, and a loopback pair moving data both ways over 2 KiB rings took 25-30 s
+  there instead of 3-4 s.  A peer that cannot run on our CPU (another VM) makes a spin
+  an ordinary one, which the rules below fade out when it does not pay;
 * it spins only while the channel has been busy recently (a wait ended less than
   :data:`IDLE_AFTER` seconds ago), so an idle channel burns no CPU: after a burst, each
   side spins at most once, then sleeps;
@@ -31,9 +34,17 @@ one user at a time).
 
 from __future__ import annotations
 
+import os
 import time
 
-__all__ = ["DEFAULT_SPIN", "DEFAULT_SPIN_ASYNC", "IDLE_AFTER", "PROBE_EVERY", "Spinner"]
+__all__ = [
+    "DEFAULT_SPIN",
+    "DEFAULT_SPIN_ASYNC",
+    "IDLE_AFTER",
+    "PROBE_EVERY",
+    "Spinner",
+    "can_spin_async",
+]
 
 #: Default spin limits in seconds: about one block-and-wake between two processes on
 #: different cores of this kind of machine (``benchmarks/wakeups.py``: ~60 µs for a
@@ -54,11 +65,14 @@ class Spinner:
 
     Args:
         limit: the most to spin per wait, in seconds (0 disables spinning).
+        one_cpu: spin on a machine with one CPU too (the blocking API); False: never
+            there (the async API).
     """
 
-    __slots__ = ("_budget", "_last", "_limit_ns", "_skipped", "spin_hits", "spins")
+    __slots__ = ("_budget", "_last", "_limit_ns", "_one_cpu", "_skipped", "spin_hits", "spins")
 
-    def __init__(self, limit: float = DEFAULT_SPIN) -> None:
+    def __init__(self, limit: float = DEFAULT_SPIN, *, one_cpu: bool = True) -> None:
+        self._one_cpu = one_cpu
         self._limit_ns = 0
         self._budget = 0
         self._last = -1.0
@@ -70,14 +84,16 @@ class Spinner:
 
     @property
     def limit(self) -> float:
-        """The spin limit in seconds (0: never spin)."""
+        """The spin limit in seconds (0: never spin, also on a one-CPU machine unless
+        ``one_cpu``)."""
         return self._limit_ns / 1e9
 
     @limit.setter
     def limit(self, seconds: float) -> None:
         if not seconds >= 0:
             raise ValueError(f"spin limit must be >= 0 seconds, not {seconds!r}")
-        self._limit_ns = self._budget = int(seconds * 1e9)
+        spins = self._one_cpu or can_spin_async()
+        self._limit_ns = self._budget = int(seconds * 1e9) if spins else 0
 
     def budget_ns(self) -> int:
         """How long to spin now, in nanoseconds (0: block at once)."""
@@ -109,3 +125,10 @@ class Spinner:
         """Record the end of a blocking wait: the channel is busy now."""
         if self._limit_ns:
             self._last = time.monotonic()
+
+
+def can_spin_async() -> bool:
+    """True if the async API spins here: the machine has more than one CPU.  A process
+    pinned to one core of several may still spin: its peer may well be pinned to
+    another (and if it shares our core, the yield hands it the CPU)."""
+    return (os.cpu_count() or 1) > 1

@@ -260,9 +260,9 @@ class VchanStream(ByteStream):
         self._later = Deferred()
         self._later_room = 0
         self._flush_at = min(FLUSH_BYTES, vchan.write_size // 4)
-        self._read_spinner = Spinner(DEFAULT_SPIN_ASYNC)
+        self._read_spinner = Spinner(DEFAULT_SPIN_ASYNC, one_cpu=False)
         self._yielded = 0.0
-        self._write_spinner = Spinner(DEFAULT_SPIN_ASYNC)
+        self._write_spinner = Spinner(DEFAULT_SPIN_ASYNC, one_cpu=False)
         self._send_waits = 0
         self._receive_waits = 0
         #: How many bytes of the item of the last (or current) :meth:`send` were written:

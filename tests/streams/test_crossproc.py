@@ -104,7 +104,10 @@ async def test_bytes_producer_consumer(backend: Backend, spawn: object) -> None:
     assert h.hexdigest() == hashlib.blake2b(random.Random(42).randbytes(n)).hexdigest()
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or not gntipc._spin.can_spin_async(),
+    reason="the async API does not spin on a one-CPU machine",
+)
 async def test_two_processes_on_one_cpu_hand_over_by_spinning(
     backend: Backend, spawn: object
 ) -> None:
