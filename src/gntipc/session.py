@@ -1115,9 +1115,9 @@ class SessionStream(ByteStream):
 
         Raises:
             anyio.WouldBlock: nothing was received yet.
-            anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,
-                gntipc.RemoteProtocolError: as :meth:`receive`.
             anyio.BusyResourceError: another task is inside :meth:`receive`.
+            anyio.EndOfStream: as :meth:`receive` (so are ``anyio.BrokenResourceError``,
+                ``anyio.ClosedResourceError`` and ``gntipc.RemoteProtocolError``).
         """
         self._check_receive(max_bytes)
         data = self._take_now(max_bytes)
