@@ -36,7 +36,7 @@ class BlockingWaiter:
     def wait_readable(self, want: int, deadline: float | None, *, spin: bool = True) -> None:
         """Return once ``want`` bytes are readable or there is an end to report (or
         maybe spuriously: the caller re-checks).  ``spin=False``: the caller spun
-        already (:meth:`Endpoint.readinto_spin`), block at once.
+        already (``Endpoint.readinto_nowait(spinner=...)``), block at once.
 
         Raises:
             TimeoutError: ``deadline`` (a ``time.monotonic()`` value) passed.
