@@ -216,8 +216,9 @@ def run_c_to_c(exe: Path, ring: int, nbytes: int, check: str, api: str) -> Resul
 def run_gntipc_to_gntipc(exe: Path, ring: int, nbytes: int, check: str, api: str) -> Result:
     path = _path("gg")
     if api == "async":
-        seconds, reader = asyncio.run(_async_server_read(path, ring, nbytes, check, api))
-        return seconds, reader, _writer_done(_WRITERS.pop())
+        writer = _spawn_writer(path, nbytes, api)  # it waits for the offer
+        seconds, reader = asyncio.run(_async_server_read(path, ring, nbytes, check))
+        return seconds, reader, _writer_done(writer)
     with (
         gntipc.get_backend("xen") as backend,
         Vchan.server(backend, 0, path, read_size=ring, write_size=ring) as v,
@@ -232,16 +233,10 @@ def run_gntipc_to_gntipc(exe: Path, ring: int, nbytes: int, check: str, api: str
     return seconds, reader, _writer_done(writer)
 
 
-_WRITERS: list[subprocess.Popen[str]] = []
-
-
-async def _async_server_read(
-    path: str, ring: int, nbytes: int, check: str, api: str
-) -> tuple[float, Side]:
+async def _async_server_read(path: str, ring: int, nbytes: int, check: str) -> tuple[float, Side]:
     async with await gntipc.listen(
         0, path, read_size=ring, write_size=ring, backend="xen"
     ) as listener:
-        _WRITERS.append(_spawn_writer(path, nbytes, api))
         with anyio.fail_after(120):
             stream = await listener.accept()
     async with stream:
