@@ -1,0 +1,761 @@
+"""Zero-copy bulk transfer over a vchan: loans from a grant-mapped buffer pool.
+
+Every byte through a vchan ring is copied twice (into the ring, out of it).  A
+:class:`BulkChannel` moves large payloads without those copies: each side may grant a
+*pool* of pages to the peer, which maps it read-only once for the channel's lifetime.  A
+sender borrows a buffer of its own pool, fills it in place and sends a small descriptor
+through the ring; the receiver reads the bytes in place, in the peer's pages, and its
+release sends the buffer back::
+
+    # both sides, over an established stream (gntipc.connect / listener.accept)
+    async with await open_bulk(stream, buffers=4, buffer_size=1 << 20) as bulk:
+        async with bulk.loan() as buf:          # a writable memoryview of our pool
+            n = file.readinto(buf)
+            await bulk.send(buf[:n])            # a 16-byte descriptor, no copy
+
+    async with await open_bulk(stream, buffers=0) as bulk:    # receives only
+        async with await bulk.receive() as view:   # read-only, in the sender's pages
+            digest.update(view)                    # released on exit
+
+Both peers must open the bulk layer (it is an opt-in protocol on the stream's bytes, see
+:mod:`gntipc.protocol.bulk`; a plain libxenvchan peer would just see bytes).  The bulk
+channel owns the stream from then on: do not use the stream directly; closing the
+channel closes the stream.  The vchan's wire format and store keys are unchanged.
+
+**The peer is untrusted.**  A received view is the sender's memory: the sender can still
+rewrite it while you read it.  Copy what you must validate before validating it (e.g.
+``bytes(view[:header])``), and treat the rest as data that may change under you, as any
+shared-memory protocol must.  Descriptors are checked (:mod:`gntipc.protocol.bulk`); a
+bad one raises :class:`gntipc.RemoteProtocolError`.
+
+**Backpressure**: :meth:`BulkChannel.loan` waits while every buffer is lent or held by
+the peer; a peer that never releases stalls our loans, nothing else.
+
+**Lifetimes**: a view handed out (a loan, a received view) is *released* when its block
+ends, when it is sent, and when the channel closes: using it afterwards raises
+:class:`ValueError`.  Views derived from it (slices, numpy arrays) keep the pages
+mapped: Python's ``mmap`` refuses to unmap memory that is still exported, so a view can
+never outlive its mapping; :meth:`BulkChannel.aclose` then raises
+:class:`gntipc.MappingInUse` (everything else is released) and a later close unmaps.
+A crash of either process frees its pages (the backend's unmap and death handling); the
+peer's mapping of our pool stays valid until it unmaps it.
+
+The pool is granted pages: mind the grant budget.  By default a domain may share 1024
+pages at once (gntalloc's and the sim's limit; ``gntipc doctor`` shows it; sim:
+``GNTIPC_SIM_PAGE_LIMIT``), and the vchan itself takes some (33 pages for 64 KiB rings,
+513 for 1 MiB rings).  The default pool is 4 buffers of 256 KiB (256 pages).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+from anyio import (
+    BrokenResourceError,
+    BusyResourceError,
+    ClosedResourceError,
+    EndOfStream,
+    WouldBlock,
+)
+
+from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError
+from ._native import ffi
+from .backends._abc import Buffer, Pages
+from .protocol.bulk import (
+    DEFAULT_MAX_PEER_PAGES,
+    DESCRIPTOR_SIZE,
+    PAGE_SIZE,
+    BulkProtocol,
+    Loan,
+    encode_hello,
+)
+from .streams import VchanStream
+
+__all__ = [
+    "DEFAULT_BUFFERS",
+    "DEFAULT_BUFFER_SIZE",
+    "BulkChannel",
+    "BulkLoan",
+    "BulkView",
+    "open_bulk",
+]
+
+#: Buffers in a pool unless asked otherwise.
+DEFAULT_BUFFERS = 4
+#: Bytes per buffer unless asked otherwise (with 4 buffers: 256 pages, a quarter of the
+#: default grant budget).
+DEFAULT_BUFFER_SIZE = 256 * 1024
+#: How many bytes one read of descriptors takes from the ring.
+_READ = 65536
+
+
+async def open_bulk(
+    stream: VchanStream,
+    *,
+    buffers: int = DEFAULT_BUFFERS,
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+    max_peer_pages: int = DEFAULT_MAX_PEER_PAGES,
+    timeout: float = 30.0,
+) -> BulkChannel:
+    """Open the bulk layer over ``stream``; the peer must call it too (with its own
+    pool geometry).  Grants our pool of ``buffers`` buffers of ``buffer_size`` bytes to
+    the peer (``buffers=0``: this side only receives), exchanges the pools' HELLOs, and
+    maps the peer's pool read-only.
+
+    The channel owns ``stream`` from now on; if opening fails after the arguments were
+    checked, the stream is closed (its bytes are no longer in a known state).
+
+    Cancellation: the stream is closed and every page released.
+
+    Raises:
+        gntipc.LocalProtocolError: a bad geometry (``buffer_size`` not a multiple of
+            4096, ...), or the rings are too small for both pools' descriptors.
+        gntipc.XenError: ENOSPC when the grant budget cannot hold the pool.
+        gntipc.RemoteProtocolError: the peer's HELLO is malformed, announces more than
+            ``max_peer_pages`` pages, or names pages we cannot map.
+        TimeoutError: the peer did not answer within ``timeout`` seconds.
+        anyio.EndOfStream: the peer closed the stream instead.
+        anyio.BrokenResourceError: the peer is gone.
+        anyio.ClosedResourceError: the stream is closed.
+    """
+    if buffers == 0:
+        buffer_size = 0  # no pool: its buffer size means nothing
+    proto = BulkProtocol(buffers, buffer_size, max_peer_pages=max_peer_pages)
+    vchan = stream.vchan
+    backend, peer = vchan.backend, vchan.peer
+    pool: Pages | None = None
+    peer_pages: Pages | None = None
+    early: list[Loan] = []
+    ok = False
+    try:
+        pages = buffers * buffer_size // PAGE_SIZE
+        if pages:
+            pool = backend.share(peer, pages, writable=False)
+        hello = encode_hello(buffers, buffer_size, pool.refs if pool is not None else ())
+        with anyio.fail_after(timeout):
+            async with anyio.create_task_group() as tg:
+                # Both HELLOs may be larger than the rings: write ours while reading theirs.
+                tg.start_soon(stream.send, hello)
+                while proto.peer is None:
+                    data = await stream.receive(_READ)
+                    early += [e for e in proto.receive_data(data) if isinstance(e, Loan)]
+        proto.check_ring(vchan.write_size, vchan.read_size)
+        theirs = proto.peer
+        assert theirs is not None
+        if theirs.refs:
+            try:
+                peer_pages = backend.map(peer, theirs.refs, writable=False)
+            except XenError as exc:
+                raise RemoteProtocolError(
+                    f"bulk peer: its pool's {len(theirs.refs)} pages cannot be mapped ({exc})"
+                ) from exc
+        channel = BulkChannel(stream, proto, pool, peer_pages, early)
+        ok = True
+        return channel
+    finally:
+        if not ok:
+            with anyio.CancelScope(shield=True):
+                for p in (peer_pages, pool):
+                    if p is not None:
+                        with contextlib.suppress(Exception):
+                            p.close()
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+
+
+class BulkLoan:
+    """A buffer of our pool, lent to the application (from :meth:`BulkChannel.loan`).
+
+    ``async with bulk.loan(n) as buf:`` waits for a free buffer and gives ``buf``, a
+    writable memoryview of ``n`` bytes of it; send it (or a slice of it) with
+    :meth:`BulkChannel.send` inside the block.  A loan not sent by the end of the block
+    goes back to the free list.  Either way ``buf`` is released then.
+    """
+
+    __slots__ = ("_channel", "_nbytes", "buffer", "view")
+
+    def __init__(self, channel: BulkChannel, nbytes: int) -> None:
+        self._channel = channel
+        self._nbytes = nbytes
+        #: The buffer's index in our pool (-1 until acquired).
+        self.buffer = -1
+        #: The writable view (None until acquired).
+        self.view: memoryview | None = None
+
+    async def __aenter__(self) -> memoryview:
+        """Wait for a free buffer.
+
+        Cancellation: nothing is lent.
+
+        Raises:
+            anyio.BrokenResourceError: the peer is gone (lent buffers never come back).
+            anyio.ClosedResourceError: the channel is (or gets) closed.
+            anyio.BusyResourceError: this loan was entered already.
+            gntipc.RemoteProtocolError: the peer broke the protocol.
+        """
+        if self.buffer >= 0:
+            raise BusyResourceError("this loan is in use already")
+        await self._channel._wait_free()
+        return self._channel._lend(self)
+
+    def __enter__(self) -> memoryview:
+        """Take a free buffer now (the sync form of ``async with``).
+
+        Raises:
+            anyio.WouldBlock: no buffer is free right now.
+            Others: as :meth:`__aenter__`.
+        """
+        if self.buffer >= 0:
+            raise BusyResourceError("this loan is in use already")
+        return self._channel._lend(self)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._channel._end_loan(self)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._channel._end_loan(self)
+
+
+class BulkView:
+    """A loan of the peer's buffer (from :meth:`BulkChannel.receive`): :attr:`view` is a
+    read-only memoryview of the bytes in the peer's pages, valid until :meth:`release`.
+
+    ``async with await bulk.receive() as view:`` (or ``with``) releases it on exit.  The
+    peer can rewrite these bytes at any time: copy before validating.
+    """
+
+    __slots__ = ("_channel", "buffer", "length", "offset", "view")
+
+    def __init__(
+        self, channel: BulkChannel, buffer: int, offset: int, length: int, view: memoryview
+    ) -> None:
+        self._channel = channel
+        #: The buffer's index in the peer's pool, and the byte range lent.
+        self.buffer, self.offset, self.length = buffer, offset, length
+        #: The bytes (read-only); released (raising ValueError on use) after release().
+        self.view = view
+
+    def __len__(self) -> int:
+        return self.length
+
+    def release(self) -> None:
+        """Give the buffer back to the peer (idempotent; never waits).  The view is
+        released: using it (not views derived from it) then raises ValueError."""
+        self._channel._release_view(self)
+
+    async def __aenter__(self) -> memoryview:
+        return self.view
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __enter__(self) -> memoryview:
+        return self.view
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<BulkView buffer {self.buffer} bytes {self.offset}..{self.offset + self.length}>"
+
+
+def _release(view: memoryview | None) -> None:
+    if view is not None:
+        # BufferError: something still exports it (a numpy array...); it keeps the
+        # pages mapped (the close then reports MappingInUse), nothing worse.
+        with contextlib.suppress(BufferError):
+            view.release()
+
+
+class BulkChannel:
+    """Loans between two gntipc peers over one vchan stream (see the module docstring).
+    Made by :func:`open_bulk`.
+
+    One task may lend and send while another receives; the waits of both share the
+    stream (whichever waits reads the descriptors for both).  Two tasks in :meth:`send`
+    at once raise :class:`anyio.BusyResourceError`.
+    """
+
+    def __init__(
+        self,
+        stream: VchanStream,
+        proto: BulkProtocol,
+        pool: Pages | None,
+        peer_pages: Pages | None,
+        early: list[Loan],
+    ) -> None:
+        """Use :func:`open_bulk`."""
+        self._stream: VchanStream | None = stream
+        self._proto = proto
+        self._pool = pool
+        self._peer_pages = peer_pages
+        self._pool_view: memoryview | None = None
+        self._base = 0
+        if pool is not None:
+            self._pool_view = pool.mapping.view()
+            ptr = ffi.from_buffer(self._pool_view)
+            self._base = int(ffi.cast("uintptr_t", ptr))
+            ffi.release(ptr)
+        self._peer_view = peer_pages.mapping.view() if peer_pages is not None else None
+        self._inbox: list[Loan] = list(early)
+        self._inbox_pos = 0
+        # Loans out in the application: buffer -> loan; id(view) -> buffer.
+        self._lent: dict[int, BulkLoan] = {}
+        self._lent_ids: dict[int, int] = {}
+        self._held: dict[int, BulkView] = {}
+        self._pending = bytearray()  # RELEASE frames the ring had no room for yet
+        self._pumping = False
+        self._progress: anyio.Event | None = None
+        self._ended: BaseException | None = None  # how the peer's stream ended
+        self._failure: RemoteProtocolError | None = None
+        self._sending = False
+        self._closing = False
+        self._closed = False
+        self._kept: list[Pages] = []
+
+    # -- introspection ------------------------------------------------------------------
+
+    @property
+    def buffers(self) -> int:
+        """Buffers in our pool (0: this side only receives)."""
+        return self._proto.buffers
+
+    @property
+    def buffer_size(self) -> int:
+        """Bytes per buffer of our pool."""
+        return self._proto.buffer_size
+
+    @property
+    def peer_buffers(self) -> int:
+        """Buffers in the peer's pool."""
+        peer = self._proto.peer
+        return 0 if peer is None else peer.buffers
+
+    @property
+    def peer_buffer_size(self) -> int:
+        """Bytes per buffer of the peer's pool."""
+        peer = self._proto.peer
+        return 0 if peer is None else peer.buffer_size
+
+    @property
+    def free_buffers(self) -> int:
+        """Buffers of our pool a loan can take now (without reading new releases)."""
+        return self._proto.free_count
+
+    @property
+    def stream(self) -> VchanStream:
+        """The underlying stream (for its attributes and statistics: do not read or
+        write it).
+
+        Raises:
+            anyio.ClosedResourceError: the channel is closed.
+        """
+        if self._stream is None:
+            raise ClosedResourceError
+        return self._stream
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` (or :meth:`close`) ran."""
+        return self._closing
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closing else f"{self.free_buffers} free"
+        return (
+            f"<BulkChannel {self.buffers}x{self.buffer_size} out, "
+            f"{self.peer_buffers}x{self.peer_buffer_size} in, {state}>"
+        )
+
+    # -- state checks ---------------------------------------------------------------------
+
+    def _check(self) -> VchanStream:
+        if self._closing or self._stream is None:
+            raise ClosedResourceError("the bulk channel is closed")
+        if self._failure is not None:
+            raise RemoteProtocolError(str(self._failure)) from self._failure
+        return self._stream
+
+    # -- waiting: whichever task waits reads the descriptors ------------------------------
+
+    async def _wait_until(self, ready: Callable[[], bool]) -> None:
+        """Return once ``ready()`` or the peer's stream ended; read descriptors meanwhile.
+
+        Cancellation: nothing is lost (a descriptor read is applied at once).
+        """
+        while True:
+            stream = self._check()
+            self._flush()
+            if ready() or self._ended is not None:
+                return
+            if self._pumping:
+                event = self._progress
+                assert event is not None
+                await event.wait()
+                continue
+            self._pumping = True
+            self._progress = anyio.Event()
+            try:
+                data = await stream.receive(_READ)
+            except (EndOfStream, BrokenResourceError) as exc:
+                self._ended = exc
+                continue
+            finally:
+                self._pumping = False
+                event, self._progress = self._progress, None
+                event.set()
+            self._apply(data)
+
+    def _apply(self, data: bytes) -> None:
+        try:
+            events = self._proto.receive_data(data)
+        except RemoteProtocolError as exc:
+            self._failure = exc
+            raise
+        for e in events:
+            if isinstance(e, Loan):
+                self._inbox.append(e)
+
+    def _read_available(self) -> None:
+        """Apply the descriptors already in the ring, without waiting."""
+        stream = self._check()
+        if self._ended is not None or self._pumping:
+            return
+        try:
+            data = stream.receive_nowait(_READ)
+        except WouldBlock:
+            return
+        except (EndOfStream, BrokenResourceError) as exc:
+            self._ended = exc
+            return
+        self._apply(data)
+
+    def _flush(self) -> None:
+        """Write the RELEASE frames held back (all or nothing; they fit the ring by
+        construction, so this fails only while the peer is still reading our HELLO)."""
+        if self._pending and self._stream is not None and self._ended is None:
+            with contextlib.suppress(WouldBlock, BusyResourceError):
+                self._stream.send_nowait(self._pending)
+                self._pending.clear()
+
+    def _gone(self) -> BrokenResourceError:
+        exc = BrokenResourceError(
+            "the bulk peer closed the channel or is gone: lent buffers will not come back"
+        )
+        exc.__cause__ = self._ended
+        return exc
+
+    # -- lending ----------------------------------------------------------------------------
+
+    def loan(self, nbytes: int | None = None) -> BulkLoan:
+        """A loan of ``nbytes`` (default: :attr:`buffer_size`) bytes of one buffer of our
+        pool, to use as ``async with bulk.loan(n) as buf:`` (waits for a free buffer,
+        cancellable) or ``with bulk.loan(n) as buf:`` (raises WouldBlock if none is free).
+
+        Raises:
+            gntipc.LocalProtocolError: ``nbytes`` is not from 0 to :attr:`buffer_size`, or
+                this side has no pool.
+        """
+        size = self._proto.buffer_size
+        if not self._proto.buffers:
+            raise LocalProtocolError("this side has no pool to lend from (buffers=0)")
+        n = size if nbytes is None else nbytes
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= size:
+            raise LocalProtocolError(f"a loan is 0 to {size} bytes, not {nbytes!r}")
+        return BulkLoan(self, n)
+
+    async def _wait_free(self) -> None:
+        proto = self._proto
+        await self._wait_until(lambda: proto.free_count > 0)
+        if not proto.free_count:
+            raise self._gone()
+
+    def _lend(self, loan: BulkLoan) -> memoryview:
+        self._check()
+        proto = self._proto
+        if not proto.free_count:
+            self._read_available()
+        i = proto.take()
+        if i is None:
+            if self._ended is not None:
+                raise self._gone()
+            raise WouldBlock
+        assert self._pool_view is not None
+        start = i * proto.buffer_size
+        view = self._pool_view[start : start + loan._nbytes]
+        loan.buffer, loan.view = i, view
+        self._lent[i] = loan
+        self._lent_ids[id(view)] = i
+        return view
+
+    def _end_loan(self, loan: BulkLoan) -> None:
+        i = loan.buffer
+        if i < 0 or self._lent.get(i) is not loan:
+            return  # sent (or the channel closed)
+        self._forget_loan(i)
+        if not self._closing:
+            self._proto.give_back(i)
+
+    def _forget_loan(self, i: int) -> None:
+        loan = self._lent.pop(i)
+        view, loan.view = loan.view, None
+        if view is not None:
+            self._lent_ids.pop(id(view), None)
+            _release(view)
+
+    def _locate(self, buf: Buffer) -> tuple[int, int, int]:
+        """(buffer, offset, length) of ``buf``: a loan's view or a slice of one."""
+        i = self._lent_ids.get(id(buf))
+        if i is not None:
+            loan = self._lent[i]
+            if loan.view is buf:
+                return i, 0, loan._nbytes
+        try:
+            mv = memoryview(buf)
+        except TypeError:
+            raise LocalProtocolError("send() takes a loaned buffer (a memoryview)") from None
+        with mv:
+            if not mv.c_contiguous or mv.readonly:
+                raise LocalProtocolError("send() takes a loaned buffer or a contiguous slice of it")
+            n = mv.nbytes
+            ptr = ffi.from_buffer(mv)
+            rel = int(ffi.cast("uintptr_t", ptr)) - self._base
+            ffi.release(ptr)
+        size = self._proto.buffer_size
+        if self._pool_view is None or not 0 <= rel < len(self._pool_view):
+            raise LocalProtocolError("send() takes a buffer of this channel's pool")
+        i, off = divmod(rel, size)
+        if i not in self._lent or off + n > self._lent[i]._nbytes:
+            raise LocalProtocolError(f"bytes {off}..{off + n} of buffer {i} are not on loan here")
+        return i, off, n
+
+    async def send(self, buf: Buffer) -> None:
+        """Lend ``buf`` (a loan's view, or a contiguous slice of it) to the peer: a
+        descriptor goes through the ring; the bytes stay where they are.  The loan's view
+        is released (the buffer is the peer's until it releases it).
+
+        Waits only while the peer has not yet read our HELLO (the rings hold every
+        descriptor in flight otherwise).
+
+        Cancellation: nothing was sent; the loan is still ours.
+
+        Raises:
+            gntipc.LocalProtocolError: ``buf`` is not (a slice of) a loan of this channel,
+                or :meth:`send_eof` was called.
+            anyio.BusyResourceError: another task is sending.
+            anyio.BrokenResourceError: the peer is gone.
+            anyio.ClosedResourceError: the channel is (or gets) closed.
+            gntipc.RemoteProtocolError: the peer broke the protocol.
+        """
+        stream = self._check()
+        if self._sending:
+            raise BusyResourceError("sending to")
+        i, off, n = self._locate(buf)
+        self._sending = True
+        try:
+            proto = self._proto
+            while True:
+                self._flush()
+                frame = proto.loan_frame(i, off, n)
+                try:
+                    stream.send_nowait(frame)
+                    break
+                except WouldBlock:
+                    proto.unsend(i)
+                await stream.wait_writable(DESCRIPTOR_SIZE)
+                stream = self._check()
+                if i not in self._lent:
+                    raise ClosedResourceError("the bulk channel is closed")
+        finally:
+            self._sending = False
+        self._forget_loan(i)
+
+    async def send_eof(self) -> None:
+        """Lend nothing more: the peer's :meth:`receive` raises EndOfStream once it has
+        received every loan.  Releases keep flowing both ways.  Idempotent.
+
+        Raises:
+            anyio.BusyResourceError: another task is sending.
+            anyio.BrokenResourceError: the peer is gone.
+            anyio.ClosedResourceError: the channel is closed.
+        """
+        stream = self._check()
+        if self._sending:
+            raise BusyResourceError("sending to")
+        if self._proto.eof_sent:
+            return
+        self._sending = True
+        try:
+            await stream.wait_writable(DESCRIPTOR_SIZE)
+            self._check()
+            stream.send_nowait(self._proto.eof_frame())
+        finally:
+            self._sending = False
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def receive(self) -> BulkView:
+        """The next loan from the peer, waiting for one: a :class:`BulkView` (use it as
+        ``async with await bulk.receive() as view:``).  Release it soon: the peer's
+        loans wait for its buffers.
+
+        Cancellation: nothing is taken.
+
+        Raises:
+            anyio.EndOfStream: the peer sent EOF (or closed) and every loan was received.
+            anyio.BrokenResourceError: the peer crashed, and every loan was received.
+            anyio.ClosedResourceError: the channel is (or gets) closed.
+            gntipc.RemoteProtocolError: the peer broke the protocol.
+        """
+        proto = self._proto
+        await self._wait_until(lambda: self._inbox_pos < len(self._inbox) or proto.peer_eof)
+        return self._take()
+
+    def receive_nowait(self) -> BulkView:
+        """The next loan from the peer if one arrived.
+
+        Raises:
+            anyio.WouldBlock: none arrived yet.
+            Others: as :meth:`receive`.
+        """
+        self._check()
+        if self._inbox_pos >= len(self._inbox):
+            self._read_available()
+        if self._inbox_pos >= len(self._inbox) and not self._proto.peer_eof and not self._ended:
+            raise WouldBlock
+        return self._take()
+
+    def _take(self) -> BulkView:
+        self._check()
+        inbox = self._inbox
+        if self._inbox_pos >= len(inbox):
+            if self._proto.peer_eof or isinstance(self._ended, EndOfStream):
+                raise EndOfStream
+            raise BrokenResourceError("the bulk peer is gone") from self._ended
+        e = inbox[self._inbox_pos]
+        self._inbox_pos += 1
+        if self._inbox_pos == len(inbox):
+            inbox.clear()
+            self._inbox_pos = 0
+        assert self._peer_view is not None
+        start = e.buffer * self.peer_buffer_size + e.offset
+        bv = BulkView(self, e.buffer, e.offset, e.length, self._peer_view[start : start + e.length])
+        self._held[e.buffer] = bv
+        return bv
+
+    def _release_view(self, bv: BulkView) -> None:
+        if self._held.get(bv.buffer) is not bv:
+            return
+        del self._held[bv.buffer]
+        _release(bv.view)
+        if self._closing or self._failure is not None:
+            return
+        self._pending += self._proto.release_frame(bv.buffer)
+        self._flush()
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def _begin_close(self) -> VchanStream | None:
+        """Mark closed, wake the waiters, release every view we handed out."""
+        if not self._closing:
+            self._closing = True
+            event, self._progress = self._progress, None
+            if event is not None:
+                event.set()
+            for i in list(self._lent):
+                self._forget_loan(i)
+            for bv in list(self._held.values()):
+                _release(bv.view)
+            self._held.clear()
+            for attr in ("_pool_view", "_peer_view"):
+                _release(getattr(self, attr))
+                setattr(self, attr, None)
+            self._kept = [p for p in (self._peer_pages, self._pool) if p is not None]
+            self._peer_pages = self._pool = None
+        stream, self._stream = self._stream, None
+        return stream
+
+    def _unmap(self) -> None:
+        """Unmap both pools; pages still exported are kept for a later close.
+
+        Raises:
+            gntipc.MappingInUse: a view derived from a loan or a received view is alive.
+        """
+        errors: list[BaseException] = []
+        kept: list[Pages] = []
+        for p in self._kept:
+            try:
+                p.close()
+            except Exception as exc:
+                errors.append(exc)
+                kept.append(p)
+        self._kept = kept
+        self._closed = not kept
+        if errors:
+            raise errors[0]
+
+    async def aclose(self) -> None:
+        """Close the channel and its stream, and unmap both pools (idempotent).  Views
+        handed out are released; tasks waiting in :meth:`loan` or :meth:`receive` get
+        ClosedResourceError.  The peer sees the stream end.
+
+        Cancellation: the close completes anyway (as :meth:`VchanStream.aclose`).
+
+        Raises:
+            gntipc.MappingInUse: views derived from our views (slices, numpy arrays) are
+                still alive: everything else is closed; close again after dropping them.
+        """
+        stream = self._begin_close()
+        if stream is not None:
+            await stream.aclose()
+        self._unmap()
+
+    def close(self) -> None:
+        """:meth:`aclose` in the calling thread (the stream's close blocks on the store).
+
+        Raises:
+            gntipc.MappingInUse: as :meth:`aclose`.
+        """
+        stream = self._begin_close()
+        if stream is not None:
+            stream.close()
+        self._unmap()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_closing", True) is False:
+            _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)

@@ -1,0 +1,284 @@
+"""The sans-I/O bulk (buffer pool) protocol: frames pinned to the wire format, the pool
+state on both sides, every split of the input, hostile descriptors, a fuzzer."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gntipc import LocalProtocolError, RemoteProtocolError
+from gntipc.protocol.bulk import (
+    HELLO_SIZE,
+    MAX_POOL_PAGES,
+    BulkProtocol,
+    Eof,
+    Hello,
+    Loan,
+    Release,
+    descriptor_room,
+    encode_eof,
+    encode_hello,
+    encode_loan,
+    encode_release,
+)
+
+STABLE: dict[str, bool | None] = {"deadline": None, "derandomize": True}
+
+# A pool of 2 buffers of 8 KiB: 4 pages, refs 8..11.
+HELLO2 = encode_hello(2, 8192, [8, 9, 10, 11])
+
+
+def cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+def pair() -> tuple[BulkProtocol, BulkProtocol]:
+    """A (lender with 2 x 8 KiB) and B (no pool), each having read the other's HELLO."""
+    a, b = BulkProtocol(2, 8192), BulkProtocol(0, 0)
+    assert b.receive_data(HELLO2) == [Hello(8192, 2, (8, 9, 10, 11))]
+    assert a.receive_data(encode_hello(0, 0, [])) == [Hello(0, 0, ())]
+    return a, b
+
+
+# -- the wire format, pinned ----------------------------------------------------------
+
+
+def test_frames_pinned() -> None:
+    pinned = bytes.fromhex(
+        "01000000" + "47424c4b" + "0100" + "0000" + "00200000" + "02000000" + "04000000"
+        "08000000" + "09000000" + "0a000000" + "0b000000"
+    )
+    assert pinned == HELLO2
+    assert len(HELLO2) == HELLO_SIZE + 16
+    assert encode_hello(0, 0, []) == bytes.fromhex("0100000047424c4b01000000" + "00" * 12)
+    assert encode_loan(1, 16, 100) == bytes.fromhex("02000000010000001000000064000000")
+    assert encode_release(7) == bytes.fromhex("0300000007000000")
+    assert encode_eof() == bytes.fromhex("0400000000000000")
+
+
+@pytest.mark.parametrize(
+    ("buffers", "size", "refs"),
+    [
+        (1, 4095, [1]),  # not a page multiple
+        (1, 0, []),  # buffers without size
+        (0, 4096, []),  # size without buffers
+        (1, 4096, []),  # refs missing
+        (1, 4096, [1, 2]),  # one ref too many
+        (1, 4096, [1 << 32]),  # not a u32
+        (-1, 4096, []),
+        (MAX_POOL_PAGES + 1, 4096, []),
+    ],
+)
+def test_encode_hello_refuses_bad_geometry(buffers: int, size: int, refs: list[int]) -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_hello(buffers, size, refs)
+
+
+# -- the pools, end to end ----------------------------------------------------------------
+
+
+def test_lend_receive_release_cycle() -> None:
+    a, b = pair()
+    i = a.take()
+    j = a.take()
+    assert {i, j} == {0, 1} and a.take() is None and a.free_count == 0
+    a.give_back(j)  # not sent: free again at once
+    assert a.free_count == 1
+    frame = a.loan_frame(i, 100, 8000)  # type: ignore[arg-type]
+    assert b.receive_data(frame) == [Loan(i, 100, 8000)]  # type: ignore[arg-type]
+    assert b.holds(i) and b.held_count == 1  # type: ignore[arg-type]
+    rel = b.release_frame(i)  # type: ignore[arg-type]
+    assert not b.holds(i)  # type: ignore[arg-type]
+    assert a.receive_data(rel) == [Release(i)]  # type: ignore[arg-type]
+    assert a.free_count == 2 and a.sent_count == 0
+    assert b.receive_data(a.eof_frame()) == [Eof()]
+    assert a.eof_frame() == b""  # idempotent
+    assert b.peer_eof
+
+
+def test_released_buffer_is_lent_first() -> None:
+    a, b = pair()
+    i = a.take()
+    assert i is not None
+    b.receive_data(a.loan_frame(i, 0, 1))
+    a.receive_data(b.release_frame(i))
+    assert a.take() == i  # warm in the caches
+
+
+def test_local_misuse() -> None:
+    a, b = pair()
+    with pytest.raises(LocalProtocolError):
+        a.loan_frame(0, 0, 1)  # not taken
+    i = a.take()
+    assert i is not None
+    with pytest.raises(LocalProtocolError):
+        a.loan_frame(i, 8000, 193)  # past the end
+    with pytest.raises(LocalProtocolError):
+        a.loan_frame(i, -1, 1)
+    a.loan_frame(i, 0, 8192)
+    with pytest.raises(LocalProtocolError):
+        a.loan_frame(i, 0, 1)  # sent already
+    with pytest.raises(LocalProtocolError):
+        a.give_back(i)  # the peer's now
+    a.unsend(i)  # the frame could not be written: ours again
+    a.give_back(i)
+    with pytest.raises(LocalProtocolError):
+        b.release_frame(0)  # never held
+    with pytest.raises(LocalProtocolError):
+        b.take()  # no pool
+    a.eof_frame()
+    with pytest.raises(LocalProtocolError):
+        a.take()
+
+
+def test_ring_check() -> None:
+    a, _ = pair()
+    need = descriptor_room(2, 0)
+    assert need == 3 * 16
+    a.check_ring(need, descriptor_room(0, 2))
+    with pytest.raises(LocalProtocolError, match="too small"):
+        a.check_ring(need - 1, 1 << 20)
+
+
+@given(st.lists(st.integers(0, 200), max_size=8))
+@settings(max_examples=100, **STABLE)
+def test_any_split_gives_the_same_events(cuts: list[int]) -> None:
+    a = BulkProtocol(2, 8192)
+    i, j = a.take(), a.take()
+    assert i is not None and j is not None
+    wire = HELLO2 + a.loan_frame(i, 1, 2) + a.loan_frame(j, 0, 8192) + a.eof_frame()
+    b = BulkProtocol(0, 0)
+    got = [e for part in cut(wire, cuts) for e in b.receive_data(part)]
+    assert got == [Hello(8192, 2, (8, 9, 10, 11)), Loan(i, 1, 2), Loan(j, 0, 8192), Eof()]
+    assert b.buffered == 0
+
+
+def test_one_byte_at_a_time() -> None:
+    b = BulkProtocol(0, 0)
+    events = []
+    for k in range(len(HELLO2)):
+        events += b.receive_data(HELLO2[k : k + 1])
+        if k < len(HELLO2) - 1:
+            assert events == [] and b.buffered == k + 1
+    assert events == [Hello(8192, 2, (8, 9, 10, 11))]
+
+
+# -- hostile peers ----------------------------------------------------------------------------
+
+HOSTILE = {
+    "loan before hello": encode_loan(0, 0, 1),
+    "bad magic": HELLO2.replace(b"GBLK", b"GBLX"),
+    "bad version": HELLO2[:8] + b"\x02\x00" + HELLO2[10:],
+    "hello reserved": HELLO2[:10] + b"\x01\x00" + HELLO2[12:],
+    "flags": b"\x01\x01" + HELLO2[2:],
+    "reserved": b"\x01\x00\x01\x00" + HELLO2[4:],
+    # lying counts: 4 pages announced for 2 x 8 KiB is right; 5 is not
+    "lying page count": HELLO2[:20] + struct.pack("<I", 5) + HELLO2[24:] + b"\0" * 4,
+    "size not a page multiple": struct.pack("<BBH4sHHIII", 1, 0, 0, b"GBLK", 1, 0, 100, 1, 1),
+    "buffers without size": struct.pack("<BBH4sHHIII", 1, 0, 0, b"GBLK", 1, 0, 0, 1, 0),
+    "too many pages": struct.pack("<BBH4sHHIII", 1, 0, 0, b"GBLK", 1, 0, 4096, 20000, 20000),
+    "second hello": HELLO2 + HELLO2,
+    "unknown type": HELLO2 + b"\x09\x00\x00\x00" + b"\0" * 12,
+    "loan of buffer out of range": HELLO2 + encode_loan(2, 0, 1),
+    "loan past the buffer end": HELLO2 + encode_loan(1, 8000, 193),
+    "loan with offset overflow": HELLO2 + encode_loan(1, 0xFFFFFFFF, 2),
+    "loan of a held buffer": HELLO2 + encode_loan(1, 0, 1) + encode_loan(1, 0, 1),
+    "loan after eof": HELLO2 + encode_eof() + encode_loan(0, 0, 1),
+    "second eof": HELLO2 + encode_eof() + encode_eof(),
+    "eof with a value": HELLO2 + b"\x04\x00\x00\x00\x01\x00\x00\x00",
+    "release of a buffer never loaned": HELLO2 + encode_release(0),
+    "release out of range": HELLO2 + encode_release(7),
+}
+
+
+@pytest.mark.parametrize("wire", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_frames_raise_and_kill_the_protocol(wire: bytes) -> None:
+    # The receiving side has a pool of 2 x 8 KiB too, so RELEASEs are meaningful.
+    b = BulkProtocol(2, 8192, max_peer_pages=16384)
+    with pytest.raises(RemoteProtocolError, match="bulk peer"):
+        b.receive_data(wire)
+    with pytest.raises(RemoteProtocolError):  # dead from now on
+        b.receive_data(b"")
+    assert b.buffered == 0
+
+
+def test_double_release() -> None:
+    a, b = pair()
+    i = a.take()
+    assert i is not None
+    b.receive_data(a.loan_frame(i, 0, 1))
+    rel = b.release_frame(i)
+    a.receive_data(rel)
+    with pytest.raises(RemoteProtocolError, match="not on loan"):
+        a.receive_data(rel)
+
+
+def test_release_of_a_lent_but_unsent_buffer() -> None:
+    a, _ = pair()
+    i = a.take()
+    assert i is not None
+    with pytest.raises(RemoteProtocolError, match="not on loan"):
+        a.receive_data(encode_release(i))
+
+
+def test_hello_over_our_limit_is_refused_before_its_refs_arrive() -> None:
+    b = BulkProtocol(0, 0, max_peer_pages=4)
+    head = encode_hello(1, 5 * 4096, list(range(5)))[:HELLO_SIZE]
+    with pytest.raises(RemoteProtocolError, match="at most 4"):
+        b.receive_data(head)
+
+
+# -- the fuzzer ------------------------------------------------------------------------------
+
+_frames = st.one_of(
+    st.builds(encode_loan, st.integers(0, 3), st.integers(0, 9000), st.integers(0, 9000)),
+    st.builds(encode_release, st.integers(0, 3)),
+    st.just(encode_eof()),
+    st.binary(max_size=24),
+)
+
+
+@given(
+    st.lists(_frames, max_size=12),
+    st.lists(st.integers(0, 400), max_size=6),
+    st.binary(max_size=8),
+    st.integers(0, 400),
+)
+@settings(max_examples=400, **STABLE)
+def test_fuzz_only_remote_protocol_errors_and_bounded_memory(
+    frames: list[bytes], cuts: list[int], noise: bytes, at: int
+) -> None:
+    a = BulkProtocol(2, 8192, max_peer_pages=64)
+    i = a.take()
+    assert i is not None
+    a.loan_frame(i, 0, 1)  # one of ours on loan: a RELEASE of it is legal once
+    wire = bytearray(HELLO2 + b"".join(frames))
+    at %= len(wire) + 1
+    wire[at:at] = noise
+    try:
+        for part in cut(bytes(wire), cuts):
+            for e in a.receive_data(part):
+                assert isinstance(e, Hello | Loan | Release | Eof)
+            # never more than one HELLO (24 + 4 * 64 bytes) waits for its end
+            assert a.buffered <= HELLO_SIZE + 4 * 64
+    except RemoteProtocolError:
+        pass
+    assert 0 <= a.free_count + a.sent_count <= 2
+    assert 0 <= a.held_count <= 2
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=6))
+@settings(max_examples=300, **STABLE)
+def test_fuzz_garbage(data: bytes, cuts: list[int]) -> None:
+    b = BulkProtocol(0, 0, max_peer_pages=8)
+    try:
+        for part in cut(data, cuts):
+            b.receive_data(part)
+            assert b.buffered <= HELLO_SIZE + 4 * 8
+    except RemoteProtocolError:
+        pass
