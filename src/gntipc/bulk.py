@@ -138,12 +138,18 @@ async def open_bulk(
             pool = backend.share(peer, pages, writable=False)
         hello = encode_hello(buffers, buffer_size, pool.refs if pool is not None else ())
         with anyio.fail_after(timeout):
-            async with anyio.create_task_group() as tg:
-                # Both HELLOs may be larger than the rings: write ours while reading theirs.
-                tg.start_soon(stream.send, hello)
-                while proto.peer is None:
-                    data = await stream.receive(_READ)
-                    early += [e for e in proto.receive_data(data) if isinstance(e, Loan)]
+            try:
+                async with anyio.create_task_group() as tg:
+                    # Both HELLOs may be larger than the rings: write ours while reading
+                    # theirs.
+                    tg.start_soon(stream.send, hello)
+                    while proto.peer is None:
+                        data = await stream.receive(_READ)
+                        early += [e for e in proto.receive_data(data) if isinstance(e, Loan)]
+            except BaseExceptionGroup as group:
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
         proto.check_ring(vchan.write_size, vchan.read_size)
         theirs = proto.peer
         assert theirs is not None
@@ -427,7 +433,8 @@ class BulkChannel:
             finally:
                 self._pumping = False
                 event, self._progress = self._progress, None
-                event.set()
+                if event is not None:  # (None: a close woke everyone already)
+                    event.set()
             self._apply(data)
 
     def _apply(self, data: bytes) -> None:
@@ -586,6 +593,9 @@ class BulkChannel:
                     break
                 except WouldBlock:
                     proto.unsend(i)
+                except BaseException:
+                    proto.unsend(i)  # not sent: the loan is still the application's
+                    raise
                 await stream.wait_writable(DESCRIPTOR_SIZE)
                 stream = self._check()
                 if i not in self._lent:

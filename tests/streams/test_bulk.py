@@ -1,0 +1,484 @@
+"""Zero-copy bulk transfer (gntipc.bulk): loans, views, backpressure, cancellation,
+lifetimes, hostile peers, and processes killed mid-loan.  Most tests run on sim only
+(the Xen suite runs under emulation: it gets the one round trip)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
+from conftest import fresh_path
+
+import gntipc
+from gntipc import LocalProtocolError, MappingInUse, RemoteProtocolError, XenError
+from gntipc.backends import Backend
+from gntipc.bulk import BulkChannel, open_bulk
+from gntipc.protocol.bulk import encode_hello, encode_loan, encode_release
+from gntipc.testing import connect_pair
+
+pytestmark = pytest.mark.anyio
+
+PEER_SCRIPT = str(Path(__file__).with_name("_bulk_peer.py"))
+PEER_DOMID = 5
+
+
+@pytest.fixture
+def sim() -> Iterator[Backend]:
+    """This process as sim domain 0 (the tests that need no Xen run here only)."""
+    with gntipc.get_backend("sim", domid=0) as b:
+        yield b
+
+
+async def open_pair(
+    backend: Backend,
+    a: dict[str, Any],
+    b: dict[str, Any],
+    *,
+    ring: int = 65536,
+) -> tuple[BulkChannel, BulkChannel]:
+    """Two bulk channels over a fresh loopback stream pair (``a`` the server's)."""
+    s, c = await connect_pair(backend, fresh_path(), read_size=ring, write_size=ring)
+    got: dict[str, BulkChannel] = {}
+
+    async def one(name: str, stream: gntipc.VchanStream, kw: dict[str, Any]) -> None:
+        got[name] = await open_bulk(stream, timeout=10, **kw)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "a", s, a)
+            tg.start_soon(one, "b", c, b)
+    except BaseException:
+        for ch in got.values():
+            await ch.aclose()
+        await s.aclose()
+        await c.aclose()
+        raise
+    return got["a"], got["b"]
+
+
+@pytest.fixture
+async def pairs(sim: Backend) -> AsyncIterator[Any]:
+    """``await pairs(a_kwargs, b_kwargs)`` on sim; every channel is closed after."""
+    made: list[BulkChannel] = []
+
+    async def make(
+        a: dict[str, Any], b: dict[str, Any], **kw: Any
+    ) -> tuple[BulkChannel, BulkChannel]:
+        pair = await open_pair(sim, a, b, **kw)
+        made.extend(pair)
+        return pair
+
+    yield make
+    for ch in made:
+        await ch.aclose()
+
+
+def pattern(k: int, n: int) -> bytes:
+    return bytes((k + i) % 251 for i in range(min(n, 251))) * (n // 251 + 1)
+
+
+# -- the round trip (also on Xen) -----------------------------------------------------------
+
+
+async def test_loans_arrive_in_place_and_come_back(backend: Backend) -> None:
+    a, b = await open_pair(backend, {"buffers": 2, "buffer_size": 8192}, {"buffers": 0})
+    async with a, b:
+        assert (a.buffers, a.buffer_size, b.peer_buffers, b.peer_buffer_size) == (2, 8192, 2, 8192)
+        received: list[bytes] = []
+
+        async def lend() -> None:
+            for k in range(12):
+                async with a.loan() as buf:
+                    n = 8192 - 100 * k
+                    buf[:n] = pattern(k, 8192)[:n]
+                    # a slice of the loan goes: offset 3, n - 3 bytes
+                    await a.send(buf[3:n])
+                    with pytest.raises(ValueError):
+                        buf[0]  # sent: our view of it is released
+
+        async def take() -> None:
+            for _ in range(12):
+                item = await b.receive()
+                async with item as view:
+                    assert view.readonly
+                    assert (item.offset, len(item)) == (3, len(view))
+                    received.append(bytes(view))
+                with pytest.raises(ValueError):
+                    view[0]  # released
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lend)
+                tg.start_soon(take)
+        assert received == [pattern(k, 8192)[3 : 8192 - 100 * k] for k in range(12)]
+        # every buffer came back (releases read while lending waited, or now)
+        with anyio.fail_after(10):
+            async with a.loan(), a.loan():
+                pass
+        await a.send_eof()
+        with anyio.fail_after(10), pytest.raises(anyio.EndOfStream):
+            await b.receive()
+
+
+# -- sim only from here ---------------------------------------------------------------------
+
+
+async def test_both_directions_at_once(pairs: Any) -> None:
+    a, b = await pairs({"buffers": 2, "buffer_size": 4096}, {"buffers": 3, "buffer_size": 8192})
+    got: dict[str, list[int]] = {"a": [], "b": []}
+
+    async def side(me: BulkChannel, name: str) -> None:
+        async def lend() -> None:
+            for k in range(30):
+                async with me.loan(1) as buf:
+                    buf[0] = k
+                    await me.send(buf)
+            await me.send_eof()
+
+        async def take() -> None:
+            while True:
+                try:
+                    async with await me.receive() as view:
+                        got[name].append(view[0])
+                except anyio.EndOfStream:
+                    return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lend)
+            tg.start_soon(take)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(side, a, "a")
+            tg.start_soon(side, b, "b")
+    assert got == {"a": list(range(30)), "b": list(range(30))}
+
+
+async def test_exhausted_pool_waits_cancellably_then_resumes(pairs: Any) -> None:
+    a, b = await pairs({"buffers": 2, "buffer_size": 4096}, {"buffers": 0})
+    for k in range(2):
+        async with a.loan() as buf:
+            buf[0] = k
+            await a.send(buf)
+    held = [await b.receive(), await b.receive()]
+    # the pool is exhausted: a loan waits, and a cancelled wait lends nothing
+    with anyio.move_on_after(0.3) as scope:
+        async with a.loan():
+            pytest.fail("lent a buffer the peer holds")
+    assert scope.cancelled_caught
+    assert a.free_buffers == 0
+    with pytest.raises(anyio.WouldBlock), a.loan():
+        pass
+
+    async def release_soon() -> None:
+        await anyio.sleep(0.1)
+        held[1].release()
+        held[1].release()  # idempotent
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release_soon)
+            async with a.loan() as buf:  # waits until the release arrives
+                assert buf[0] == 1  # the buffer the peer gave back
+    held[0].release()
+
+
+async def test_unsent_loan_goes_back_and_its_view_is_released(pairs: Any) -> None:
+    a, _ = await pairs({"buffers": 1, "buffer_size": 4096}, {"buffers": 0})
+    async with a.loan(10) as buf:
+        assert len(buf) == 10 and not buf.readonly and a.free_buffers == 0
+    assert a.free_buffers == 1
+    with pytest.raises(ValueError):
+        buf[0] = 1
+    with a.loan() as buf2:  # the sync form
+        assert len(buf2) == 4096
+
+
+async def test_send_takes_only_our_loans(pairs: Any) -> None:
+    a, b = await pairs({"buffers": 2, "buffer_size": 4096}, {"buffers": 1, "buffer_size": 4096})
+    async with a.loan(100) as buf:
+        with pytest.raises(LocalProtocolError):
+            await a.send(bytearray(10))  # not the pool
+        with pytest.raises(LocalProtocolError):
+            await a.send(buf.toreadonly())
+        with pytest.raises(LocalProtocolError):
+            await a.send(buf[::2])  # not contiguous
+        whole = a._pool_view
+        assert whole is not None
+        with pytest.raises(LocalProtocolError, match="not on loan"):
+            await a.send(whole[4096:4100])  # the other buffer: not lent
+        with pytest.raises(LocalProtocolError, match="not on loan"):
+            await a.send(whole[50:150])  # past the 100 bytes lent
+        await a.send(buf[10:20])
+    item = await b.receive()
+    assert (item.offset, item.length) == (10, 10)
+    item.release()
+    with pytest.raises(LocalProtocolError):
+        a.loan(4097)
+    with pytest.raises(LocalProtocolError):
+        a.loan(-1)
+
+
+async def test_receiver_without_pool_cannot_lend(pairs: Any) -> None:
+    _, b = await pairs({"buffers": 1, "buffer_size": 4096}, {"buffers": 0})
+    with pytest.raises(LocalProtocolError, match="no pool"):
+        b.loan()
+
+
+async def test_eof_ends_receive_and_loans_after_it_fail(pairs: Any) -> None:
+    a, b = await pairs({"buffers": 1, "buffer_size": 4096}, {"buffers": 0})
+    await a.send_eof()
+    await a.send_eof()  # idempotent
+    with anyio.fail_after(10), pytest.raises(anyio.EndOfStream):
+        await b.receive()
+    with pytest.raises(LocalProtocolError, match="EOF"):
+        async with a.loan():
+            pass
+
+
+async def test_close_wakes_waiters(pairs: Any) -> None:
+    a, b = await pairs({"buffers": 1, "buffer_size": 4096}, {"buffers": 0})
+    async with a.loan() as buf:
+        await a.send(buf)  # the only buffer: the peer's now
+    with anyio.fail_after(10):
+        held = await b.receive()  # and held there, never released
+
+    async def close_soon() -> None:
+        await anyio.sleep(0.1)
+        await b.aclose()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(close_soon)
+            with pytest.raises(anyio.ClosedResourceError):
+                await b.receive()
+    await b.aclose()  # idempotent
+    with pytest.raises(anyio.ClosedResourceError):
+        b.receive_nowait()
+    held.release()  # after the close: nothing to do
+    # the peer closed: a loan that must wait will never get its buffer back
+    with anyio.fail_after(10), pytest.raises(anyio.BrokenResourceError):
+        async with a.loan():
+            pass
+
+
+async def test_view_kept_after_close_keeps_the_pages_mapped(sim: Backend) -> None:
+    a, b = await open_pair(sim, {"buffers": 1, "buffer_size": 4096}, {"buffers": 0})
+    async with a.loan() as buf:
+        buf[:5] = b"hello"
+        await a.send(buf[:5])
+    item = await b.receive()
+    kept = item.view[1:3]  # derived from the view: keeps the mapping exported
+    await a.aclose()
+    with pytest.raises(MappingInUse):
+        await b.aclose()
+    with pytest.raises(ValueError):
+        item.view[0]  # the view itself was released by the close
+    assert bytes(kept) == b"el"  # still mapped: never a use-after-unmap
+    del kept
+    b.close()  # now it unmaps (the leak check verifies)
+    b.close()
+
+
+# -- resources -------------------------------------------------------------------------------
+
+
+async def test_rings_too_small_for_the_pools(pairs: Any) -> None:
+    with pytest.raises(ExceptionGroup) as info:
+        await pairs(
+            {"buffers": 40, "buffer_size": 4096}, {"buffers": 30, "buffer_size": 4096}, ring=1024
+        )
+    assert all(isinstance(e, LocalProtocolError) for e in info.value.exceptions)
+    assert "too small" in str(info.value.exceptions[0])
+
+
+async def test_pool_over_the_grant_budget_is_enospc(sim: Backend) -> None:
+    s, c = await connect_pair(sim, fresh_path())
+    with pytest.raises(XenError) as info:
+        await open_bulk(s, buffers=1, buffer_size=(sim.page_limit or 1024) * 4096)
+    assert info.value.errno == errno.ENOSPC
+    assert s.closed  # a failed open closes the stream
+    await c.aclose()
+
+
+async def test_peer_pool_over_our_limit(pairs: Any) -> None:
+    with pytest.raises(ExceptionGroup) as info:
+        await pairs({"buffers": 2, "buffer_size": 8192}, {"buffers": 0, "max_peer_pages": 3})
+    errors = info.value.exceptions  # (the test's own task group: one per side that failed)
+    assert any(isinstance(e, RemoteProtocolError) and "at most 3" in str(e) for e in errors), errors
+
+
+# -- hostile peers: the other end writes raw frames -------------------------------------------
+
+
+async def test_hostile_hello_with_refs_not_granted(sim: Backend) -> None:
+    s, c = await connect_pair(sim, fresh_path())
+    async with c:
+        await c.send(encode_hello(1, 4096, [999_999]))
+        with anyio.fail_after(10), pytest.raises(RemoteProtocolError, match="cannot be mapped"):
+            await open_bulk(s, buffers=0)
+        assert s.closed
+
+
+async def test_hostile_loans(sim: Backend) -> None:
+    s, c = await connect_pair(sim, fresh_path())
+    with sim.share(sim.domid, 2, writable=False) as pool:
+        pool.mapping.view()[:3] = b"abc"
+        async with c:
+            await c.send(encode_hello(1, 8192, pool.refs))
+            bulk = await open_bulk(s, buffers=0)
+            async with bulk:
+                await c.send(encode_loan(0, 0, 3))
+                async with await bulk.receive() as view:
+                    assert bytes(view) == b"abc"
+                    pool.mapping.view()[:3] = b"xyz"  # the lender can rewrite it meanwhile
+                    assert bytes(view) == b"xyz"
+                await c.send(encode_loan(0, 8190, 3))  # past the end of the buffer
+                with anyio.fail_after(10), pytest.raises(RemoteProtocolError, match="8190"):
+                    await bulk.receive()
+                with pytest.raises(RemoteProtocolError):  # stays broken
+                    await bulk.receive()
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        pytest.param(lambda: encode_release(1), id="release-never-loaned"),
+        pytest.param(lambda: encode_release(0) + encode_release(0), id="double-release"),
+        pytest.param(lambda: encode_release(9), id="release-out-of-range"),
+        pytest.param(lambda: b"\x07\x00\x00\x00" * 4, id="unknown-frame"),
+    ],
+)
+async def test_hostile_releases_break_our_waiting_loan(sim: Backend, frames: Any) -> None:
+    s, c = await connect_pair(sim, fresh_path())
+    async with c:
+        await c.send(encode_hello(0, 0, []))
+        async with await open_bulk(s, buffers=2, buffer_size=4096) as bulk:
+            async with bulk.loan() as buf:
+                await bulk.send(buf)  # buffer 0 is the peer's
+            await c.send(frames())
+            with anyio.fail_after(10), pytest.raises(RemoteProtocolError):
+                async with bulk.loan(), bulk.loan():  # the second loan must wait: reads
+                    pass
+
+
+# -- other processes, killed mid-loan -----------------------------------------------------------
+
+
+class Peer:
+    def __init__(self, proc: Process) -> None:
+        self.proc = proc
+        assert proc.stdout is not None
+        self.out = BufferedByteReceiveStream(proc.stdout)
+
+    async def line(self, timeout: float = 30) -> str:
+        with anyio.fail_after(timeout):
+            return (await self.out.receive_until(b"\n", 1 << 16)).decode()
+
+
+@pytest.fixture
+async def spawn(sim: Backend, anyio_backend: str) -> AsyncIterator[Any]:
+    """``await spawn(mode, path, *args)`` starts a _bulk_peer.py client in domain 5."""
+    procs: list[Process] = []
+    env = dict(
+        os.environ,
+        GNTIPC_BACKEND="sim",
+        GNTIPC_SIM_DOMID=str(PEER_DOMID),
+        GNTIPC_TEST_LOOP=anyio_backend,
+    )
+    src = str(Path(__file__).parents[2] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+
+    async def start(mode: str, path: str, *args: object) -> Peer:
+        argv = [sys.executable, PEER_SCRIPT, mode, str(sim.domid), path, *map(str, args)]
+        proc = await anyio.open_process(argv, env=env, stderr=None)
+        procs.append(proc)
+        return Peer(proc)
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+        with anyio.move_on_after(10, shield=True):
+            await proc.wait()
+        await proc.aclose()
+
+
+async def test_from_another_process(sim: Backend, spawn: Any) -> None:
+    path = fresh_path()
+    size = 64 * 1024
+    async with await gntipc.listen(PEER_DOMID, path, backend=sim) as listener:
+        peer = await spawn("send", path, 40, 3, size)
+        stream = await listener.accept()
+    async with await open_bulk(stream, buffers=0) as bulk:
+        assert await peer.line() == "ready"
+        k = 0
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    async with await bulk.receive() as view:
+                        assert len(view) == size - k
+                        assert view[0] == view[-1] == k % 251
+                        k += 1
+                except anyio.EndOfStream:
+                    break
+        assert k == 40
+        assert await peer.line() == "sent 40"
+    with anyio.fail_after(30):
+        assert await peer.proc.wait() == 0
+
+
+async def test_kill_9_of_the_lender_mid_loan(sim: Backend, spawn: Any) -> None:
+    """The lender dies while we hold its buffers: our views stay readable (the pages stay
+    mapped until we unmap them), receive() reports the crash, and the close frees every
+    page (the leak check after the test)."""
+    path = fresh_path()
+    async with await gntipc.listen(PEER_DOMID, path, backend=sim) as listener:
+        peer = await spawn("lend", path, 3, 8192)
+        stream = await listener.accept()
+    async with await open_bulk(stream, buffers=0) as bulk:
+        assert await peer.line() == "ready"
+        assert await peer.line() == "lent"
+        held = [await bulk.receive() for _ in range(3)]
+        peer.proc.send_signal(signal.SIGKILL)
+        await peer.proc.wait()
+        for item in held:
+            assert bytes(item.view) == b"\xab" * 8192
+        with anyio.fail_after(10), pytest.raises(anyio.BrokenResourceError):
+            await bulk.receive()
+        for item in held:
+            item.release()  # never fails: the RELEASE just goes nowhere
+
+
+async def test_kill_9_of_a_holder_breaks_our_waiting_loan(sim: Backend, spawn: Any) -> None:
+    path = fresh_path()
+    async with await gntipc.listen(PEER_DOMID, path, backend=sim) as listener:
+        peer = await spawn("hold", path)
+        stream = await listener.accept()
+    async with await open_bulk(stream, buffers=2, buffer_size=4096) as bulk:
+        assert await peer.line() == "ready"
+        for _ in range(2):
+            async with bulk.loan() as buf:
+                await bulk.send(buf)
+        assert await peer.line() == "holding 1"
+        assert await peer.line() == "holding 2"
+
+        async def kill_soon() -> None:
+            await anyio.sleep(0.2)
+            peer.proc.send_signal(signal.SIGKILL)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(kill_soon)
+                with pytest.raises(anyio.BrokenResourceError):
+                    async with bulk.loan():  # waits: both buffers are held
+                        pass
