@@ -30,6 +30,14 @@ any other stream:
   :class:`~gntipc.SessionStream` at once; other streams are closed by
   :meth:`~MessageQueue.aclose` (the queue is marked closed at once either way).
 
+Over anyio's own TCP and unix socket streams (what ``anyio.connect_tcp``,
+``anyio.connect_unix`` and their listeners return, asyncio or trio; not a wrapper of them
+such as a ``TLSStream``), a put writes its frame to the socket at once, without the two
+event-loop round trips of the stream's ``send``, and yields only as on a ring (every
+:data:`~gntipc.streams.FAIR_SLICE`); when the socket cannot take all of it, it finishes
+with the stream's ``send``.  As with ``send``, when a put returns its frame is with the
+kernel.
+
 Bad input from the peer:
 
 * A frame whose payload does not decode as the expected type raises
@@ -58,6 +66,8 @@ into a buffer the queue reuses, then written into the ring.
 from __future__ import annotations
 
 import contextlib
+import socket
+import sys
 from collections.abc import Callable, Iterable
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
@@ -70,7 +80,7 @@ from anyio import (
     EndOfStream,
     WouldBlock,
 )
-from anyio.abc import AsyncResource, ByteStream
+from anyio.abc import AsyncResource, ByteStream, SocketAttribute
 
 from ._exceptions import MalformedMessage as MalformedMessage
 from ._exceptions import MessageTooLarge as MessageTooLarge
@@ -99,6 +109,73 @@ COLLECT_BYTES = 1 << 20
 # being received up to a cap (trio's socket receive allocates max_bytes up front).
 _GENERIC_CHUNK = 65536
 _GENERIC_MAX_READ = 1 << 20
+
+
+def _socket_writer(stream: ByteStream) -> Callable[[bytearray], bytes | None] | None:
+    """For anyio's own TCP and unix socket streams (those classes exactly: never a
+    wrapper such as a ``TLSStream``, whose raw socket lies under the encryption), a
+    function that hands bytes to the kernel without waiting, and returns None if it took
+    them all, else what ``await stream.send()`` must still send: all of them (it could
+    not write now: anyio's send waits, or raises the stream's error), the part a socket
+    did not take at once, or ``b""`` (asyncio's transport took them all but holds some:
+    anyio's send of nothing waits until it handed them to the kernel).
+
+    Why: anyio's send yields to the event loop twice per call (a cancellation check
+    before, a loop iteration after), 17-30 µs a 64-byte frame here against 2-4 µs for
+    the send itself.  A put writes at once instead and keeps the queue's own fair yield
+    (every FAIR_SLICE); when it returns, its frame is with the kernel, as after anyio's
+    send.
+    """
+    cls = type(stream)
+    aio = sys.modules.get("anyio._backends._asyncio")
+    if aio is not None and cls is getattr(aio, "SocketStream", None):
+        transport: Any = getattr(stream, "_transport", None)
+        protocol: Any = getattr(stream, "_protocol", None)
+        if transport is None or not hasattr(protocol, "write_event"):
+            return None  # not the anyio this was written for: its own send, then
+
+        def transport_write(buf: bytearray) -> bytes | None:
+            data = bytes(buf)  # the transport may keep what it is given
+            # What anyio's send checks before it writes.  Its transports' write buffer
+            # limit is 0, so the event is set only while the transport holds nothing:
+            # the write goes to the socket at once, in order.
+            if (
+                not protocol.write_event.is_set()
+                or protocol.exception is not None
+                or getattr(stream, "_closed", True)
+            ):
+                return data
+            transport.write(data)
+            return None if protocol.write_event.is_set() else b""
+
+        return transport_write
+    raw_classes = (
+        getattr(aio, "UNIXSocketStream", None),
+        getattr(sys.modules.get("anyio._backends._trio"), "SocketStream", None),
+        getattr(sys.modules.get("anyio._backends._trio"), "UNIXSocketStream", None),
+    )
+    if cls not in raw_classes:
+        return None
+    # These streams write straight to their socket (no buffer of their own that a
+    # direct write could overtake).
+    sock = stream.extra(SocketAttribute.raw_socket, None)
+    if not isinstance(sock, socket.socket):
+        return None
+    flags = getattr(socket, "MSG_DONTWAIT", 0)
+    if not flags and sock.gettimeout() != 0.0:
+        return None  # a blocking socket would block the event loop
+    send = sock.send
+
+    def socket_write(buf: bytearray) -> bytes | None:
+        try:
+            n = send(buf, flags)
+        except OSError:  # would block, or an error anyio's send reports its own way
+            return bytes(buf)
+        if n == len(buf):
+            return None
+        return bytes(memoryview(buf)[n:])
+
+    return socket_write
 
 
 class MessageQueue(AsyncResource, Generic[T]):
@@ -167,6 +244,7 @@ class MessageQueue(AsyncResource, Generic[T]):
         self._receive_nowait: Callable[[int], bytes] | None = getattr(
             stream, "receive_nowait", None
         )
+        self._socket_write = _socket_writer(stream) if held is None else None
         # Read at most a chunk at a time (unless a frame needs more): a fresh 1 MiB bytes
         # per read makes the allocator trim and regrow its heap, a page fault per 4 KiB
         # (-15% of batched messages/s on 1 MiB rings).
@@ -384,9 +462,14 @@ class MessageQueue(AsyncResource, Generic[T]):
         """Write ``buf`` (``count`` whole frames) to the stream."""
         stream = self._vchan
         if stream is None:
+            if self._closed:
+                raise ClosedResourceError
+            write = self._socket_write
             # The stream may keep a reference to what it is given after send returns
             # (asyncio's transports do): give it bytes, not our reused buffer.
-            await self._send_generic(bytes(buf))
+            rest = bytes(buf) if write is None else write(buf)
+            if rest is not None:
+                await self._send_generic(rest)
             self._sent(count, len(buf))
             return
         size = len(buf)
@@ -415,8 +498,6 @@ class MessageQueue(AsyncResource, Generic[T]):
             raise
 
     async def _send_generic(self, data: bytes) -> None:
-        if self._closed:
-            raise ClosedResourceError
         stream = self.stream
         try:
             await stream.send(data)
@@ -424,7 +505,9 @@ class MessageQueue(AsyncResource, Generic[T]):
             raise  # the peer is gone (see above), or nothing was sent
         except BaseException:
             held = self._held
-            # Without send_progress, how much went out is unknown: assume the worst.
+            # Without send_progress, how much went out is unknown: assume the worst
+            # (the same after a socket took a part of the frame at once, or while
+            # asyncio's transport holds it: a close drops what it holds).
             partial = held is None or 0 < held.send_progress < len(data)
             if partial:
                 await self._abort()
