@@ -1,6 +1,6 @@
 """gntipc vs the usual local IPC, between two processes, on the sim backend (``make bench``).
 
-    .venv/bin/python benchmarks/run.py [--quick] [--only throughput,messages,latency,idle]
+    .venv/bin/python benchmarks/run.py [--quick] [--only throughput,messages,latency,idle,bulk]
                                        [--no-save]
 
 Four sections (see benchmarks/README.md), each printed as a table:
@@ -20,6 +20,9 @@ Four sections (see benchmarks/README.md), each printed as a table:
   ``send(1 MiB)``/``receive`` (queue/raw >= 0.8x).
 * **latency** (``_latency.py``): 64-byte round trips, p50/p99 µs, CPU µs per round trip.
 * **idle** (``_idle.py``): CPU % of each process of a connected pair waiting after a burst.
+* **bulk** (``_bulk.py``): 1 GiB (``--quick``: 128 MiB) in 4 MiB payloads filled and
+  checksummed in place, through :class:`gntipc.bulk.BulkChannel` loans vs a 1 MiB-ring
+  ``VchanStream`` doing the same work; GB/s, CPU s/GB per side, ratio pool/ring (goal >= 3x).
 * **proxy** (``_proxy.py``): redis-benchmark through two ``gntipc proxy`` hops (plain and
   ``--mux``) vs two socat relays to redis-server; requests/s with 50 clients, GET p50 with
   one (skipped, with the reason, without redis-server, redis-benchmark or socat).
@@ -49,6 +52,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import _bulk
 import _harness
 import _idle
 import _latency
@@ -57,7 +61,7 @@ import _proxy
 import _throughput
 import zmq
 
-SECTIONS = ("throughput", "messages", "latency", "idle", "proxy")
+SECTIONS = ("throughput", "messages", "latency", "idle", "proxy", "bulk")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -180,6 +184,8 @@ def main() -> None:
         report["idle"] = _idle.section(idle, burst)
     if "proxy" in only:
         report["proxy"] = _proxy.section(args.quick, repeat)
+    if "bulk" in only:
+        report["bulk"] = _bulk.section(128 * 2**20 if args.quick else 2**30, repeat)
     report["total_seconds"] = time.perf_counter() - t0
     shutil.rmtree(sim_dir, ignore_errors=True)  # normally gone already (last one out)
     report["notes"] = _harness.NOTES
