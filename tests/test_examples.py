@@ -34,6 +34,10 @@ def run(sim: SimRuntime, *args: str) -> subprocess.CompletedProcess[str]:
     [
         (["rpc.py"], "rpc client: server stats {'calls': 133, 'cancelled': 2}, 2 cancels sent"),
         (["bulk_transfer.py", "--size", "8M"], "sent 8,388,608 bytes in"),
+        (
+            ["bulk_transfer.py", "--size", "3000001", "--zero-copy"],
+            "zero-copy, checksum confirmed by the receiver",
+        ),
         (["kv_store.py"], "16 clients at once, 50 keys each, all read back right; hits = 800"),
         (["socket_bridge.py"], "socket_bridge: ok: 4 HTTP downloads at once"),
         (["socket_bridge.py", "--mux"], "socket_bridge: ok: 4 HTTP downloads at once"),

@@ -465,9 +465,13 @@ class BulkChannel:
         """Write the RELEASE frames held back (all or nothing; they fit the ring by
         construction, so this fails only while the peer is still reading our HELLO)."""
         if self._pending and self._stream is not None and self._ended is None:
-            with contextlib.suppress(WouldBlock, BusyResourceError):
+            try:
                 self._stream.send_nowait(self._pending)
-                self._pending.clear()
+            except (WouldBlock, BusyResourceError):
+                return
+            except BrokenResourceError:
+                pass  # the peer is gone: nobody waits for these buffers any more
+            self._pending.clear()
 
     def _gone(self) -> BrokenResourceError:
         exc = BrokenResourceError(
