@@ -633,18 +633,7 @@ class ResumeState:
                 beyond what we sent or before what the client acknowledged (the state
                 stays usable: refuse this connection with :func:`encode_refuse`).
         """
-        self._check_alive()
-        if self.is_client:
-            raise LocalProtocolError("accept() on the client side")
-        if hello.session_id != self.session_id:
-            raise RemoteProtocolError("HELLO for another session")
-        if not hmac.compare_digest(hello.secret, self.secret):
-            raise RemoteProtocolError("HELLO with a wrong secret for this session")
-        # (A NEW HELLO for a session that exists, with its secret: our WELCOME was lost
-        # and the client tries again.  It received nothing: its resume point is 0.)
-        if not hello.new and not self._started:
-            raise RemoteProtocolError("HELLO resuming a session that never started")
-        start = self._resume_point(hello.received, hello.from_oldest, "HELLO")
+        start = self.check_hello(hello)
         self.connection_lost()
         self.epoch += 1
         self.peer_window_records = hello.window_records
@@ -655,6 +644,26 @@ class ResumeState:
         )  # fmt: skip
         self._control = [_frame(FrameType.WELCOME, 0, self.committed, payload)]
         self._up(start)
+
+    def check_hello(self, hello: Hello) -> int:
+        """(Server) What :meth:`accept` checks, without changing anything: the first
+        record the client will get.
+
+        Raises:
+            gntipc.RemoteProtocolError: as :meth:`accept`.
+        """
+        self._check_alive()
+        if self.is_client:
+            raise LocalProtocolError("a HELLO on the client side")
+        if hello.session_id != self.session_id:
+            raise RemoteProtocolError("HELLO for another session")
+        if not hmac.compare_digest(hello.secret, self.secret):
+            raise RemoteProtocolError("HELLO with a wrong secret for this session")
+        # (A NEW HELLO for a session that exists, with its secret: our WELCOME was lost
+        # and the client tries again.  It received nothing: its resume point is 0.)
+        if not hello.new and not self._started:
+            raise RemoteProtocolError("HELLO resuming a session that never started")
+        return self._resume_point(hello.received, hello.from_oldest, "HELLO")
 
     def _resume_point(self, received: int, from_oldest: bool, name: str) -> int:
         """The first record to replay for a peer that received up to ``received``."""
