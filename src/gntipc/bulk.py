@@ -210,11 +210,11 @@ class BulkLoan:
         return self._channel._lend(self)
 
     def __enter__(self) -> memoryview:
-        """Take a free buffer now (the sync form of ``async with``).
+        """Take a free buffer now (the sync form of ``async with``); otherwise it
+        raises what :meth:`__aenter__` raises.
 
         Raises:
             anyio.WouldBlock: no buffer is free right now.
-            Others: as :meth:`__aenter__`.
         """
         if self.buffer >= 0:
             raise BusyResourceError("this loan is in use already")
@@ -650,11 +650,11 @@ class BulkChannel:
         return self._take()
 
     def receive_nowait(self) -> BulkView:
-        """The next loan from the peer if one arrived.
+        """The next loan from the peer if one arrived; otherwise it raises what
+        :meth:`receive` raises.
 
         Raises:
             anyio.WouldBlock: none arrived yet.
-            Others: as :meth:`receive`.
         """
         self._check()
         if self._inbox_pos >= len(self._inbox):

@@ -70,6 +70,7 @@ __all__ = [
     "Hello",
     "Loan",
     "Release",
+    "check_geometry",
     "descriptor_room",
     "encode_eof",
     "encode_hello",
@@ -255,9 +256,11 @@ class BulkProtocol:
     def __init__(
         self, buffers: int, buffer_size: int, *, max_peer_pages: int = DEFAULT_MAX_PEER_PAGES
     ) -> None:
-        """Raises:
-        LocalProtocolError: a bad geometry (:func:`check_geometry`), or
-            ``max_peer_pages`` outside 0 .. :data:`MAX_POOL_PAGES`.
+        """Our pool's geometry, and the largest peer pool we accept (in pages).
+
+        Raises:
+            LocalProtocolError: a bad geometry (:func:`check_geometry`), or
+                ``max_peer_pages`` outside 0 .. :data:`MAX_POOL_PAGES`.
         """
         check_geometry(buffers, buffer_size)
         if isinstance(max_peer_pages, bool) or not 0 <= max_peer_pages <= MAX_POOL_PAGES:
