@@ -501,6 +501,8 @@ class BulkChannel:
 
     async def _wait_free(self) -> None:
         proto = self._proto
+        if proto.eof_sent:
+            raise LocalProtocolError("no loans after EOF")
         await self._wait_until(lambda: proto.free_count > 0)
         if not proto.free_count:
             raise self._gone()

@@ -9,6 +9,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from gntipc import LocalProtocolError, RemoteProtocolError
 from gntipc.protocol.bulk import (
@@ -282,3 +283,96 @@ def test_fuzz_garbage(data: bytes, cuts: list[int]) -> None:
             assert b.buffered <= HELLO_SIZE + 4 * 8
     except RemoteProtocolError:
         pass
+
+
+# -- both sides against a model ------------------------------------------------------------
+
+
+class TwoSides(RuleBasedStateMachine):
+    """Two protocols lending to each other through byte pipes delivered in random pieces,
+    against a model of every buffer's state; no RemoteProtocolError ever (both honest)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sides = [BulkProtocol(3, 4096), BulkProtocol(2, 8192)]
+        refs = [[10, 11, 12], [20, 21, 22, 23]]
+        # pipes[k]: bytes side k sent, not yet delivered to the other
+        self.pipes = [
+            bytearray(encode_hello(3, 4096, refs[0])),
+            bytearray(encode_hello(2, 8192, refs[1])),
+        ]
+        # the model: per side, buffer -> "free" | "lent" | "sent"; the loans each holds
+        self.state = [dict.fromkeys(range(3), "free"), dict.fromkeys(range(2), "free")]
+        self.held: list[set[int]] = [set(), set()]
+        self.received: list[list[Loan]] = [[], []]
+        self.expected: list[list[Loan]] = [[], []]
+
+    def _can_take(self, k: int) -> bool:
+        return self.sides[k].peer is not None and "free" in self.state[k].values()
+
+    @precondition(lambda self: self._can_take(0) or self._can_take(1))
+    @rule(data=st.data())
+    def take(self, data: st.DataObject) -> None:
+        k = data.draw(st.sampled_from([k for k in (0, 1) if self._can_take(k)]))
+        i = self.sides[k].take()
+        assert i is not None and self.state[k][i] == "free"
+        self.state[k][i] = "lent"
+
+    @precondition(lambda self: any("lent" in m.values() for m in self.state))
+    @rule(data=st.data())
+    def give_back_or_send(self, data: st.DataObject) -> None:
+        k = data.draw(st.sampled_from([k for k in (0, 1) if "lent" in self.state[k].values()]))
+        lent = sorted(b for b, s in self.state[k].items() if s == "lent")
+        i = data.draw(st.sampled_from(lent))
+        if data.draw(st.integers(0, 3)) == 0:
+            self.sides[k].give_back(i)
+            self.state[k][i] = "free"
+        else:
+            size = self.sides[k].buffer_size
+            off = data.draw(st.integers(0, size))
+            n = data.draw(st.integers(0, size - off))
+            self.pipes[k] += self.sides[k].loan_frame(i, off, n)
+            self.state[k][i] = "sent"
+            self.expected[1 - k].append(Loan(i, off, n))
+
+    @precondition(lambda self: any(self.held))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        k = data.draw(st.sampled_from([k for k in (0, 1) if self.held[k]]))
+        i = data.draw(st.sampled_from(sorted(self.held[k])))
+        self.pipes[k] += self.sides[k].release_frame(i)
+        self.held[k].discard(i)
+
+    @precondition(lambda self: any(self.pipes))
+    @rule(data=st.data(), n=st.integers(1, 64))
+    def deliver(self, data: st.DataObject, n: int) -> None:
+        k = data.draw(st.sampled_from([k for k in (0, 1) if self.pipes[k]]))
+        chunk = bytes(self.pipes[k][:n])
+        del self.pipes[k][:n]
+        other = 1 - k
+        for e in self.sides[other].receive_data(chunk):
+            if isinstance(e, Loan):
+                assert e.buffer not in self.held[other]
+                self.held[other].add(e.buffer)
+                self.received[other].append(e)
+            elif isinstance(e, Release):
+                assert self.state[other][e.buffer] == "sent"
+                self.state[other][e.buffer] = "free"
+
+    @invariant()
+    def agrees_with_the_model(self) -> None:
+        for k in (0, 1):
+            side = self.sides[k]
+            states = self.state[k]
+            assert side.free_count == sum(s == "free" for s in states.values())
+            assert side.sent_count == sum(s == "sent" for s in states.values())
+            assert side.held_count == len(self.held[k])
+            assert all(side.holds(b) for b in self.held[k])
+            assert self.received[k] == self.expected[k][: len(self.received[k])]
+            # never more than descriptor_room bytes in flight once the HELLO is out
+            hello = HELLO_SIZE + 4 * (3, 4)[k]
+            assert len(self.pipes[k]) <= hello + descriptor_room(3, 2)
+
+
+TwoSides.TestCase.settings = settings(max_examples=150, stateful_step_count=40, **STABLE)
+test_two_sides_against_a_model = TwoSides.TestCase
