@@ -33,6 +33,7 @@ import os
 import select
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,13 @@ __all__ = ["Endpoint"]
 
 # How long close() waits for threads blocked in wait_fd() to notice the wake-up.
 _CLOSE_GRACE = 5.0
+
+# The control pages this process's servers offer, by (pid, our domid, grant ref): a
+# client that maps one of them is in the same process as its server (the pid: a forked
+# child inherits this table, not the servers).
+_OFFERED: weakref.WeakValueDictionary[tuple[int, int, int], Endpoint] = (
+    weakref.WeakValueDictionary()
+)
 
 
 class Endpoint:
@@ -95,6 +103,11 @@ class Endpoint:
         self._peer_dead = False
         self._connected = not is_server
         self._peer_gntipc = False
+        #: True when the peer endpoint is in this process (both ends of a loopback pair,
+        #: found when the client maps its server's control page; see _OFFERED): it runs
+        #: only when we return to the event loop or release the GIL, never while we spin.
+        self.peer_in_process = False
+        self._offered: tuple[int, int, int] | None = None
         # Store work found due by consume_events(), done by check_presence().
         self._vanish_due = False
         self._connect_due = False
@@ -150,6 +163,8 @@ class Endpoint:
         ctrl = backend.share(peer, 1)
         self._pages.append(ctrl)
         ctrl.set_unmap_notify(OFF_SRV_LIVE, clear_byte=True, port=port)
+        self._offered = (os.getpid(), backend.domid, ctrl.refs[0])
+        _OFFERED[self._offered] = self
         left = right = None
         if geometry.left_pages:
             left = backend.share(peer, geometry.left_pages)
@@ -210,6 +225,11 @@ class Endpoint:
         port = self._port = backend.bind_interdomain(peer, remote_port)
         ctrl = backend.map(peer, [ref], writable=True)
         self._pages.append(ctrl)
+        server = _OFFERED.get((os.getpid(), peer, ref))
+        if server is not None:
+            # Set before our live byte says "connected": the server's owner reads it
+            # once it sees that (under the GIL, so in that order).
+            server.peer_in_process = self.peer_in_process = True
         page = ctrl.mapping.view()
         try:
             # One private copy: everything below is validated from it, never re-read.
@@ -373,16 +393,21 @@ class Endpoint:
             self._notify()
         return n == size
 
-    def write_from(self, data: Any, offset: int) -> tuple[int, int]:
+    def write_from(
+        self, data: Any, offset: int, spinner: Spinner | None = None
+    ) -> tuple[int, int]:
         """Stream write of ``data[offset:]`` (``data`` any C-contiguous buffer, offsets in
-        bytes): as much as fits now.  Returns ``(written, total bytes of data)``.
+        bytes): as much as fits now (with a ``spinner``: and spinning for room to write
+        on, as :meth:`write_nowait`).  Returns ``(written, total bytes of data)``.
 
         Raises: as :meth:`write_nowait`; BufferError for a non-contiguous buffer.
         """
         src = ffi.from_buffer(data)
         total = len(src)
         try:
-            n, notify = self._write(src + offset if offset else src, False, total - offset)
+            n, notify = self._write(
+                src + offset if offset else src, False, total - offset, spinner
+            )
         except BaseException:
             ffi.release(src)
             raise
@@ -807,6 +832,9 @@ class Endpoint:
             except Exception as exc:
                 errors.append(exc)
 
+        offered, self._offered = self._offered, None
+        if offered is not None and _OFFERED.get(offered) is self:
+            del _OFFERED[offered]
         store = self.backend.store
         ref, self._published_ref = self._published_ref, None
         if ref is not None:

@@ -10,14 +10,16 @@ A :class:`Spinner` keeps that rule cheap when it does not pay:
 * a spin yields the CPU between its checks of the index (``sched_yield``), so a peer
   that shares our CPU (two processes pinned to one core, a one-vCPU VM) runs right away
   and the wait ends without an event;
-* on a machine with one CPU only the blocking API spins (``one_cpu=True``): there the
-  peer it waits for is another thread or process, which the yield lets run (in the Xen
-  kit, one vCPU, gntipc to gntipc: under one event per MiB instead of ~13, and with the
-  spin-and-copy calls 2.3-3.7x the bytes; ``benchmarks/README.md``).  The async API does
-  not: a peer in the same event loop (both ends of a pair in one process) cannot run
-  while we spin, and a loopback pair moving data both ways over 2 KiB rings took 25-30 s
-  there instead of 3-4 s.  A peer that cannot run on our CPU (another VM) makes a spin
-  an ordinary one, which the rules below fade out when it does not pay;
+* on a machine with one CPU a spin pays only if the peer it waits for is another thread
+  or process, which the yield lets run (in the Xen kit, one vCPU, gntipc to gntipc:
+  under one event per MiB instead of ~13, and with the spin-and-copy calls 2.3-3.7x the
+  bytes; ``benchmarks/README.md``).  The blocking API's peer always is; an async
+  stream's may be a task of the same event loop (both ends of a loopback pair in one
+  process), which cannot run while we spin (a loopback pair moving data both ways over
+  2 KiB rings took 25-30 s there instead of 3-4 s).  So a stream whose peer is in this
+  process passes ``one_cpu=False`` (the endpoint knows: ``peer_in_process``).  A peer
+  that cannot run on our CPU (another VM) makes a spin an ordinary one, which the rules
+  below fade out when it does not pay;
 * it spins only while the channel has been busy recently (a wait ended less than
   :data:`IDLE_AFTER` seconds ago), so an idle channel burns no CPU: after a burst, each
   side spins at most once, then sleeps;
@@ -65,8 +67,8 @@ class Spinner:
 
     Args:
         limit: the most to spin per wait, in seconds (0 disables spinning).
-        one_cpu: spin on a machine with one CPU too (the blocking API); False: never
-            there (the async API).
+        one_cpu: spin on a machine with one CPU too (the peer is another thread or
+            process); False: never there (the peer may be a task of our event loop).
     """
 
     __slots__ = ("_budget", "_last", "_limit_ns", "_one_cpu", "_skipped", "spin_hits", "spins")
@@ -128,7 +130,8 @@ class Spinner:
 
 
 def can_spin_async() -> bool:
-    """True if the async API spins here: the machine has more than one CPU.  A process
-    pinned to one core of several may still spin: its peer may well be pinned to
-    another (and if it shares our core, the yield hands it the CPU)."""
+    """True if the async API spins here whatever its peer: the machine has more than one
+    CPU (with one, only for a peer in another process).  A process pinned to one core of
+    several may still spin: its peer may well be pinned to another (and if it shares our
+    core, the yield hands it the CPU)."""
     return (os.cpu_count() or 1) > 1

@@ -47,7 +47,7 @@ from ._endpoint import Endpoint
 from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError, XenStoreTimeout
 from ._keys import PathClaim, claim_path, resolve_path, why_no_server
 from ._soon import Deferred
-from ._spin import DEFAULT_SPIN_ASYNC, Spinner
+from ._spin import DEFAULT_SPIN_ASYNC, Spinner, can_spin_async
 from ._stats import VchanStreamStatistics
 from .backends import Backend, get_backend
 from .backends._abc import Buffer
@@ -260,9 +260,19 @@ class VchanStream(ByteStream):
         self._later = Deferred()
         self._later_room = 0
         self._flush_at = min(FLUSH_BYTES, vchan.write_size // 4)
-        self._read_spinner = Spinner(DEFAULT_SPIN_ASYNC, one_cpu=False)
+        # On a machine with one CPU, a peer in another process (or VM) runs when we
+        # yield the CPU to it: the spinners spin there too, and the copies are made by
+        # the native spin-and-copy calls, which hand the CPU over and copy on without
+        # returning to Python (see gntipc._spin).  A peer in this process (both ends of
+        # a loopback pair in one event loop) runs only when we return to the loop: no
+        # spinning for it.
+        alone = not vchan.endpoint.peer_in_process
+        self._read_spinner = Spinner(DEFAULT_SPIN_ASYNC, one_cpu=alone)
         self._yielded = 0.0
-        self._write_spinner = Spinner(DEFAULT_SPIN_ASYNC, one_cpu=False)
+        self._write_spinner = Spinner(DEFAULT_SPIN_ASYNC, one_cpu=alone)
+        hand_over = alone and not can_spin_async()
+        self._copy_read_spinner = self._read_spinner if hand_over else None
+        self._copy_write_spinner = self._write_spinner if hand_over else None
         self._send_waits = 0
         self._receive_waits = 0
         #: How many bytes of the item of the last (or current) :meth:`send` were written:
@@ -477,12 +487,13 @@ class VchanStream(ByteStream):
                 await self._dispatcher.checkpoint()
             if self._later.buf:
                 await self._drain_later()
+            spinner = self._copy_write_spinner
             try:
-                offset, total = ep.write_from(item, 0)
+                offset, total = ep.write_from(item, 0, spinner)
             except BufferError:
                 # Not C-contiguous (a strided view): copied once, then sent.
                 item = memoryview(item).tobytes()
-                offset, total = ep.write_from(item, 0)
+                offset, total = ep.write_from(item, 0, spinner)
             self.send_progress = offset
             while offset < total:
                 self._send_waits += 1
@@ -492,7 +503,7 @@ class VchanStream(ByteStream):
                 self._yielded = time.monotonic()
                 if self._vchan is None:
                     raise ClosedResourceError
-                offset += ep.write_from(item, offset)[0]
+                offset += ep.write_from(item, offset, spinner)[0]
                 self.send_progress = offset
         finally:
             self._sending = False
@@ -610,7 +621,7 @@ class VchanStream(ByteStream):
         if view.readonly:  # before anything is taken out of the ring
             raise TypeError("receive_into needs a writable buffer")
         if not self._ahead and view.nbytes >= READ_AHEAD:
-            return self._ep.readinto_nowait(buffer)
+            return self._ep.readinto_nowait(buffer, spinner=self._copy_read_spinner)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         data = self._read_some(view.nbytes)

@@ -18,7 +18,9 @@ from gntipc._spin import IDLE_AFTER, PROBE_EVERY, Spinner, can_spin_async
 
 pytestmark = pytest.mark.anyio
 
-needs_spin = pytest.mark.skipif(not can_spin_async(), reason="one CPU: the async API never spins")
+needs_spin = pytest.mark.skipif(
+    not can_spin_async(), reason="one CPU: the async API never spins for a peer in this process"
+)
 
 
 def pattern(n: int) -> bytes:
@@ -131,16 +133,30 @@ def test_spinner_goes_quiet() -> None:
         s.limit = -1
 
 
-def test_one_cpu_spins_only_in_the_blocking_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    # One CPU: the async API's peer may be a task of the same event loop, which cannot
-    # run while we spin (a loopback pair over 2 KiB rings took 25-30 s instead of 3-4 s
-    # in the one-vCPU Xen kit); the blocking API's peer is another thread or process,
-    # which the spin's yield lets run.
+def test_one_cpu_spins_only_for_a_peer_in_another_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One CPU: a peer in this process (a task of the same event loop) cannot run while
+    # we spin (a loopback pair over 2 KiB rings took 25-30 s instead of 3-4 s in the
+    # one-vCPU Xen kit); a peer in another thread or process runs when the spin yields.
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert Spinner(100e-6, one_cpu=False).limit == 0
     assert Spinner(60e-6).limit == 60e-6
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert Spinner(100e-6, one_cpu=False).limit == 100e-6
+
+
+async def test_a_loopback_pair_knows_its_peer_is_in_this_process(
+    make_pair: PairFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The endpoints find it out when the client maps its server's control page; on one
+    # CPU their streams then never spin (nor copy by spinning), whatever else holds.
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    srv, cli = await make_pair()
+    for stream in (srv, cli):
+        assert stream.vchan.endpoint.peer_in_process
+        assert stream.spin == 0
+        assert stream._copy_read_spinner is None and stream._copy_write_spinner is None
 
 
 @needs_spin
