@@ -17,6 +17,11 @@ release sends the buffer back::
         async with await bulk.receive() as view:   # read-only, in the sender's pages
             digest.update(view)                    # released on exit
 
+The synchronous twin, :func:`open_bulk_sync` over a :class:`gntipc.Vchan`, gives a
+:class:`SyncBulkChannel` with the same loans and views and blocking calls with timeouts
+(``with bulk.loan(n, timeout=5) as buf``, ``bulk.send(buf)``, ``with bulk.receive() as
+view``); the two interoperate (the wire is the same).
+
 Both peers must open the bulk layer (it is an opt-in protocol on the stream's bytes, see
 :mod:`gntipc.protocol.bulk`; a plain libxenvchan peer would just see bytes).  The bulk
 channel owns the stream from then on: do not use the stream directly; closing the
@@ -49,6 +54,8 @@ pages at once (gntalloc's and the sim's limit; ``gntipc doctor`` shows it; sim:
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 import warnings
 from collections.abc import Callable
 from types import TracebackType
@@ -66,12 +73,14 @@ from anyio import (
 from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError
 from ._native import ffi
 from .backends._abc import Buffer, Pages
+from .channel import Vchan
 from .protocol.bulk import (
     DEFAULT_MAX_PEER_PAGES,
     DESCRIPTOR_SIZE,
     PAGE_SIZE,
     BulkProtocol,
     Loan,
+    encode_eof,
     encode_hello,
 )
 from .streams import VchanStream
@@ -82,7 +91,9 @@ __all__ = [
     "BulkChannel",
     "BulkLoan",
     "BulkView",
+    "SyncBulkChannel",
     "open_bulk",
+    "open_bulk_sync",
 ]
 
 #: Buffers in a pool unless asked otherwise.
@@ -183,11 +194,12 @@ class BulkLoan:
     goes back to the free list.  Either way ``buf`` is released then.
     """
 
-    __slots__ = ("_channel", "_nbytes", "buffer", "view")
+    __slots__ = ("_channel", "_nbytes", "_timeout", "buffer", "view")
 
-    def __init__(self, channel: BulkChannel, nbytes: int) -> None:
+    def __init__(self, channel: _BulkBase, nbytes: int, timeout: float | None = None) -> None:
         self._channel = channel
         self._nbytes = nbytes
+        self._timeout = timeout
         #: The buffer's index in our pool (-1 until acquired).
         self.buffer = -1
         #: The writable view (None until acquired).
@@ -210,15 +222,17 @@ class BulkLoan:
         return self._channel._lend(self)
 
     def __enter__(self) -> memoryview:
-        """Take a free buffer now (the sync form of ``async with``); otherwise it
-        raises what :meth:`__aenter__` raises.
+        """Take a free buffer: on a :class:`SyncBulkChannel`, waiting for one (at most
+        the loan's ``timeout``); on a :class:`BulkChannel`, only one free now.  Otherwise
+        it raises what :meth:`__aenter__` raises.
 
         Raises:
-            anyio.WouldBlock: no buffer is free right now.
+            anyio.WouldBlock: (:class:`BulkChannel`) no buffer is free right now.
+            TimeoutError: (:class:`SyncBulkChannel`) none became free in time.
         """
         if self.buffer >= 0:
             raise BusyResourceError("this loan is in use already")
-        return self._channel._lend(self)
+        return self._channel._enter_loan(self)
 
     async def __aexit__(
         self,
@@ -248,7 +262,7 @@ class BulkView:
     __slots__ = ("_channel", "buffer", "length", "offset", "view")
 
     def __init__(
-        self, channel: BulkChannel, buffer: int, offset: int, length: int, view: memoryview
+        self, channel: _BulkBase, buffer: int, offset: int, length: int, view: memoryview
     ) -> None:
         self._channel = channel
         #: The buffer's index in the peer's pool, and the byte range lent.
@@ -298,25 +312,18 @@ def _release(view: memoryview | None) -> None:
             view.release()
 
 
-class BulkChannel:
-    """Loans between two gntipc peers over one vchan stream (see the module docstring).
-    Made by :func:`open_bulk`.
-
-    One task may lend and send while another receives; the waits of both share the
-    stream (whichever waits reads the descriptors for both).  Two tasks in :meth:`send`
-    at once raise :class:`anyio.BusyResourceError`.
-    """
+class _BulkBase:
+    """What the async and sync bulk channels share: both pools, the views handed out,
+    and every non-waiting operation.  A subclass does the waiting and the transport's
+    I/O (:meth:`_io`, :meth:`_write_nowait`, :meth:`_read_nowait`, :meth:`_detach`)."""
 
     def __init__(
         self,
-        stream: VchanStream,
         proto: BulkProtocol,
         pool: Pages | None,
         peer_pages: Pages | None,
         early: list[Loan],
     ) -> None:
-        """Use :func:`open_bulk`."""
-        self._stream: VchanStream | None = stream
         self._proto = proto
         self._pool = pool
         self._peer_pages = peer_pages
@@ -374,18 +381,6 @@ class BulkChannel:
         return self._proto.free_count
 
     @property
-    def stream(self) -> VchanStream:
-        """The underlying stream (for its attributes and statistics: do not read or
-        write it).
-
-        Raises:
-            anyio.ClosedResourceError: the channel is closed.
-        """
-        if self._stream is None:
-            raise ClosedResourceError
-        return self._stream
-
-    @property
     def closed(self) -> bool:
         """True once :meth:`aclose` (or :meth:`close`) ran."""
         return self._closing
@@ -399,43 +394,39 @@ class BulkChannel:
 
     # -- state checks ---------------------------------------------------------------------
 
-    def _check(self) -> VchanStream:
-        if self._closing or self._stream is None:
+    def _check(self) -> None:
+        if self._closing:
             raise ClosedResourceError("the bulk channel is closed")
         if self._failure is not None:
             raise RemoteProtocolError(str(self._failure)) from self._failure
-        return self._stream
+
+    # -- the transport (a subclass's) ------------------------------------------------------
+
+    def _write_nowait(self, frames: bytes | bytearray) -> bool:
+        """Write all of ``frames`` (True) or nothing (False: no room now).
+
+        Raises:
+            anyio.BrokenResourceError: the peer is gone.
+        """
+        raise NotImplementedError
+
+    def _read_nowait(self) -> bytes:
+        """The bytes available now (b"" if none).
+
+        Raises:
+            anyio.EndOfStream: the peer closed.
+            anyio.BrokenResourceError: the peer is gone.
+        """
+        raise NotImplementedError
+
+    async def _wait_free(self) -> None:
+        raise TypeError(f"a {type(self).__name__}'s loans are taken with `with`")
+
+    def _enter_loan(self, loan: BulkLoan) -> memoryview:
+        """``with bulk.loan()``: the async channel lends only what is free now."""
+        return self._lend(loan)
 
     # -- waiting: whichever task waits reads the descriptors ------------------------------
-
-    async def _wait_until(self, ready: Callable[[], bool]) -> None:
-        """Return once ``ready()`` or the peer's stream ended; read descriptors meanwhile.
-
-        Cancellation: nothing is lost (a descriptor read is applied at once).
-        """
-        while True:
-            stream = self._check()
-            self._flush()
-            if ready() or self._ended is not None:
-                return
-            if self._pumping:
-                event = self._progress
-                assert event is not None
-                await event.wait()
-                continue
-            self._pumping = True
-            self._progress = anyio.Event()
-            try:
-                data = await stream.receive(_READ)
-            except (EndOfStream, BrokenResourceError) as exc:
-                self._ended = exc
-                continue
-            finally:
-                self._pumping = False
-                event, self._progress = self._progress, None
-                if event is not None:  # (None: a close woke everyone already)
-                    event.set()
-            self._apply(data)
 
     def _apply(self, data: bytes) -> None:
         try:
@@ -449,26 +440,24 @@ class BulkChannel:
 
     def _read_available(self) -> None:
         """Apply the descriptors already in the ring, without waiting."""
-        stream = self._check()
+        self._check()
         if self._ended is not None or self._pumping:
             return
         try:
-            data = stream.receive_nowait(_READ)
-        except WouldBlock:
-            return
+            data = self._read_nowait()
         except (EndOfStream, BrokenResourceError) as exc:
             self._ended = exc
             return
-        self._apply(data)
+        if data:
+            self._apply(data)
 
     def _flush(self) -> None:
         """Write the RELEASE frames held back (all or nothing; they fit the ring by
         construction, so this fails only while the peer is still reading our HELLO)."""
-        if self._pending and self._stream is not None and self._ended is None:
+        if self._pending and not self._closing and self._ended is None:
             try:
-                self._stream.send_nowait(self._pending)
-            except (WouldBlock, BusyResourceError):
-                return
+                if not self._write_nowait(self._pending):
+                    return
             except BrokenResourceError:
                 pass  # the peer is gone: nobody waits for these buffers any more
             self._pending.clear()
@@ -498,14 +487,6 @@ class BulkChannel:
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= size:
             raise LocalProtocolError(f"a loan is 0 to {size} bytes, not {nbytes!r}")
         return BulkLoan(self, n)
-
-    async def _wait_free(self) -> None:
-        proto = self._proto
-        if proto.eof_sent:
-            raise LocalProtocolError("no loans after EOF")
-        await self._wait_until(lambda: proto.free_count > 0)
-        if not proto.free_count:
-            raise self._gone()
 
     def _lend(self, loan: BulkLoan) -> memoryview:
         self._check()
@@ -566,90 +547,7 @@ class BulkChannel:
             raise LocalProtocolError(f"bytes {off}..{off + n} of buffer {i} are not on loan here")
         return i, off, n
 
-    async def send(self, buf: Buffer) -> None:
-        """Lend ``buf`` (a loan's view, or a contiguous slice of it) to the peer: a
-        descriptor goes through the ring; the bytes stay where they are.  The loan's view
-        is released (the buffer is the peer's until it releases it).
-
-        Waits only while the peer has not yet read our HELLO (the rings hold every
-        descriptor in flight otherwise).
-
-        Cancellation: nothing was sent; the loan is still ours.
-
-        Raises:
-            gntipc.LocalProtocolError: ``buf`` is not (a slice of) a loan of this channel,
-                or :meth:`send_eof` was called.
-            anyio.BusyResourceError: another task is sending.
-            anyio.BrokenResourceError: the peer is gone.
-            anyio.ClosedResourceError: the channel is (or gets) closed.
-            gntipc.RemoteProtocolError: the peer broke the protocol.
-        """
-        stream = self._check()
-        if self._sending:
-            raise BusyResourceError("sending to")
-        i, off, n = self._locate(buf)
-        self._sending = True
-        try:
-            proto = self._proto
-            while True:
-                self._flush()
-                frame = proto.loan_frame(i, off, n)
-                try:
-                    stream.send_nowait(frame)
-                    break
-                except WouldBlock:
-                    proto.unsend(i)
-                except BaseException:
-                    proto.unsend(i)  # not sent: the loan is still the application's
-                    raise
-                await stream.wait_writable(DESCRIPTOR_SIZE)
-                stream = self._check()
-                if i not in self._lent:
-                    raise ClosedResourceError("the bulk channel is closed")
-        finally:
-            self._sending = False
-        self._forget_loan(i)
-
-    async def send_eof(self) -> None:
-        """Lend nothing more: the peer's :meth:`receive` raises EndOfStream once it has
-        received every loan.  Releases keep flowing both ways.  Idempotent.
-
-        Raises:
-            anyio.BusyResourceError: another task is sending.
-            anyio.BrokenResourceError: the peer is gone.
-            anyio.ClosedResourceError: the channel is closed.
-        """
-        stream = self._check()
-        if self._sending:
-            raise BusyResourceError("sending to")
-        if self._proto.eof_sent:
-            return
-        self._sending = True
-        try:
-            await stream.wait_writable(DESCRIPTOR_SIZE)
-            self._check()
-            stream.send_nowait(self._proto.eof_frame())
-        finally:
-            self._sending = False
-
     # -- receiving ------------------------------------------------------------------------
-
-    async def receive(self) -> BulkView:
-        """The next loan from the peer, waiting for one: a :class:`BulkView` (use it as
-        ``async with await bulk.receive() as view:``).  Release it soon: the peer's
-        loans wait for its buffers.
-
-        Cancellation: nothing is taken.
-
-        Raises:
-            anyio.EndOfStream: the peer sent EOF (or closed) and every loan was received.
-            anyio.BrokenResourceError: the peer crashed, and every loan was received.
-            anyio.ClosedResourceError: the channel is (or gets) closed.
-            gntipc.RemoteProtocolError: the peer broke the protocol.
-        """
-        proto = self._proto
-        await self._wait_until(lambda: self._inbox_pos < len(self._inbox) or proto.peer_eof)
-        return self._take()
 
     def receive_nowait(self) -> BulkView:
         """The next loan from the peer if one arrived; otherwise it raises what
@@ -695,8 +593,9 @@ class BulkChannel:
 
     # -- closing ----------------------------------------------------------------------------
 
-    def _begin_close(self) -> VchanStream | None:
-        """Mark closed, wake the waiters, release every view we handed out."""
+    def _begin_close(self) -> bool:
+        """Mark closed, wake the waiters, release every view we handed out; True the
+        first time (the caller then closes the transport)."""
         if not self._closing:
             self._closing = True
             event, self._progress = self._progress, None
@@ -712,8 +611,8 @@ class BulkChannel:
                 setattr(self, attr, None)
             self._kept = [p for p in (self._peer_pages, self._pool) if p is not None]
             self._peer_pages = self._pool = None
-        stream, self._stream = self._stream, None
-        return stream
+            return True
+        return False
 
     def _unmap(self) -> None:
         """Unmap both pools; pages still exported are kept for a later close.
@@ -734,6 +633,187 @@ class BulkChannel:
         if errors:
             raise errors[0]
 
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_closing", True) is False:
+            _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+
+
+class BulkChannel(_BulkBase):
+    """Loans between two gntipc peers over one vchan stream (see the module docstring).
+    Made by :func:`open_bulk`.
+
+    One task may lend and send while another receives; the waits of both share the
+    stream (whichever waits reads the descriptors for both).  Two tasks in :meth:`send`
+    at once raise :class:`anyio.BusyResourceError`.
+    """
+
+    def __init__(
+        self,
+        stream: VchanStream,
+        proto: BulkProtocol,
+        pool: Pages | None,
+        peer_pages: Pages | None,
+        early: list[Loan],
+    ) -> None:
+        """Use :func:`open_bulk`."""
+        self._stream: VchanStream | None = stream
+        super().__init__(proto, pool, peer_pages, early)
+
+    @property
+    def stream(self) -> VchanStream:
+        """The underlying stream (for its attributes and statistics: do not read or
+        write it).
+
+        Raises:
+            anyio.ClosedResourceError: the channel is closed.
+        """
+        if self._stream is None:
+            raise ClosedResourceError
+        return self._stream
+
+    def _io(self) -> VchanStream:
+        self._check()
+        stream = self._stream
+        if stream is None:
+            raise ClosedResourceError("the bulk channel is closed")
+        return stream
+
+    def _write_nowait(self, frames: bytes | bytearray) -> bool:
+        stream = self._stream
+        if stream is None:
+            return False
+        try:
+            stream.send_nowait(frames)
+        except (WouldBlock, BusyResourceError):
+            return False
+        return True
+
+    def _read_nowait(self) -> bytes:
+        try:
+            return self._io().receive_nowait(_READ)
+        except WouldBlock:
+            return b""
+
+    async def _wait_until(self, ready: Callable[[], bool]) -> None:
+        """Return once ``ready()`` or the peer's stream ended; read descriptors meanwhile.
+
+        Cancellation: nothing is lost (a descriptor read is applied at once).
+        """
+        while True:
+            stream = self._io()
+            self._flush()
+            if ready() or self._ended is not None:
+                return
+            if self._pumping:
+                event = self._progress
+                assert event is not None
+                await event.wait()
+                continue
+            self._pumping = True
+            self._progress = anyio.Event()
+            try:
+                data = await stream.receive(_READ)
+            except (EndOfStream, BrokenResourceError) as exc:
+                self._ended = exc
+                continue
+            finally:
+                self._pumping = False
+                event, self._progress = self._progress, None
+                if event is not None:  # (None: a close woke everyone already)
+                    event.set()
+            self._apply(data)
+
+    async def _wait_free(self) -> None:
+        proto = self._proto
+        if proto.eof_sent:
+            raise LocalProtocolError("no loans after EOF")
+        await self._wait_until(lambda: proto.free_count > 0)
+        if not proto.free_count:
+            raise self._gone()
+
+    async def send(self, buf: Buffer) -> None:
+        """Lend ``buf`` (a loan's view, or a contiguous slice of it) to the peer: a
+        descriptor goes through the ring; the bytes stay where they are.  The loan's view
+        is released (the buffer is the peer's until it releases it).
+
+        Waits only while the peer has not yet read our HELLO (the rings hold every
+        descriptor in flight otherwise).
+
+        Cancellation: nothing was sent; the loan is still ours.
+
+        Raises:
+            gntipc.LocalProtocolError: ``buf`` is not (a slice of) a loan of this channel,
+                or :meth:`send_eof` was called.
+            anyio.BusyResourceError: another task is sending.
+            anyio.BrokenResourceError: the peer is gone.
+            anyio.ClosedResourceError: the channel is (or gets) closed.
+            gntipc.RemoteProtocolError: the peer broke the protocol.
+        """
+        stream = self._io()
+        if self._sending:
+            raise BusyResourceError("sending to")
+        i, off, n = self._locate(buf)
+        self._sending = True
+        try:
+            proto = self._proto
+            while True:
+                self._flush()
+                frame = proto.loan_frame(i, off, n)
+                try:
+                    stream.send_nowait(frame)
+                    break
+                except WouldBlock:
+                    proto.unsend(i)
+                except BaseException:
+                    proto.unsend(i)  # not sent: the loan is still the application's
+                    raise
+                await stream.wait_writable(DESCRIPTOR_SIZE)
+                stream = self._io()
+                if i not in self._lent:
+                    raise ClosedResourceError("the bulk channel is closed")
+        finally:
+            self._sending = False
+        self._forget_loan(i)
+
+    async def send_eof(self) -> None:
+        """Lend nothing more: the peer's :meth:`receive` raises EndOfStream once it has
+        received every loan.  Releases keep flowing both ways.  Idempotent.
+
+        Raises:
+            anyio.BusyResourceError: another task is sending.
+            anyio.BrokenResourceError: the peer is gone.
+            anyio.ClosedResourceError: the channel is closed.
+        """
+        stream = self._io()
+        if self._sending:
+            raise BusyResourceError("sending to")
+        if self._proto.eof_sent:
+            return
+        self._sending = True
+        try:
+            await stream.wait_writable(DESCRIPTOR_SIZE)
+            self._io()
+            stream.send_nowait(self._proto.eof_frame())
+        finally:
+            self._sending = False
+
+    async def receive(self) -> BulkView:
+        """The next loan from the peer, waiting for one: a :class:`BulkView` (use it as
+        ``async with await bulk.receive() as view:``).  Release it soon: the peer's
+        loans wait for its buffers.
+
+        Cancellation: nothing is taken.
+
+        Raises:
+            anyio.EndOfStream: the peer sent EOF (or closed) and every loan was received.
+            anyio.BrokenResourceError: the peer crashed, and every loan was received.
+            anyio.ClosedResourceError: the channel is (or gets) closed.
+            gntipc.RemoteProtocolError: the peer broke the protocol.
+        """
+        proto = self._proto
+        await self._wait_until(lambda: self._inbox_pos < len(self._inbox) or proto.peer_eof)
+        return self._take()
+
     async def aclose(self) -> None:
         """Close the channel and its stream, and unmap both pools (idempotent).  Views
         handed out are released; tasks waiting in :meth:`loan` or :meth:`receive` get
@@ -745,7 +825,8 @@ class BulkChannel:
             gntipc.MappingInUse: views derived from our views (slices, numpy arrays) are
                 still alive: everything else is closed; close again after dropping them.
         """
-        stream = self._begin_close()
+        self._begin_close()
+        stream, self._stream = self._stream, None
         if stream is not None:
             await stream.aclose()
         self._unmap()
@@ -756,7 +837,8 @@ class BulkChannel:
         Raises:
             gntipc.MappingInUse: as :meth:`aclose`.
         """
-        stream = self._begin_close()
+        self._begin_close()
+        stream, self._stream = self._stream, None
         if stream is not None:
             stream.close()
         self._unmap()
@@ -772,6 +854,263 @@ class BulkChannel:
     ) -> None:
         await self.aclose()
 
-    def __del__(self, _warn: Any = warnings.warn) -> None:
-        if getattr(self, "_closing", True) is False:
-            _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
+
+def _deadline(timeout: float | None) -> float:
+    if timeout is None:
+        return math.inf
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds or None, not {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def _left(deadline: float, what: str) -> float | None:
+    """Seconds left before ``deadline`` (None: no deadline).
+
+    Raises:
+        TimeoutError: none left.
+    """
+    if deadline == math.inf:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"timed out waiting for {what}")
+    return left
+
+
+def open_bulk_sync(
+    vchan: Vchan,
+    *,
+    buffers: int = DEFAULT_BUFFERS,
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+    max_peer_pages: int = DEFAULT_MAX_PEER_PAGES,
+    timeout: float = 30.0,
+) -> SyncBulkChannel:
+    """:func:`open_bulk` for the synchronous API: over a connected :class:`gntipc.Vchan`,
+    blocking the calling thread (at most ``timeout`` seconds).  The peer may use either
+    API.  The channel owns ``vchan`` from now on; if opening fails after the arguments
+    were checked, the vchan is closed.
+
+    Raises:
+        gntipc.LocalProtocolError: as :func:`open_bulk`.
+        gntipc.XenError: as :func:`open_bulk`.
+        gntipc.RemoteProtocolError: as :func:`open_bulk`.
+        TimeoutError: the peer did not answer within ``timeout`` seconds.
+        anyio.EndOfStream: the peer closed the channel instead.
+        anyio.BrokenResourceError: the peer is gone.
+        anyio.ClosedResourceError: the vchan is closed.
+    """
+    if buffers == 0:
+        buffer_size = 0
+    proto = BulkProtocol(buffers, buffer_size, max_peer_pages=max_peer_pages)
+    deadline = _deadline(timeout)
+    backend, peer = vchan.backend, vchan.peer
+    pool: Pages | None = None
+    peer_pages: Pages | None = None
+    early: list[Loan] = []
+    ok = False
+    try:
+        pages = buffers * buffer_size // PAGE_SIZE
+        if pages:
+            pool = backend.share(peer, pages, writable=False)
+        hello = memoryview(encode_hello(buffers, buffer_size, pool.refs if pool else ()))
+        sent = 0
+        # Both HELLOs may be larger than the rings: write ours while reading theirs.
+        while sent < len(hello) or proto.peer is None:
+            moved = False
+            if sent < len(hello):
+                n = vchan.write_nowait(hello[sent:])
+                sent += n
+                moved = n > 0
+            if proto.peer is None:
+                data = vchan.read_nowait(_READ)
+                if data:
+                    early += [e for e in proto.receive_data(data) if isinstance(e, Loan)]
+                    moved = True
+            if moved:
+                continue
+            left = _left(deadline, "the bulk peer's HELLO")
+            ready = vchan.prepare_wait_read() if proto.peer is None else 0
+            if not ready and sent < len(hello):
+                ready = vchan.prepare_wait_write()
+            if not ready:
+                vchan.wait(left)
+        proto.check_ring(vchan.write_size, vchan.read_size)
+        theirs = proto.peer
+        assert theirs is not None
+        if theirs.refs:
+            try:
+                peer_pages = backend.map(peer, theirs.refs, writable=False)
+            except XenError as exc:
+                raise RemoteProtocolError(
+                    f"bulk peer: its pool's {len(theirs.refs)} pages cannot be mapped ({exc})"
+                ) from exc
+        channel = SyncBulkChannel(vchan, proto, pool, peer_pages, early)
+        ok = True
+        return channel
+    finally:
+        if not ok:
+            for p in (peer_pages, pool):
+                if p is not None:
+                    with contextlib.suppress(Exception):
+                        p.close()
+            with contextlib.suppress(Exception):
+                vchan.close()
+
+
+class SyncBulkChannel(_BulkBase):
+    """:class:`BulkChannel` for the synchronous API, over a :class:`gntipc.Vchan`: the
+    same loans and views, with blocking calls that take a ``timeout`` (None: no limit).
+    Made by :func:`open_bulk_sync`.
+
+    Thread safety: one thread at a time (and :meth:`close` from that thread).
+    """
+
+    def __init__(
+        self,
+        vchan: Vchan,
+        proto: BulkProtocol,
+        pool: Pages | None,
+        peer_pages: Pages | None,
+        early: list[Loan],
+    ) -> None:
+        """Use :func:`open_bulk_sync`."""
+        self._vchan: Vchan | None = vchan
+        super().__init__(proto, pool, peer_pages, early)
+
+    @property
+    def vchan(self) -> Vchan:
+        """The underlying channel (for its attributes: do not read or write it).
+
+        Raises:
+            anyio.ClosedResourceError: the channel is closed.
+        """
+        if self._vchan is None:
+            raise ClosedResourceError
+        return self._vchan
+
+    def _io(self) -> Vchan:
+        self._check()
+        vchan = self._vchan
+        if vchan is None:
+            raise ClosedResourceError("the bulk channel is closed")
+        return vchan
+
+    def _write_nowait(self, frames: bytes | bytearray) -> bool:
+        vchan = self._vchan
+        return vchan is not None and vchan.send_nowait(frames)
+
+    def _read_nowait(self) -> bytes:
+        return self._io().read_nowait(_READ)
+
+    def _wait_until(self, ready: Callable[[], bool], deadline: float, what: str) -> None:
+        while True:
+            vchan = self._io()
+            self._flush()
+            if ready() or self._ended is not None:
+                return
+            try:
+                data = vchan.read(_READ, timeout=_left(deadline, what))
+            except (EndOfStream, BrokenResourceError) as exc:
+                self._ended = exc
+                continue
+            self._apply(data)
+
+    def loan(self, nbytes: int | None = None, *, timeout: float | None = None) -> BulkLoan:
+        """A loan of ``nbytes`` (default: :attr:`buffer_size`) bytes of one buffer of our
+        pool, as ``with bulk.loan(n) as buf:``, which waits for a free buffer at most
+        ``timeout`` seconds (None: no limit).
+
+        Raises:
+            gntipc.LocalProtocolError: as :meth:`BulkChannel.loan`.
+        """
+        loan = super().loan(nbytes)
+        loan._timeout = timeout
+        return loan
+
+    def _enter_loan(self, loan: BulkLoan) -> memoryview:
+        proto = self._proto
+        if proto.eof_sent:
+            raise LocalProtocolError("no loans after EOF")
+        deadline = _deadline(loan._timeout)
+        self._wait_until(lambda: proto.free_count > 0, deadline, "a free buffer")
+        if not proto.free_count:
+            raise self._gone()
+        return self._lend(loan)
+
+    def send(self, buf: Buffer, *, timeout: float | None = None) -> None:
+        """:meth:`BulkChannel.send`, waiting at most ``timeout`` seconds for ring space
+        (only while the peer has not read our HELLO yet).
+
+        Raises:
+            gntipc.LocalProtocolError: as :meth:`BulkChannel.send`.
+            TimeoutError: no room in time (nothing was sent).
+            anyio.BrokenResourceError: the peer is gone.
+            anyio.ClosedResourceError: the channel is closed.
+            gntipc.RemoteProtocolError: the peer broke the protocol.
+        """
+        vchan = self._io()
+        i, off, n = self._locate(buf)
+        self._flush()
+        frame = self._proto.loan_frame(i, off, n)
+        try:
+            vchan.send(frame, timeout=timeout)
+        except BaseException:
+            self._proto.unsend(i)  # not sent: the loan is still the application's
+            raise
+        self._forget_loan(i)
+
+    def send_eof(self, *, timeout: float | None = None) -> None:
+        """:meth:`BulkChannel.send_eof` (idempotent).
+
+        Raises:
+            TimeoutError: no room in time (nothing was sent).
+            anyio.BrokenResourceError: the peer is gone.
+            anyio.ClosedResourceError: the channel is closed.
+        """
+        vchan = self._io()
+        if not self._proto.eof_sent:
+            vchan.send(encode_eof(), timeout=timeout)
+            self._proto.eof_frame()
+
+    def receive(self, *, timeout: float | None = None) -> BulkView:
+        """:meth:`BulkChannel.receive`, waiting at most ``timeout`` seconds (None: no
+        limit); use it as ``with bulk.receive() as view:``.
+
+        Raises:
+            TimeoutError: no loan arrived in time.
+            anyio.EndOfStream: the peer sent EOF (or closed) and every loan was received.
+            anyio.BrokenResourceError: the peer crashed, and every loan was received.
+            anyio.ClosedResourceError: the channel is closed.
+            gntipc.RemoteProtocolError: the peer broke the protocol.
+        """
+        proto = self._proto
+        self._wait_until(
+            lambda: self._inbox_pos < len(self._inbox) or proto.peer_eof,
+            _deadline(timeout),
+            "a loan from the bulk peer",
+        )
+        return self._take()
+
+    def close(self) -> None:
+        """Close the channel and its vchan, and unmap both pools (idempotent); views
+        handed out are released.
+
+        Raises:
+            gntipc.MappingInUse: as :meth:`BulkChannel.aclose`.
+        """
+        self._begin_close()
+        vchan, self._vchan = self._vchan, None
+        if vchan is not None:
+            vchan.close()
+        self._unmap()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

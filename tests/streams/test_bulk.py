@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from conftest import fresh_path
 import gntipc
 from gntipc import LocalProtocolError, MappingInUse, RemoteProtocolError, XenError
 from gntipc.backends import Backend
-from gntipc.bulk import BulkChannel, open_bulk
+from gntipc.bulk import BulkChannel, SyncBulkChannel, open_bulk, open_bulk_sync
 from gntipc.protocol.bulk import encode_hello, encode_loan, encode_release
 from gntipc.testing import connect_pair
 
@@ -482,3 +483,81 @@ async def test_kill_9_of_a_holder_breaks_our_waiting_loan(sim: Backend, spawn: A
                 with pytest.raises(anyio.BrokenResourceError):
                     async with bulk.loan():  # waits: both buffers are held
                         pass
+
+
+# -- the synchronous twin ------------------------------------------------------------------
+
+
+def sync_pair(
+    backend: Backend, a: dict[str, Any], b: dict[str, Any]
+) -> tuple[SyncBulkChannel, SyncBulkChannel]:
+    """Two sync bulk channels over a loopback Vchan pair, opened in two threads."""
+    path = fresh_path()
+    server = gntipc.Vchan.server(backend, backend.domid, path)
+    client = gntipc.Vchan.client(backend, backend.domid, path, timeout=10)
+    got: dict[str, Any] = {}
+
+    def one(name: str, vchan: gntipc.Vchan, kw: dict[str, Any]) -> None:
+        try:
+            got[name] = open_bulk_sync(vchan, timeout=10, **kw)
+        except BaseException as exc:
+            got[name] = exc
+
+    threads = [
+        threading.Thread(target=one, args=("a", server, a)),
+        threading.Thread(target=one, args=("b", client, b)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for v in got.values():
+        if isinstance(v, BaseException):
+            for ch in got.values():
+                if isinstance(ch, SyncBulkChannel):
+                    ch.close()
+            server.close()
+            client.close()
+            raise v
+    return got["a"], got["b"]
+
+
+def test_sync_loans_between_threads(sim: Backend) -> None:
+    a, b = sync_pair(sim, {"buffers": 2, "buffer_size": 8192}, {"buffers": 0})
+    with a, b:
+        received: list[bytes] = []
+
+        def take() -> None:
+            while True:
+                try:
+                    with b.receive(timeout=10) as view:
+                        received.append(bytes(view))
+                except anyio.EndOfStream:
+                    return
+
+        t = threading.Thread(target=take)
+        t.start()
+        for k in range(20):
+            with a.loan(100 + k, timeout=10) as buf:
+                buf[:] = bytes([k]) * len(buf)
+                a.send(buf)
+        a.send_eof()
+        t.join(30)
+        assert received == [bytes([k]) * (100 + k) for k in range(20)]
+
+
+def test_sync_timeouts(sim: Backend) -> None:
+    a, b = sync_pair(sim, {"buffers": 1, "buffer_size": 4096}, {"buffers": 0})
+    with a, b:
+        with pytest.raises(TimeoutError):
+            b.receive(timeout=0.1)  # nothing lent yet
+        with a.loan() as buf:
+            a.send(buf)
+        item = b.receive(timeout=10)
+        with pytest.raises(TimeoutError), a.loan(timeout=0.1):
+            pass  # the only buffer is held
+        item.release()
+        with a.loan(timeout=10):  # back after the release
+            pass
+        with pytest.raises(TypeError):  # the async form is the async channel's
+            anyio.run(a.loan().__aenter__)
