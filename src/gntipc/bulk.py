@@ -161,16 +161,7 @@ async def open_bulk(
                 if len(group.exceptions) == 1:
                     raise group.exceptions[0] from None
                 raise
-        proto.check_ring(vchan.write_size, vchan.read_size)
-        theirs = proto.peer
-        assert theirs is not None
-        if theirs.refs:
-            try:
-                peer_pages = backend.map(peer, theirs.refs, writable=False)
-            except XenError as exc:
-                raise RemoteProtocolError(
-                    f"bulk peer: its pool's {len(theirs.refs)} pages cannot be mapped ({exc})"
-                ) from exc
+        peer_pages = _map_peer_pool(vchan, proto)
         channel = BulkChannel(stream, proto, pool, peer_pages, early)
         ok = True
         return channel
@@ -183,6 +174,26 @@ async def open_bulk(
                             p.close()
                 with contextlib.suppress(Exception):
                     await stream.aclose()
+
+
+def _map_peer_pool(vchan: Vchan, proto: BulkProtocol) -> Pages | None:
+    """After the peer's HELLO: check the rings' room for descriptors, map its pool.
+
+    Raises:
+        gntipc.LocalProtocolError: the rings are too small.
+        gntipc.RemoteProtocolError: the peer's pages cannot be mapped.
+    """
+    proto.check_ring(vchan.write_size, vchan.read_size)
+    theirs = proto.peer
+    assert theirs is not None
+    if not theirs.refs:
+        return None
+    try:
+        return vchan.backend.map(vchan.peer, theirs.refs, writable=False)
+    except XenError as exc:
+        raise RemoteProtocolError(
+            f"bulk peer: its pool's {len(theirs.refs)} pages cannot be mapped ({exc})"
+        ) from exc
 
 
 class BulkLoan:
@@ -934,16 +945,7 @@ def open_bulk_sync(
                 ready = vchan.prepare_wait_write()
             if not ready:
                 vchan.wait(left)
-        proto.check_ring(vchan.write_size, vchan.read_size)
-        theirs = proto.peer
-        assert theirs is not None
-        if theirs.refs:
-            try:
-                peer_pages = backend.map(peer, theirs.refs, writable=False)
-            except XenError as exc:
-                raise RemoteProtocolError(
-                    f"bulk peer: its pool's {len(theirs.refs)} pages cannot be mapped ({exc})"
-                ) from exc
+        peer_pages = _map_peer_pool(vchan, proto)
         channel = SyncBulkChannel(vchan, proto, pool, peer_pages, early)
         ok = True
         return channel
