@@ -52,7 +52,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
@@ -201,6 +201,7 @@ class ResumableStream(ByteStream):
         self.on_break = on_break
         self._listener = _listener
         self._tg: TaskGroup | None = None
+        self._scope = anyio.CancelScope()  # the supervisor task's
         self._entered = False
         self._closed = False
         self._error: BaseException | None = None
@@ -369,8 +370,8 @@ class ResumableStream(ByteStream):
         self._fail(ClosedResourceError())
         if self._listener is not None:
             self._listener._forget(self)
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        # (Our task's scope: the task group's own encloses the application's block.)
+        self._scope.cancel()
         transport, self._transport = self._transport, None
         if transport is not None:
             with anyio.CancelScope(shield=True):
@@ -582,13 +583,14 @@ class ResumableStream(ByteStream):
     async def _supervise(self) -> None:
         # Failures end the session and are raised by the stream's methods, not by the
         # task group (they would escape the application's ``async with`` block).
-        try:
-            if self._connect is not None:
-                await self._client_loop()
-            else:
-                await self._server_loop()
-        except Exception as exc:
-            self._fail(exc)
+        with self._scope:
+            try:
+                if self._connect is not None:
+                    await self._client_loop()
+                else:
+                    await self._server_loop()
+            except Exception as exc:
+                self._fail(exc)
 
     def _broke(self, cause: BaseException | None) -> None:
         self._state.connection_lost()
@@ -670,10 +672,11 @@ class ResumableStream(ByteStream):
                         self._feed(rest)
                     while True:
                         self._feed(await transport.receive())
+                except RemoteProtocolError as exc:
+                    # (First: SessionRefused is also a BrokenResourceError.)
+                    fatal = exc
                 except _TRANSPORT_ERRORS as exc:
                     outcome.append(exc)
-                except RemoteProtocolError as exc:  # (SessionRefused too)
-                    fatal = exc
                 tg.cancel_scope.cancel()
         finally:
             self._conn_scope = None
@@ -787,6 +790,8 @@ class ResumableListener:
         self._sessions: dict[bytes, ResumableStream] = {}
         self._send, self._accepted = anyio.create_memory_object_stream[ResumableStream](backlog)
         self._tg: TaskGroup | None = None
+        # Our tasks' scopes (the task group's own encloses the application's block).
+        self._scopes: set[anyio.CancelScope] = set()
         self._closed = False
         #: Transports refused (wrong secret, unknown session, bad HELLO...).
         self.refused = 0
@@ -795,7 +800,7 @@ class ResumableListener:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
-        tg.start_soon(self._accept_loop, tg)
+        tg.start_soon(self._accept_loop, tg)  # (the handshakes run in tg too)
         return self
 
     async def __aexit__(
@@ -817,8 +822,8 @@ class ResumableListener:
         if self._closed:
             return
         self._closed = True
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        for scope in self._scopes:
+            scope.cancel()
         self._send.close()
         with anyio.CancelScope(shield=True):
             while True:
@@ -850,18 +855,34 @@ class ResumableListener:
 
     async def _accept_loop(self, tg: TaskGroup) -> None:
         listener = self._listener
-        try:
-            if isinstance(listener, Listener):
-                await listener.serve(self._handshake, tg)
-            else:
-                while True:
-                    tg.start_soon(self._handshake, await listener.accept())
-        except Exception as exc:
-            # (Raised by accept(), not by the task group.)
-            self._accept_error = exc
-            self._send.close()
+        with self._task_scope():
+            try:
+                if isinstance(listener, Listener):
+                    await listener.serve(self._handshake, tg)
+                else:
+                    while True:
+                        tg.start_soon(self._handshake, await listener.accept())
+            except Exception as exc:
+                # (Raised by accept(), not by the task group.)
+                self._accept_error = exc
+                self._send.close()
+
+    @contextlib.contextmanager
+    def _task_scope(self) -> Iterator[None]:
+        with anyio.CancelScope() as scope:
+            if self._closed:
+                scope.cancel()
+            self._scopes.add(scope)
+            try:
+                yield
+            finally:
+                self._scopes.discard(scope)
 
     async def _handshake(self, transport: ByteStream) -> None:
+        with self._task_scope():
+            await self._handshake_in_scope(transport)
+
+    async def _handshake_in_scope(self, transport: ByteStream) -> None:
         buf = b""
         try:
             with anyio.fail_after(self._handshake_timeout):

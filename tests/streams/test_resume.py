@@ -1,0 +1,477 @@
+"""Resumable streams over real transports: anyio TCP (the test aborts the socket; a relay
+process in between is killed and restarted), and gntipc vchans on sim with the producer
+in another process (the test closes the vchan under it); a consumer process killed and
+restarted from its persisted position (exactly-once).  Nothing lost, duplicated or
+reordered; refusals and give-up times are clear errors.
+
+Run as a script, this file is the peer process of the cross-process tests::
+
+    python test_resume.py relay TARGET_PORT
+    python test_resume.py vchan-producer PATH NBYTES SEED
+    python test_resume.py consumer PORT STATE_FILE
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import ByteStream, Process, SocketAttribute, SocketListener, SocketStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+import gntipc
+from gntipc.resume import (
+    ResumableListener,
+    ResumableStream,
+    ResumeTicket,
+    SessionLost,
+    SessionRefused,
+)
+
+pytestmark = pytest.mark.anyio
+
+PEER_DOMID = 5
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+async def tcp_listener() -> tuple[SocketListener, int]:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    inner = listener.listeners[0]
+    assert isinstance(inner, SocketListener)
+    return inner, inner.extra(SocketAttribute.local_port)
+
+
+class Dialer:
+    """A connect() factory to a TCP port that remembers the streams it made (so that
+    the test can abort the current one)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.made: list[SocketStream] = []
+        self.aborted = 0
+
+    async def __call__(self) -> ByteStream:
+        stream = await anyio.connect_tcp("127.0.0.1", self.port)
+        self.made.append(stream)
+        return stream
+
+    async def abort(self) -> None:
+        """Drop the current connection as a network would (RST, no FIN), once there is a
+        connection we did not abort yet."""
+        while len(self.made) <= self.aborted:
+            await anyio.sleep(0.01)
+        self.aborted += 1
+        sock = self.made[-1].extra(SocketAttribute.raw_socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        await self.made[-1].aclose()
+
+
+class Recorder:
+    """An acceptor that remembers the transports it accepted."""
+
+    def __init__(self, listener: gntipc.Listener) -> None:
+        self.listener = listener
+        self.accepted: list[ByteStream] = []
+
+    async def accept(self) -> ByteStream:
+        stream = await self.listener.accept()
+        self.accepted.append(stream)
+        return stream
+
+    async def aclose(self) -> None:
+        await self.listener.aclose()
+
+
+async def receive_all(stream: ResumableStream) -> bytes:
+    out = bytearray()
+    while True:
+        try:
+            out += await stream.receive()
+        except anyio.EndOfStream:
+            return bytes(out)
+
+
+class Peer:
+    def __init__(self, proc: Process) -> None:
+        self.proc = proc
+        assert proc.stdout is not None
+        self.out = BufferedByteReceiveStream(proc.stdout)
+
+    async def line(self, timeout: float = 20) -> str:
+        with anyio.fail_after(timeout):
+            return (await self.out.receive_until(b"\n", 1 << 16)).decode()
+
+
+@pytest.fixture
+async def spawn() -> AsyncIterator[Callable[..., Awaitable[Peer]]]:
+    """``await spawn(mode, *args)`` runs this file as a peer process (domain 5 on sim);
+    every one is killed and reaped after the test."""
+    procs: list[Process] = []
+    env = dict(os.environ, GNTIPC_BACKEND="sim", GNTIPC_SIM_DOMID=str(PEER_DOMID))
+
+    async def start(*args: object) -> Peer:
+        proc = await anyio.open_process(
+            [sys.executable, __file__, *map(str, args)], env=env, stderr=None
+        )
+        procs.append(proc)
+        return Peer(proc)
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+        with anyio.move_on_after(10, shield=True):
+            await proc.wait()
+        await proc.aclose()
+
+
+# -- over TCP, in one process -----------------------------------------------------------
+
+
+async def test_tcp_bytes_both_ways_survive_aborted_connections() -> None:
+    listener, port = await tcp_listener()
+    dial = Dialer(port)
+    up = random.Random(1).randbytes(1_500_000)
+    down = random.Random(2).randbytes(700_000)
+    breaks: list[BaseException | None] = []
+    with anyio.fail_after(20):
+        async with (
+            ResumableListener(listener, window_bytes=256 * 1024) as rl,
+            ResumableStream.client(dial, window_bytes=128 * 1024, on_break=breaks.append) as c,
+        ):
+            await c.send(b"hello")  # the session starts with the first connection
+            async with await rl.accept() as s, anyio.create_task_group() as tg:
+
+                async def send_all(stream: ResumableStream, data: bytes) -> None:
+                    for i in range(0, len(data), 20_000):
+                        await stream.send(data[i : i + 20_000])
+                    await stream.send_eof()
+
+                tg.start_soon(send_all, c, up)
+                tg.start_soon(send_all, s, down)
+                got = bytearray()
+                while True:
+                    try:
+                        got += await s.receive()
+                    except anyio.EndOfStream:
+                        break
+                    if len(got) > (dial.aborted + 1) * 300_000 and dial.aborted < 4:
+                        await dial.abort()  # (the client reconnects: it has more to send)
+                got_up = bytes(got)
+                got_down = await receive_all(c)
+            cs, ss = c.statistics(), s.statistics()
+    assert got_up == b"hello" + up
+    assert got_down == down
+    assert cs.breaks == cs.resumes == len(breaks) == 4
+    assert ss.breaks == ss.resumes == 4
+    assert cs.window_waits > 0  # the sender paused on the window
+    assert len(dial.made) == cs.resumes + 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_tcp_messages_through_a_relay_process_that_is_killed(
+    spawn: Callable[..., Awaitable[Peer]],
+) -> None:
+    listener, port = await tcp_listener()
+    relay = await spawn("relay", port)
+    dial = Dialer(int(await relay.line()))
+    n = 3000
+    with anyio.fail_after(30):
+        async with (
+            ResumableListener(listener, window_records=64) as rl,
+            ResumableStream.client(dial, window_records=32) as c,
+            anyio.create_task_group() as tg,
+        ):
+
+            async def produce() -> None:
+                for i in range(n):
+                    assert await c.send_record(b"%d" % i) == i + 1
+                await c.send_eof()
+
+            tg.start_soon(produce)
+            async with await rl.accept() as s:
+                got = []
+                kills = 0
+                while True:
+                    try:
+                        seq, data = await s.receive_record()
+                    except anyio.EndOfStream:
+                        break
+                    got.append(int(data))
+                    assert seq == len(got)
+                    if len(got) % 1000 == 500 and kills < 2:
+                        relay.proc.send_signal(signal.SIGKILL)
+                        await relay.proc.wait()
+                        kills += 1
+                        relay = await spawn("relay", port)
+                        dial.port = int(await relay.line())
+                stats = s.statistics()
+    assert got == list(range(n))
+    assert kills == 2 and stats.resumes >= 2
+
+
+# -- refusals and giving up -------------------------------------------------------------
+
+
+async def test_wrong_secret_and_unknown_session_are_refused() -> None:
+    listener, port = await tcp_listener()
+    dial = Dialer(port)
+    async with ResumableListener(listener) as rl, ResumableStream.client(dial) as c:
+        await c.send(b"x")
+        async with await rl.accept() as s:
+            assert await s.receive() == b"x"
+            forged = ResumeTicket(c.ticket.session_id, bytes(32))
+            unknown = ResumeTicket(bytes(16), c.ticket.secret)
+            for ticket, reason in ((forged, "wrong secret"), (unknown, "unknown session")):
+                with anyio.fail_after(5):
+                    async with ResumableStream.client(dial, ticket=ticket, position=0) as bad:
+                        with pytest.raises(SessionRefused, match=reason):
+                            await bad.receive()
+            assert rl.refused == 2
+            # The real session goes on.
+            await c.send(b"y")
+            assert await s.receive() == b"y"
+            await c.send_eof()
+            with pytest.raises(anyio.EndOfStream):
+                await s.receive()
+
+
+async def test_garbage_instead_of_a_hello_is_refused() -> None:
+    listener, port = await tcp_listener()
+    async with ResumableListener(listener) as rl:
+        async with await anyio.connect_tcp("127.0.0.1", port) as raw:
+            await raw.send(b"GET / HTTP/1.1\r\n\r\n" + bytes(100))
+            with anyio.fail_after(5):
+                reply = await raw.receive()
+        assert reply[0] == 4 and b"unknown resume frame type" in reply  # REFUSE
+        assert rl.refused == 1
+
+
+async def test_client_gives_up_when_the_server_never_comes() -> None:
+    listener, port = await tcp_listener()
+    await listener.aclose()  # nothing listens there any more
+    dial = Dialer(port)
+    start = anyio.current_time()
+    with anyio.fail_after(5):
+        async with ResumableStream.client(dial, give_up_after=0.5) as c:
+            await c.send(b"queued")  # fits in the window: no wait
+            with pytest.raises(SessionLost, match="no transport") as info:
+                await c.receive()
+    assert isinstance(info.value, anyio.BrokenResourceError)
+    assert isinstance(info.value.__cause__, OSError)
+    assert 0.5 <= anyio.current_time() - start < 3
+
+
+async def test_server_gives_up_on_a_client_that_does_not_come_back() -> None:
+    listener, port = await tcp_listener()
+    dial = Dialer(port)
+    async with (
+        ResumableListener(listener, give_up_after=0.5) as rl,
+        ResumableStream.client(dial, linger=0) as c,
+    ):
+        await c.send(b"x")
+        async with await rl.accept() as s:
+            assert await s.receive() == b"x"
+            # The client goes (closed without EOF): the server waits 0.5 s, gives up.
+            await c.aclose()
+            start = anyio.current_time()
+            with anyio.fail_after(5), pytest.raises(SessionLost, match="did not resume"):
+                await s.receive()
+            assert 0.5 <= anyio.current_time() - start < 3
+            assert s.statistics().breaks == 1
+
+
+async def test_closed_stream_raises_closed() -> None:
+    listener, port = await tcp_listener()
+    async with ResumableListener(listener), ResumableStream.client(Dialer(port)) as c:
+        pass
+    with pytest.raises(anyio.ClosedResourceError):
+        await c.send(b"x")
+    with pytest.raises(anyio.ClosedResourceError):
+        await c.receive()
+
+
+# -- over vchans on sim, across processes -----------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("backend_name", ["sim"])
+async def test_vchan_bytes_from_another_process_survive_closing_the_vchan(
+    backend: gntipc.backends.Backend, spawn: Callable[..., Awaitable[Peer]]
+) -> None:
+    path = f"data/gntipc-resume/{os.getpid()}/{random.randrange(1 << 30)}"
+    n = 1_500_000
+    async with await gntipc.listen(PEER_DOMID, path, backend=backend) as vl:
+        recorder = Recorder(vl)
+        async with ResumableListener(recorder, give_up_after=10) as rl:
+            peer = await spawn("vchan-producer", path, n, 7)
+            with anyio.fail_after(30):
+                async with await rl.accept() as s:
+                    h = hashlib.sha256()
+                    total = 0
+                    closed = 0
+                    while True:
+                        try:
+                            data = await s.receive()
+                        except anyio.EndOfStream:
+                            break
+                        h.update(data)
+                        total += len(data)
+                        fresh = s.statistics().resumes == closed  # (resumed since the last)
+                        if total > (closed + 1) * n // 5 and closed < 3 and fresh:
+                            await recorder.accepted[-1].aclose()  # break the vchan
+                            closed += 1
+                    await s.send_eof()
+                    line = await peer.line()
+                    stats = s.statistics()
+            assert await peer.proc.wait() == 0
+    assert total == n
+    assert h.hexdigest() == hashlib.sha256(random.Random(7).randbytes(n)).hexdigest()
+    assert closed == 3 and stats.resumes == 3
+    assert line.startswith("done") and int(line.split()[1]) >= 3  # its resumes
+
+
+# -- a consumer process killed and restarted --------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_consumer_process_restarted_from_its_position_gets_every_message_once(
+    spawn: Callable[..., Awaitable[Peer]], tmp_path: Path
+) -> None:
+    listener, port = await tcp_listener()
+    state_file = tmp_path / "consumer.json"
+    n = 2000
+    async with ResumableListener(listener, window_records=64, give_up_after=10) as rl:
+        consumer = await spawn("consumer", port, state_file)
+        with anyio.fail_after(40):
+            async with await rl.accept() as s:
+                async with anyio.create_task_group() as tg:
+
+                    async def produce() -> None:
+                        for i in range(n):
+                            await s.send_record(b"%d" % i)
+                        await s.send_eof()
+
+                    tg.start_soon(produce)
+                    for kill_at in (500, 1300):
+                        while True:
+                            line = await consumer.line()
+                            if line.startswith("done") or int(line.split()[1]) >= kill_at:
+                                break
+                        assert not line.startswith("done")
+                        consumer.proc.send_signal(signal.SIGKILL)
+                        await consumer.proc.wait()
+                        consumer = await spawn("consumer", port, state_file)
+                    while not (line := await consumer.line()).startswith("done"):
+                        pass
+                with pytest.raises(anyio.EndOfStream):
+                    await s.receive_record()
+                stats = s.statistics()
+    assert line == f"done {n}"
+    assert stats.resumes >= 2
+    assert json.loads(state_file.read_text())["last"] == n - 1
+
+
+# -- the peer processes ---------------------------------------------------------------------
+
+
+async def _relay(target: int) -> None:
+    """Forward every connection to port ``target`` (until killed)."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    print(listener.extra(SocketAttribute.local_port), flush=True)
+
+    async def pipe(a: ByteStream, b: ByteStream) -> None:
+        try:
+            async for chunk in a:
+                await b.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        await b.aclose()
+        await a.aclose()
+
+    async def handle(client: ByteStream) -> None:
+        server = await anyio.connect_tcp("127.0.0.1", target)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pipe, client, server)
+            tg.start_soon(pipe, server, client)
+
+    await listener.serve(handle)
+
+
+async def _vchan_producer(path: str, n: int, seed: int) -> None:
+    """Stream ``n`` pseudo-random bytes to domain 0 at ``path`` over a resumable vchan."""
+
+    async def dial() -> ByteStream:
+        return await gntipc.connect(0, path, timeout=5)
+
+    data = random.Random(seed).randbytes(n)
+    async with ResumableStream.client(dial, give_up_after=10) as stream:
+        for i in range(0, n, 50_000):
+            await stream.send(data[i : i + 50_000])
+        await stream.send_eof()
+        with pytest.raises(anyio.EndOfStream):
+            await stream.receive()
+        print(f"done {stream.statistics().resumes}", flush=True)
+
+
+async def _consumer(port: int, state_file: str) -> None:
+    """Receive numbered messages, checking each is the next one, and persist the last
+    one with the record position, then commit it: a restart resumes from there."""
+    path = Path(state_file)
+    state = json.loads(path.read_text()) if path.exists() else None
+
+    async def dial() -> ByteStream:
+        return await anyio.connect_tcp("127.0.0.1", port)
+
+    ticket = None if state is None else ResumeTicket(*map(bytes.fromhex, state["ticket"]))
+    position = None if state is None else state["position"]
+    last = -1 if state is None else state["last"]
+    stream = ResumableStream.client(
+        dial, ticket=ticket, position=position, auto_commit=False, window_records=64
+    )
+
+    def persist(position: int) -> None:
+        t = stream.ticket
+        record = {"ticket": [t.session_id.hex(), t.secret.hex()], "position": position}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**record, "last": last}))
+        os.replace(tmp, path)
+
+    if state is None:
+        persist(0)
+    async with stream:
+        while True:
+            try:
+                seq, data = await stream.receive_record()
+            except anyio.EndOfStream:
+                break
+            if int(data) != last + 1:
+                sys.exit(f"message {int(data)} after {last}")
+            last = int(data)
+            persist(seq)
+            stream.commit(seq)
+            if last % 100 == 0:
+                print(f"got {last}", flush=True)
+        await stream.send_eof()
+        print(f"done {last + 1}", flush=True)
+
+
+if __name__ == "__main__":
+    mode, *rest = sys.argv[1:]
+    if mode == "relay":
+        anyio.run(_relay, int(rest[0]))
+    elif mode == "vchan-producer":
+        anyio.run(_vchan_producer, rest[0], int(rest[1]), int(rest[2]))
+    elif mode == "consumer":
+        anyio.run(_consumer, int(rest[0]), rest[1])
