@@ -170,10 +170,20 @@ class ResumableStream(ByteStream):
     records, and :meth:`commit` (with ``auto_commit=False``) says which were safely
     processed.  Do not mix it with :meth:`receive` on one stream.
 
+    Guarantees: while both processes live, every byte and record is delivered exactly
+    once and in order across any number of breaks.  A client process that restarts
+    with its :attr:`ticket` gets the records to it at least once (``position=None``)
+    or exactly once (the ``position`` it persisted and committed, ``auto_commit=False``);
+    what the dead process had sent and the server had not received is lost.
+
     One task may send and one receive at a time (else :class:`anyio.BusyResourceError`).
     Every method raises :class:`SessionLost` once the session is over (the peer did
-    not come back in time, or refused us), and :class:`gntipc.RemoteProtocolError` if
-    the peer broke the protocol.
+    not come back in time, or refused us), :class:`gntipc.RemoteProtocolError` if the
+    peer broke the protocol, and RuntimeError before the stream was entered.
+
+    ``on_break`` is called in the stream's own task, at each break, with the error
+    that broke the transport (or None): it must not block or raise (an exception it
+    raises ends the session).
     """
 
     def __init__(
@@ -393,6 +403,12 @@ class ResumableStream(ByteStream):
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
+        if not self._entered:
+            # (Else the call would wait for a connection that nothing makes.)
+            raise RuntimeError(
+                "enter the ResumableStream first (async with stream: ...): it runs its"
+                " connection in a task of its own"
+            )
 
     # -- sending ----------------------------------------------------------------------
 
@@ -758,12 +774,15 @@ class ResumableListener:
 
     Args:
         listener: the transport listener (the resumable listener owns it).
-        window_records, window_bytes: each session's replay window (see
+        window_records: each session's replay window, in records (see
             :meth:`ResumableStream.client`).
+        window_bytes: each session's replay window, in bytes.
         give_up_after: seconds a session waits for its client to resume after a break.
         handshake_timeout: seconds a new transport may take to send its HELLO.
+        linger: as for :meth:`ResumableStream.client`.
+        auto_commit: as for :meth:`ResumableStream.client`.
+        on_break: as for :meth:`ResumableStream.client`, for every session.
         backlog: sessions started and not accepted yet, at most (more are refused).
-        Other arguments: as for :meth:`ResumableStream.client`.
     """
 
     def __init__(
@@ -838,9 +857,11 @@ class ResumableListener:
     async def accept(self) -> ResumableStream:
         """The next new session (enter it with ``async with``); waits for one.
 
+        If the transport listener failed, its error is raised (once the sessions
+        accepted before it were returned).
+
         Raises:
             anyio.ClosedResourceError: the listener is closed.
-            Whatever the transport listener raised, if it failed.
         """
         try:
             return await self._accepted.receive()

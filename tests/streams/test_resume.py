@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 from anyio.abc import ByteStream, Process, SocketAttribute, SocketListener, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -219,6 +220,46 @@ async def test_tcp_messages_through_a_relay_process_that_is_killed(
                 stats = s.statistics()
     assert got == list(range(n))
     assert kills == 2 and stats.resumes >= 2
+
+
+class Reading(msgspec.Struct):
+    seq: int
+    value: float
+
+
+async def test_message_queue_over_a_resumable_stream_survives_aborts() -> None:
+    # A typed gntipc.MessageQueue over the resumable stream: its frames are bytes of
+    # the stream, so an in-flight resume delivers every message once, in order.
+    listener, port = await tcp_listener()
+    dial = Dialer(port)
+    n = 20_000
+    with anyio.fail_after(20):
+        async with (
+            ResumableListener(listener) as rl,
+            ResumableStream.client(dial, window_bytes=64 * 1024) as c,
+            gntipc.MessageQueue(c, Reading) as out,
+            anyio.create_task_group() as tg,
+        ):
+
+            async def produce() -> None:
+                for i in range(0, n, 100):
+                    await out.put_many([Reading(j, j / 4) for j in range(i, i + 100)])
+                await c.send_eof()
+
+            tg.start_soon(produce)
+            s = await rl.accept()
+            with pytest.raises(RuntimeError, match="enter the ResumableStream first"):
+                await s.receive()
+            async with s, gntipc.MessageQueue(s, Reading) as inq:
+                got: list[int] = []
+                while len(got) < n:
+                    got += [m.seq for m in await inq.get_many()]
+                    if len(got) > (dial.aborted + 1) * 4000 and dial.aborted < 3:
+                        await dial.abort()
+                with pytest.raises(anyio.EndOfStream):
+                    await inq.get()
+    assert got == list(range(n))
+    assert c.statistics().resumes == 3
 
 
 # -- refusals and giving up -------------------------------------------------------------
