@@ -616,13 +616,18 @@ class MessageQueue(AsyncResource, Generic[T]):
             try:
                 receive = self.stream.receive
                 vchan = self._vchan
+                chunk = self._chunk
                 while True:
                     # A large frame is received straight into a buffer of its size (one
                     # copy out of the ring, none to gather the pieces).
-                    view = framer.receive_buffer(self._chunk) if vchan is not None else None
+                    view = framer.receive_buffer(chunk) if vchan is not None else None
                     try:
-                        if view is None or vchan is None:
+                        if vchan is None:
                             data = await receive(self._receive_size())
+                        elif view is None:
+                            # (a ring's receive returns what it holds, up to a chunk:
+                            # without a view, what the frame misses fits in one)
+                            data = await receive(chunk)
                         else:
                             n = await vchan.receive_into(view)
                     except EndOfStream:

@@ -117,6 +117,31 @@ async def test_frames_split_one_byte_at_a_time(make_pair: PairFactory) -> None:
     assert got == [Reading(i, i * 1.5) for i in range(20)]
 
 
+async def test_a_malformed_frame_arriving_alone_is_skipped(make_pair: PairFactory) -> None:
+    # One frame alone in what a receive returned is decoded without the decode-ahead
+    # loop (request/response traffic); a bad one there is reported and skipped the same.
+    srv, cli = await make_pair()
+    rx = MessageQueue(srv, Reading)
+    good = frame(msgspec.msgpack.encode(Reading(1, 1.0)))
+    for bad in (b"\xc1", msgspec.msgpack.encode("no Reading"), msgspec.msgpack.encode([1])):
+        await cli.send(frame(bad))
+        with anyio.fail_after(10), pytest.raises(MalformedMessage):
+            await rx.get()
+        await cli.send(good)
+        with anyio.fail_after(10):
+            assert await rx.get() == Reading(1, 1.0)
+    await cli.send(frame(b"\xc1"))
+    with anyio.fail_after(10):
+        await rx.stream.wait_readable()
+    with pytest.raises(MalformedMessage):
+        rx.get_nowait()
+    await cli.send(good)
+    with anyio.fail_after(10):
+        await rx.stream.wait_readable()
+    assert rx.get_nowait() == Reading(1, 1.0)
+    assert rx.statistics().malformed == 4
+
+
 async def test_messages_larger_than_the_ring(make_pair: PairFactory) -> None:
     rx, tx = await queues(make_pair, size=1024)
     big = Reading(1, 1.0, "z" * 50_000)

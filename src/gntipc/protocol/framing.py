@@ -435,6 +435,23 @@ class MessageFramer(Generic[T]):
         """
         batch = self._batch
         if not batch:
+            if not self._parts and self._broken is None:
+                # The common cases of a request/response exchange, without the
+                # decode-ahead loop: nothing buffered, or exactly one message frame.
+                buf, pos = self._rbuf, self._rpos
+                left = len(buf) - pos
+                if not left:
+                    return NEED_DATA
+                if left > _HEADER:
+                    (n,) = _U32.unpack_from(buf, pos)
+                    if left == _HEADER + n and n <= self.max_message_size:
+                        try:
+                            message: T = self._decoder.decode(self._rview[pos + _HEADER :])
+                        except _DECODE_ERRORS:
+                            pass  # reported (and skipped) by the general path below
+                        else:
+                            self._rpos = len(buf)
+                            return message
             batch = self.next_messages(DECODE_AHEAD)
             if not batch:
                 return NEED_DATA
