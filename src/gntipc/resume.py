@@ -194,6 +194,7 @@ class ResumableStream(ByteStream):
         give_up_after: float = 30.0,
         backoff: tuple[float, float] = (0.05, 1.0),
         handshake_timeout: float = 5.0,
+        keepalive: float | None = 10.0,
         linger: float = 5.0,
         auto_commit: bool = True,
         on_break: Callable[[BaseException | None], object] | None = None,
@@ -201,6 +202,10 @@ class ResumableStream(ByteStream):
     ) -> None:
         if give_up_after <= 0 or handshake_timeout <= 0 or not 0 < backoff[0] <= backoff[1]:
             raise LocalProtocolError("give_up_after, handshake_timeout and backoff must be > 0")
+        if keepalive is not None and keepalive <= 0:
+            raise LocalProtocolError("keepalive must be > 0 (or None)")
+        self.keepalive = keepalive
+        self._last_heard = 0.0
         self._state = state
         self._connect = connect
         self.give_up_after = give_up_after
@@ -250,6 +255,7 @@ class ResumableStream(ByteStream):
         give_up_after: float = 30.0,
         backoff: tuple[float, float] = (0.05, 1.0),
         handshake_timeout: float = 5.0,
+        keepalive: float | None = 10.0,
         linger: float = 5.0,
         auto_commit: bool = True,
         on_break: Callable[[BaseException | None], object] | None = None,
@@ -269,6 +275,11 @@ class ResumableStream(ByteStream):
             backoff: the first and the longest pause between two attempts, in seconds.
             handshake_timeout: seconds a new transport may take to complete the resume
                 handshake (else it counts as broken).
+            keepalive: each side sends a keepalive (a repeated ack, 20 bytes) every
+                ``keepalive`` seconds, and a transport that brought nothing for three
+                of them counts as broken (a half-open TCP connection, a frozen relay);
+                None: rely on the transport to report breaks (a vchan does).  Both
+                sides should use the same value.
             linger: ``aclose`` waits at most this long for what we sent to be
                 acknowledged.
             auto_commit: commit each record as it is returned to the application; False:
@@ -297,6 +308,7 @@ class ResumableStream(ByteStream):
             give_up_after=give_up_after,
             backoff=backoff,
             handshake_timeout=handshake_timeout,
+            keepalive=keepalive,
             linger=linger,
             auto_commit=auto_commit,
             on_break=on_break,
@@ -683,6 +695,9 @@ class ResumableStream(ByteStream):
                 tg.start_soon(self._writer, transport, outcome)
                 if not self._welcomed:
                     tg.start_soon(self._handshake_watchdog, tg.cancel_scope, outcome)
+                if self.keepalive is not None:
+                    self._last_heard = anyio.current_time()
+                    tg.start_soon(self._keepalive, self.keepalive, tg.cancel_scope, outcome)
                 try:
                     if rest:
                         self._feed(rest)
@@ -702,6 +717,19 @@ class ResumableStream(ByteStream):
         if fatal is not None:
             self._fail(fatal)
         return self._welcomed, outcome[0] if outcome else None
+
+    async def _keepalive(
+        self, interval: float, scope: anyio.CancelScope, outcome: list[BaseException | None]
+    ) -> None:
+        while True:
+            await anyio.sleep(interval)
+            silent = anyio.current_time() - self._last_heard
+            if silent >= 3 * interval:
+                outcome.append(TimeoutError(f"nothing received for {silent:.1f} s"))
+                scope.cancel()
+                return
+            self._state.ping()
+            self._write.set()
 
     async def _handshake_watchdog(
         self, scope: anyio.CancelScope, outcome: list[BaseException | None]
@@ -731,6 +759,8 @@ class ResumableStream(ByteStream):
 
     def _feed(self, data: bytes) -> None:
         state = self._state
+        if self.keepalive is not None:
+            self._last_heard = anyio.current_time()
         for event in state.receive_data(data):
             if type(event) is Record:
                 self._inbox.append(event)
@@ -779,6 +809,7 @@ class ResumableListener:
         window_bytes: each session's replay window, in bytes.
         give_up_after: seconds a session waits for its client to resume after a break.
         handshake_timeout: seconds a new transport may take to send its HELLO.
+        keepalive: as for :meth:`ResumableStream.client`.
         linger: as for :meth:`ResumableStream.client`.
         auto_commit: as for :meth:`ResumableStream.client`.
         on_break: as for :meth:`ResumableStream.client`, for every session.
@@ -793,6 +824,7 @@ class ResumableListener:
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         give_up_after: float = 30.0,
         handshake_timeout: float = 5.0,
+        keepalive: float | None = 10.0,
         linger: float = 5.0,
         auto_commit: bool = True,
         on_break: Callable[[BaseException | None], object] | None = None,
@@ -802,6 +834,7 @@ class ResumableListener:
         self._window = (window_records, window_bytes)
         self._give_up_after = give_up_after
         self._handshake_timeout = handshake_timeout
+        self._keepalive = keepalive
         self._linger = linger
         self._accept_error: BaseException | None = None
         self.auto_commit = auto_commit
@@ -936,6 +969,7 @@ class ResumableListener:
                     state,
                     give_up_after=self._give_up_after,
                     handshake_timeout=self._handshake_timeout,
+                    keepalive=self._keepalive,
                     linger=self._linger,
                     auto_commit=self.auto_commit,
                     on_break=self.on_break,

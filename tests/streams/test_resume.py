@@ -13,6 +13,7 @@ Run as a script, this file is the peer process of the cross-process tests::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ from gntipc.resume import (
 pytestmark = pytest.mark.anyio
 
 PEER_DOMID = 5
+TRANSPORT_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -260,6 +262,67 @@ async def test_message_queue_over_a_resumable_stream_survives_aborts() -> None:
                     await inq.get()
     assert got == list(range(n))
     assert c.statistics().resumes == 3
+
+
+class FreezingRelay:
+    """A TCP relay in this process whose current connections can be frozen: they stay
+    open but carry nothing more (a half-open connection, a hung middlebox)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.frozen: set[int] = set()
+        self.connections = 0
+
+    async def serve(self, listener: SocketListener) -> None:
+        async def pipe(a: ByteStream, b: ByteStream, conn: int) -> None:
+            with contextlib.suppress(*TRANSPORT_ERRORS):
+                async for chunk in a:
+                    if conn in self.frozen:
+                        await anyio.sleep_forever()
+                    await b.send(chunk)
+            await b.aclose()
+
+        async def handle(client: ByteStream) -> None:
+            self.connections += 1
+            conn = self.connections
+            async with (
+                client,
+                await anyio.connect_tcp("127.0.0.1", self.target) as server,
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(pipe, client, server, conn)
+                tg.start_soon(pipe, server, client, conn)
+
+        await listener.serve(handle)
+
+    def freeze(self) -> None:
+        self.frozen.add(self.connections)
+
+
+async def test_keepalive_breaks_a_connection_that_went_silent() -> None:
+    listener, port = await tcp_listener()
+    relay_listener, relay_port = await tcp_listener()
+    relay = FreezingRelay(port)
+    breaks: list[BaseException | None] = []
+    with anyio.fail_after(10):
+        async with (
+            relay_listener,
+            anyio.create_task_group() as tg,
+            ResumableListener(listener, keepalive=0.1) as rl,
+            ResumableStream.client(Dialer(relay_port), keepalive=0.1, on_break=breaks.append) as c,
+        ):
+            tg.start_soon(relay.serve, relay_listener)
+            await c.send(b"before")
+            async with await rl.accept() as s:
+                assert await s.receive() == b"before"
+                relay.freeze()
+                await c.send(b"after")  # stuck in the frozen relay until the resume
+                start = anyio.current_time()
+                assert await s.receive() == b"after"
+                assert 0.3 <= anyio.current_time() - start < 3
+                assert isinstance(breaks[0], TimeoutError)
+                assert relay.connections == 2
+            tg.cancel_scope.cancel()
 
 
 # -- refusals and giving up -------------------------------------------------------------

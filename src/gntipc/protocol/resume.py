@@ -567,6 +567,13 @@ class ResumeState:
         self._control.append(_frame(FrameType.ACK, 0, self.committed, _EPOCH.pack(self.epoch)))
         self._acked_upto(self.committed)
 
+    def ping(self) -> None:
+        """Queue an ACK even if nothing new was committed (the same cumulative ack
+        again: the peer ignores it), as a keepalive on an idle connection, which tells
+        the peer the connection still works.  Nothing without a connection."""
+        if self.connected:
+            self._control.append(_frame(FrameType.ACK, 0, self._ack_sent, _EPOCH.pack(self.epoch)))
+
     def _acked_upto(self, seq: int) -> None:
         self._ack_sent = seq
         unacked = self._unacked
