@@ -242,6 +242,19 @@ def test_ack_due_after_a_quarter_of_the_peer_window() -> None:
     assert client.data_to_send() == b""
 
 
+def test_ping_repeats_the_cumulative_ack_and_is_ignored() -> None:
+    client, server, wire, _ = records_wire(2)
+    server.receive_data(wire)
+    server.ping()
+    assert server.data_to_send() == ack_bytes(0, 0)
+    server.commit(2)
+    server.ack()
+    server.ping()
+    assert server.data_to_send() == ack_bytes(2, 0) * 2
+    assert client.receive_data(ack_bytes(2, 0) * 2) == [Acked(2)]
+    assert client.receive_data(ack_bytes(0, 0)) == []
+
+
 def test_ack_of_unsent_data_is_refused() -> None:
     client, _, _, _ = records_wire(2)
     with pytest.raises(RemoteProtocolError, match="beyond the last sent"):

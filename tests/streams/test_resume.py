@@ -31,6 +31,8 @@ from anyio.abc import ByteStream, Process, SocketAttribute, SocketListener, Sock
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 import gntipc
+from gntipc import RemoteProtocolError
+from gntipc.protocol.resume import ResumeState
 from gntipc.resume import (
     ResumableListener,
     ResumableStream,
@@ -360,6 +362,24 @@ async def test_garbage_instead_of_a_hello_is_refused() -> None:
                 reply = await raw.receive()
         assert reply[0] == 4 and b"unknown resume frame type" in reply  # REFUSE
         assert rl.refused == 1
+
+
+async def test_a_peer_breaking_the_protocol_ends_the_session_with_a_clear_error() -> None:
+    listener, port = await tcp_listener()
+    async with (
+        ResumableListener(listener) as rl,
+        await anyio.connect_tcp("127.0.0.1", port) as raw,
+    ):
+        client = ResumeState.client()
+        client.connect()
+        await raw.send(client.data_to_send())  # a good HELLO: a new session
+        async with await rl.accept() as s:
+            # Record 2 before record 1: a gap (records went missing).
+            await raw.send(b"\2\0\0\0\1\0\0\0\2\0\0\0\0\0\0\0x")
+            with anyio.fail_after(5), pytest.raises(RemoteProtocolError, match="missing"):
+                await s.receive()
+            with pytest.raises(RemoteProtocolError):
+                await s.send(b"x")  # the session is over for good
 
 
 async def test_client_gives_up_when_the_server_never_comes() -> None:
