@@ -390,6 +390,7 @@ class ResumableStream(ByteStream):
                     self._window.clear()
         self._closed = True
         self._fail(ClosedResourceError())
+        self._error = ClosedResourceError()  # (whatever ended the session before)
         if self._listener is not None:
             self._listener._forget(self)
         # (Our task's scope: the task group's own encloses the application's block.)
@@ -982,6 +983,9 @@ class ResumableListener:
                 self._sessions[hello.session_id] = stream
             else:
                 stream._state.check_hello(hello)
+                if stream._error is not None:
+                    # (Its server side gave up or was closed: the client must know.)
+                    raise RemoteProtocolError(f"session over ({stream._error!r})")
         except RemoteProtocolError as exc:
             self.refused += 1
             await _refuse(transport, str(exc))

@@ -414,6 +414,11 @@ async def test_server_gives_up_on_a_client_that_does_not_come_back() -> None:
                 await s.receive()
             assert 0.5 <= anyio.current_time() - start < 3
             assert s.statistics().breaks == 1
+            # Too late: the session is over, its resume is refused.
+            late = ResumableStream.client(dial, ticket=c.ticket, position=0)
+            async with late:
+                with anyio.fail_after(5), pytest.raises(SessionRefused, match="session over"):
+                    await late.receive()
 
 
 async def test_closed_stream_raises_closed() -> None:
