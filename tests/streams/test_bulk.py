@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import struct
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +24,7 @@ import gntipc
 from gntipc import LocalProtocolError, MappingInUse, RemoteProtocolError, XenError
 from gntipc.backends import Backend
 from gntipc.bulk import BulkChannel, SyncBulkChannel, open_bulk, open_bulk_sync
-from gntipc.protocol.bulk import encode_hello, encode_loan, encode_release
+from gntipc.protocol.bulk import HELLO_SIZE, encode_hello, encode_loan, encode_release
 from gntipc.testing import connect_pair
 
 pytestmark = pytest.mark.anyio
@@ -561,3 +562,19 @@ def test_sync_timeouts(sim: Backend) -> None:
             pass
         with pytest.raises(TypeError):  # the async form is the async channel's
             anyio.run(a.loan().__aenter__)
+
+
+async def test_our_pool_is_granted_read_only(sim: Backend) -> None:
+    """The peer can map our pool only read-only: it cannot scribble on our buffers."""
+    s, c = await connect_pair(sim, fresh_path())
+    async with c:
+        await c.send(encode_hello(0, 0, []))
+        async with await open_bulk(s, buffers=1, buffer_size=8192):
+            with anyio.fail_after(10):
+                head = await c.receive_exactly(HELLO_SIZE + 8)
+            refs = list(struct.unpack_from("<2I", head, HELLO_SIZE))
+            with pytest.raises(XenError) as info:
+                sim.map(sim.domid, refs, writable=True)
+            assert info.value.errno == errno.EACCES
+            with sim.map(sim.domid, refs, writable=False) as pages:
+                assert pages.mapping.view().readonly
