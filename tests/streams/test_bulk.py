@@ -23,6 +23,7 @@ from conftest import fresh_path
 import gntipc
 from gntipc import LocalProtocolError, MappingInUse, RemoteProtocolError, XenError
 from gntipc.backends import Backend
+from gntipc.backends._abc import Pages
 from gntipc.bulk import BulkChannel, SyncBulkChannel, open_bulk, open_bulk_sync
 from gntipc.protocol.bulk import HELLO_SIZE, encode_hello, encode_loan, encode_release
 from gntipc.testing import connect_pair
@@ -82,6 +83,12 @@ async def pairs(sim: Backend) -> AsyncIterator[Any]:
     yield make
     for ch in made:
         await ch.aclose()
+
+
+def open_pages(backend: Backend) -> list[Pages]:
+    """The pages this backend still has shared or mapped (the sim backend's close would
+    release them, so the leak check after the test cannot see a failed open's leak)."""
+    return [c for c in backend._children if isinstance(c, Pages)]  # type: ignore[attr-defined]
 
 
 def pattern(k: int, n: int) -> bytes:
@@ -327,8 +334,9 @@ async def test_hostile_hello_with_refs_not_granted(sim: Backend) -> None:
     async with c:
         await c.send(encode_hello(1, 4096, [999_999]))
         with anyio.fail_after(10), pytest.raises(RemoteProtocolError, match="cannot be mapped"):
-            await open_bulk(s, buffers=0)
+            await open_bulk(s, buffers=1, buffer_size=4096)
         assert s.closed
+    assert open_pages(sim) == []
 
 
 async def test_hostile_loans(sim: Backend) -> None:
@@ -578,3 +586,20 @@ async def test_our_pool_is_granted_read_only(sim: Backend) -> None:
             assert info.value.errno == errno.EACCES
             with sim.map(sim.domid, refs, writable=False) as pages:
                 assert pages.mapping.view().readonly
+
+
+async def test_open_times_out_when_the_peer_does_not_open(sim: Backend) -> None:
+    """A peer that never opens the bulk layer: TimeoutError, the stream closed, our pool
+    ungranted (the leak check); a cancelled open cleans up the same way."""
+    s, c = await connect_pair(sim, fresh_path())
+    async with c:
+        with pytest.raises(TimeoutError):
+            await open_bulk(s, buffers=2, buffer_size=4096, timeout=0.3)
+        assert s.closed
+    assert open_pages(sim) == []
+    s, c = await connect_pair(sim, fresh_path())
+    async with c:
+        with anyio.move_on_after(0.3) as scope:
+            await open_bulk(s, buffers=2, buffer_size=4096)
+        assert scope.cancelled_caught and s.closed
+    assert open_pages(sim) == []
