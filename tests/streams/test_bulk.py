@@ -293,9 +293,11 @@ async def test_view_kept_after_close_keeps_the_pages_mapped(sim: Backend) -> Non
     with pytest.raises(ValueError):
         item.view[0]  # the view itself was released by the close
     assert bytes(kept) == b"el"  # still mapped: never a use-after-unmap
+    assert len(open_pages(sim)) == 1  # the mapping of a's pool, kept for the view
     del kept
-    b.close()  # now it unmaps (the leak check verifies)
+    b.close()  # now it unmaps
     b.close()
+    assert open_pages(sim) == []
 
 
 # -- resources -------------------------------------------------------------------------------
@@ -467,6 +469,7 @@ async def test_kill_9_of_the_lender_mid_loan(sim: Backend, spawn: Any) -> None:
             await bulk.receive()
         for item in held:
             item.release()  # never fails: the RELEASE just goes nowhere
+    assert open_pages(sim) == []
 
 
 async def test_kill_9_of_a_holder_breaks_our_waiting_loan(sim: Backend, spawn: Any) -> None:
@@ -492,6 +495,7 @@ async def test_kill_9_of_a_holder_breaks_our_waiting_loan(sim: Backend, spawn: A
                 with pytest.raises(anyio.BrokenResourceError):
                     async with bulk.loan():  # waits: both buffers are held
                         pass
+    assert open_pages(sim) == []
 
 
 # -- the synchronous twin ------------------------------------------------------------------
@@ -553,6 +557,7 @@ def test_sync_loans_between_threads(sim: Backend) -> None:
         a.send_eof()
         t.join(30)
         assert received == [bytes([k]) * (100 + k) for k in range(20)]
+    assert open_pages(sim) == []
 
 
 def test_sync_timeouts(sim: Backend) -> None:
