@@ -399,7 +399,7 @@ class _BulkBase:
     def __repr__(self) -> str:
         state = "closed" if self._closing else f"{self.free_buffers} free"
         return (
-            f"<BulkChannel {self.buffers}x{self.buffer_size} out, "
+            f"<{type(self).__name__} {self.buffers}x{self.buffer_size} out, "
             f"{self.peer_buffers}x{self.peer_buffer_size} in, {state}>"
         )
 
