@@ -7,6 +7,7 @@ The public surface, re-exported from private modules::
     stream = await listener.accept()                 # VchanStream (anyio ByteStream)
     stream = await gntipc.connect(peer, path, timeout=5)
     queue = gntipc.MessageQueue(stream, MyStruct)    # typed messages (msgspec)
+    bulk = await gntipc.open_bulk(stream)            # zero-copy loans (BulkChannel)
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from ._stats import MessageQueueStatistics as MessageQueueStatistics
 from ._stats import SessionStatistics as SessionStatistics
 from ._stats import VchanStreamStatistics as VchanStreamStatistics
 from .backends import get_backend as get_backend
+from .bulk import BulkChannel as BulkChannel
+from .bulk import BulkLoan as BulkLoan
+from .bulk import BulkView as BulkView
+from .bulk import SyncBulkChannel as SyncBulkChannel
+from .bulk import open_bulk as open_bulk
+from .bulk import open_bulk_sync as open_bulk_sync
 from .channel import Vchan as Vchan
 from .messages import MessageQueue as MessageQueue
 from .protocol import VchanState as VchanState
@@ -39,6 +46,9 @@ from .streams import listen as listen
 
 __all__ = [
     "BackendUnavailable",
+    "BulkChannel",
+    "BulkLoan",
+    "BulkView",
     "GntipcError",
     "Listener",
     "LocalProtocolError",
@@ -53,6 +63,7 @@ __all__ = [
     "SessionStatistics",
     "SessionStream",
     "StaleKeys",
+    "SyncBulkChannel",
     "Vchan",
     "VchanAttribute",
     "VchanState",
@@ -63,6 +74,8 @@ __all__ = [
     "connect",
     "get_backend",
     "listen",
+    "open_bulk",
+    "open_bulk_sync",
 ]
 
 __version__ = "0.1.0"

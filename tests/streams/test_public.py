@@ -8,6 +8,9 @@ import gntipc
 
 EXPECTED = {
     "BackendUnavailable",
+    "BulkChannel",
+    "BulkLoan",
+    "BulkView",
     "GntipcError",
     "Listener",
     "LocalProtocolError",
@@ -22,6 +25,7 @@ EXPECTED = {
     "SessionStatistics",
     "SessionStream",
     "StaleKeys",
+    "SyncBulkChannel",
     "Vchan",
     "VchanAttribute",
     "VchanState",
@@ -32,6 +36,8 @@ EXPECTED = {
     "connect",
     "get_backend",
     "listen",
+    "open_bulk",
+    "open_bulk_sync",
 }
 
 
