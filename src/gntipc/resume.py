@@ -237,6 +237,8 @@ class ResumableStream(ByteStream):
         self._sending = False
         self._receiving = False
         self._welcomed = False
+        self._closing = False  # aclose() waits for the writer to flush (_flushed)
+        self._flushed = anyio.Event()
         self._breaks = 0
         self._resumes = 0
         self._records_sent = 0
@@ -388,6 +390,13 @@ class ResumableStream(ByteStream):
                 while self._error is None and self._state.retained[0]:
                     await self._window.wait()
                     self._window.clear()
+        if self._error is None and self._state.connected and self._tg is not None:
+            # Let the writer send what is queued (the ack of the peer's last records,
+            # its EOF's included: else the peer lingers, waiting for it).
+            self._closing = True
+            self._write.set()
+            with anyio.move_on_after(min(self.linger, 1.0), shield=True):
+                await self._flushed.wait()
         self._closed = True
         self._fail(ClosedResourceError())
         self._error = ClosedResourceError()  # (whatever ended the session before)
@@ -749,6 +758,8 @@ class ResumableStream(ByteStream):
                 if data:
                     await transport.send(data)
                 else:
+                    if self._closing:
+                        self._flushed.set()
                     await self._write.wait()
                     if self._error is not None:
                         return
@@ -934,23 +945,28 @@ class ResumableListener:
                 self._scopes.discard(scope)
 
     async def _handshake(self, transport: ByteStream) -> None:
-        with self._task_scope():
-            await self._handshake_in_scope(transport)
+        handed = False
+        try:
+            with self._task_scope():
+                handed = await self._handshake_in_scope(transport)
+        finally:
+            if not handed:  # (refused, failed or cancelled: the transport is ours)
+                with anyio.CancelScope(shield=True):
+                    await transport.aclose()
 
-    async def _handshake_in_scope(self, transport: ByteStream) -> None:
+    async def _handshake_in_scope(self, transport: ByteStream) -> bool:
+        """Read the HELLO, route it; whether ``transport`` was handed to a session."""
         buf = b""
         try:
             with anyio.fail_after(self._handshake_timeout):
                 while (decoded := decode_hello(buf)) is None:
                     buf += await transport.receive(HEADER_SIZE + HANDSHAKE_SIZE)
         except (*_TRANSPORT_ERRORS, TimeoutError):
-            with anyio.CancelScope(shield=True):
-                await transport.aclose()
-            return
+            return False
         except RemoteProtocolError as exc:
             self.refused += 1
             await _refuse(transport, str(exc))
-            return
+            return False
         hello, rest = decoded
         stream = self._sessions.get(hello.session_id)
         try:
@@ -980,6 +996,8 @@ class ResumableListener:
                     self._send.send_nowait(stream)
                 except anyio.WouldBlock:
                     raise RemoteProtocolError("too many sessions waiting to be accepted") from None
+                except (ClosedResourceError, BrokenResourceError):
+                    raise RemoteProtocolError("the listener is closing") from None
                 self._sessions[hello.session_id] = stream
             else:
                 stream._state.check_hello(hello)
@@ -989,7 +1007,7 @@ class ResumableListener:
         except RemoteProtocolError as exc:
             self.refused += 1
             await _refuse(transport, str(exc))
-            return
+            return False
         old = stream._offer
         stream._offer = (transport, hello, rest)
         stream._offered.set()
@@ -1001,3 +1019,4 @@ class ResumableListener:
         if stream._closed:
             with anyio.CancelScope(shield=True):
                 await transport.aclose()
+        return True
