@@ -672,6 +672,15 @@ class ResumeMachine(RuleBasedStateMachine):
         self.connect()
 
     @invariant()
+    def byte_accounting_is_consistent(self) -> None:
+        for side in (self.client.state, self.server.state):
+            if side is not None:
+                unacked = side._unacked
+                assert side._unacked_bytes == sum(size for _, size in unacked)
+                committed = sum(size for seq, size in unacked if seq <= side.committed)
+                assert side._committed_bytes == committed
+
+    @invariant()
     def nothing_lost_duplicated_or_reordered(self) -> None:
         for a, b in ((self.client, self.server), (self.server, self.client)):
             assert b.got == a.sent[: len(b.got)]

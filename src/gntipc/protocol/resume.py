@@ -402,6 +402,7 @@ class ResumeState:
         # Sizes of records received and not acknowledged: (seq, size).
         self._unacked: collections.deque[tuple[int, int]] = collections.deque()
         self._unacked_bytes = 0
+        self._committed_bytes = 0  # of the records in _unacked up to committed
         self.peer_eof = False
         self.peer_window_records = 0
         self.peer_window_bytes = 0
@@ -544,6 +545,12 @@ class ResumeState:
         if self.received is None or seq > self.received:
             raise LocalProtocolError(f"commit({seq}) beyond the last record received")
         if seq > self.committed:
+            # _unacked holds records _ack_sent + 1, + 2... (contiguous): add the sizes
+            # of those committed now (each record once: constant time per record).
+            unacked, base = self._unacked, self._ack_sent + 1
+            self._committed_bytes += sum(
+                unacked[s - base][1] for s in range(max(self.committed + 1, base), seq + 1)
+            )
             self.committed = seq
 
     def ack_due(self) -> bool:
@@ -552,11 +559,7 @@ class ResumeState:
         if self.committed <= self._ack_sent or not self.connected:
             return False
         records = self.committed - self._ack_sent
-        nbytes = 0
-        for seq, size in self._unacked:
-            if seq > self.committed:
-                break
-            nbytes += size
+        nbytes = self._committed_bytes
         return records * 4 >= self.peer_window_records or nbytes * 4 >= self.peer_window_bytes
 
     def ack(self) -> None:
@@ -578,7 +581,9 @@ class ResumeState:
         self._ack_sent = seq
         unacked = self._unacked
         while unacked and unacked[0][0] <= seq:
-            self._unacked_bytes -= unacked.popleft()[1]
+            size = unacked.popleft()[1]
+            self._unacked_bytes -= size
+            self._committed_bytes -= size  # (only committed records are acknowledged)
 
     def data_to_send(self, max_bytes: int = 1 << 20) -> bytes:
         """The bytes to write on the current connection now (handshake, acks, records
