@@ -23,14 +23,18 @@ secret chosen when the session started (a wrong secret is refused: the client ra
 :class:`SessionRefused`).  Meanwhile the application sees a pause: ``send`` goes on until
 the replay window is full, then waits (backpressure); ``receive`` waits for data.  Each
 break counts in :meth:`ResumableStream.statistics` and calls the optional ``on_break``
-callback.  A peer that does not come back within ``give_up_after`` seconds ends the
-session with :class:`SessionLost` (an :class:`anyio.BrokenResourceError`), never an
-endless wait.
+callback.  A transport that goes silent without breaking (a half-open TCP connection, a
+hung relay) is detected by keepalives (``keepalive``) and resumed too.  A peer that does
+not come back within ``give_up_after`` seconds ends the session with :class:`SessionLost`
+(an :class:`anyio.BrokenResourceError`), never an endless wait.  ``send`` returns once
+its data is in the replay window: delivered later, unless the session is lost.
 
 The guarantees:
 
 * **The transport breaks, both processes live on** (a dropped TCP connection, a vchan
-  whose peer VM was saved and restored, a relay restarted): exactly-once, in order.
+  closed or broken under it, a relay restarted; a VM saved and restored, once the vchan
+  layer survives that on real Xen, which it does not yet: see issue #23): exactly-once,
+  in order.
   Each side retains what it sent until the peer acknowledges it, and replays the rest
   after a resume; the receiver drops what it already had.
 * **The client process restarts** (its memory is gone) and resumes with the
