@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -416,6 +417,14 @@ class ResumableStream(ByteStream):
         if offer is not None:
             with anyio.CancelScope(shield=True):
                 await offer[0].aclose()
+
+    def __del__(self) -> None:
+        # An accepted stream never closed holds its transport (and its session id).
+        if not self._closed and (self._entered or self._offer is not None):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1, source=self)
+
+    def __repr__(self) -> str:
+        return f"<ResumableStream {self._state!r}>"
 
     def _fail(self, exc: BaseException) -> None:
         """The session is over: every waiter wakes and raises ``exc``."""

@@ -14,6 +14,7 @@ Run as a script, this file is the peer process of the cross-process tests::
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -432,6 +433,22 @@ async def test_closed_stream_raises_closed() -> None:
         await c.send(b"x")
     with pytest.raises(anyio.ClosedResourceError):
         await c.receive()
+
+
+async def test_an_accepted_stream_never_closed_warns() -> None:
+    listener, port = await tcp_listener()
+    async with ResumableStream.client(Dialer(port), linger=0) as c:
+        rl = ResumableListener(listener)
+        async with rl:
+            await c.send(b"x")
+            s = await rl.accept()
+            with anyio.fail_after(5):
+                while s._offer is None:
+                    await anyio.sleep(0.01)
+            await s._offer[0].aclose()  # (its transport: only the stream's leak is left)
+        with pytest.warns(ResourceWarning, match="unclosed <ResumableStream"):
+            del s, rl
+            gc.collect()
 
 
 # -- over vchans on sim, across processes -----------------------------------------------
