@@ -170,6 +170,9 @@ def test_protocol_package_exports_its_api() -> None:
         "FrameType",
         "MuxEvent",
         "SessionDecoder",
+        # the bulk pool's and the resumable records' state machines (protocol.bulk/.resume)
+        "BulkProtocol",
+        "ResumeState",
     }
     for name in protocol.__all__:
         assert getattr(protocol, name) is not None

@@ -8,6 +8,7 @@ The public surface, re-exported from private modules::
     stream = await gntipc.connect(peer, path, timeout=5)
     queue = gntipc.MessageQueue(stream, MyStruct)    # typed messages (msgspec)
     bulk = await gntipc.open_bulk(stream)            # zero-copy loans (BulkChannel)
+    stream = gntipc.ResumableStream.client(connect)  # survives broken transports
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ from .bulk import open_bulk_sync as open_bulk_sync
 from .channel import Vchan as Vchan
 from .messages import MessageQueue as MessageQueue
 from .protocol import VchanState as VchanState
+from .resume import ResumableListener as ResumableListener
+from .resume import ResumableStream as ResumableStream
+from .resume import ResumeStatistics as ResumeStatistics
+from .resume import ResumeTicket as ResumeTicket
+from .resume import SessionLost as SessionLost
+from .resume import SessionRefused as SessionRefused
 from .session import Session as Session
 from .session import SessionStream as SessionStream
 from .streams import Listener as Listener
@@ -59,7 +66,13 @@ __all__ = [
     "MessageTooLarge",
     "ProtocolError",
     "RemoteProtocolError",
+    "ResumableListener",
+    "ResumableStream",
+    "ResumeStatistics",
+    "ResumeTicket",
     "Session",
+    "SessionLost",
+    "SessionRefused",
     "SessionStatistics",
     "SessionStream",
     "StaleKeys",

@@ -5,7 +5,11 @@ multiplexing.  No fds, no waits, no event loop: bytes in, messages or events out
 ring orders and sizes); ``ring`` keeps one endpoint's ring state; ``framing`` frames
 typed messages (:class:`MessageFramer`, used by :class:`gntipc.MessageQueue`); ``mux``
 encodes and decodes session frames (:class:`SessionDecoder`, used by
-:class:`gntipc.Session`).  Code outside this package imports from here, never from the
+:class:`gntipc.Session`); ``bulk`` is the zero-copy pool's descriptor protocol
+(:class:`BulkProtocol`, used by :class:`gntipc.BulkChannel`); ``resume`` numbers, acks
+and replays records across broken transports (:class:`ResumeState`, used by
+:class:`gntipc.ResumableStream`).  Code outside this package imports from here (or from
+the public ``mux``, ``bulk`` and ``resume`` for their frame-level names), never from the
 private modules.
 """
 
@@ -42,6 +46,7 @@ from ._layout import check_ring_size as check_ring_size
 from ._layout import choose_orders as choose_orders
 from ._layout import fit_ring_sizes as fit_ring_sizes
 from ._layout import order_for_size as order_for_size
+from .bulk import BulkProtocol as BulkProtocol
 from .framing import BATCH_FLAG as BATCH_FLAG
 from .framing import DECODE_AHEAD as DECODE_AHEAD
 from .framing import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
@@ -53,10 +58,12 @@ from .framing import NeedData as NeedData
 from .mux import FrameType as FrameType
 from .mux import MuxEvent as MuxEvent
 from .mux import SessionDecoder as SessionDecoder
+from .resume import ResumeState as ResumeState
 from .ring import VchanRings as VchanRings
 
 # The wire format's names (listed once, in _layout.__all__), the ring state, the message
-# framing; the session codec's names (events, encoders, limits) are in .mux.
+# framing; the session codec's names (events, encoders, limits) are in .mux, the bulk
+# pool's in .bulk, the resumable records' in .resume.
 __all__ = [
     *_layout.__all__,
     "BATCH_FLAG",
@@ -65,10 +72,12 @@ __all__ = [
     "FRAME_HEADER_SIZE",
     "MAX_MESSAGE_SIZE_LIMIT",
     "NEED_DATA",
+    "BulkProtocol",
     "FrameType",
     "MessageFramer",
     "MuxEvent",
     "NeedData",
+    "ResumeState",
     "SessionDecoder",
     "VchanRings",
 ]
