@@ -108,6 +108,9 @@ class Endpoint:
         #: only when we return to the event loop or release the GIL, never while we spin.
         self.peer_in_process = False
         self._offered: tuple[int, int, int] | None = None
+        # Where the ring we read lies: its pages and its offset in them (read_view).
+        self._read_pages: Pages | None = None
+        self._read_offset = 0
         # Store work found due by consume_events(), done by check_presence().
         self._vanish_due = False
         self._connect_due = False
@@ -187,6 +190,9 @@ class Endpoint:
             page.release()
         ctrl_ptr = self._pointer(ctrl)
         read_ptr = self._pointer(left) if left else ctrl_ptr + geometry.left_offset
+        self._read_pages, self._read_offset = (
+            (left, 0) if left else (ctrl, geometry.left_offset or 0)
+        )
         write_ptr = self._pointer(right) if right else ctrl_ptr + geometry.right_offset
         self.read_size, self.write_size = geometry.left_size, geometry.right_size
         self._rings = VchanRings(
@@ -256,8 +262,10 @@ class Endpoint:
             right = backend.map(peer, right_refs, writable=False)
             self._pages.append(right)
             read_ptr = self._pointer(right)
+            self._read_pages = right
         else:
             read_ptr = ctrl_ptr + geometry.right_offset
+            self._read_pages, self._read_offset = ctrl, geometry.right_offset or 0
         self.read_size, self.write_size = geometry.right_size, geometry.left_size
         rings = self._rings = VchanRings(
             ctrl_ptr, read_ptr, self.read_size, write_ptr, self.write_size, is_server=False
@@ -393,9 +401,7 @@ class Endpoint:
             self._notify()
         return n == size
 
-    def write_from(
-        self, data: Any, offset: int, spinner: Spinner | None = None
-    ) -> tuple[int, int]:
+    def write_from(self, data: Any, offset: int, spinner: Spinner | None = None) -> tuple[int, int]:
         """Stream write of ``data[offset:]`` (``data`` any C-contiguous buffer, offsets in
         bytes): as much as fits now (with a ``spinner``: and spinning for room to write
         on, as :meth:`write_nowait`).  Returns ``(written, total bytes of data)``.
@@ -405,9 +411,7 @@ class Endpoint:
         src = ffi.from_buffer(data)
         total = len(src)
         try:
-            n, notify = self._write(
-                src + offset if offset else src, False, total - offset, spinner
-            )
+            n, notify = self._write(src + offset if offset else src, False, total - offset, spinner)
         except BaseException:
             ffi.release(src)
             raise
@@ -549,6 +553,58 @@ class Endpoint:
             if n > counters.read_high:
                 counters.read_high = n
         return n, notify
+
+    def read_view(self, max_bytes: int) -> memoryview | None:
+        """A read-only view of up to ``max_bytes`` readable bytes in the ring itself (no
+        copy; stopping at the ring's end), not consumed: :meth:`consume` takes them out
+        of the ring.  None if nothing is readable now.  The caller sees to it that
+        nothing else reads until it consumed (one view at a time).
+
+        The view keeps the mapping alive (the pages cannot be unmapped while it, or a
+        view derived from it, exists: close() raises MappingInUse then).  The peer can
+        still write into that part of the ring while the view is out.
+
+        Raises: as :meth:`read_nowait`.
+        """
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        with self._rlock:
+            rings = self._live()
+            if not self._connected:
+                self._peer_state(rings)
+            n, pos = rings.read_begin(max_bytes)
+            if not n:
+                # Liveness first, then drain: data written before a close is never lost.
+                if not self._read_ended(rings):
+                    return None
+                n, pos = rings.read_begin(max_bytes)
+                if not n:
+                    raise self._end_of_stream(rings)
+            assert self._read_pages is not None
+            whole = self._read_pages.mapping.view()
+            try:
+                start = self._read_offset + pos
+                return whole[start : start + n].toreadonly()
+            finally:
+                whole.release()  # the slice keeps the mapping exported on its own
+
+    def consume(self, n: int) -> None:
+        """Take ``n`` bytes out of the ring: at most what the last :meth:`read_view`
+        showed.
+
+        Raises:
+            ClosedResourceError: the endpoint is closed.
+            RemoteProtocolError: the peer corrupted its index.
+        """
+        with self._rlock:
+            rings = self._live()
+            notify = rings.read_commit(n)
+            counters = self.counters
+            counters.bytes_in += n
+            if n > counters.read_high:
+                counters.read_high = n
+        if notify:
+            self._notify()
 
     def peek_nowait(self, n: int, skip: int = 0) -> bytes:
         """Up to ``n`` readable bytes, ``skip`` bytes ahead, without consuming them."""

@@ -24,6 +24,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
 import anyio
@@ -67,6 +68,7 @@ _R = TypeVar("_R")
 
 __all__ = [
     "Listener",
+    "ReceiveView",
     "VchanAttribute",
     "VchanStream",
     "connect",
@@ -202,6 +204,92 @@ async def _aclose_all(
         claim,
         what=f"closing the channel at {path} (removing its store nodes)",
     )
+
+
+class ReceiveView:
+    """Received bytes in place: a read-only view of the ring itself, no copy (from
+    :meth:`VchanStream.receive_view`).  The bytes stay in the ring, and the stream
+    receives nothing else, until the view is released; then they are consumed (all, or
+    the count given to :meth:`release`) and the writer gets their room.
+
+    Use it as a context manager (``with`` or ``async with``), which gives the
+    memoryview and releases it on exit; after the release the memoryview raises
+    ValueError.  A view derived from it (a slice, a numpy array) keeps the ring's pages
+    mapped but not the bytes: once released, the writer may overwrite them.
+
+    **The peer is untrusted**: it can still write into that part of the ring while you
+    look at it.  Copy what you must validate before validating it.
+    """
+
+    __slots__ = ("_done", "_view")
+
+    def __init__(self, view: memoryview, done: Callable[[int], None]) -> None:
+        self._view: memoryview | None = view
+        self._done = done
+
+    @property
+    def data(self) -> memoryview:
+        """The bytes (read-only).
+
+        Raises:
+            ValueError: the view was released.
+        """
+        if self._view is None:
+            raise ValueError("this receive view was released")
+        return self._view
+
+    def __len__(self) -> int:
+        return 0 if self._view is None else self._view.nbytes
+
+    def __bool__(self) -> bool:
+        return self._view is not None
+
+    def release(self, consumed: int | None = None) -> None:
+        """Consume ``consumed`` bytes (default: all of them; fewer leaves the rest for
+        the next receive) and end the view.  Idempotent: a later call does nothing.
+
+        Raises:
+            ValueError: ``consumed`` is not from 0 to the view's length (nothing is
+                consumed then and the view stays).
+        """
+        view = self._view
+        if view is None:
+            return
+        n = view.nbytes if consumed is None else consumed
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= view.nbytes:
+            raise ValueError(f"consumed must be 0 to {view.nbytes}, not {consumed!r}")
+        self._view = None
+        # An export of the view itself (e.g. a numpy array made from it) keeps it; the
+        # mapping stays, the bytes are handed back all the same.
+        with contextlib.suppress(BufferError):
+            view.release()
+        self._done(n)
+
+    def __enter__(self) -> memoryview:
+        return self.data
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> memoryview:
+        return self.data
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._view is None else f"{len(self)} bytes"
+        return f"<gntipc.ReceiveView {state}>"
 
 
 class VchanStream(ByteStream):
@@ -656,6 +744,53 @@ class VchanStream(ByteStream):
                 self._yielded = time.monotonic()
         finally:
             self._receiving = False
+
+    async def receive_view(self, max_bytes: int = _DEFAULT_RING) -> ReceiveView:
+        """Wait for data, then hand out up to ``max_bytes`` of it in place: a
+        :class:`ReceiveView` of the ring itself, no copy (for parsers that work in
+        place).  The bytes are consumed when the view is released (all, or as many as
+        :meth:`ReceiveView.release` is told); until then the stream receives nothing
+        else (:class:`anyio.BusyResourceError`).  A view stops at the ring's end (the
+        rest, wrapped to its start, comes with the next one), so it may be shorter than
+        what is readable.
+
+        The bytes stay the peer's to overwrite until consumed, and a hostile peer can:
+        copy what you must validate first.  Release views before closing the stream: a
+        view (or one derived from it) alive at close keeps the ring's pages mapped, and
+        the close raises :class:`gntipc.MappingInUse`.
+
+        Cancellation: nothing is consumed by a cancelled receive_view.
+
+        Raises: as :meth:`receive`.
+        """
+        self._check_receive(max_bytes)
+        view = await self._receive_with(self._view_some, max_bytes)
+        assert view is not None  # _receive_with returns what is there
+        self._receiving = True  # until the view is released
+        return view
+
+    def _view_some(self, max_bytes: int) -> ReceiveView | None:
+        """A view of up to ``max_bytes`` bytes: the read-ahead first, else the ring
+        (None if none yet; the endpoint's errors once the ring has ended)."""
+        ahead, pos = self._ahead, self._ahead_pos
+        if ahead:
+            end = min(pos + max_bytes, len(ahead))
+
+            def done_ahead(n: int) -> None:
+                self._receiving = False
+                if self._ahead is ahead:
+                    self._take_ahead(pos + n)
+
+            return ReceiveView(memoryview(ahead)[pos:end], done_ahead)
+        view = self._ep.read_view(max_bytes)
+        return None if view is None else ReceiveView(view, self._consume_view)
+
+    def _consume_view(self, n: int) -> None:
+        self._receiving = False
+        if n and self._vchan is not None:
+            # Closed meanwhile (from another thread): nothing left to consume.
+            with contextlib.suppress(ClosedResourceError):
+                self._ep.consume(n)
 
     async def receive_exactly(self, nbytes: int) -> bytes:
         """Receive exactly ``nbytes`` bytes.

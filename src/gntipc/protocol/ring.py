@@ -193,6 +193,23 @@ class VchanRings:
         lib.gnt_ring_read_commit(self._rd, n, notify)
         return data, bool(notify[0])
 
+    def read_begin(self, max_bytes: int) -> tuple[int, int]:
+        """``(n, offset)``: up to ``max_bytes`` readable bytes start at ``offset`` in the
+        read ring's data (stopping at the ring's end), not consumed; ``(0, 0)`` if none.
+        :meth:`read_commit` consumes them."""
+        pos = self._rd_pos
+        n = lib.gnt_ring_read_begin(self._rd, max_bytes, pos)
+        if n <= 0:
+            return _check(n, "write"), 0
+        return n, pos[0]
+
+    def read_commit(self, n: int) -> bool:
+        """Consume ``n`` bytes that :meth:`read_begin` found readable; True if the
+        writer asked to be told (notify it)."""
+        notify = self._rd_notify
+        _check(lib.gnt_ring_read_commit(self._rd, n, notify), "write")
+        return bool(notify[0])
+
     def spin_read(self, want: int, ns: int) -> int:
         """Busy-wait (no syscall, no event asked of the peer, GIL released) up to ``ns``
         nanoseconds until ``want`` bytes are readable, or the peer leaves or sends EOF;
