@@ -83,6 +83,14 @@ bench-xen: $(STAMP)
 			'$(CURDIR)/$(PY) benchmarks/xen_vs_libxenvchan.py'; \
 	done
 
+# Map vs copy in dom0 (#22): the ring, the bulk pool, map/unmap per payload, grant copy.
+# `make bench-xen-bulk BENCH_XEN_BULK_ARGS="--mib 1024 --repeat 3"` passes options through.
+.PHONY: bench-xen-bulk
+BENCH_XEN_BULK_ARGS ?=
+bench-xen-bulk: $(STAMP)
+	$(XENKIT)/run-in-xen.sh --timeout 1500 "$(CURDIR)" \
+		'$(CURDIR)/$(PY) benchmarks/xen_bulk.py $(BENCH_XEN_BULK_ARGS)'
+
 # Every figure is also saved to benchmarks/results/<UTC timestamp>.json and drawn into <timestamp>.png.
 # `make bench BENCH_ARGS="--quick --only latency"` passes options through.
 BENCH_ARGS ?=
