@@ -19,7 +19,6 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from conftest import fresh_path
 
 import gntipc
-import gntipc._spin
 from gntipc.backends import Backend
 
 pytestmark = pytest.mark.anyio
@@ -104,14 +103,9 @@ async def test_bytes_producer_consumer(backend: Backend, spawn: object) -> None:
     assert h.hexdigest() == hashlib.blake2b(random.Random(42).randbytes(n)).hexdigest()
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity")
-async def test_two_processes_on_one_cpu_hand_over_by_spinning(
-    backend: Backend, spawn: object
-) -> None:
-    # Both processes pinned to one CPU: a spinning wait yields the CPU (sched_yield), so
-    # the peer it waits for runs and the wait ends by spinning, not by an event.  (A
-    # spin that kept the CPU could never see the peer move: every wait would end in a
-    # blocking sleep and an event, and the spinning would fade out.)
+async def _one_cpu_transfer(backend: Backend, spawn: object) -> gntipc.VchanStreamStatistics:
+    """20 chunks of 64 KiB from a peer process, both pinned to one CPU; our stream's
+    statistics."""
     path = fresh_path()
     n = 20 * 65536
     cpu = min(os.sched_getaffinity(0))
@@ -141,8 +135,28 @@ async def test_two_processes_on_one_cpu_hand_over_by_spinning(
         os.sched_setaffinity(0, before)
     assert total == n
     assert stats.receive_waits > 0
-    # most waits ended while spinning (a few may end by an event, e.g. the first)
-    assert stats.receive_spin_hits >= stats.receive_waits // 2, stats
+    return stats
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity")
+async def test_two_processes_on_one_cpu_hand_over_by_spinning(
+    backend: Backend, spawn: object
+) -> None:
+    # Both processes pinned to one CPU: a spinning wait yields the CPU (sched_yield), so
+    # the peer it waits for runs and the wait ends by spinning, not by an event.  (A
+    # spin that kept the CPU could never see the peer move: every wait would end in a
+    # blocking sleep and an event, and the spinning would fade out.)  On a machine whose
+    # CPUs are all busy with other work, the yield may hand the CPU to that work instead
+    # and the spinning fades out (seen at load 5-8: 0 hits of 22 waits); so up to three
+    # transfers, and most waits of one of them must end while spinning.  A spin that
+    # never hands the CPU over fails all three.
+    tried = []
+    for _ in range(3):
+        stats = await _one_cpu_transfer(backend, spawn)
+        tried.append(stats)
+        if stats.receive_spin_hits >= stats.receive_waits // 2:
+            return
+    pytest.fail(f"most waits ended by an event in each of three transfers: {tried}")
 
 
 @pytest.mark.parametrize("batch", [1, 500])
