@@ -287,6 +287,13 @@ class ReceiveView:
     ) -> None:
         self.release()
 
+    def _abandon(self) -> None:
+        """End the view without consuming anything (its stream is closing)."""
+        view, self._view = self._view, None
+        if view is not None:
+            with contextlib.suppress(BufferError):
+                view.release()
+
     def __repr__(self) -> str:
         state = "released" if self._view is None else f"{len(self)} bytes"
         return f"<gntipc.ReceiveView {state}>"
@@ -336,6 +343,8 @@ class VchanStream(ByteStream):
         self._backend_ref = _backend_ref
         self._sending = False
         self._receiving = False
+        # The receive_view handed out and not released yet (ended by a close).
+        self._view_out: ReceiveView | None = None
         # Bytes taken out of the ring by a small receive and not handed out yet
         # (READ_AHEAD): self._ahead[self._ahead_pos:].
         self._ahead = b""
@@ -755,9 +764,10 @@ class VchanStream(ByteStream):
         what is readable.
 
         The bytes stay the peer's to overwrite until consumed, and a hostile peer can:
-        copy what you must validate first.  Release views before closing the stream: a
-        view (or one derived from it) alive at close keeps the ring's pages mapped, and
-        the close raises :class:`gntipc.MappingInUse`.
+        copy what you must validate first.  Closing the stream ends a view not released
+        yet (it raises ValueError from then on); a view derived from it (a slice, a
+        numpy array) keeps the ring's pages mapped, and the close raises
+        :class:`gntipc.MappingInUse`: release those first.
 
         Cancellation: nothing is consumed by a cancelled receive_view.
 
@@ -767,6 +777,7 @@ class VchanStream(ByteStream):
         view = await self._receive_with(self._view_some, max_bytes)
         assert view is not None  # _receive_with returns what is there
         self._receiving = True  # until the view is released
+        self._view_out = view
         return view
 
     def _view_some(self, max_bytes: int) -> ReceiveView | None:
@@ -778,6 +789,7 @@ class VchanStream(ByteStream):
 
             def done_ahead(n: int) -> None:
                 self._receiving = False
+                self._view_out = None
                 if self._ahead is ahead:
                     self._take_ahead(pos + n)
 
@@ -787,6 +799,7 @@ class VchanStream(ByteStream):
 
     def _consume_view(self, n: int) -> None:
         self._receiving = False
+        self._view_out = None
         if n and self._vchan is not None:
             # Closed meanwhile (from another thread): nothing left to consume.
             with contextlib.suppress(ClosedResourceError):
@@ -899,6 +912,11 @@ class VchanStream(ByteStream):
         vchan, self._vchan = self._vchan, None
         assert vchan is not None
         self._dispatcher.close()
+        view, self._view_out = self._view_out, None
+        if view is not None:
+            # It raises from now on: the ring may be unmapped (unless a view derived
+            # from it keeps the pages: then the close says MappingInUse).
+            view._abandon()
         ref, self._backend_ref = self._backend_ref, None
         return vchan, ref
 

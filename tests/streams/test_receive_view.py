@@ -153,3 +153,14 @@ async def test_a_view_alive_at_close_keeps_the_pages_mapped(make_pair: PairFacto
     assert bytes(kept) == b"still"  # the ring is still mapped: no use after unmap
     kept.release()
     endpoint.close()  # now the pages go
+
+
+async def test_close_ends_a_view_not_released(make_pair: PairFactory) -> None:
+    srv, cli = await make_pair()
+    await cli.send(b"data")
+    with anyio.fail_after(10):
+        view = await srv.receive_view()
+    await srv.aclose()  # the view is ended, so the pages can go
+    with pytest.raises(ValueError):
+        view.data  # noqa: B018
+    view.release()  # nothing left to do
