@@ -244,8 +244,10 @@ def pool_send(v: Vchan, b: Backend, peer: int, count: int) -> dict[str, Any]:
     return use
 
 
-# ------------------------------------------------- (c) map and unmap per payload ----
-def map_receive(v: Vchan, b: Backend, peer: int, count: int, consume: Any) -> dict[str, Any]:
+# ----------------------------------------------- the descriptor loops of (c), (d) ---
+def _receive_loop(v: Vchan, count: int, consume_at: Callable[[int, int], int]) -> dict[str, Any]:
+    """The receiver of (c) and (d): per descriptor, ``consume_at(buffer, length)`` (the
+    payload's checksum) and a release; at EOF, DONE."""
     check = k = 0
     meter = Meter()
     while True:
@@ -254,79 +256,87 @@ def map_receive(v: Vchan, b: Backend, peer: int, count: int, consume: Any) -> di
         i, n = DESC.unpack(v.recv(DESC.size, timeout=TIMEOUT))
         if i == EOF:
             break
+        check += consume_at(i, n)
+        v.send(REL.pack(i), timeout=TIMEOUT)
+        k += 1
+    use = meter.stop()
+    if k != count + WARMUP:
+        raise AssertionError(f"{k} payloads received, not {count + WARMUP}")
+    _finish_receiver(v)
+    return {"check": check, **use}
+
+
+def _send_loop(v: Vchan, count: int, put: Callable[[int], bytes]) -> dict[str, Any]:
+    """The sender of (c) and (d): per payload, a free buffer (waiting for a release),
+    ``put(buffer)`` (the payload's way into it; it returns what follows the descriptor)
+    and its descriptor; then EOF, and the releases until DONE."""
+    free = list(range(BUFFERS))[::-1]
+    meter = Meter()
+    for k in range(count + WARMUP):
+        if k == WARMUP:
+            meter = Meter()
+        while not free:
+            (i,) = REL.unpack(v.recv(REL.size, timeout=TIMEOUT))
+            free.append(i)
+        i = free.pop()
+        v.send(DESC.pack(i, PAYLOAD) + put(i), timeout=TIMEOUT)
+    v.send(DESC.pack(EOF, 0), timeout=TIMEOUT)
+    use = meter.stop()
+    _await_done(v, free)
+    return use
+
+
+# ------------------------------------------------- (c) map and unmap per payload ----
+def map_receive(v: Vchan, b: Backend, peer: int, count: int, consume: Any) -> dict[str, Any]:
+    def consume_at(i: int, n: int) -> int:
         refs = array("I")
         refs.frombytes(v.recv(4 * -(-n // PAGE), timeout=TIMEOUT))
         pages = b.map(peer, refs, writable=False)
         try:
             with pages.mapping.view() as whole, whole[:n] as view:
-                check += consume(view)
+                return int(consume(view))
         finally:
             pages.close()  # the unmap
-        v.send(REL.pack(i), timeout=TIMEOUT)
-        k += 1
-    use = meter.stop()
-    if k != count + WARMUP:
-        raise AssertionError(f"map: {k} payloads received, not {count + WARMUP}")
-    _finish_receiver(v)
-    return {"check": check, **use}
+
+    return _receive_loop(v, count, consume_at)
 
 
 def map_send(v: Vchan, b: Backend, peer: int, count: int) -> dict[str, Any]:
     src = _source()
     pools = [b.share(peer, PAGES, writable=False) for _ in range(BUFFERS)]
+    views = [p.mapping.view() for p in pools]
+    heads = [array("I", p.refs).tobytes() for p in pools]
+
+    def put(i: int) -> bytes:
+        views[i][:] = src  # the fill, in place (granted pages)
+        return heads[i]  # the payload's grant refs
+
     try:
-        views = [p.mapping.view() for p in pools]
-        heads = [array("I", p.refs).tobytes() for p in pools]
-        free = list(range(BUFFERS))[::-1]
-        meter = Meter()
-        for k in range(count + WARMUP):
-            if k == WARMUP:
-                meter = Meter()
-            while not free:
-                (i,) = REL.unpack(v.recv(REL.size, timeout=TIMEOUT))
-                free.append(i)
-            i = free.pop()
-            views[i][:] = src  # the fill, in place (granted pages)
-            v.send(DESC.pack(i, PAYLOAD) + heads[i], timeout=TIMEOUT)
-        v.send(DESC.pack(EOF, 0), timeout=TIMEOUT)
-        use = meter.stop()
-        _await_done(v, free)
+        return _send_loop(v, count, put)
+    finally:
         for view in views:
             view.release()
-    finally:
         for p in pools:
             p.close()
-    return use
 
 
 # -------------------------------------------------------------- (d) grant copy ------
 def gcopy_receive(v: Vchan, b: Backend, peer: int, count: int, consume: Any) -> dict[str, Any]:
     pools = [b.share(peer, PAGES, writable=True) for _ in range(BUFFERS)]
+    views = [p.mapping.view() for p in pools]
+
+    def consume_at(i: int, n: int) -> int:
+        with views[i][:n] as view:  # in our own pages
+            return int(consume(view))
+
     try:
-        views = [p.mapping.view() for p in pools]
         v.send(b"".join(array("I", p.refs).tobytes() for p in pools), timeout=TIMEOUT)
-        check = k = 0
-        meter = Meter()
-        while True:
-            if k == WARMUP:
-                meter = Meter()
-            i, n = DESC.unpack(v.recv(DESC.size, timeout=TIMEOUT))
-            if i == EOF:
-                break
-            with views[i][:n] as view:  # in our own pages
-                check += consume(view)
-            v.send(REL.pack(i), timeout=TIMEOUT)
-            k += 1
-        use = meter.stop()
-        if k != count + WARMUP:
-            raise AssertionError(f"grant copy: {k} payloads received, not {count + WARMUP}")
-        _finish_receiver(v)
+        return _receive_loop(v, count, consume_at)
+    finally:
         for view in views:
             view.release()
-    finally:
         for p in pools:
             p.close()
-    return {"check": check, **use}
 
 
 def _peer_refs(v: Vchan) -> list[array[int]]:
@@ -340,26 +350,18 @@ def _peer_refs(v: Vchan) -> list[array[int]]:
 
 
 def _gcopy_loop(v: Vchan, count: int, fill: Callable[[], None], copy: Any) -> dict[str, Any]:
-    free = list(range(BUFFERS))[::-1]
-    meter = Meter()
-    in_copy = 0.0
-    for k in range(count + WARMUP):
-        if k == WARMUP:
-            meter = Meter()
-            in_copy = 0.0
-        while not free:
-            (i,) = REL.unpack(v.recv(REL.size, timeout=TIMEOUT))
-            free.append(i)
-        i = free.pop()
+    """:func:`_send_loop` with a fill of the local buffer and a copy into buffer ``i``
+    of the receiver; ``in_copy``: the seconds in the copies after the warm-up."""
+    seconds: list[float] = []
+
+    def put(i: int) -> bytes:
         fill()
         t = time.monotonic()
         copy(i)
-        in_copy += time.monotonic() - t
-        v.send(DESC.pack(i, PAYLOAD), timeout=TIMEOUT)
-    v.send(DESC.pack(EOF, 0), timeout=TIMEOUT)
-    use = meter.stop()
-    _await_done(v, free)
-    return {**use, "in_copy": in_copy}
+        seconds.append(time.monotonic() - t)
+        return b""
+
+    return {**_send_loop(v, count, put), "in_copy": sum(seconds[WARMUP:])}
 
 
 def gcopy_send(v: Vchan, b: Backend, peer: int, count: int) -> dict[str, Any]:
