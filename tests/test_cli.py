@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -526,3 +527,86 @@ def test_sim_page_limit_from_the_command_line() -> None:
     assert "page limit: 77 pages per domain" in doctor("--sim-page-limit", "77").stdout
     bad = doctor("--sim-page-limit", "0")
     assert bad.returncode == 2 and "--sim-page-limit must be at least 1" in bad.stderr
+
+
+# A vchan relay in domain 5: serves one client of domain 4 at PATH_A, connects to the
+# server in domain 0 at PATH_B, copies both ways.  Killing it breaks both vchans.
+_RELAY = """
+import sys, anyio, gntipc
+
+async def main(path_a, path_b):
+    async with await gntipc.listen(4, path_a) as listener:
+        print("ready", flush=True)
+        a = await listener.accept()
+    b = await gntipc.connect(0, path_b, timeout=30)
+
+    async def pipe(src, dst):
+        async for data in src:
+            await dst.send(data)
+        await dst.send_eof()
+
+    async with a, b, anyio.create_task_group() as tg:
+        tg.start_soon(pipe, a, b)
+        tg.start_soon(pipe, b, a)
+
+anyio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+def test_listen_and_connect_resume_across_a_killed_relay() -> None:
+    # --resume on both sides: the relay between them is killed mid-transfer (both vchans
+    # break), a new one starts, the client connects again and both sides replay what the
+    # other missed: every byte arrives once, in order.
+    path_a, path_b = f"data/cli-resume/{os.getpid()}/a", f"data/cli-resume/{os.getpid()}/b"
+    env = dict(os.environ, GNTIPC_BACKEND="sim", GNTIPC_SIM_DOMID="5")
+
+    def relay() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _RELAY, path_a, path_b], env=env, stdout=subprocess.PIPE
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        return proc
+
+    up, down = os.urandom(600_000), os.urandom(300_000)
+    server = gntipc(0, "listen", "--resume", "5", path_b)
+    relays = [relay()]
+    client = gntipc(4, "connect", "--resume", "5", path_a, "--timeout", "30")
+    assert server.stdin and server.stdout and client.stdin and client.stdout
+    try:
+        # A failure kills the processes first (the stack, left before the pool): the
+        # reading threads then see EOF, and the pool's exit does not wait forever.
+        with ThreadPoolExecutor(3) as pool, contextlib.ExitStack() as stack:
+
+            def kill_all() -> None:
+                for p in (server, client, *relays):
+                    p.kill()
+
+            stack.callback(kill_all)
+
+            def read_all(f: object) -> bytes:
+                return f.read()  # type: ignore[attr-defined,no-any-return]
+
+            got_by_server = pool.submit(read_all, server.stdout)
+            got_by_client = pool.submit(read_all, client.stdout)
+
+            def feed_server() -> None:
+                server.stdin.write(down)  # type: ignore[union-attr]
+                server.stdin.close()  # type: ignore[union-attr]
+
+            fed = pool.submit(feed_server)
+            client.stdin.write(up[:300_000])
+            client.stdin.flush()
+            time.sleep(0.5)  # on its way through the relay
+            relays[0].kill()
+            relays[0].wait()
+            relays.append(relay())
+            client.stdin.write(up[300_000:])
+            client.stdin.close()
+            fed.result(60)
+            assert got_by_server.result(60) == up
+            assert got_by_client.result(60) == down
+            stack.pop_all()  # all went well: let them exit on their own
+        assert server.wait(60) == 0 and client.wait(60) == 0
+    finally:
+        for p in (server, client, *relays):
+            end(p)

@@ -4,7 +4,9 @@
     gntipc listen PEER PATH           serve one client; stdin -> peer, peer -> stdout
     gntipc connect PEER PATH          connect to a server; stdin -> peer, peer -> stdout
                                       (--progress: bytes and rates on stderr;
-                                      --close-on-eof: exit when stdin ends)
+                                      --close-on-eof: exit when stdin ends;
+                                      --resume on both sides: a pipe that survives the
+                                      vchan breaking)
     gntipc proxy PEER PATH SOCKET     bridge a vchan and a unix/TCP socket (vchan-socket-proxy)
     gntipc doctor                     check the backend, devices, limits and store; advice
     gntipc bench                      run the benchmarks of a source checkout
@@ -14,7 +16,14 @@ listen and connect pass the end of stdin on to the peer as EOF (a half-close) an
 copying the peer to stdout until the peer ends its side too; with ``--close-on-eof`` (as
 netcat's ``-N``/``-q 0``) they exit when stdin ends, after sending EOF.  One listener
 per path: a ``listen`` or ``proxy --mode server`` on a path that another one serves is
-refused (``listen`` frees its path once its client is connected).
+refused (``listen`` frees its path once its client is connected; with ``--resume`` it
+keeps it for its client's reconnections).
+
+With ``--resume`` (on both sides) the pipe is a :class:`gntipc.ResumableStream`: when the
+vchan breaks (the channel closed under it, a peer's domain restored), the client connects
+again and both sides replay what the other did not receive, so nothing is lost,
+duplicated or reordered while both processes live; a peer that does not come back within
+``--give-up`` seconds ends the pipe (exit 1).
 
 ``--backend`` (or ``GNTIPC_BACKEND``) picks ``xen`` or ``sim``; ``GNTIPC_SIM_DOMID`` sets
 the simulated domain of this process, ``--sim-page-limit`` (or ``GNTIPC_SIM_PAGE_LIMIT``)
@@ -44,10 +53,12 @@ from typing import BinaryIO
 
 import anyio
 import anyio.to_thread
+from anyio.abc import ByteStream
 
 from .._exceptions import BackendUnavailable, GntipcError, LocalProtocolError
 from .._progress import Progress
 from ..backends import Backend, get_backend, select_backend_name
+from ..resume import ResumableListener, ResumableStream
 from ..streams import VchanStream, connect, listen
 from . import _bench, _doctor, _proxy
 
@@ -93,7 +104,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 async def _pump(
-    stream: VchanStream,
+    stream: ByteStream,
     stdin: BinaryIO,
     stdout: BinaryIO,
     progress: Progress | None = None,
@@ -134,7 +145,7 @@ async def _pump(
 
 
 async def _stdio_pump(
-    stream: VchanStream, show_progress: bool = False, *, close_on_eof: bool = False
+    stream: ByteStream, show_progress: bool = False, *, close_on_eof: bool = False
 ) -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     if not show_progress:
@@ -145,7 +156,9 @@ async def _stdio_pump(
 
 
 async def _netcat(args: argparse.Namespace, backend: Backend) -> None:
-    if args.command == "listen":
+    if args.resume:
+        await _resumable_netcat(args, backend)
+    elif args.command == "listen":
         # One client: the path is free again once it is accepted (as netcat's listening
         # socket is closed), so another listener may take it while we copy.
         async with await listen(args.peer, args.path, backend=backend) as listener:
@@ -155,6 +168,25 @@ async def _netcat(args: argparse.Namespace, backend: Backend) -> None:
     else:
         async with await connect(args.peer, args.path, timeout=args.timeout, backend=backend) as s:
             await _stdio_pump(s, args.progress, close_on_eof=args.close_on_eof)
+
+
+async def _resumable_netcat(args: argparse.Namespace, backend: Backend) -> None:
+    """``--resume``: the pipe over a ResumableStream; the listener stays for the
+    client's reconnections."""
+    if args.command == "listen":
+        async with (
+            await listen(args.peer, args.path, backend=backend) as listener,
+            ResumableListener(listener, give_up_after=args.give_up) as resumable,
+            await resumable.accept() as stream,
+        ):
+            await _stdio_pump(stream, args.progress, close_on_eof=args.close_on_eof)
+        return
+
+    async def dial() -> VchanStream:
+        return await connect(args.peer, args.path, timeout=args.timeout, backend=backend)
+
+    async with ResumableStream.client(dial, give_up_after=args.give_up) as stream:
+        await _stdio_pump(stream, args.progress, close_on_eof=args.close_on_eof)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -212,6 +244,20 @@ def _parser() -> argparse.ArgumentParser:
             help="exit when stdin ends, after sending EOF to the peer (as netcat -N);"
             " default: send EOF and go on copying the peer to stdout until the peer ends"
             " its side too",
+        )
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="a pipe that survives the vchan breaking (give it to both sides): the"
+            " client connects again and both sides replay what the other missed",
+        )
+        p.add_argument(
+            "--give-up",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="with --resume: end the pipe (exit 1) when the peer has not come back"
+            " within this long after a break (default 30)",
         )
         if name == "connect":
             p.add_argument(
