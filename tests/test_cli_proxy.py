@@ -365,6 +365,8 @@ def test_bad_socket_addresses(text: str) -> None:
     [
         (["0", "p", "tcp:nope"], "bad TCP port"),
         (["--mux", "0", "p", "-"], "--mux needs a socket"),
+        (["--resume", "0", "p", "x.sock"], "--resume needs --mux"),
+        (["--mux", "--resume", "--give-up", "0", "0", "p", "x.sock"], "--give-up"),
         (["--max-connections", "0", "0", "p", "x.sock"], "--max-connections"),
         (["--mode", "server", "--ring-size", "1000", "0", "p", "x.sock"], "ring"),
         (["70000", "p", "x.sock"], "domid 70000"),
@@ -634,3 +636,71 @@ def test_ring_relay_ends_the_connection_on_an_internal_error(
 
     _relay_through_a_pair(check)
     assert "connection ended by an internal error: RuntimeError('boom')" in capsys.readouterr().err
+
+
+#: A vchan relay in domain 5: serves the client proxy (domain 4) at argv[1], connects to
+#: the server proxy (domain 0) at argv[2], copies both ways.  Killing it breaks both
+#: vchans (the session under --mux --resume must survive that).
+VCHAN_RELAY = """
+import sys, anyio, gntipc
+
+async def main(path_a, path_b):
+    async with await gntipc.listen(4, path_a) as listener:
+        print("READY", flush=True)
+        a = await listener.accept()
+    b = await gntipc.connect(0, path_b, timeout=30)
+
+    async def pipe(src, dst):
+        async for data in src:
+            await dst.send(data)
+        await dst.send_eof()
+
+    async with a, b, anyio.create_task_group() as tg:
+        tg.start_soon(pipe, a, b)
+        tg.start_soon(pipe, b, a)
+
+anyio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+def test_mux_resume_carries_connections_across_a_broken_vchan(procs: list[Proc]) -> None:
+    # --mux --resume on both proxies, a vchan relay between them: a socket connection is
+    # open through the proxies when the relay is killed (both vchans break); a new relay
+    # comes, the client proxy connects again, and the same connection goes on: what was
+    # sent before and after arrives once, in order (the echo server returns it).
+    echo = python(ECHO_SERVER, "tcp")
+    procs.append(echo)
+    backend_addr = echo.expect("READY ").split()[1]
+    path_a, path_b = vchan_path(), vchan_path()
+    srv = gntipc(
+        0, "proxy", "-v", "--mux", "--resume", "--mode", "server", "5", path_b, backend_addr
+    )
+    procs.append(srv)
+    srv.expect("gntipc proxy: ready: ")
+
+    def relay() -> Proc:
+        proc = Proc([sys.executable, "-c", VCHAN_RELAY, path_a, path_b], env=_env(5))
+        procs.append(proc)
+        proc.expect("READY")
+        return proc
+
+    first = relay()
+    cli = gntipc(4, "proxy", "-v", "--mux", "--resume", "5", path_a, "tcp:0")
+    procs.append(cli)
+    address = ready_address(cli)
+    host, port = address.removeprefix("tcp:").rsplit(":", 1)
+    before, after = os.urandom(200_000), os.urandom(200_000)
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(before)
+        got = bytearray()
+        while len(got) < len(before):
+            got += s.recv(65536)
+        first.kill()
+        relay()
+        s.sendall(after)
+        s.shutdown(socket.SHUT_WR)
+        while chunk := s.recv(65536):
+            got += chunk
+    assert bytes(got) == before + after
+    assert stop(cli) == 0, cli.output()
+    assert stop(srv) == 0, srv.output()

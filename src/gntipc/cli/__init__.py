@@ -88,7 +88,8 @@ Plain mode uses one vchan per connection and interoperates with Xen's vchan-sock
 on the other side, in either role, connection after connection; the server side sizes
 each vchan's rings to the domain's grant page budget so that --max-connections fit (gntipc
 doctor reports the budget; the sim's: --sim-page-limit).  --mux carries every connection
-over one vchan (gntipc proxy --mux on both sides).  A half-close (shutdown SHUT_WR)
+over one vchan (gntipc proxy --mux on both sides); --mux --resume makes that session
+survive the vchan breaking.  A half-close (shutdown SHUT_WR)
 crosses over to a gntipc peer and in --mux; with a plain libxenvchan peer a socket's EOF
 closes the vchan and the vchan's end closes the socket.  Runs until SIGINT/SIGTERM; --mux
 in client mode also ends when the peer closes the session; SOCKET - serves one connection

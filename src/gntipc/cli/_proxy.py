@@ -11,7 +11,9 @@ Two roles, as Xen's ``vchan-socket-proxy``:
 Plain mode carries each socket connection over a vchan of its own, as raw bytes both
 ways, so the other side may be Debian's ``vchan-socket-proxy`` (or any libxenvchan
 program) as well as ``gntipc proxy``.  ``--mux`` carries every connection over one vchan
-as :class:`gntipc.Session` streams (``gntipc proxy --mux`` on both sides).
+as :class:`gntipc.Session` streams (``gntipc proxy --mux`` on both sides); with
+``--resume`` too, over a :class:`gntipc.ResumableStream`, so that the session and the
+connections it carries survive the vchan breaking (the client proxy connects again).
 
 Connection after connection, back to back, with ``vchan-socket-proxy`` in either role:
 as a server it sets up its vchan once and, after each client left, offers the same
@@ -58,6 +60,7 @@ from .._exceptions import GntipcError
 from .._fastpath import HeldWrites, held_writes
 from ..backends import Backend
 from ..protocol import VchanState, channel_pages, check_ring_size
+from ..resume import ResumableListener, ResumableStream
 from ..session import Session
 from ..streams import Listener, VchanAttribute, VchanStream, connect, listen
 
@@ -169,6 +172,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--mux",
         action="store_true",
         help="carry all connections over one vchan (gntipc proxy --mux on both sides)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --mux (on both sides): the session survives the vchan breaking (a"
+        " gntipc.ResumableStream under it): the client proxy connects again and the"
+        " bridged connections go on, nothing lost",
+    )
+    p.add_argument(
+        "--give-up",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --resume: end the session when the peer has not come back within this"
+        " long after a break (default 30)",
     )
     p.add_argument(
         "-s",
@@ -744,7 +762,15 @@ class _Proxy:
                 self.ready(_sockname(listener, self.address))
                 await listener.serve(lambda sock: self._client_connection(sock, None))
                 return
-            async with Session(await self._connect()) as session, anyio.create_task_group() as tg:
+            async with contextlib.AsyncExitStack() as stack:
+                if self.args.resume:
+                    transport: ByteStream = await stack.enter_async_context(
+                        ResumableStream.client(self._connect, give_up_after=self.args.give_up)
+                    )
+                else:
+                    transport = await self._connect()
+                session = await stack.enter_async_context(Session(transport, is_initiator=True))
+                tg = await stack.enter_async_context(anyio.create_task_group())
                 self.ready(f"{_sockname(listener, self.address)}, mux")
                 tg.start_soon(listener.serve, lambda sock: self._client_connection(sock, session))
                 await self._until_session_ends(session)
@@ -787,18 +813,33 @@ class _Proxy:
     async def server(self) -> None:
         async with await self._listen() as listener:
             self.ready(f"{listener.path}{', mux' if self.args.mux else ''}")
-            await listener.serve(self._server_channel)
+            if not self.args.resume:
+                await listener.serve(self._server_channel)
+                return
+            # Each session on a resumable stream; a client proxy that connects again
+            # after a break resumes its session (the resumable listener routes it).
+            async with (
+                ResumableListener(listener, give_up_after=self.args.give_up) as resumable,
+                anyio.create_task_group() as tg,
+            ):
+                while True:
+                    tg.start_soon(self._server_channel, await resumable.accept())
 
-    async def _server_channel(self, stream: VchanStream) -> None:
+    async def _server_channel(self, stream: ByteStream) -> None:
         self.count += 1
         n = self.count
         if not self.args.mux:
+            assert isinstance(stream, VchanStream)
             async with self.limiter:
                 await self.carry(str(n), stream, half_close=_peer_understands_eof(stream))
             return
         self.verbose(f"session {n}: open")
         try:
-            async with Session(stream) as session, anyio.create_task_group() as tg:
+            async with (
+                stream,
+                Session(stream, is_initiator=False) as session,
+                anyio.create_task_group() as tg,
+            ):
                 k = 0
                 while True:
                     try:
@@ -856,6 +897,10 @@ async def run_proxy(
         raise UsageError("--max-connections must be at least 1")
     if address.kind == "stdio" and args.mux:
         raise UsageError("--mux needs a socket, not - (stdin/stdout is one connection)")
+    if args.resume and not args.mux:
+        raise UsageError("--resume needs --mux (one session over the vchan to resume)")
+    if not args.give_up > 0:
+        raise UsageError(f"--give-up must be > 0, not {args.give_up}")
     proxy = _Proxy(args, backend, address)
     async with anyio.create_task_group() as tg:
 
