@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from _vchan_relay import COMMAND as RELAY
 from interop._util import Proc
 
 from gntipc.backends import get_backend
@@ -529,30 +530,6 @@ def test_sim_page_limit_from_the_command_line() -> None:
     assert bad.returncode == 2 and "--sim-page-limit must be at least 1" in bad.stderr
 
 
-# A vchan relay in domain 5: serves one client of domain 4 at PATH_A, connects to the
-# server in domain 0 at PATH_B, copies both ways.  Killing it breaks both vchans.
-_RELAY = """
-import sys, anyio, gntipc
-
-async def main(path_a, path_b):
-    async with await gntipc.listen(4, path_a) as listener:
-        print("ready", flush=True)
-        a = await listener.accept()
-    b = await gntipc.connect(0, path_b, timeout=30)
-
-    async def pipe(src, dst):
-        async for data in src:
-            await dst.send(data)
-        await dst.send_eof()
-
-    async with a, b, anyio.create_task_group() as tg:
-        tg.start_soon(pipe, a, b)
-        tg.start_soon(pipe, b, a)
-
-anyio.run(main, sys.argv[1], sys.argv[2])
-"""
-
-
 def test_listen_and_connect_resume_across_a_killed_relay() -> None:
     # --resume on both sides: the relay between them is killed mid-transfer (both vchans
     # break), a new one starts, the client connects again and both sides replay what the
@@ -561,10 +538,8 @@ def test_listen_and_connect_resume_across_a_killed_relay() -> None:
     env = dict(os.environ, GNTIPC_BACKEND="sim", GNTIPC_SIM_DOMID="5")
 
     def relay() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _RELAY, path_a, path_b], env=env, stdout=subprocess.PIPE
-        )
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        proc = subprocess.Popen([*RELAY, path_a, path_b], env=env, stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"READY\n"
         return proc
 
     up, down = os.urandom(600_000), os.urandom(300_000)

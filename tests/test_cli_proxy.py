@@ -19,6 +19,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
+from _vchan_relay import COMMAND as RELAY
 from interop import conftest as interop_conftest
 from interop._util import Proc
 
@@ -638,31 +639,6 @@ def test_ring_relay_ends_the_connection_on_an_internal_error(
     assert "connection ended by an internal error: RuntimeError('boom')" in capsys.readouterr().err
 
 
-#: A vchan relay in domain 5: serves the client proxy (domain 4) at argv[1], connects to
-#: the server proxy (domain 0) at argv[2], copies both ways.  Killing it breaks both
-#: vchans (the session under --mux --resume must survive that).
-VCHAN_RELAY = """
-import sys, anyio, gntipc
-
-async def main(path_a, path_b):
-    async with await gntipc.listen(4, path_a) as listener:
-        print("READY", flush=True)
-        a = await listener.accept()
-    b = await gntipc.connect(0, path_b, timeout=30)
-
-    async def pipe(src, dst):
-        async for data in src:
-            await dst.send(data)
-        await dst.send_eof()
-
-    async with a, b, anyio.create_task_group() as tg:
-        tg.start_soon(pipe, a, b)
-        tg.start_soon(pipe, b, a)
-
-anyio.run(main, sys.argv[1], sys.argv[2])
-"""
-
-
 def test_mux_resume_carries_connections_across_a_broken_vchan(procs: list[Proc]) -> None:
     # --mux --resume on both proxies, a vchan relay between them: a socket connection is
     # open through the proxies when the relay is killed (both vchans break); a new relay
@@ -679,7 +655,7 @@ def test_mux_resume_carries_connections_across_a_broken_vchan(procs: list[Proc])
     srv.expect("gntipc proxy: ready: ")
 
     def relay() -> Proc:
-        proc = Proc([sys.executable, "-c", VCHAN_RELAY, path_a, path_b], env=_env(5))
+        proc = Proc([*RELAY, path_a, path_b], env=_env(5))
         procs.append(proc)
         proc.expect("READY")
         return proc
