@@ -24,6 +24,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -486,7 +487,15 @@ def main() -> None:
         settled = _astore.wait_background(HANG)
     leftover = "\n".join(process_leftovers(before, name))
     if not settled:
-        leftover += "\nabandoned store work still running"
+        # Name what is stuck, and where its threads are, for whoever reads the failure.
+        with _astore._background_lock:
+            stuck = sorted(call.what for call in _astore._background)
+        stacks = [
+            f"thread {t.name}:\n{''.join(traceback.format_stack(sys._current_frames()[t.ident]))}"
+            for t in threading.enumerate()
+            if t.ident in sys._current_frames() and t is not threading.current_thread()
+        ]
+        leftover += f"\nabandoned store work still running: {stuck}\n" + "\n".join(stacks)
     out = {
         "ops": target.ops,
         "episodes": target.episodes,
