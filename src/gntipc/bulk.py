@@ -69,6 +69,7 @@ from anyio import (
     EndOfStream,
     WouldBlock,
 )
+from anyio.abc import AsyncResource
 
 from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError
 from ._native import ffi
@@ -649,7 +650,7 @@ class _BulkBase:
             _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
 
 
-class BulkChannel(_BulkBase):
+class BulkChannel(_BulkBase, AsyncResource):
     """Loans between two gntipc peers over one vchan stream (see the module docstring).
     Made by :func:`open_bulk`.
 
@@ -853,17 +854,6 @@ class BulkChannel(_BulkBase):
         if stream is not None:
             stream.close()
         self._unmap()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def _deadline(timeout: float | None) -> float:
