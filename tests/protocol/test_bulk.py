@@ -1,30 +1,37 @@
 """The sans-I/O bulk (buffer pool) protocol: frames pinned to the wire format, the pool
-state on both sides, every split of the input, hostile descriptors, a fuzzer."""
+state on both sides, every split of the input, hostile descriptors, a fuzzer; version 2's
+MESSAGE frames (typed messages with an attachment) and their negotiation."""
 
 from __future__ import annotations
 
 import itertools
 import struct
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from gntipc import LocalProtocolError, RemoteProtocolError
+from gntipc.protocol import MessageFramer
 from gntipc.protocol.bulk import (
     HELLO_SIZE,
     MAX_POOL_PAGES,
+    MESSAGE_HEAD_SIZE,
     BulkProtocol,
     Eof,
     Hello,
     Loan,
+    Message,
     Release,
     descriptor_room,
     encode_eof,
     encode_hello,
     encode_loan,
+    encode_message,
     encode_release,
+    message_room,
 )
 
 STABLE: dict[str, bool | None] = {"deadline": None, "derandomize": True}
@@ -174,7 +181,7 @@ def test_one_byte_at_a_time() -> None:
 HOSTILE = {
     "loan before hello": encode_loan(0, 0, 1),
     "bad magic": HELLO2.replace(b"GBLK", b"GBLX"),
-    "bad version": HELLO2[:8] + b"\x02\x00" + HELLO2[10:],
+    "bad version": HELLO2[:8] + b"\x03\x00" + HELLO2[10:],
     "hello reserved": HELLO2[:10] + b"\x01\x00" + HELLO2[12:],
     "flags": b"\x01\x01" + HELLO2[2:],
     "reserved": b"\x01\x00\x01\x00" + HELLO2[4:],
@@ -234,6 +241,196 @@ def test_hello_over_our_limit_is_refused_before_its_refs_arrive() -> None:
         b.receive_data(head)
 
 
+# -- version 2: MESSAGE frames ----------------------------------------------------------------
+
+HELLO2_V2 = encode_hello(2, 8192, [8, 9, 10, 11], version=2)
+PAYLOAD = msgspec.msgpack.encode([1, 2, 3])  # 93 01 02 03
+
+
+def pair_v2(limit: int = 100) -> tuple[BulkProtocol, BulkProtocol]:
+    """:func:`pair` with both sides taking messages of up to ``limit`` bytes."""
+    a = BulkProtocol(2, 8192, max_message_size=limit)
+    b = BulkProtocol(0, 0, max_message_size=limit)
+    assert b.receive_data(HELLO2_V2) == [Hello(8192, 2, (8, 9, 10, 11), 2)]
+    assert a.receive_data(encode_hello(0, 0, [], version=2)) == [Hello(0, 0, (), 2)]
+    assert a.messages and b.messages
+    return a, b
+
+
+def framed(message: object, framer: MessageFramer[object] | None = None) -> bytearray:
+    """A MESSAGE frame of ``message`` with its head left to fill (what the queue builds)."""
+    buf = bytearray(MESSAGE_HEAD_SIZE)
+    (framer or MessageFramer(object)).encode_into(message, buf, MESSAGE_HEAD_SIZE - 4)
+    return buf
+
+
+def test_message_frames_pinned() -> None:
+    # HELLO version 2: only the version field differs from version 1's.
+    assert encode_hello(0, 0, [], version=2) == bytes.fromhex(
+        "0100000047424c4b02000000" + "00" * 12
+    )
+    assert HELLO2[:8] + b"\x02" + HELLO2[9:] == HELLO2_V2
+    # type 5, flags ATTACHED, u16 0, buffer 1, offset 16, length 100, payload length 4
+    assert encode_message(PAYLOAD, (1, 16, 100)) == bytes.fromhex(
+        "05010000" + "01000000" + "10000000" + "64000000" + "04000000" + "93010203"
+    )
+    assert encode_message(b"\xc0") == bytes.fromhex("05000000" + "00" * 12 + "01000000c0")
+    assert MESSAGE_HEAD_SIZE == 20
+    # what the sending side builds in place is the same frame
+    a, _ = pair_v2()
+    i = a.take()
+    assert i == 0
+    assert a.message_frame(framed([1, 2, 3]), (0, 16, 100)) == encode_message(PAYLOAD, (0, 16, 100))
+    assert a.message_frame(framed(None)) == encode_message(b"\xc0")
+
+
+def test_message_with_and_without_attachment() -> None:
+    a, b = pair_v2()
+    i = a.take()
+    assert i is not None
+    wire = bytes(a.message_frame(framed([1, 2, 3]), (i, 10, 20)))
+    wire += bytes(a.message_frame(framed("x")))
+    events = b.receive_data(wire)
+    assert events == [
+        Message(b"\x04\x00\x00\x00" + PAYLOAD, Loan(i, 10, 20)),
+        Message(b"\x02\x00\x00\x00\xa1x", None),
+    ]
+    assert b.holds(i) and b.held_count == 1 and a.sent_count == 1
+    # the frame is a MessageFramer message frame: the typed layer decodes it as such
+    framer: MessageFramer[list[int]] = MessageFramer(list[int])
+    first = events[0]
+    assert isinstance(first, Message)
+    framer.feed(first.frame)
+    assert framer.next_message() == [1, 2, 3]
+    # the attachment is released like a loan: the buffer is free again
+    assert a.receive_data(b.release_frame(i)) == [Release(i)]
+    assert a.free_count == 2
+    assert b.receive_data(a.eof_frame()) == [Eof()]
+    with pytest.raises(LocalProtocolError, match="EOF"):
+        a.message_frame(framed(1))
+
+
+def test_message_local_misuse() -> None:
+    a, _ = pair_v2()
+    with pytest.raises(LocalProtocolError, match="not lent"):
+        a.message_frame(framed(1), (0, 0, 1))  # not taken
+    i = a.take()
+    assert i is not None
+    with pytest.raises(LocalProtocolError, match="outside"):
+        a.message_frame(framed(1), (i, 8000, 193))
+    with pytest.raises(LocalProtocolError, match="not a message frame"):
+        a.message_frame(bytearray(MESSAGE_HEAD_SIZE + 3))  # length field says 0, not 3
+    a.message_frame(framed(1), (i, 0, 1))
+    with pytest.raises(LocalProtocolError, match="not lent"):
+        a.message_frame(framed(1), (i, 0, 1))  # sent already
+    a.unsend(i)
+    a.give_back(i)
+    assert a.free_count == 2
+
+
+def test_negotiation_version_1_peers_never_get_messages() -> None:
+    # A plain side (version 1) announces version 1, as before: a version-1 peer reads it.
+    plain = BulkProtocol(2, 8192)
+    assert plain.version == 1 and BulkProtocol(0, 0, max_message_size=1).version == 2
+    # A queue side meeting a version-1 HELLO may not send messages to it...
+    q = BulkProtocol(2, 8192, max_message_size=100)
+    q.receive_data(encode_hello(0, 0, []))
+    assert not q.messages
+    with pytest.raises(LocalProtocolError, match="takes no messages"):
+        q.message_frame(framed(1))
+    # ... and takes none from it.
+    with pytest.raises(RemoteProtocolError, match="version 1"):
+        q.receive_data(encode_message(PAYLOAD))
+    # A plain side accepts a version-2 HELLO (and the queue side's open then fails), but
+    # never a MESSAGE: it announced version 1.
+    plain.receive_data(encode_hello(0, 0, [], version=2))
+    assert not plain.messages
+    with pytest.raises(RemoteProtocolError, match="announced version 1"):
+        plain.receive_data(encode_message(PAYLOAD))
+
+
+def test_message_over_the_limit_is_refused_at_its_head() -> None:
+    _, b = pair_v2(limit=100)
+    # only the head of a 101-byte message: refused before its payload is buffered
+    with pytest.raises(RemoteProtocolError, match="more than max_message_size"):
+        b.receive_data(encode_message(bytes(101))[:MESSAGE_HEAD_SIZE])
+    _, b = pair_v2(limit=100)
+    assert b.receive_data(encode_message(bytes(100))) == [
+        Message(b"\x64\x00\x00\x00" + bytes(100), None)
+    ]
+
+
+def test_message_lying_about_its_length_waits_then_misparses_loudly() -> None:
+    _, b = pair_v2(limit=100)
+    # says 50 bytes, carries 4: the next frame's bytes are taken as its payload; the
+    # protocol waits for the rest (bounded by the limit), never reads past what it has
+    head = bytearray(encode_message(PAYLOAD))
+    head[16:20] = (50).to_bytes(4, "little")
+    assert b.receive_data(bytes(head)) == []
+    assert b.buffered == len(head)
+    # says 1 byte, carries 4: the 3 left over are a frame head with a bad type or flags
+    _, b = pair_v2(limit=100)
+    head[16:20] = (1).to_bytes(4, "little")
+    with pytest.raises(RemoteProtocolError):
+        b.receive_data(bytes(head) + encode_message(PAYLOAD))
+
+
+HOSTILE_V2 = {
+    "attachment out of the pool": encode_message(PAYLOAD, (2, 0, 1)),
+    "attachment past the buffer end": encode_message(PAYLOAD, (1, 8000, 193)),
+    "attachment offset overflow": encode_message(PAYLOAD, (1, 0xFFFFFFFF, 2)),
+    "attachment held already (double)": encode_message(PAYLOAD, (1, 0, 1)) * 2,
+    "attachment of a buffer lent as a LOAN": encode_loan(0, 0, 1)
+    + encode_message(PAYLOAD, (0, 0, 1)),
+    "descriptor without the attached flag": encode_message(PAYLOAD)[:4]
+    + struct.pack("<III", 1, 0, 1)
+    + encode_message(PAYLOAD)[16:],
+    "unknown message flag": b"\x05\x02" + encode_message(PAYLOAD)[2:],
+    "message reserved field": b"\x05\x00\x01\x00" + encode_message(PAYLOAD)[4:],
+    "message after eof": encode_eof() + encode_message(PAYLOAD),
+    "attached message after eof": encode_eof() + encode_message(PAYLOAD, (0, 0, 1)),
+    "over the limit": encode_message(bytes(101)),
+    "length with the batch bit": encode_message(PAYLOAD)[:16]
+    + struct.pack("<I", 0x80000004)
+    + PAYLOAD,
+}
+
+
+@pytest.mark.parametrize("wire", HOSTILE_V2.values(), ids=HOSTILE_V2.keys())
+def test_hostile_messages_raise_and_kill_the_protocol(wire: bytes) -> None:
+    b = BulkProtocol(2, 8192, max_message_size=100)
+    b.receive_data(HELLO2_V2)
+    with pytest.raises(RemoteProtocolError, match="bulk peer"):
+        b.receive_data(wire)
+    with pytest.raises(RemoteProtocolError):
+        b.receive_data(b"")
+    assert b.buffered == 0
+
+
+@given(st.lists(st.integers(0, 200), max_size=8))
+@settings(max_examples=100, **STABLE)
+def test_any_split_gives_the_same_messages(cuts: list[int]) -> None:
+    a = BulkProtocol(2, 8192, max_message_size=100)
+    a.receive_data(encode_hello(0, 0, [], version=2))
+    i = a.take()
+    assert i is not None
+    wire = HELLO2_V2 + a.message_frame(framed([1, 2, 3]), (i, 1, 2)) + a.message_frame(framed(7))
+    b = BulkProtocol(0, 0, max_message_size=100)
+    got = [e for part in cut(bytes(wire), cuts) for e in b.receive_data(part)]
+    assert got == [
+        Hello(8192, 2, (8, 9, 10, 11), 2),
+        Message(b"\x04\x00\x00\x00" + PAYLOAD, Loan(i, 1, 2)),
+        Message(b"\x01\x00\x00\x00\x07", None),
+    ]
+    assert b.buffered == 0
+
+
+def test_message_room() -> None:
+    # what a put may write: the ring, less every descriptor in flight, less the head
+    assert message_room(65536, 2, 0) == 65536 - descriptor_room(2, 0) - MESSAGE_HEAD_SIZE
+    assert message_room(1024, 100, 0) < 0
+
+
 # -- the fuzzer ------------------------------------------------------------------------------
 
 _frames = st.one_of(
@@ -241,6 +438,11 @@ _frames = st.one_of(
     st.builds(encode_release, st.integers(0, 3)),
     st.just(encode_eof()),
     st.binary(max_size=24),
+    st.builds(
+        encode_message,
+        st.binary(max_size=80),
+        st.none() | st.tuples(st.integers(0, 3), st.integers(0, 9000), st.integers(0, 9000)),
+    ),
 )
 
 
@@ -254,18 +456,21 @@ _frames = st.one_of(
 def test_fuzz_only_remote_protocol_errors_and_bounded_memory(
     frames: list[bytes], cuts: list[int], noise: bytes, at: int
 ) -> None:
-    a = BulkProtocol(2, 8192, max_peer_pages=64)
+    a = BulkProtocol(2, 8192, max_peer_pages=64, max_message_size=64)
     i = a.take()
     assert i is not None
     a.loan_frame(i, 0, 1)  # one of ours on loan: a RELEASE of it is legal once
-    wire = bytearray(HELLO2 + b"".join(frames))
+    wire = bytearray(HELLO2_V2 + b"".join(frames))
     at %= len(wire) + 1
     wire[at:at] = noise
     try:
         for part in cut(bytes(wire), cuts):
             for e in a.receive_data(part):
-                assert isinstance(e, Hello | Loan | Release | Eof)
-            # never more than one HELLO (24 + 4 * 64 bytes) waits for its end
+                assert isinstance(e, Hello | Loan | Release | Eof | Message)
+                if isinstance(e, Message):
+                    assert len(e.frame) <= 4 + 64
+            # never more than one HELLO (24 + 4 * 64 bytes) or MESSAGE (20 + 64) waits
+            # for its end
             assert a.buffered <= HELLO_SIZE + 4 * 64
     except RemoteProtocolError:
         pass

@@ -11,6 +11,15 @@ side lends a buffer by sending a LOAN descriptor (buffer, offset, length); the b
 reads the bytes in place and sends a RELEASE; the buffer is then free again for its
 owner.  A side with no pool (``buffers = 0``) only receives.
 
+Version 2 adds typed messages (:mod:`gntipc.bulk`'s :class:`~gntipc.bulk.BulkQueue`): a
+MESSAGE frame carries an encoded message inline, optionally bound to one loan (its
+*attachment*, released with an ordinary RELEASE).  A side announces version 2 in its
+HELLO only when it opens a message queue (``max_message_size > 0``); a version-1 HELLO
+is unchanged, so a version-1 peer of a plain bulk channel keeps working (and refuses a
+version-2 HELLO, loudly).  A MESSAGE may be sent only to a peer whose HELLO said version
+2, and is accepted only by a side that announced version 2: a version-1 peer never
+receives one.
+
 Wire format (little-endian), carried in order over a byte stream (the vchan)::
 
     u8 type | u8 flags (0) | u16 reserved (0) | body
@@ -18,27 +27,40 @@ Wire format (little-endian), carried in order over a byte stream (the vchan)::
 =========  =====  ====================================================================
 type       bytes  body
 =========  =====  ====================================================================
-HELLO 1    24+4n  ``b"GBLK"``, u16 version 1, u16 0, u32 buffer_size, u32 buffers,
-                  u32 n (pages), then n u32 grant refs.  First frame of each side, once.
+HELLO 1    24+4n  ``b"GBLK"``, u16 version (1, or 2: messages), u16 0, u32 buffer_size,
+                  u32 buffers, u32 n (pages), then n u32 grant refs.  First frame of
+                  each side, once.
 LOAN 2     16     u32 buffer, u32 offset, u32 length: bytes ``offset .. offset+length``
                   of the sender's buffer are the receiver's until it releases them
 RELEASE 3  8      u32 buffer: the sender is done with its loan of that buffer of the
                   receiver's pool
 EOF 4      8      u32 0: the sender lends nothing more (it still sends RELEASEs)
+MESSAGE 5  20+m   (version 2) u32 buffer, u32 offset, u32 length, u32 m, then m bytes:
+                  a msgspec MessagePack message; flags bit 0 (ATTACHED) set: bytes
+                  ``offset .. offset+length`` of the sender's buffer are lent with it
+                  (as a LOAN); clear: buffer, offset and length are 0
 =========  =====  ====================================================================
 
-Everything the peer sends is checked: known type, zero flags and reserved fields, HELLO
+Everything the peer sends is checked: known type, zero flags (but ATTACHED on a
+MESSAGE) and reserved fields, HELLO
 first and once with a consistent geometry (``n == buffers * buffer_size / 4096``, at most
 the pages we accept), a LOAN inside a buffer of the peer's pool that we do not hold
 already and not after the peer's EOF, a RELEASE of a buffer of ours that is on loan to
-the peer.  A violation raises :class:`gntipc.RemoteProtocolError`; the protocol is then
+the peer, a MESSAGE only if both HELLOs said version 2, not after EOF, of at most
+``max_message_size`` bytes (refused as soon as its head arrives), its attachment checked
+as a LOAN.  A violation raises :class:`gntipc.RemoteProtocolError`; the protocol is then
 dead and raises it again.  Buffered memory is at most one HELLO (``24 + 4 * n`` bytes,
-``n`` bounded by ``max_peer_pages``) plus the chunk being fed.
+``n`` bounded by ``max_peer_pages``) or one MESSAGE (``20 + max_message_size``) plus the
+chunk being fed.  The MESSAGE's bytes are not decoded here: :class:`Message` carries
+them as a :class:`~gntipc.protocol.MessageFramer` message frame (its u32 length and
+payload), which the typed layer decodes.
 
 Flow: a buffer is re-lent only after its RELEASE arrived, so at most ``buffers`` LOANs
 of one side and ``peer buffers`` RELEASEs are ever unread in one direction:
 :func:`descriptor_room` bytes.  When the ring of each direction holds that much, a
-descriptor never waits for ring space once both HELLOs are read.
+descriptor never waits for ring space once both HELLOs are read.  MESSAGE frames keep
+that true by leaving that room free: a side writes one only when the ring then still
+has :func:`descriptor_room` bytes free (:func:`message_room`).
 """
 
 from __future__ import annotations
@@ -50,15 +72,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from .._exceptions import LocalProtocolError, RemoteProtocolError
+from .framing import MAX_MESSAGE_SIZE_LIMIT
 
 if TYPE_CHECKING:
     from ..backends._abc import Buffer
 
 __all__ = [
+    "ATTACHED",
     "DEFAULT_MAX_PEER_PAGES",
     "DESCRIPTOR_SIZE",
     "HELLO_SIZE",
     "MAGIC",
+    "MESSAGE_HEAD_SIZE",
+    "MESSAGE_VERSION",
     "MAX_BUFFER_SIZE",
     "MAX_POOL_PAGES",
     "PAGE_SIZE",
@@ -69,17 +95,23 @@ __all__ = [
     "Eof",
     "Hello",
     "Loan",
+    "Message",
     "Release",
     "check_geometry",
     "descriptor_room",
     "encode_eof",
     "encode_hello",
     "encode_loan",
+    "encode_message",
     "encode_release",
+    "message_room",
 ]
 
 MAGIC: Final = b"GBLK"
+#: The version a plain bulk channel announces (what every peer speaks).
 VERSION: Final = 1
+#: The version that adds MESSAGE frames, announced by a side that opens a queue.
+MESSAGE_VERSION: Final = 2
 PAGE_SIZE: Final = 4096
 #: Largest buffer (1 GiB): offsets and lengths are u32.
 MAX_BUFFER_SIZE: Final = 1 << 30
@@ -91,6 +123,13 @@ DEFAULT_MAX_PEER_PAGES: Final = 16384
 _HELLO = struct.Struct("<BBH4sHHIII")
 _LOAN = struct.Struct("<BBHIII")
 _SHORT = struct.Struct("<BBHI")  # RELEASE and EOF
+_MESSAGE = struct.Struct("<BBHIIII")
+#: The MESSAGE flag: its buffer, offset and length are a loan bound to the message.
+ATTACHED: Final = 0x01
+#: Bytes of a MESSAGE before its payload; its last 4 (the payload length) and the
+#: payload form a :class:`~gntipc.protocol.MessageFramer` message frame.
+MESSAGE_HEAD_SIZE: Final = _MESSAGE.size
+_FRAMER_HEAD = 4
 _HEAD = struct.Struct("<BBH")
 #: Bytes of a HELLO before its refs.
 HELLO_SIZE: Final = _HELLO.size
@@ -105,12 +144,14 @@ class BulkFrame(enum.IntEnum):
     LOAN = 2
     RELEASE = 3
     EOF = 4
+    MESSAGE = 5
 
 
 _HELLO_T: Final = int(BulkFrame.HELLO)
 _LOAN_T: Final = int(BulkFrame.LOAN)
 _RELEASE_T: Final = int(BulkFrame.RELEASE)
 _EOF_T: Final = int(BulkFrame.EOF)
+_MESSAGE_T: Final = int(BulkFrame.MESSAGE)
 _SIZES: Final = {_LOAN_T: _LOAN.size, _RELEASE_T: _SHORT.size, _EOF_T: _SHORT.size}
 
 
@@ -120,11 +161,12 @@ _SIZES: Final = {_LOAN_T: _LOAN.size, _RELEASE_T: _SHORT.size, _EOF_T: _SHORT.si
 @dataclass(frozen=True, slots=True)
 class Hello:
     """The peer's pool: ``buffers`` buffers of ``buffer_size`` bytes on the pages
-    ``refs`` (none when the peer lends nothing)."""
+    ``refs`` (none when the peer lends nothing), and the protocol version it speaks."""
 
     buffer_size: int
     buffers: int
     refs: tuple[int, ...]
+    version: int = VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +187,21 @@ class Release:
 
 @dataclass(frozen=True, slots=True)
 class Eof:
-    """The peer lends nothing more."""
+    """The peer lends nothing more (nor sends messages)."""
 
 
-BulkEvent = Hello | Loan | Release | Eof
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message from the peer (version 2): ``frame`` is a
+    :class:`~gntipc.protocol.MessageFramer` message frame (a u32 length, then that many
+    bytes of MessagePack, not decoded yet: feed it to a framer), ``attachment`` the loan
+    bound to it (now held, as a :class:`Loan` is), or None."""
+
+    frame: bytes
+    attachment: Loan | None
+
+
+BulkEvent = Hello | Loan | Release | Eof | Message
 
 
 # -- encoding ---------------------------------------------------------------------------
@@ -180,13 +233,17 @@ def check_geometry(buffers: int, buffer_size: int) -> int:
     return pages
 
 
-def encode_hello(buffers: int, buffer_size: int, refs: Sequence[int]) -> bytes:
-    """The HELLO frame announcing our pool.
+def encode_hello(
+    buffers: int, buffer_size: int, refs: Sequence[int], *, version: int = VERSION
+) -> bytes:
+    """The HELLO frame announcing our pool (and ``version``: 2 when we take messages).
 
     Raises:
         LocalProtocolError: a bad geometry (:func:`check_geometry`), or not one ref per
-            page, or a ref that is not a u32.
+            page, or a ref that is not a u32, or an unknown version.
     """
+    if version not in (VERSION, MESSAGE_VERSION):
+        raise LocalProtocolError(f"bulk protocol version {version!r}: 1 or 2")
     pages = check_geometry(buffers, buffer_size)
     if len(refs) != pages:
         raise LocalProtocolError(f"a pool of {pages} pages needs {pages} refs, not {len(refs)}")
@@ -194,7 +251,7 @@ def encode_hello(buffers: int, buffer_size: int, refs: Sequence[int]) -> bytes:
         tail = struct.pack(f"<{pages}I", *refs)
     except struct.error:
         raise LocalProtocolError("a grant ref must be a u32") from None
-    return _HELLO.pack(_HELLO_T, 0, 0, MAGIC, VERSION, 0, buffer_size, buffers, pages) + tail
+    return _HELLO.pack(_HELLO_T, 0, 0, MAGIC, version, 0, buffer_size, buffers, pages) + tail
 
 
 def encode_loan(buffer: int, offset: int, length: int) -> bytes:
@@ -210,6 +267,22 @@ def encode_release(buffer: int) -> bytes:
 def encode_eof() -> bytes:
     """The EOF frame."""
     return _SHORT.pack(_EOF_T, 0, 0, 0)
+
+
+def encode_message(payload: bytes, attachment: tuple[int, int, int] | None = None) -> bytes:
+    """A MESSAGE frame carrying ``payload`` (encoded MessagePack) and, if given, the loan
+    ``attachment`` = (buffer, offset, length) (no checks: :meth:`BulkProtocol.message_frame`
+    makes them)."""
+    flags, (b, off, n) = (0, (0, 0, 0)) if attachment is None else (ATTACHED, attachment)
+    return _MESSAGE.pack(_MESSAGE_T, flags, 0, b, off, n, len(payload)) + payload
+
+
+def message_room(ring: int, buffers: int, peer_buffers: int) -> int:
+    """The largest MESSAGE payload a side with ``buffers`` buffers can write into a
+    ``ring``-byte ring to a peer with ``peer_buffers``: what leaves the ring room for
+    every descriptor that can be in flight (:func:`descriptor_room`) once it is written
+    (0 or less: none fits)."""
+    return ring - descriptor_room(buffers, peer_buffers) - MESSAGE_HEAD_SIZE
 
 
 def descriptor_room(buffers: int, peer_buffers: int) -> int:
@@ -248,23 +321,46 @@ class BulkProtocol:
         "buffer_size",
         "buffers",
         "held_count",
+        "max_message_size",
         "peer",
         "peer_eof",
         "sent_count",
+        "version",
     )
 
     def __init__(
-        self, buffers: int, buffer_size: int, *, max_peer_pages: int = DEFAULT_MAX_PEER_PAGES
+        self,
+        buffers: int,
+        buffer_size: int,
+        *,
+        max_peer_pages: int = DEFAULT_MAX_PEER_PAGES,
+        max_message_size: int = 0,
     ) -> None:
-        """Our pool's geometry, and the largest peer pool we accept (in pages).
+        """Our pool's geometry, the largest peer pool we accept (in pages), and the
+        largest MESSAGE payload we accept (0: none; more: we speak version 2, which
+        :attr:`version` tells for our HELLO).
 
         Raises:
-            LocalProtocolError: a bad geometry (:func:`check_geometry`), or
-                ``max_peer_pages`` outside 0 .. :data:`MAX_POOL_PAGES`.
+            LocalProtocolError: a bad geometry (:func:`check_geometry`),
+                ``max_peer_pages`` outside 0 .. :data:`MAX_POOL_PAGES`, or
+                ``max_message_size`` outside 0 .. 2**31 - 1.
         """
         check_geometry(buffers, buffer_size)
         if isinstance(max_peer_pages, bool) or not 0 <= max_peer_pages <= MAX_POOL_PAGES:
             raise LocalProtocolError(f"max_peer_pages must be from 0 to {MAX_POOL_PAGES}")
+        if (
+            isinstance(max_message_size, bool)
+            or not isinstance(max_message_size, int)
+            or not 0 <= max_message_size <= MAX_MESSAGE_SIZE_LIMIT
+        ):
+            raise LocalProtocolError(
+                f"max_message_size must be from 0 to {MAX_MESSAGE_SIZE_LIMIT},"
+                f" not {max_message_size!r}"
+            )
+        #: The largest MESSAGE payload accepted (0: this side takes no messages).
+        self.max_message_size = max_message_size
+        #: The version our HELLO announces.
+        self.version = MESSAGE_VERSION if max_message_size else VERSION
         self.buffers = buffers
         self.buffer_size = buffer_size
         self._max_peer_pages = max_peer_pages
@@ -329,6 +425,16 @@ class BulkProtocol:
             LocalProtocolError: ``buffer`` is not lent to the application, the range is
                 outside it, or EOF was sent.
         """
+        self._send_lent(buffer, offset, length)
+        return _LOAN.pack(_LOAN_T, 0, 0, buffer, offset, length)
+
+    def _send_lent(self, buffer: int, offset: int, length: int) -> None:
+        """Check that bytes ``offset .. offset + length`` of ``buffer`` can be lent to the
+        peer now, and mark the buffer sent.
+
+        Raises:
+            LocalProtocolError: as :meth:`loan_frame`.
+        """
         if self._eof_sent:
             raise LocalProtocolError("no loans after EOF")
         if not 0 <= buffer < self.buffers or self._states[buffer] != _LENT:
@@ -339,7 +445,46 @@ class BulkProtocol:
             )
         self._states[buffer] = _SENT
         self.sent_count += 1
-        return _LOAN.pack(_LOAN_T, 0, 0, buffer, offset, length)
+
+    @property
+    def messages(self) -> bool:
+        """True once both HELLOs said version 2: MESSAGE frames may flow both ways."""
+        peer = self.peer
+        return self.version >= MESSAGE_VERSION and peer is not None and peer.version >= 2
+
+    def message_frame(
+        self, frame: bytearray, attachment: tuple[int, int, int] | None = None
+    ) -> bytearray:
+        """Complete the MESSAGE frame ``frame``, whose bytes from
+        :data:`MESSAGE_HEAD_SIZE` - 4 on are a :class:`~gntipc.protocol.MessageFramer`
+        message frame (what ``framer.encode_into(message, frame, 16)`` writes): its head
+        is written in place, and returned.  ``attachment`` = (buffer, offset, length) of a
+        lent buffer of ours goes with it, as :meth:`loan_frame` (undo with
+        :meth:`unsend` if the frame cannot be written).
+
+        Raises:
+            LocalProtocolError: the peer does not take messages (its HELLO said version
+                1, or has not arrived), EOF was sent, ``frame`` is not a message frame
+                (its length field disagrees with its size), or the attachment is not
+                lendable (as :meth:`loan_frame`).
+        """
+        if not self.messages:
+            raise LocalProtocolError(
+                "the bulk peer takes no messages (both sides must open a message queue)"
+            )
+        if self._eof_sent:
+            raise LocalProtocolError("no messages after EOF")
+        start = MESSAGE_HEAD_SIZE - _FRAMER_HEAD
+        size = len(frame) - MESSAGE_HEAD_SIZE
+        if size < 0 or struct.unpack_from("<I", frame, start)[0] != size:
+            raise LocalProtocolError("not a message frame after the MESSAGE head")
+        if attachment is None:
+            _MESSAGE.pack_into(frame, 0, _MESSAGE_T, 0, 0, 0, 0, 0, size)
+            return frame
+        buffer, offset, length = attachment
+        self._send_lent(buffer, offset, length)
+        _MESSAGE.pack_into(frame, 0, _MESSAGE_T, ATTACHED, 0, buffer, offset, length, size)
+        return frame
 
     def unsend(self, buffer: int) -> None:
         """Undo :meth:`loan_frame` of ``buffer`` (its frame could not be written): it is
@@ -428,7 +573,7 @@ class BulkProtocol:
         try:
             while end - pos >= 4:
                 ftype, flags, reserved = _HEAD.unpack_from(buf, pos)
-                if flags or reserved:
+                if reserved or (flags and not (ftype == _MESSAGE_T and flags == ATTACHED)):
                     raise self._fail(f"frame type {ftype} with flags {flags}, reserved {reserved}")
                 if self.peer is None:
                     if ftype != _HELLO_T:
@@ -440,6 +585,21 @@ class BulkProtocol:
                         break
                     events.append(hello)
                     pos += hsize
+                    continue
+                if ftype == _MESSAGE_T:
+                    if end - pos < MESSAGE_HEAD_SIZE:
+                        break
+                    size = self._message(buf, pos, end)
+                    if not size:
+                        break
+                    message = Message(
+                        bytes(buf[pos + MESSAGE_HEAD_SIZE - _FRAMER_HEAD : pos + size]), None
+                    )
+                    if flags:
+                        _, _, _, b, off, n, _ = _MESSAGE.unpack_from(buf, pos)
+                        message = Message(message.frame, self._loan(b, off, n, "MESSAGE"))
+                    events.append(message)
+                    pos += size
                     continue
                 fsize = _SIZES.get(ftype)
                 if fsize is None:
@@ -473,8 +633,8 @@ class BulkProtocol:
         _, _, _, magic, version, zero, size, buffers, pages = _HELLO.unpack_from(buf, pos)
         if magic != MAGIC:
             raise self._fail(f"HELLO magic {bytes(magic)!r}, not {MAGIC!r}")
-        if version != VERSION:
-            raise self._fail(f"protocol version {version} (this side speaks {VERSION})")
+        if version not in (VERSION, MESSAGE_VERSION):
+            raise self._fail(f"protocol version {version} (this side speaks 1 and 2)")
         if zero:
             raise self._fail(f"HELLO reserved field {zero}")
         try:
@@ -491,25 +651,46 @@ class BulkProtocol:
         if end - pos < total:
             return None, 0
         refs = struct.unpack_from(f"<{pages}I", buf, pos + HELLO_SIZE)
-        hello = Hello(size, buffers, refs)
+        hello = Hello(size, buffers, refs, version)
         self.peer = hello
         self._held = bytearray(buffers)
         return hello, total
 
-    def _loan(self, buffer: int, offset: int, length: int) -> Loan:
+    def _message(self, buf: bytearray, pos: int, end: int) -> int:
+        """The size of the MESSAGE frame at ``pos`` once all of it is buffered (0: not
+        yet); its head is checked as soon as it arrives."""
+        _, flags, _, b, off, n, size = _MESSAGE.unpack_from(buf, pos)
+        if self.version < MESSAGE_VERSION:
+            raise self._fail("a MESSAGE frame, but this side announced version 1 (no messages)")
+        peer = self.peer
+        assert peer is not None
+        if peer.version < MESSAGE_VERSION:
+            raise self._fail("a MESSAGE frame from a peer whose HELLO said version 1")
+        if self.peer_eof:
+            raise self._fail("a MESSAGE after EOF")
+        if size > self.max_message_size:
+            raise self._fail(
+                f"a MESSAGE of {size} bytes, more than max_message_size ({self.max_message_size})"
+            )
+        if not flags and (b or off or n):
+            raise self._fail(f"a MESSAGE without attachment names bytes {off}+{n} of buffer {b}")
+        total = MESSAGE_HEAD_SIZE + size
+        return total if end - pos >= total else 0
+
+    def _loan(self, buffer: int, offset: int, length: int, what: str = "LOAN") -> Loan:
         peer = self.peer
         assert peer is not None
         if self.peer_eof:
-            raise self._fail(f"LOAN of buffer {buffer} after EOF")
+            raise self._fail(f"{what} of buffer {buffer} after EOF")
         if buffer >= peer.buffers:
-            raise self._fail(f"LOAN of buffer {buffer} of a pool of {peer.buffers}")
+            raise self._fail(f"{what} of buffer {buffer} of a pool of {peer.buffers}")
         if offset + length > peer.buffer_size:
             raise self._fail(
-                f"LOAN of bytes {offset}..{offset + length} of a {peer.buffer_size}-byte buffer"
+                f"{what} of bytes {offset}..{offset + length} of a {peer.buffer_size}-byte buffer"
             )
         held = self._held
         if held[buffer]:
-            raise self._fail(f"LOAN of buffer {buffer}, which this side holds already")
+            raise self._fail(f"{what} of buffer {buffer}, which this side holds already")
         held[buffer] = 1
         self.held_count += 1
         return Loan(buffer, offset, length)
