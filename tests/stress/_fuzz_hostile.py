@@ -361,8 +361,11 @@ def main() -> None:
 
 
 def open_channel(
-    role: str, backend: Backend, peer: int, path: str, rnd: random.Random
+    role: str, backend: Backend, peer: int, path: str, rnd: random.Random, corrupt: float = 0.15
 ) -> Vchan | None:
+    """A connected channel (None: nobody came), as a client or a server (with random
+    ring sizes, whose control page is corrupted before the client maps it with
+    probability ``corrupt``)."""
     if role == "client":
         return Vchan.client(backend, peer, path, timeout=0.5 * SCALE)
     ch = Vchan.server(
@@ -372,7 +375,7 @@ def open_channel(
         read_size=rnd.choice(SIZES),
         write_size=rnd.choice(SIZES),
     )
-    if rnd.random() < 0.15:
+    if rnd.random() < corrupt:
         corrupt_before_connect(ch, rnd)
     deadline = time.monotonic() + 0.3 * SCALE
     try:

@@ -146,6 +146,9 @@ def memory_probe() -> tuple[str, Callable[[], int]]:
 
 
 class Target:
+    #: Operations per episode (a random number in this range).
+    EPISODE_OPS = (10, 400)
+
     def __init__(self, rnd: random.Random, backend: object) -> None:
         import gntipc
 
@@ -171,9 +174,13 @@ class Target:
         self.seq = 0
         self.poisoner = Poisoner() if os.environ.get("GNTIPC_STRESS_ASAN_LIB") else None
 
-    def fail(self, what: str, exc: BaseException) -> None:
+    def fail(self, what: str, exc: BaseException | str) -> None:
+        """Count a failure (an unexpected exception, or a broken check saying why)."""
         self.failure_count += 1
         if len(self.failures) < 20:
+            if isinstance(exc, str):
+                self.failures.append(f"{what}: {exc}")
+                return
             tb = "".join(traceback.format_exception(exc))[-3000:]
             self.failures.append(f"{what}: {type(exc).__name__}: {exc}\n{tb}")
 
@@ -411,7 +418,7 @@ class Target:
                 if self.poisoner is not None:
                     self.poisoner.arm(stream)
                 try:
-                    await self.episode(stream, rnd.randrange(10, 400))
+                    await self.episode(stream, rnd.randrange(*self.EPISODE_OPS))
                 finally:
                     try:
                         await stream.aclose()
@@ -467,7 +474,9 @@ def process_leftovers(before: dict[int, str], backend_name: str) -> list[str]:
     return out
 
 
-def main() -> None:
+def main(make: Callable[[random.Random, object], Target] | None = None) -> None:
+    """Run a target (``make(rnd, backend)``, default :class:`Target`) as the command line
+    says, and write its result."""
     die_with_parent()
     faulthandler.enable()
     load_asan_lib()
@@ -480,7 +489,7 @@ def main() -> None:
     before = own_fds()
     with gntipc.get_backend() as backend:  # $GNTIPC_BACKEND
         name = backend.name
-        target = Target(rnd, backend)
+        target = (make or Target)(rnd, backend)
         anyio.run(target.run, role, int(peer), path, int(budget))
         # A connect cut short by its deadline leaves its store work to a worker thread,
         # which withdraws what it produced: wait for that before counting leftovers.

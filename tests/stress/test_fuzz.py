@@ -32,7 +32,7 @@ from gntipc import XenError, get_backend
 from gntipc.backends import Backend
 from gntipc.backends.sim import SimBackend
 
-from . import _asan
+from . import _asan, _fuzz_bulk
 from ._common import LEVEL, by_level, leftovers, reap, residue, spawn, subtree, worker_env
 from ._fuzz_hostile import FRAMES, HOSTILE_DOM, MUTATIONS, TARGET_DOM
 from ._report import REPORT
@@ -58,6 +58,38 @@ class Where:
 SIM = Where("sim", TARGET_DOM, HOSTILE_DOM, 1.0, "fuzz")
 #: Two processes of dom0 on the kit's emulated machine.
 XEN = Where("xen", 0, 0, 10.0, "fuzz (xen)")
+
+
+@dataclass(frozen=True)
+class Fuzzer:
+    """What is fuzzed: the hostile peer's and the target's modules, and what the
+    hostile peers must all have done in a run (see :func:`inert`)."""
+
+    name: str
+    hostile: str
+    target: str
+    mutations: tuple[str, ...]
+    frames: tuple[str, ...]
+    traffic: tuple[str, ...]
+
+    def part(self, where: Where) -> str:
+        """The section of the stress report."""
+        return where.part.replace("fuzz", f"fuzz {self.name}") if self.name else where.part
+
+
+#: The vchan layer: control page, rings, stream and message framing.
+VCHAN = Fuzzer(
+    "", "_fuzz_hostile", "_fuzz_target", MUTATIONS, FRAMES, ("bytes written", "bytes read")
+)
+#: The bulk layer (gntipc.bulk): its descriptors, pools and loans.
+BULK = Fuzzer(
+    "bulk",
+    "_fuzz_bulk",
+    "_fuzz_bulk_target",
+    _fuzz_bulk.HELLO_LIES + _fuzz_bulk.LIES + _fuzz_bulk.BEHAVIOURS,
+    _fuzz_bulk.FRAMES,
+    _fuzz_bulk.TRAFFIC,
+)
 
 
 def asan_lib() -> tuple[str | None, str]:
@@ -176,7 +208,9 @@ def leaves(nodes: dict[str, bytes]) -> dict[str, bytes]:
     return {p: v for p, v in nodes.items() if p not in parents}
 
 
-def run_fuzz(total_ops: int, lib: str | None, seed: int, where: Where = SIM) -> FuzzResult:
+def run_fuzz(
+    total_ops: int, lib: str | None, seed: int, where: Where = SIM, fuzzer: Fuzzer = VCHAN
+) -> FuzzResult:
     """Two pairs (our side as client and as server), each a hostile peer and a target
     doing ``total_ops / 2`` operations."""
     out = FuzzResult(tmp=tempfile.mkdtemp(prefix="gntipc-fuzz-"))
@@ -200,7 +234,9 @@ def run_fuzz(total_ops: int, lib: str | None, seed: int, where: Where = SIM) -> 
         try:
             for i, target_role in enumerate(("client", "server")):
                 pairs.append(
-                    start_pair(i, target_role, where, tag, seed, total_ops, out.tmp, common, extra)
+                    start_pair(
+                        i, target_role, where, tag, seed, total_ops, out.tmp, common, extra, fuzzer
+                    )
                 )
             collect(out, pairs, time.monotonic() + budget(total_ops, lib, where))
         finally:
@@ -236,6 +272,7 @@ def start_pair(
     tmp: str,
     common: dict[str, str],
     extra: dict[str, str],
+    fuzzer: Fuzzer = VCHAN,
 ) -> Pair:
     """Start pair ``i``: a hostile peer and a target playing ``target_role``."""
     hostile_role = "server" if target_role == "client" else "client"
@@ -243,7 +280,7 @@ def start_pair(
     path = f"/local/domain/{home}/data/fuzz/{tag}/{i}"
     stop = os.path.join(tmp, "stop")
     hostile = spawn(
-        "_fuzz_hostile",
+        fuzzer.hostile,
         [
             hostile_role,
             str(where.target_dom),
@@ -262,7 +299,7 @@ def start_pair(
     args = [target_role, str(where.hostile_dom), path, str(seed * 100 + 50 + i)]
     try:
         target = spawn(
-            "_fuzz_target",
+            fuzzer.target,
             [*args, str(total_ops // 2), result],
             where.target_dom,
             stderr_path=err,
@@ -287,13 +324,13 @@ def add_hostile_counts(out: FuzzResult, path: str) -> None:
         out.hostile.setdefault(kind, Counter()).update(values)
 
 
-def inert(hostile: dict[str, Counter[str]]) -> list[str]:
+def inert(hostile: dict[str, Counter[str]], fuzzer: Fuzzer = VCHAN) -> list[str]:
     """What the hostile peers never did (empty: every mutation, frame and kind of
     traffic happened)."""
     did = {k: hostile.get(k, Counter()) for k in ("episodes", "mutations", "frames", "traffic")}
-    missing = [f"mutation {m!r}" for m in sorted(set(MUTATIONS)) if not did["mutations"][m]]
-    missing += [f"frame {m!r}" for m in sorted(set(FRAMES)) if not did["frames"][m]]
-    missing += [f"traffic {m!r}" for m in ("bytes written", "bytes read") if not did["traffic"][m]]
+    missing = [f"mutation {m!r}" for m in sorted(set(fuzzer.mutations)) if not did["mutations"][m]]
+    missing += [f"frame {m!r}" for m in sorted(set(fuzzer.frames)) if not did["frames"][m]]
+    missing += [f"traffic {m!r}" for m in fuzzer.traffic if not did["traffic"][m]]
     if not did["episodes"]["hostile"]:
         missing.append("a hostile episode")
     return missing
@@ -358,12 +395,14 @@ def collect(
             out.leftovers.append(res["leftovers"])
 
 
-def check_fuzz(total: int, lib: str | None, seed: int, where: Where) -> None:
+def check_fuzz(
+    total: int, lib: str | None, seed: int, where: Where, fuzzer: Fuzzer = VCHAN
+) -> None:
     """Run the fuzz, report its counts, and assert that our side held."""
     t0 = time.monotonic()
-    res = run_fuzz(total, lib, seed, where)
+    res = run_fuzz(total, lib, seed, where, fuzzer)
     seconds = time.monotonic() - t0
-    part = where.part
+    part = fuzzer.part(where)
     REPORT.add(part, "fuzzed operations", res.ops, f">= {total}", res.ops >= total)
     REPORT.add(part, "episodes (connections)", res.episodes)
     REPORT.add(
@@ -375,7 +414,10 @@ def check_fuzz(total: int, lib: str | None, seed: int, where: Where) -> None:
     top = ", ".join(f"{k} {v}" for k, v in res.outcomes.most_common(5))
     REPORT.add(part, "outcomes", top + ", ...")
     mutations = res.hostile.get("mutations", Counter())
-    missing = inert(res.hostile)
+    missing = inert(res.hostile, fuzzer)
+    # What the hostile peer saw our side do wrong (the bulk peer checks our frames and
+    # the bytes of our loans).
+    violations = res.hostile.get("violations", Counter())
     REPORT.add(
         part,
         "hostile peer: episodes / mutations (fewest: kind)",
@@ -386,6 +428,7 @@ def check_fuzz(total: int, lib: str | None, seed: int, where: Where) -> None:
     )
     for name, value in (
         ("undocumented errors", res.failure_count),
+        ("violations seen by the hostile peer", violations.total()),
         ("crashes", res.crashes),
         ("ASan reports", res.asan_reports),
         ("hangs (op past deadline)", res.hangs),
@@ -403,6 +446,7 @@ def check_fuzz(total: int, lib: str | None, seed: int, where: Where) -> None:
     )
     REPORT.add(part, "seconds", seconds)
     assert not res.failures and res.failure_count == 0, "\n\n".join(res.failures[:5])
+    assert not violations, violations.most_common(5)
     assert res.hangs == 0 and res.crashes == 0 and res.asan_reports == 0
     assert not res.slow, res.slow
     assert growth < MAX_RSS_GROWTH
@@ -416,6 +460,9 @@ def test_hostile_peer_fuzz() -> None:
     lib, _why = asan_lib()
     check_fuzz(by_level(12_000, 200_000, 1_000_000), lib, len(LEVEL), SIM)
 
+
+#: Bulk operations at the short level (sim).
+BULK_OPS = 3_000
 
 #: Operations on Xen: the emulated kit does 16-60/s under ASan on a 2-core machine (short:
 #: 1.5-5.5 min, plus ~1 min to build and probe the ASan module).
@@ -432,6 +479,27 @@ def test_hostile_peer_fuzz_xen() -> None:
     else:
         check_asan_armed(lib, XEN)
     check_fuzz(XEN_OPS, lib, len(LEVEL), XEN)
+
+
+def test_hostile_bulk_peer_fuzz() -> None:
+    """The bulk layer (gntipc.bulk, async and sync) against a peer that lies in its
+    descriptors and HELLOs, never releases, or is SIGKILLed mid-loan."""
+    lib, _why = asan_lib()
+    check_fuzz(by_level(BULK_OPS, 40_000, 200_000), lib, len(LEVEL), SIM, BULK)
+
+
+#: Bulk operations on Xen (short level): a few per lie kind and episode under emulation.
+XEN_BULK_OPS = by_level(600, 3_000, 20_000)
+
+
+@pytest.mark.xen
+@pytest.mark.timeout(int(budget(XEN_BULK_OPS, "asan", XEN)) + 600)
+def test_hostile_bulk_peer_fuzz_xen() -> None:
+    """The bulk fuzz on real Xen: pools of real gntalloc pages mapped with gntdev."""
+    lib, why = asan_lib()
+    if lib is None:
+        REPORT.add(BULK.part(XEN), "AddressSanitizer", f"not used: {why}")
+    check_fuzz(XEN_BULK_OPS, lib, len(LEVEL), XEN, BULK)
 
 
 # The run's own deadline allows 50 operations/s under ASan (run_fuzz): the full level's
