@@ -57,9 +57,11 @@ import contextlib
 import math
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
+from time import monotonic as _monotonic
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Self, TypeVar
 
 import anyio
 from anyio import (
@@ -71,31 +73,54 @@ from anyio import (
 )
 from anyio.abc import AsyncResource
 
-from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError
+from ._exceptions import (
+    LocalProtocolError,
+    MessageTooLarge,
+    RemoteProtocolError,
+    XenError,
+)
 from ._native import ffi
+from ._soon import LoopCheckpoint
 from .backends._abc import Buffer, Pages
 from .channel import Vchan
 from .protocol.bulk import (
     DEFAULT_MAX_PEER_PAGES,
     DESCRIPTOR_SIZE,
+    MESSAGE_HEAD_SIZE,
     PAGE_SIZE,
+    BulkEvent,
     BulkProtocol,
     Loan,
+    Message,
+    descriptor_room,
     encode_eof,
     encode_hello,
+    message_room,
 )
-from .streams import VchanStream
+from .protocol.framing import NEED_DATA, MessageFramer
+from .streams import FAIR_SLICE, VchanStream
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeForm
 
 __all__ = [
     "DEFAULT_BUFFERS",
     "DEFAULT_BUFFER_SIZE",
     "BulkChannel",
     "BulkLoan",
+    "BulkMessage",
+    "BulkQueue",
     "BulkView",
     "SyncBulkChannel",
+    "SyncBulkQueue",
     "open_bulk",
+    "open_bulk_queue",
+    "open_bulk_queue_sync",
     "open_bulk_sync",
 ]
+
+T = TypeVar("T")
+
 
 #: Buffers in a pool unless asked otherwise.
 DEFAULT_BUFFERS = 4
@@ -135,20 +160,40 @@ async def open_bulk(
         anyio.BrokenResourceError: the peer is gone.
         anyio.ClosedResourceError: the stream is closed.
     """
+    return await _open(stream, buffers, buffer_size, max_peer_pages, timeout, 0)
+
+
+def _early(events: list[BulkEvent]) -> list[Loan | Message]:
+    """What opening must keep of the events read with the peer's HELLO."""
+    return [e for e in events if isinstance(e, Loan | Message)]
+
+
+async def _open(
+    stream: VchanStream,
+    buffers: int,
+    buffer_size: int,
+    max_peer_pages: int,
+    timeout: float,
+    max_message_size: int,
+) -> BulkChannel:
+    """:func:`open_bulk`, announcing version 2 (messages) if ``max_message_size``."""
     if buffers == 0:
         buffer_size = 0  # no pool: its buffer size means nothing
-    proto = BulkProtocol(buffers, buffer_size, max_peer_pages=max_peer_pages)
+    proto = BulkProtocol(
+        buffers, buffer_size, max_peer_pages=max_peer_pages, max_message_size=max_message_size
+    )
     vchan = stream.vchan
     backend, peer = vchan.backend, vchan.peer
     pool: Pages | None = None
     peer_pages: Pages | None = None
-    early: list[Loan] = []
+    early: list[Loan | Message] = []
     ok = False
     try:
         pages = buffers * buffer_size // PAGE_SIZE
         if pages:
             pool = backend.share(peer, pages, writable=False)
-        hello = encode_hello(buffers, buffer_size, pool.refs if pool is not None else ())
+        refs = pool.refs if pool is not None else ()
+        hello = encode_hello(buffers, buffer_size, refs, version=proto.version)
         with anyio.fail_after(timeout):
             try:
                 async with anyio.create_task_group() as tg:
@@ -157,7 +202,7 @@ async def open_bulk(
                     tg.start_soon(stream.send, hello)
                     while proto.peer is None:
                         data = await stream.receive(_READ)
-                        early += [e for e in proto.receive_data(data) if isinstance(e, Loan)]
+                        early += _early(proto.receive_data(data))
             except BaseExceptionGroup as group:
                 if len(group.exceptions) == 1:
                     raise group.exceptions[0] from None
@@ -187,6 +232,10 @@ def _map_peer_pool(vchan: Vchan, proto: BulkProtocol) -> Pages | None:
     proto.check_ring(vchan.write_size, vchan.read_size)
     theirs = proto.peer
     assert theirs is not None
+    if proto.version > theirs.version:
+        raise RemoteProtocolError(
+            "bulk peer: it opened a plain bulk channel (version 1), not a message queue"
+        )
     if not theirs.refs:
         return None
     try:
@@ -334,7 +383,7 @@ class _BulkBase:
         proto: BulkProtocol,
         pool: Pages | None,
         peer_pages: Pages | None,
-        early: list[Loan],
+        early: list[Loan | Message],
     ) -> None:
         self._proto = proto
         self._pool = pool
@@ -347,8 +396,13 @@ class _BulkBase:
             self._base = int(ffi.cast("uintptr_t", ptr))
             ffi.release(ptr)
         self._peer_view = peer_pages.mapping.view() if peer_pages is not None else None
-        self._inbox: list[Loan] = list(early)
+        self._inbox: list[Loan] = []
         self._inbox_pos = 0
+        # Messages received and not taken yet, and their bytes (bounded: see _backlog).
+        self._messages: deque[Message] = deque()
+        self._message_bytes = 0
+        self._taken: anyio.Event | None = None  # set when a message is taken
+        self._route(early)
         # Loans out in the application: buffer -> loan; id(view) -> buffer.
         self._lent: dict[int, BulkLoan] = {}
         self._lent_ids: dict[int, int] = {}
@@ -446,9 +500,21 @@ class _BulkBase:
         except RemoteProtocolError as exc:
             self._failure = exc
             raise
+        self._route(events)
+
+    def _route(self, events: list[BulkEvent] | list[Loan | Message]) -> None:
         for e in events:
             if isinstance(e, Loan):
                 self._inbox.append(e)
+            elif isinstance(e, Message):
+                self._messages.append(e)
+                self._message_bytes += len(e.frame)
+
+    def _backlog(self) -> bool:
+        """True while the messages not taken yet hold a message's worth (or a read's):
+        a waiter then reads no more until some are taken, so they never hold more than
+        that and one more read, whatever the peer sends."""
+        return self._message_bytes >= max(self._proto.max_message_size, _READ)
 
     def _read_available(self) -> None:
         """Apply the descriptors already in the ring, without waiting."""
@@ -603,6 +669,65 @@ class _BulkBase:
         self._pending += self._proto.release_frame(bv.buffer)
         self._flush()
 
+    # -- messages (a queue's) ---------------------------------------------------------------
+
+    def _message_ready(self) -> bool:
+        return bool(self._messages) or self._proto.peer_eof
+
+    def _take_message(self) -> tuple[bytes, BulkView | None]:
+        """The next message's frame and its attachment's view.
+
+        Raises:
+            anyio.EndOfStream: the peer sent EOF (or closed) and every message was taken.
+            anyio.BrokenResourceError: the peer crashed, and every message was taken.
+        """
+        self._check()
+        if not self._messages:
+            if self._proto.peer_eof or isinstance(self._ended, EndOfStream):
+                raise EndOfStream
+            raise BrokenResourceError("the bulk peer is gone") from self._ended
+        m = self._messages.popleft()
+        self._message_bytes -= len(m.frame)
+        event, self._taken = self._taken, None
+        if event is not None:
+            event.set()
+        e = m.attachment
+        if e is None:
+            return m.frame, None
+        assert self._peer_view is not None
+        start = e.buffer * self.peer_buffer_size + e.offset
+        bv = BulkView(self, e.buffer, e.offset, e.length, self._peer_view[start : start + e.length])
+        self._held[e.buffer] = bv
+        return m.frame, bv
+
+    def _out_limit(self) -> int:
+        """The largest message payload that fits our ring beside the descriptors."""
+        return message_room(self._write_size(), self._proto.buffers, self.peer_buffers)
+
+    def _write_size(self) -> int:
+        raise NotImplementedError
+
+    def _message_out(
+        self, frame: bytearray, attachment: Buffer | None, most: int
+    ) -> tuple[tuple[int, int, int] | None, int]:
+        """Check a message frame before it is written: the attachment's location (None
+        without) and the ring space to wait for (the frame, and the descriptors' room).
+
+        Raises:
+            MessageTooLarge: the payload is over ``most``.
+            gntipc.LocalProtocolError: the attachment is not a loan of ours.
+        """
+        size = len(frame) - MESSAGE_HEAD_SIZE
+        if size > most:
+            raise MessageTooLarge(
+                f"message encodes to {size} bytes: at most {most} are sent on this channel"
+                f" (max_message_size, and a {self._write_size()}-byte ring that keeps room"
+                " for the descriptors)"
+            )
+        loc = None if attachment is None else self._locate(attachment)
+        room = descriptor_room(self._proto.buffers, self.peer_buffers)
+        return loc, len(frame) + room
+
     # -- closing ----------------------------------------------------------------------------
 
     def _begin_close(self) -> bool:
@@ -610,9 +735,13 @@ class _BulkBase:
         first time (the caller then closes the transport)."""
         if not self._closing:
             self._closing = True
-            event, self._progress = self._progress, None
-            if event is not None:
-                event.set()
+            for name in ("_progress", "_taken"):
+                event = getattr(self, name)
+                setattr(self, name, None)
+                if event is not None:
+                    event.set()
+            self._messages.clear()
+            self._message_bytes = 0
             for i in list(self._lent):
                 self._forget_loan(i)
             for bv in list(self._held.values()):
@@ -665,7 +794,7 @@ class BulkChannel(_BulkBase, AsyncResource):
         proto: BulkProtocol,
         pool: Pages | None,
         peer_pages: Pages | None,
-        early: list[Loan],
+        early: list[Loan | Message],
     ) -> None:
         """Use :func:`open_bulk`."""
         self._stream: VchanStream | None = stream
@@ -706,6 +835,9 @@ class BulkChannel(_BulkBase, AsyncResource):
         except WouldBlock:
             return b""
 
+    def _write_size(self) -> int:
+        return self._io().vchan.write_size
+
     async def _wait_until(self, ready: Callable[[], bool]) -> None:
         """Return once ``ready()`` or the peer's stream ended; read descriptors meanwhile.
 
@@ -720,6 +852,12 @@ class BulkChannel(_BulkBase, AsyncResource):
                 event = self._progress
                 assert event is not None
                 await event.wait()
+                continue
+            if self._backlog():
+                # The messages read hold enough: wait for a get to take one.
+                if self._taken is None:
+                    self._taken = anyio.Event()
+                await self._taken.wait()
                 continue
             self._pumping = True
             self._progress = anyio.Event()
@@ -786,6 +924,41 @@ class BulkChannel(_BulkBase, AsyncResource):
         finally:
             self._sending = False
         self._forget_loan(i)
+
+    async def _send_message(self, frame: bytearray, attachment: Buffer | None, most: int) -> None:
+        """Write the MESSAGE frame ``frame`` (head to fill in) whole, waiting for room for
+        it and for the descriptors; lend ``attachment`` with it.  Cancellation: nothing
+        was sent (the attachment is still the application's)."""
+        stream = self._io()
+        if self._sending:
+            raise BusyResourceError("sending to")
+        loc, need = self._message_out(frame, attachment, most)
+        proto = self._proto
+        self._sending = True
+        try:
+            while True:
+                self._flush()
+                proto.message_frame(frame, loc)
+                try:
+                    if stream.vchan.buffer_space() >= need:
+                        stream.send_nowait(frame)
+                        break
+                except WouldBlock:
+                    pass
+                except BaseException:
+                    if loc is not None:
+                        proto.unsend(loc[0])  # not sent: the loan is still the application's
+                    raise
+                if loc is not None:
+                    proto.unsend(loc[0])
+                await stream.wait_writable(need)
+                stream = self._io()
+                if loc is not None and loc[0] not in self._lent:
+                    raise ClosedResourceError("the bulk channel is closed")
+        finally:
+            self._sending = False
+        if loc is not None:
+            self._forget_loan(loc[0])
 
     async def send_eof(self) -> None:
         """Lend nothing more: the peer's :meth:`receive` raises EndOfStream once it has
@@ -856,6 +1029,346 @@ class BulkChannel(_BulkBase, AsyncResource):
         self._unmap()
 
 
+class BulkMessage(NamedTuple, Generic[T]):
+    """A message from a :class:`BulkQueue` and its attachment: unpack it
+    (``message, attachment = await queue.get()``, then release the attachment), or use
+    it as ``async with await queue.get() as (message, view):`` (or ``with``): ``view``
+    is then the attachment's read-only memoryview (None without attachment), released
+    on exit."""
+
+    #: The decoded message.
+    message: T
+    #: The loan that came with it (read-only, in the sender's pages; release it), or None.
+    attachment: BulkView | None
+
+    def release(self) -> None:
+        """Release the attachment, if any (idempotent)."""
+        if self.attachment is not None:
+            self.attachment.release()
+
+    def _entered(self) -> tuple[T, memoryview | None]:
+        return self.message, None if self.attachment is None else self.attachment.view
+
+    async def __aenter__(self) -> tuple[T, memoryview | None]:
+        return self._entered()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __enter__(self) -> tuple[T, memoryview | None]:
+        return self._entered()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class _QueueBase(Generic[T]):
+    """What the async and sync bulk queues share: the framer (the encoding, the size
+    bound and the decoding of :class:`gntipc.MessageQueue`) over a bulk channel."""
+
+    def __init__(
+        self,
+        channel: _BulkBase,
+        type: TypeForm[T],
+        max_message_size: int,
+        enc_hook: Callable[[Any], Any] | None,
+        dec_hook: Callable[[type, Any], Any] | None,
+    ) -> None:
+        # batch_frames=False: one message per MESSAGE frame (an attachment is one loan).
+        self._framer: MessageFramer[T] = MessageFramer(
+            type,
+            max_message_size=max_message_size,
+            enc_hook=enc_hook,
+            dec_hook=dec_hook,
+            batch_frames=False,
+        )
+        self._base = channel
+        self.type = type
+        self._most = min(max_message_size, channel._out_limit())
+        self._wbuf = bytearray(MESSAGE_HEAD_SIZE)
+        self._getting = False
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest encoded message accepted from the peer, in bytes."""
+        return self._framer.max_message_size
+
+    @property
+    def max_put_size(self) -> int:
+        """The largest encoded message a put sends: ``max_message_size``, or less if the
+        ring cannot hold more beside the descriptors (a put writes a message whole)."""
+        return self._most
+
+    def _encode(self, message: T) -> bytearray:
+        """The MESSAGE frame of ``message``, its head to fill in.
+
+        Raises:
+            MessageTooLarge: over :attr:`max_put_size`.
+            TypeError: msgspec cannot encode it.
+        """
+        buf = self._wbuf
+        self._framer.encode_into(message, buf, MESSAGE_HEAD_SIZE - 4)
+        return buf
+
+    def _decode(self, frame: bytes, view: BulkView | None) -> BulkMessage[T]:
+        framer = self._framer
+        try:
+            framer.feed(frame)
+            message = framer.next_message()
+        except BaseException:
+            if view is not None:
+                view.release()  # the peer gets its buffer back
+            raise
+        assert message is not NEED_DATA  # one whole frame, bounded by the protocol
+        return BulkMessage(message, view)  # type: ignore[arg-type]
+
+    def loan(self, nbytes: int | None = None) -> BulkLoan:
+        """:meth:`BulkChannel.loan`: a buffer of our pool, to fill and attach to a put.
+
+        Raises:
+            gntipc.LocalProtocolError: as :meth:`BulkChannel.loan`.
+        """
+        return self._base.loan(nbytes)
+
+    @property
+    def closed(self) -> bool:
+        """True once the queue (its channel) is closed."""
+        return self._base.closed
+
+    def __repr__(self) -> str:
+        name = getattr(self.type, "__name__", self.type)
+        return f"<{type(self).__name__}[{name}] {self._base!r}>"
+
+
+class BulkQueue(_QueueBase[T], AsyncResource):
+    """Typed messages with zero-copy attachments over a bulk channel: made by
+    :func:`open_bulk_queue`.
+
+    ``await queue.put(message, attachment=buf)`` sends ``message`` (msgspec MessagePack,
+    as :class:`gntipc.MessageQueue`) inline through the ring together with a loan of our
+    pool (``buf``: a loan's view or a contiguous slice of it, from :meth:`loan`), which
+    is not copied: the receiver's ``message, view = await queue.get()`` gets a read-only
+    view of those bytes in our pages, and releasing it (``async with`` on what get
+    returns) gives the buffer back to our free list.  A message may also go without
+    attachment.  ``async for message, view in queue`` iterates until the peer's EOF.
+
+    The queue owns its channel (:attr:`channel`, for its loans, attributes and plain
+    loans); closing one closes the other.  One task may put while another gets; two
+    putters (or two getters) at once raise :class:`anyio.BusyResourceError`.
+
+    Messages and plain loans (:meth:`BulkChannel.send`) travel in separate queues: the
+    order between the two kinds is not kept.
+
+    Bad input from the peer: an undecodable message raises :class:`MalformedMessage`
+    (it is skipped, its attachment released: the queue stays usable); a message
+    announcing more than ``max_message_size`` bytes, or a bad attachment descriptor,
+    raises :class:`gntipc.RemoteProtocolError` and breaks the channel.
+
+    Memory: a task waiting for a free buffer (or for a plain loan) reads the peer's
+    frames to find its releases; it keeps at most ``max(max_message_size, 64 KiB)`` +
+    64 KiB of messages not got yet, then waits for a get to take some.
+    """
+
+    def __init__(
+        self,
+        channel: BulkChannel,
+        type: TypeForm[T],
+        max_message_size: int,
+        enc_hook: Callable[[Any], Any] | None = None,
+        dec_hook: Callable[[type, Any], Any] | None = None,
+    ) -> None:
+        """Use :func:`open_bulk_queue`."""
+        super().__init__(channel, type, max_message_size, enc_hook, dec_hook)
+        self.channel = channel
+        self._yielded = 0.0
+        self._checkpoint = LoopCheckpoint()
+
+    async def _fair_yield(self) -> None:
+        # A put or get that need not wait yields only every FAIR_SLICE (as MessageQueue).
+        now = _monotonic()
+        if now - self._yielded >= FAIR_SLICE:
+            self._yielded = now
+            await self._checkpoint()
+
+    async def put(self, message: T, attachment: Buffer | None = None) -> None:
+        """Send ``message`` with ``attachment`` (None, or a loan's view of our pool or a
+        contiguous slice of it: those bytes are lent, not copied; the loan's view is
+        released, the buffer is the peer's until it releases it).
+
+        The message is written whole: a put waits for room in the ring for it and for
+        the descriptors that can be in flight.
+
+        Cancellation: a cancelled put sent nothing (the loan is still ours: it goes back
+        to the free list at the end of its ``async with`` block, or can be put again).
+
+        Raises:
+            MessageTooLarge: the message encodes to more than :attr:`max_put_size`
+                bytes (nothing is sent; the queue stays usable).
+            TypeError: msgspec cannot encode it.
+            gntipc.LocalProtocolError: ``attachment`` is not (a slice of) a loan of this
+                channel, or EOF was sent.
+            anyio.BusyResourceError: another task is putting (or sending a loan).
+            anyio.BrokenResourceError: the peer is gone.
+            anyio.ClosedResourceError: the queue is (or gets) closed.
+            gntipc.RemoteProtocolError: the peer broke the protocol.
+        """
+        await self._fair_yield()
+        if self.channel._sending:  # (before the encoding: its buffer is the other's)
+            raise BusyResourceError("sending to")
+        frame = self._encode(message)
+        await self.channel._send_message(frame, attachment, self._most)
+
+    async def get(self) -> BulkMessage[T]:
+        """The next message and its attachment (None if it came without), waiting for
+        one: use it as ``async with await queue.get() as (message, view):``, or unpack
+        it and release the view (:meth:`BulkView.release`) soon: the peer's loans wait
+        for its buffers.
+
+        Cancellation: nothing is lost (a cancelled get took nothing).
+
+        Raises:
+            anyio.EndOfStream: the peer sent EOF (or closed) and every message was got.
+            anyio.BrokenResourceError: the peer crashed, and every message was got.
+            MalformedMessage: the next message does not decode as the queue's type (it
+                is skipped and its attachment released).
+            anyio.BusyResourceError: another task is getting.
+            anyio.ClosedResourceError: the queue is (or gets) closed.
+            gntipc.RemoteProtocolError: the peer broke the protocol.
+        """
+        if self._getting:
+            raise BusyResourceError("receiving from")
+        channel = self.channel
+        self._getting = True
+        try:
+            await self._fair_yield()
+            await channel._wait_until(channel._message_ready)
+            frame, view = channel._take_message()
+        finally:
+            self._getting = False
+        return self._decode(frame, view)
+
+    def get_nowait(self) -> BulkMessage[T]:
+        """The next message if one arrived; otherwise it raises what :meth:`get` raises.
+
+        Raises:
+            anyio.WouldBlock: none arrived yet.
+        """
+        if self._getting:
+            raise BusyResourceError("receiving from")
+        channel = self.channel
+        channel._check()
+        if not channel._messages:
+            channel._read_available()
+        if not channel._message_ready() and channel._ended is None:
+            raise WouldBlock
+        frame, view = channel._take_message()
+        return self._decode(frame, view)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> BulkMessage[T]:
+        try:
+            return await self.get()
+        except EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def send_eof(self) -> None:
+        """Send nothing more (messages or loans): the peer's :meth:`get` raises
+        EndOfStream once it got every message.  Releases keep flowing.  Idempotent.
+
+        Raises:
+            anyio.BusyResourceError: another task is putting.
+            anyio.BrokenResourceError: the peer is gone.
+            anyio.ClosedResourceError: the queue is closed.
+        """
+        await self.channel.send_eof()
+
+    async def aclose(self) -> None:
+        """Close the queue and its channel (:meth:`BulkChannel.aclose`).
+
+        Raises:
+            gntipc.MappingInUse: as :meth:`BulkChannel.aclose`.
+        """
+        await self.channel.aclose()
+
+    def close(self) -> None:
+        """:meth:`aclose` in the calling thread.
+
+        Raises:
+            gntipc.MappingInUse: as :meth:`BulkChannel.aclose`.
+        """
+        self.channel.close()
+
+
+def _max_message_size(max_message_size: int | None, read_size: int) -> int:
+    """The bound on received messages: as given, else what the peer's ring can carry."""
+    if max_message_size is None:
+        return read_size
+    if isinstance(max_message_size, bool) or not isinstance(max_message_size, int):
+        raise LocalProtocolError(f"max_message_size must be an int, not {max_message_size!r}")
+    if max_message_size < 1:
+        raise LocalProtocolError(f"max_message_size must be >= 1, not {max_message_size}")
+    return max_message_size
+
+
+async def open_bulk_queue(
+    stream: VchanStream,
+    type: TypeForm[T],
+    *,
+    buffers: int = DEFAULT_BUFFERS,
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+    max_peer_pages: int = DEFAULT_MAX_PEER_PAGES,
+    max_message_size: int | None = None,
+    enc_hook: Callable[[Any], Any] | None = None,
+    dec_hook: Callable[[type, Any], Any] | None = None,
+    timeout: float = 30.0,
+) -> BulkQueue[T]:
+    """Open a bulk channel that also carries typed messages (bulk protocol version 2)
+    over ``stream``, and the :class:`BulkQueue` of ``type`` on it.  The peer must call it
+    too (a peer opening a plain :func:`open_bulk` fails to open: version-1 peers never
+    receive a message).  The pool and the other arguments are :func:`open_bulk`'s.
+
+    Args:
+        stream: a connected stream (the queue owns it from now on).
+        type: the message type (anything msgspec encodes and validates).
+        buffers: buffers in our pool (0: we only receive attachments).
+        buffer_size: bytes per buffer (a multiple of 4096).
+        max_peer_pages: the largest peer pool we map, in pages.
+        max_message_size: the largest encoded message accepted from the peer (and
+            sent), in bytes; default: the peer's ring size (what it can carry).  A put
+            is also bounded by our own ring (:attr:`BulkQueue.max_put_size`).
+        enc_hook: passed to msgspec's encoder, for custom types.
+        dec_hook: passed to msgspec's decoder, for custom types.
+        timeout: seconds to wait for the peer's HELLO.
+
+    Cancellation: the stream is closed and every page released.
+
+    Raises:
+        gntipc.LocalProtocolError: as :func:`open_bulk`, or ``max_message_size`` < 1.
+        gntipc.XenError: as :func:`open_bulk`.
+        gntipc.RemoteProtocolError: as :func:`open_bulk`, or the peer opened a plain
+            bulk channel (no messages).
+        TimeoutError: the peer did not answer within ``timeout`` seconds.
+        anyio.EndOfStream: the peer closed the stream instead.
+        anyio.BrokenResourceError: the peer is gone.
+        anyio.ClosedResourceError: the stream is closed.
+    """
+    most = _max_message_size(max_message_size, stream.vchan.read_size)
+    channel = await _open(stream, buffers, buffer_size, max_peer_pages, timeout, most)
+    return BulkQueue(channel, type, most, enc_hook, dec_hook)
+
+
 def _deadline(timeout: float | None) -> float:
     if timeout is None:
         return math.inf
@@ -900,20 +1413,35 @@ def open_bulk_sync(
         anyio.BrokenResourceError: the peer is gone.
         anyio.ClosedResourceError: the vchan is closed.
     """
+    return _open_sync(vchan, buffers, buffer_size, max_peer_pages, timeout, 0)
+
+
+def _open_sync(
+    vchan: Vchan,
+    buffers: int,
+    buffer_size: int,
+    max_peer_pages: int,
+    timeout: float,
+    max_message_size: int,
+) -> SyncBulkChannel:
+    """:func:`open_bulk_sync`, announcing version 2 (messages) if ``max_message_size``."""
     if buffers == 0:
         buffer_size = 0
-    proto = BulkProtocol(buffers, buffer_size, max_peer_pages=max_peer_pages)
+    proto = BulkProtocol(
+        buffers, buffer_size, max_peer_pages=max_peer_pages, max_message_size=max_message_size
+    )
     deadline = _deadline(timeout)
     backend, peer = vchan.backend, vchan.peer
     pool: Pages | None = None
     peer_pages: Pages | None = None
-    early: list[Loan] = []
+    early: list[Loan | Message] = []
     ok = False
     try:
         pages = buffers * buffer_size // PAGE_SIZE
         if pages:
             pool = backend.share(peer, pages, writable=False)
-        hello = memoryview(encode_hello(buffers, buffer_size, pool.refs if pool else ()))
+        refs = pool.refs if pool else ()
+        hello = memoryview(encode_hello(buffers, buffer_size, refs, version=proto.version))
         sent = 0
         # Both HELLOs may be larger than the rings: write ours while reading theirs.
         while sent < len(hello) or proto.peer is None:
@@ -925,7 +1453,7 @@ def open_bulk_sync(
             if proto.peer is None:
                 data = vchan.read_nowait(_READ)
                 if data:
-                    early += [e for e in proto.receive_data(data) if isinstance(e, Loan)]
+                    early += _early(proto.receive_data(data))
                     moved = True
             if moved:
                 continue
@@ -963,7 +1491,7 @@ class SyncBulkChannel(_BulkBase):
         proto: BulkProtocol,
         pool: Pages | None,
         peer_pages: Pages | None,
-        early: list[Loan],
+        early: list[Loan | Message],
     ) -> None:
         """Use :func:`open_bulk_sync`."""
         self._vchan: Vchan | None = vchan
@@ -994,12 +1522,21 @@ class SyncBulkChannel(_BulkBase):
     def _read_nowait(self) -> bytes:
         return self._io().read_nowait(_READ)
 
+    def _write_size(self) -> int:
+        return self._io().write_size
+
     def _wait_until(self, ready: Callable[[], bool], deadline: float, what: str) -> None:
         while True:
             vchan = self._io()
             self._flush()
             if ready() or self._ended is not None:
                 return
+            if self._backlog():
+                # One thread: only its own gets could take the messages read.
+                raise LocalProtocolError(
+                    f"waiting for {what}, the peer's messages not got yet fill the inbox"
+                    f" ({self._message_bytes} bytes): get them first"
+                )
             try:
                 data = vchan.read(_READ, timeout=_left(deadline, what))
             except (EndOfStream, BrokenResourceError) as exc:
@@ -1050,6 +1587,34 @@ class SyncBulkChannel(_BulkBase):
             self._proto.unsend(i)  # not sent: the loan is still the application's
             raise
         self._forget_loan(i)
+
+    def _send_message(
+        self, frame: bytearray, attachment: Buffer | None, most: int, timeout: float | None
+    ) -> None:
+        """:meth:`BulkChannel._send_message`, waiting at most ``timeout`` seconds."""
+        vchan = self._io()
+        loc, need = self._message_out(frame, attachment, most)
+        deadline = _deadline(timeout)
+        proto = self._proto
+        while True:
+            self._flush()
+            proto.message_frame(frame, loc)
+            try:
+                if vchan.buffer_space() >= need and vchan.send_nowait(frame):
+                    break
+            except BaseException:
+                if loc is not None:
+                    proto.unsend(loc[0])  # not sent: the loan is still the application's
+                raise
+            if loc is not None:
+                proto.unsend(loc[0])
+            left = _left(deadline, "room in the ring for a message")
+            wait_until = None if left is None else time.monotonic() + left
+            if not vchan.is_open():  # (CLOSED: the peer is gone; we are not closed)
+                raise BrokenResourceError("the bulk peer is gone")
+            vchan._waiter.wait_writable(need, wait_until)
+        if loc is not None:
+            self._forget_loan(loc[0])
 
     def send_eof(self, *, timeout: float | None = None) -> None:
         """:meth:`BulkChannel.send_eof` (idempotent).
@@ -1106,3 +1671,137 @@ class SyncBulkChannel(_BulkBase):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class SyncBulkQueue(_QueueBase[T]):
+    """:class:`BulkQueue` for the synchronous API, over a :class:`SyncBulkChannel`: the
+    same messages and attachments, with blocking calls that take a ``timeout`` (None:
+    no limit).  Made by :func:`open_bulk_queue_sync`; the peer may use either API.
+
+    Thread safety: one thread at a time.  That thread's own gets are the only way to
+    take messages: a loan waiting for a free buffer while the messages not got yet fill
+    the inbox (``max(max_message_size, 64 KiB)``) raises
+    :class:`gntipc.LocalProtocolError` instead of waiting forever.
+    """
+
+    def __init__(
+        self,
+        channel: SyncBulkChannel,
+        type: TypeForm[T],
+        max_message_size: int,
+        enc_hook: Callable[[Any], Any] | None = None,
+        dec_hook: Callable[[type, Any], Any] | None = None,
+    ) -> None:
+        """Use :func:`open_bulk_queue_sync`."""
+        super().__init__(channel, type, max_message_size, enc_hook, dec_hook)
+        self.channel = channel
+
+    def loan(self, nbytes: int | None = None, *, timeout: float | None = None) -> BulkLoan:
+        """:meth:`SyncBulkChannel.loan`: ``with queue.loan(n, timeout=5) as buf:``.
+
+        Raises:
+            gntipc.LocalProtocolError: as :meth:`BulkChannel.loan`.
+        """
+        return self.channel.loan(nbytes, timeout=timeout)
+
+    def put(
+        self, message: T, attachment: Buffer | None = None, *, timeout: float | None = None
+    ) -> None:
+        """:meth:`BulkQueue.put`, waiting at most ``timeout`` seconds for ring space.
+
+        Raises:
+            MessageTooLarge: as :meth:`BulkQueue.put`.
+            TypeError: msgspec cannot encode it.
+            gntipc.LocalProtocolError: as :meth:`BulkQueue.put`.
+            TimeoutError: no room in time (nothing was sent).
+            anyio.BrokenResourceError: the peer is gone.
+            anyio.ClosedResourceError: the queue is closed.
+            gntipc.RemoteProtocolError: the peer broke the protocol.
+        """
+        frame = self._encode(message)
+        self.channel._send_message(frame, attachment, self._most, timeout)
+
+    def get(self, *, timeout: float | None = None) -> BulkMessage[T]:
+        """:meth:`BulkQueue.get`, waiting at most ``timeout`` seconds: ``with
+        queue.get() as (message, view):``.
+
+        Raises:
+            TimeoutError: no message arrived in time.
+            anyio.EndOfStream: the peer sent EOF (or closed) and every message was got.
+            anyio.BrokenResourceError: the peer crashed, and every message was got.
+            MalformedMessage: as :meth:`BulkQueue.get`.
+            anyio.ClosedResourceError: the queue is closed.
+            gntipc.RemoteProtocolError: the peer broke the protocol.
+        """
+        channel = self.channel
+        channel._wait_until(channel._message_ready, _deadline(timeout), "a message")
+        frame, view = channel._take_message()
+        return self._decode(frame, view)
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> BulkMessage[T]:
+        try:
+            return self.get()
+        except EndOfStream:
+            raise StopIteration from None
+
+    def send_eof(self, *, timeout: float | None = None) -> None:
+        """:meth:`BulkQueue.send_eof`.
+
+        Raises:
+            TimeoutError: no room in time (nothing was sent).
+            anyio.BrokenResourceError: the peer is gone.
+            anyio.ClosedResourceError: the queue is closed.
+        """
+        self.channel.send_eof(timeout=timeout)
+
+    def close(self) -> None:
+        """Close the queue and its channel (idempotent).
+
+        Raises:
+            gntipc.MappingInUse: as :meth:`BulkChannel.aclose`.
+        """
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def open_bulk_queue_sync(
+    vchan: Vchan,
+    type: TypeForm[T],
+    *,
+    buffers: int = DEFAULT_BUFFERS,
+    buffer_size: int = DEFAULT_BUFFER_SIZE,
+    max_peer_pages: int = DEFAULT_MAX_PEER_PAGES,
+    max_message_size: int | None = None,
+    enc_hook: Callable[[Any], Any] | None = None,
+    dec_hook: Callable[[type, Any], Any] | None = None,
+    timeout: float = 30.0,
+) -> SyncBulkQueue[T]:
+    """:func:`open_bulk_queue` for the synchronous API, over a connected
+    :class:`gntipc.Vchan` (blocking at most ``timeout`` seconds); the arguments are
+    :func:`open_bulk_queue`'s.
+
+    Raises:
+        gntipc.LocalProtocolError: as :func:`open_bulk_queue`.
+        gntipc.XenError: as :func:`open_bulk_queue`.
+        gntipc.RemoteProtocolError: as :func:`open_bulk_queue`.
+        TimeoutError: the peer did not answer within ``timeout`` seconds.
+        anyio.EndOfStream: the peer closed the channel instead.
+        anyio.BrokenResourceError: the peer is gone.
+        anyio.ClosedResourceError: the vchan is closed.
+    """
+    most = _max_message_size(max_message_size, vchan.read_size)
+    channel = _open_sync(vchan, buffers, buffer_size, max_peer_pages, timeout, most)
+    return SyncBulkQueue(channel, type, most, enc_hook, dec_hook)

@@ -1,6 +1,7 @@
 """Zero-copy bulk transfer (gntipc.bulk): loans, views, backpressure, cancellation,
-lifetimes, hostile peers, and processes killed mid-loan.  Most tests run on sim only
-(the Xen suite runs under emulation: it gets the one round trip)."""
+lifetimes, hostile peers, and processes killed mid-loan; typed messages with attachments
+(BulkQueue).  Most tests run on sim only (the Xen suite runs under emulation: it gets
+the round trips)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,48 @@ import signal
 import struct
 import sys
 import threading
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
+from _bulk_peer import Meta
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 from conftest import fresh_path
 
 import gntipc
-from gntipc import LocalProtocolError, MappingInUse, RemoteProtocolError, XenError
+from gntipc import (
+    LocalProtocolError,
+    MalformedMessage,
+    MappingInUse,
+    MessageTooLarge,
+    RemoteProtocolError,
+    XenError,
+)
 from gntipc.backends import Backend
 from gntipc.backends._abc import Pages
-from gntipc.bulk import BulkChannel, SyncBulkChannel, open_bulk, open_bulk_sync
-from gntipc.protocol.bulk import HELLO_SIZE, encode_hello, encode_loan, encode_release
+from gntipc.bulk import (
+    BulkChannel,
+    BulkQueue,
+    SyncBulkChannel,
+    SyncBulkQueue,
+    open_bulk,
+    open_bulk_queue,
+    open_bulk_queue_sync,
+    open_bulk_sync,
+)
+from gntipc.protocol.bulk import (
+    HELLO_SIZE,
+    MESSAGE_HEAD_SIZE,
+    encode_hello,
+    encode_loan,
+    encode_message,
+    encode_release,
+)
 from gntipc.testing import connect_pair
 
 pytestmark = pytest.mark.anyio
@@ -47,13 +74,15 @@ async def open_pair(
     b: dict[str, Any],
     *,
     ring: int = 65536,
-) -> tuple[BulkChannel, BulkChannel]:
-    """Two bulk channels over a fresh loopback stream pair (``a`` the server's)."""
+    opener: Any = open_bulk,
+) -> tuple[Any, Any]:
+    """Two bulk channels (or what ``opener`` makes: queues) over a fresh loopback stream
+    pair (``a`` the server's)."""
     s, c = await connect_pair(backend, fresh_path(), read_size=ring, write_size=ring)
-    got: dict[str, BulkChannel] = {}
+    got: dict[str, Any] = {}
 
     async def one(name: str, stream: gntipc.VchanStream, kw: dict[str, Any]) -> None:
-        got[name] = await open_bulk(stream, timeout=10, **kw)
+        got[name] = await opener(stream, timeout=10, **kw)
 
     try:
         async with anyio.create_task_group() as tg:
@@ -73,9 +102,7 @@ async def pairs(sim: Backend) -> AsyncIterator[Any]:
     """``await pairs(a_kwargs, b_kwargs)`` on sim; every channel is closed after."""
     made: list[BulkChannel] = []
 
-    async def make(
-        a: dict[str, Any], b: dict[str, Any], **kw: Any
-    ) -> tuple[BulkChannel, BulkChannel]:
+    async def make(a: dict[str, Any], b: dict[str, Any], **kw: Any) -> tuple[Any, Any]:
         pair = await open_pair(sim, a, b, **kw)
         made.extend(pair)
         return pair
@@ -607,4 +634,383 @@ async def test_open_times_out_when_the_peer_does_not_open(sim: Backend) -> None:
         with anyio.move_on_after(0.3) as scope:
             await open_bulk(s, buffers=2, buffer_size=4096)
         assert scope.cancelled_caught and s.closed
+    assert open_pages(sim) == []
+
+
+# -- typed messages with attachments (BulkQueue) ------------------------------------------
+
+
+def queues(type: Any = Meta) -> Any:
+    """An ``opener`` for :func:`open_pair`: bulk queues of ``type``."""
+
+    async def opener(stream: gntipc.VchanStream, **kw: Any) -> BulkQueue[Any]:
+        return await open_bulk_queue(stream, type, **kw)
+
+    return opener
+
+
+async def test_queue_messages_with_attachments_both_ways(backend: Backend) -> None:
+    a, b = await open_pair(
+        backend,
+        {"buffers": 2, "buffer_size": 8192},
+        {"buffers": 1, "buffer_size": 4096},
+        opener=queues(),
+    )
+    async with a, b:
+        replies: list[tuple[Meta, bytes | None]] = []
+
+        async def put_a() -> None:
+            for k in range(12):
+                if k % 3 == 2:
+                    await a.put(Meta(k, 0))  # no attachment
+                    continue
+                n = 8192 - 300 * k
+                async with a.loan() as buf:
+                    buf[:n] = pattern(k, n)[:n]
+                    await a.put(Meta(k, n), attachment=buf[:n])
+                    with pytest.raises(ValueError):
+                        buf[0]  # sent: our view of it is released
+            await a.send_eof()
+
+        async def echo_b() -> None:
+            async for message, attachment in b:
+                if attachment is None:
+                    assert message == Meta(message.k, 0)
+                    await b.put(Meta(message.k, -1))
+                    continue
+                async with attachment as view:
+                    assert view.readonly and len(view) == message.n
+                    assert bytes(view) == pattern(message.k, message.n)[: message.n]
+                    crc = zlib.crc32(view)
+                async with b.loan(4) as buf:  # b's only buffer: comes back every time
+                    buf[:] = crc.to_bytes(4, "little")
+                    await b.put(Meta(message.k, 4, crc), attachment=buf)
+            await b.send_eof()
+
+        async def get_a() -> None:
+            while True:
+                try:
+                    got = await a.get()
+                except anyio.EndOfStream:
+                    return
+                async with got as (message, view):
+                    replies.append((message, None if view is None else bytes(view)))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(put_a)
+                tg.start_soon(echo_b)
+                tg.start_soon(get_a)
+        expected: list[tuple[Meta, bytes | None]] = []
+        for k in range(12):
+            if k % 3 == 2:
+                expected.append((Meta(k, -1), None))
+                continue
+            crc = zlib.crc32(pattern(k, 8192 - 300 * k)[: 8192 - 300 * k])
+            expected.append((Meta(k, 4, crc), crc.to_bytes(4, "little")))
+        assert replies == expected
+        # every buffer came back (b released a's before each reply: a has read those
+        # releases; b reads a's last ones now)
+        assert a.channel.free_buffers == 2
+        with anyio.fail_after(10):
+            while b.channel.free_buffers < 1:
+                b.channel._read_available()
+                await anyio.sleep(0.01)
+
+
+async def test_queue_from_another_process(sim: Backend, spawn: Any) -> None:
+    path = fresh_path()
+    async with await gntipc.listen(PEER_DOMID, path, backend=sim) as listener:
+        peer = await spawn("echo", path, 2, 65536)
+        stream = await listener.accept()
+    sizes = [65536 - 1000 * k if k % 5 else 0 for k in range(40)]  # 0: no attachment
+    async with await open_bulk_queue(stream, Meta, buffers=3, buffer_size=65536) as queue:
+        assert await peer.line() == "ready"
+        got: list[Meta] = []
+
+        async def put_all() -> None:
+            for k, n in enumerate(sizes):
+                if not n:
+                    await queue.put(Meta(k, 0))
+                    continue
+                async with queue.loan(n) as buf:
+                    buf[:] = pattern(k, n)[:n]
+                    await queue.put(Meta(k, n), attachment=buf)
+            await queue.send_eof()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(put_all)
+                async for message, attachment in queue:
+                    k = message.k
+                    if not sizes[k]:
+                        assert attachment is None and message.n == -1
+                    else:
+                        assert attachment is not None
+                        with attachment as view:
+                            sent = pattern(k, sizes[k])[: sizes[k]]
+                            assert message == Meta(k, sizes[k], zlib.crc32(sent))
+                            assert bytes(view) == sent[::-1]  # in the peer's pages
+                    got.append(message)
+        assert [m.k for m in got] == list(range(40))
+        assert await peer.line() == "echoed 32"
+        assert queue.channel.free_buffers == 3
+    with anyio.fail_after(30):
+        assert await peer.proc.wait() == 0
+
+
+async def test_queue_cancelled_get_loses_nothing(pairs: Any) -> None:
+    a, b = await pairs({"buffers": 2, "buffer_size": 4096}, {"buffers": 0}, opener=queues())
+
+    async def put_soon() -> None:
+        await anyio.sleep(0.2)  # the first gets are cancelled waiting
+        for k in range(20):
+            async with a.loan(10) as buf:
+                buf[:] = bytes([k]) * 10
+                await a.put(Meta(k, 10), attachment=buf)
+
+    # gets cancelled at any point, while the messages arrive: a get either returns a
+    # message or is cancelled having taken nothing
+    got: list[tuple[int, bytes]] = []
+    cancelled = 0
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(put_soon)
+            while len(got) < 20:
+                with anyio.move_on_after(0.001) as scope:
+                    item = await b.get()
+                if scope.cancelled_caught:
+                    cancelled += 1
+                    continue
+                async with item as (message, view):
+                    assert view is not None
+                    got.append((message.k, bytes(view)))
+    assert cancelled > 0
+    assert got == [(k, bytes([k]) * 10) for k in range(20)]
+
+
+async def test_queue_cancelled_put_sends_nothing(pairs: Any) -> None:
+    """A put waits for room for the whole message (and the descriptors' room); cancelled,
+    it sent nothing and the loan is still ours."""
+    a, b = await pairs({"buffers": 2, "buffer_size": 4096}, {"buffers": 0}, opener=queues(bytes))
+    big = bytes(30000)
+    await a.put(big)
+    await a.put(big)  # the ring (64 KiB) now holds two: a third does not fit
+    with anyio.move_on_after(0.3) as scope:
+        async with a.loan(5) as buf:
+            buf[:] = b"hello"
+            await a.put(big, attachment=buf)
+            pytest.fail("a third message fit the ring")
+    assert scope.cancelled_caught
+    assert a.channel.free_buffers == 2  # the loan went back: it was never sent
+    for _ in range(2):
+        with anyio.fail_after(10):
+            message, view = await b.get()
+        assert message == big and view is None
+    with pytest.raises(anyio.WouldBlock):
+        b.get_nowait()  # the cancelled put sent nothing
+    async with a.loan(5) as buf:
+        buf[:] = b"again"
+        await a.put(b"x", attachment=buf)
+    with anyio.fail_after(10):
+        async with await b.get() as (message, view):
+            assert (message, bytes(view)) == (b"x", b"again")
+
+
+async def test_queue_message_too_large_sends_nothing(pairs: Any) -> None:
+    a, b = await pairs({"buffers": 1, "buffer_size": 4096}, {"buffers": 0}, opener=queues(bytes))
+    # the 64 KiB ring holds less than max_message_size (its peer's ring, 64 KiB) beside
+    # the descriptors: a put is bounded by the smaller
+    assert a.max_message_size == 65536 and a.max_put_size < 65536 - MESSAGE_HEAD_SIZE
+    async with a.loan(1) as buf:
+        with pytest.raises(MessageTooLarge, match="encodes to"):
+            await a.put(bytes(a.max_put_size), attachment=buf)
+        assert a.channel.free_buffers == 0  # still ours, not sent
+        await a.put(bytes(a.max_put_size - 5), attachment=buf)  # 5: the bin 32 header
+    with anyio.fail_after(10):
+        message, view = await b.get()
+    assert len(message) == a.max_put_size - 5 and view is not None
+    view.release()
+    with pytest.raises(TypeError):
+        await a.put(object())  # type: ignore[arg-type]
+
+
+async def test_queue_close_with_a_view_outstanding(sim: Backend) -> None:
+    a, b = await open_pair(
+        sim, {"buffers": 2, "buffer_size": 4096}, {"buffers": 0}, opener=queues(bytes)
+    )
+    for word in (b"hello", b"world"):
+        async with a.loan(5) as buf:
+            buf[:] = word
+            await a.put(word, attachment=buf)
+    with anyio.fail_after(10):
+        first = await b.get()
+        second = await b.get()
+    assert first.attachment is not None and second.attachment is not None
+    kept = first.attachment.view[1:3]  # derived: keeps the mapping
+    await a.aclose()
+    with pytest.raises(MappingInUse):
+        await b.aclose()
+    with pytest.raises(ValueError):
+        second.attachment.view[0]  # released by the close
+    second.release()  # after the close: nothing to do
+    assert bytes(kept) == b"el"
+    del kept
+    b.close()
+    assert b.closed and open_pages(sim) == []
+    with pytest.raises(anyio.ClosedResourceError):
+        await b.get()
+
+
+async def test_queue_refuses_a_plain_bulk_peer(sim: Backend) -> None:
+    s, c = await connect_pair(sim, fresh_path())
+    plain: list[BulkChannel] = []
+
+    async def open_plain() -> None:
+        plain.append(await open_bulk(c, buffers=0, timeout=10))
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(open_plain)
+            with pytest.raises(RemoteProtocolError, match="plain bulk channel"):
+                await open_bulk_queue(s, Meta, buffers=0, timeout=10)
+    assert s.closed
+    async with plain[0] as bulk:  # the plain side opened; it sees the stream end
+        with anyio.fail_after(10), pytest.raises(anyio.EndOfStream):
+            await bulk.receive()
+
+
+async def test_queue_hostile_peer(sim: Backend) -> None:
+    """A raw peer: an undecodable message is skipped and its attachment released (the
+    RELEASE arrives); then a lying attachment breaks the channel."""
+    s, c = await connect_pair(sim, fresh_path())
+    with sim.share(sim.domid, 2, writable=False) as pool:
+        pool.mapping.view()[:3] = b"abc"
+        async with c:
+            await c.send(encode_hello(1, 8192, pool.refs, version=2))
+            queue = await open_bulk_queue(s, Meta, buffers=0, max_message_size=100)
+            async with queue:
+                with anyio.fail_after(10):
+                    await c.receive_exactly(HELLO_SIZE)  # its HELLO (version 2, no pool)
+                await c.send(encode_message(b"\xc1", (0, 0, 3)))  # not MessagePack
+                with anyio.fail_after(10), pytest.raises(MalformedMessage):
+                    await queue.get()
+                with anyio.fail_after(10):
+                    assert await c.receive_exactly(8) == encode_release(0)
+                payload = msgspec.msgpack.encode(Meta(1, 3))
+                await c.send(encode_message(payload, (0, 0, 3)))
+                with anyio.fail_after(10):
+                    async with await queue.get() as (message, view):
+                        assert (message, bytes(view)) == (Meta(1, 3), b"abc")
+                await c.send(encode_message(payload, (0, 8190, 3)))  # past the buffer
+                with anyio.fail_after(10), pytest.raises(RemoteProtocolError, match="8190"):
+                    await queue.get()
+                with pytest.raises(RemoteProtocolError):  # stays broken
+                    await queue.get()
+
+
+async def test_queue_hostile_message_over_the_limit(sim: Backend) -> None:
+    s, c = await connect_pair(sim, fresh_path())
+    async with c:
+        await c.send(encode_hello(0, 0, [], version=2))
+        async with await open_bulk_queue(s, bytes, buffers=0, max_message_size=100) as queue:
+            # only the head of a 10 MB message: refused at once, nothing more is read
+            await c.send(encode_message(b"")[:16] + (10**7).to_bytes(4, "little"))
+            with anyio.fail_after(10), pytest.raises(RemoteProtocolError, match="10000000"):
+                await queue.get()
+
+
+async def test_queue_memory_bounded_while_a_loan_waits(pairs: Any) -> None:
+    """A loan waiting for a free buffer reads the peer's frames to find its release, but
+    keeps at most max(max_message_size, 64 KiB) + 64 KiB of messages: then it waits for
+    gets."""
+    a, b = await pairs({"buffers": 1, "buffer_size": 4096}, {"buffers": 0}, opener=queues(bytes))
+    async with a.loan(1) as buf:
+        await a.put(b"", attachment=buf)
+    with anyio.fail_after(10):
+        held = await b.get()  # a's only buffer, held
+    bound = max(a.max_message_size, 65536) + 65536
+    count = 400
+
+    async def flood() -> None:
+        for k in range(count):
+            await b.put(k.to_bytes(2, "little") * 500)  # 1000 bytes each
+        assert held.attachment is not None
+        held.attachment.release()  # the RELEASE comes after every message
+
+    lent = anyio.Event()
+
+    async def lend() -> None:
+        async with a.loan():
+            lent.set()
+
+    got: list[int] = []
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flood)
+            tg.start_soon(lend)
+            while a.channel._message_bytes < 65536:
+                await anyio.sleep(0.01)
+            for _ in range(50):  # the flood goes on; the waiting loan reads only so much
+                assert a.channel._message_bytes <= bound
+                assert not lent.is_set()
+                await anyio.sleep(0.01)
+            while len(got) < count:
+                message, _ = await a.get()
+                got.append(int.from_bytes(message[:2], "little"))
+                assert a.channel._message_bytes <= bound
+            await lent.wait()
+    assert got == list(range(count))
+
+
+def test_sync_queue_between_threads(sim: Backend) -> None:
+    path = fresh_path()
+    server = gntipc.Vchan.server(sim, sim.domid, path)
+    client = gntipc.Vchan.client(sim, sim.domid, path, timeout=10)
+    got: dict[str, Any] = {}
+
+    def one(name: str, vchan: gntipc.Vchan, kw: dict[str, Any]) -> None:
+        try:
+            got[name] = open_bulk_queue_sync(vchan, Meta, timeout=10, **kw)
+        except BaseException as exc:
+            got[name] = exc
+
+    threads = [
+        threading.Thread(target=one, args=("a", server, {"buffers": 2, "buffer_size": 8192})),
+        threading.Thread(target=one, args=("b", client, {"buffers": 0})),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    a, b = got["a"], got["b"]
+    assert isinstance(a, SyncBulkQueue) and isinstance(b, SyncBulkQueue)
+    with a, b:
+        received: list[tuple[Meta, bytes | None]] = []
+
+        def take() -> None:
+            for message, attachment in b:
+                if attachment is None:
+                    received.append((message, None))
+                    continue
+                with attachment as view:
+                    received.append((message, bytes(view)))
+
+        t = threading.Thread(target=take)
+        t.start()
+        for k in range(20):
+            if k % 4 == 3:
+                a.put(Meta(k, 0), timeout=10)
+                continue
+            with a.loan(100 + k, timeout=10) as buf:
+                buf[:] = bytes([k]) * len(buf)
+                a.put(Meta(k, len(buf)), attachment=buf, timeout=10)
+        a.send_eof()
+        t.join(30)
+        assert received == [
+            (Meta(k, 0), None) if k % 4 == 3 else (Meta(k, 100 + k), bytes([k]) * (100 + k))
+            for k in range(20)
+        ]
+        with pytest.raises(TimeoutError):
+            a.get(timeout=0.1)  # b sends nothing
     assert open_pages(sim) == []
