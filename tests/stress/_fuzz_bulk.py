@@ -37,6 +37,7 @@ import sys
 import time
 from collections import Counter
 
+from gntipc import _keys
 from gntipc._exceptions import GntipcError, RemoteProtocolError
 from gntipc.backends import Backend, Pages, get_backend
 from gntipc.channel import Vchan
@@ -146,6 +147,8 @@ class BulkHostile:
         self.out = bytearray()
         self.mute = False  # after a truncated frame nothing more is queued
         self.holding = False
+        # End the vchan as soon as both sides hold loans (else only when time is up).
+        self.leave_holding = rnd.random() < 0.15
         self.steps = 0
 
     def share(self, count: int, salt: int) -> Pages:
@@ -305,8 +308,10 @@ class BulkHostile:
                     self.tell(self.lie)
                 else:
                     self.act()
+                if self.leave_holding and self.held and self.proto.sent_count:
+                    break
                 if self.crash and not announced and self.all_lent():
-                    print("lent", flush=True)
+                    print(json.dumps(self.store_trail()), flush=True)
                     announced = True
                 if rnd.random() < 0.2:
                     time.sleep(rnd.choice((0, 0.0005, 0.002)))
@@ -314,6 +319,19 @@ class BulkHostile:
             return
         if self.held and self.proto.sent_count:
             COUNTS["mutations"]["closes holding loans"] += 1
+
+    def store_trail(self) -> dict[str, object]:
+        """What our vchan keeps in the store, which a SIGKILL leaves behind: our
+        presence node (its value) and, as a server, the keys (and the ref they name)."""
+        ep = self.ch.endpoint
+        presence = ep._presence
+        assert presence is not None and presence._value is not None
+        return {
+            "node": presence._node,
+            "value": presence._value.decode(),
+            "path": self.ch.path if self.ch.is_server else None,
+            "ref": ep._published_ref,
+        }
 
     def all_lent(self) -> bool:
         return self.proto.sent_count == self.buffers and not self.out
@@ -428,9 +446,12 @@ class Schedule:
             self.lie_i += 1
 
 
-def crash_episode(role: str, peer: str, path: str, rnd: random.Random) -> None:
+def crash_episode(backend: Backend, role: str, peer: str, path: str, rnd: random.Random) -> None:
     """A child process plays the peer, lends every buffer, holds the target's loans and
-    is SIGKILLed (once it said so, after a random moment)."""
+    is SIGKILLed (once it said so, after a random moment).  Then this process removes
+    what the child's vchan kept in the store, as the next holder of its port would
+    (:mod:`gntipc._keys`: nobody removes a crashed process's nodes), so that the run's
+    store check sees what the target leaves."""
     child = subprocess.Popen(
         [
             sys.executable,
@@ -446,10 +467,12 @@ def crash_episode(role: str, peer: str, path: str, rnd: random.Random) -> None:
         stdout=subprocess.PIPE,
     )
     assert child.stdout is not None
+    trail = None
     try:
         ready, _, _ = select.select([child.stdout], [], [], 10 * SCALE)
         line = child.stdout.readline() if ready else b""
-        if line.strip() == b"lent":
+        trail = json.loads(line) if line.strip() else None
+        if trail is not None:
             time.sleep(rnd.choice((0, 0.005, 0.05, 0.2)) * SCALE)
             COUNTS["mutations"]["dies mid-loan"] += 1
         else:
@@ -458,6 +481,13 @@ def crash_episode(role: str, peer: str, path: str, rnd: random.Random) -> None:
         child.send_signal(signal.SIGKILL)
         child.wait()
         child.stdout.close()
+    if trail is not None:
+        store = backend.store
+        _keys._remove_own_node(
+            store, trail["node"], trail["value"].encode(), f"/local/domain/{backend.domid}/data"
+        )
+        if trail["path"] is not None:
+            _keys.unpublish_keys(store, trail["path"], trail["ref"])
 
 
 def crash_child(role: str, peer: str, path: str, seed: str) -> None:
@@ -473,7 +503,10 @@ def crash_child(role: str, peer: str, path: str, seed: str) -> None:
         if ch is None:
             continue
         h = BulkHostile(ch, rnd, "good", None, crash=True)
-        h.run(30 * SCALE)  # killed long before
+        try:
+            h.run(30 * SCALE)  # killed long before, unless the target left
+        finally:
+            h.close()
         return
 
 
@@ -490,7 +523,7 @@ def main() -> None:
     try:
         while not os.path.exists(stop):
             if rnd.random() < 0.06:
-                crash_episode(role, peer, path, rnd)
+                crash_episode(backend, role, peer, path, rnd)
                 continue
             try:
                 ch = open_channel(role, backend, int(peer), path, rnd, corrupt=0)
