@@ -80,6 +80,7 @@ from ._exceptions import (
     XenError,
 )
 from ._native import ffi
+from ._resource import Closeable
 from ._soon import LoopCheckpoint
 from .backends._abc import Buffer, Pages
 from .channel import Vchan
@@ -1673,7 +1674,7 @@ class SyncBulkChannel(_BulkBase):
         self.close()
 
 
-class SyncBulkQueue(_QueueBase[T]):
+class SyncBulkQueue(_QueueBase[T], Closeable):
     """:class:`BulkQueue` for the synchronous API, over a :class:`SyncBulkChannel`: the
     same messages and attachments, with blocking calls that take a ``timeout`` (None:
     no limit).  Made by :func:`open_bulk_queue_sync`; the peer may use either API.
@@ -1764,17 +1765,6 @@ class SyncBulkQueue(_QueueBase[T]):
             gntipc.MappingInUse: as :meth:`BulkChannel.aclose`.
         """
         self.channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def open_bulk_queue_sync(
