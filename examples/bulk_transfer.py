@@ -12,10 +12,11 @@ know the file arrived intact.  The sender shows progress on stderr (a tqdm bar i
 installed, else a plain line).
 
 With --zero-copy (give it to both sides) the bytes do not go through the ring: after the
-header, both sides open a gntipc.bulk channel; the sender reads the file straight into
-buffers of a pool of pages it granted to the receiver, and the receiver writes the file
-straight out of its read-only mapping of them (the ring carries 16-byte descriptors).
-The SHA-256s travel the same way, each side lending the other its digest.
+header, both sides open a gntipc.bulk message queue; the sender reads the file straight
+into buffers of a pool of pages it granted to the receiver and sends each as the
+attachment of a typed Chunk message, and the receiver writes the file straight out of its
+read-only mapping of them (the ring carries the small messages and their descriptors).
+The SHA-256s are Digest messages of the same queue, without attachment.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import anyio
 import msgspec
 
 import gntipc
-from gntipc.bulk import BulkChannel, open_bulk
+from gntipc.bulk import BulkQueue, open_bulk_queue
 
 PATH = "data/gntipc-examples/bulk"
 RING = 1 << 20  # sender -> receiver ring: large rings move bulk data fastest
@@ -47,6 +48,20 @@ MAX_HEADER = 4096
 class Header(msgspec.Struct):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
     size: Annotated[int, msgspec.Meta(ge=0)]
+
+
+# --zero-copy: the messages of the bulk queue.
+class Chunk(msgspec.Struct, tag=True):
+    """The file's bytes from ``offset``: the message's attachment."""
+
+    offset: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Digest(msgspec.Struct, tag=True):
+    sha256: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+
+
+Transfer = Chunk | Digest
 
 
 async def server(peer: int, args: argparse.Namespace) -> None:
@@ -66,9 +81,9 @@ async def server(peer: int, args: argparse.Namespace) -> None:
                     raise ValueError(f"bad file name {header.name!r}")
                 digest = hashlib.sha256()
                 if args.zero_copy:
-                    # A pool of one page: only to lend our digest back.
-                    async with await open_bulk(stream, buffers=1, buffer_size=4096) as bulk:
-                        theirs = await receive_zero_copy(bulk, out / header.name, header, digest)
+                    # No pool: this side only receives attachments.
+                    async with await open_bulk_queue(stream, Transfer, buffers=0) as queue:
+                        theirs = await receive_zero_copy(queue, out / header.name, header, digest)
                 else:
                     async with await anyio.open_file(out / header.name, "wb") as f:
                         left = header.size
@@ -102,8 +117,10 @@ async def client(peer: int, args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             if args.zero_copy:
                 # 4 buffers of 512 KiB: 512 pages, half the default grant budget.
-                async with await open_bulk(stream, buffers=4, buffer_size=CHUNK // 2) as bulk:
-                    theirs = await send_zero_copy(bulk, path, size, digest)
+                async with await open_bulk_queue(
+                    stream, Transfer, buffers=4, buffer_size=CHUNK // 2
+                ) as queue:
+                    theirs = await send_zero_copy(queue, path, size, digest)
             else:
                 with Progress(size, f"sending {path.name}") as progress:
                     async with await anyio.open_file(path, "rb") as f:
@@ -127,35 +144,45 @@ async def client(peer: int, args: argparse.Namespace) -> None:
     )
 
 
-async def send_zero_copy(bulk: BulkChannel, path: Path, size: int, digest: Any) -> bytes:
-    """Read the file straight into loaned buffers of our pool and lend them; then lend
-    our SHA-256 and return the receiver's (it lends it back)."""
+async def send_zero_copy(queue: BulkQueue[Transfer], path: Path, size: int, digest: Any) -> bytes:
+    """Read the file straight into loaned buffers of our pool and send each as the
+    attachment of a Chunk message; then send our SHA-256 and return the receiver's."""
     with Progress(size, f"sending {path.name}") as progress, open(path, "rb", buffering=0) as f:
-        left = size
-        while left:
-            async with bulk.loan(min(left, bulk.buffer_size)) as buf:
+        offset = 0
+        while offset < size:
+            async with queue.loan(min(size - offset, queue.channel.buffer_size)) as buf:
                 n = await anyio.to_thread.run_sync(f.readinto, buf)  # no copy in between
                 if not n:
                     raise ValueError(f"{path} shrank while it was sent")
                 digest.update(buf[:n])
-                await bulk.send(buf[:n])  # a descriptor; the receiver reads our pages
-            left -= n
+                # the message goes through the ring; the bytes stay in our pages
+                await queue.put(Chunk(offset), attachment=buf[:n])
+            offset += n
             progress.update(n)
-    async with bulk.loan(32) as buf:
-        buf[:] = digest.digest()
-        await bulk.send(buf)
-    async with await bulk.receive() as view:
-        return bytes(view)
+    await queue.put(Digest(digest.digest()))
+    message, attachment = await queue.get()
+    if not isinstance(message, Digest) or attachment is not None:
+        raise ValueError(f"the receiver answered {message!r}, not its digest")
+    return message.sha256
 
 
-async def receive_zero_copy(bulk: BulkChannel, out: Path, header: Header, digest: Any) -> bytes:
+async def receive_zero_copy(
+    queue: BulkQueue[Transfer], out: Path, header: Header, digest: Any
+) -> bytes:
     """Write the file straight out of the sender's pages; return the sender's SHA-256
-    (its last loan) and lend it ours."""
+    (its last message) and answer with ours."""
     async with await anyio.open_file(out, "wb") as f:
-        left = header.size
-        while left:
-            async with await bulk.receive() as view:
-                if len(view) > left:
+        written = 0
+        while True:
+            message, attachment = await queue.get()
+            if isinstance(message, Digest):
+                if attachment is not None:
+                    attachment.release()
+                break
+            if attachment is None or message.offset != written:
+                raise ValueError(f"a chunk at {message.offset} without bytes, or out of order")
+            with attachment as view:
+                if len(view) > header.size - written:
                     raise ValueError(
                         f"the sender sent more than the {header.size:,} bytes announced"
                     )
@@ -164,15 +191,11 @@ async def receive_zero_copy(bulk: BulkChannel, out: Path, header: Header, digest
                 # (copy first for that, e.g. hash what was written by reading it back).
                 digest.update(view)
                 await f.write(view)  # from the mapped pages straight into the file
-                left -= len(view)
-    async with await bulk.receive() as view:
-        if len(view) != 32:
-            raise ValueError(f"a digest of {len(view)} bytes")
-        theirs = bytes(view)
-    async with bulk.loan(32) as buf:
-        buf[:] = digest.digest()
-        await bulk.send(buf)
-    return theirs
+                written += len(view)
+    if written != header.size:
+        raise ValueError(f"{written:,} bytes of the {header.size:,} announced")
+    await queue.put(Digest(digest.digest()))
+    return message.sha256
 
 
 class Progress:
