@@ -5,6 +5,11 @@ the ratio is the point)::
 
     tools/xen-vm/run-in-xen.sh "$PWD" '.venv/bin/python benchmarks/xen_vs_libxenvchan.py'
 
+With ``--domu`` one side of every pair runs in a PV domU of one vCPU (started once, with
+``_xen_domu.py``) and the other in dom0, in both directions (domU -> dom0 and dom0 ->
+domU) in turn; the reader is the server in every pair, and each pair's ratio is to C -> C
+in the same direction and round.
+
 Four transfers of the same bytes one way through rings of the same size, each measured
 by the receiver from the connection to the last byte:
 
@@ -31,8 +36,9 @@ API (``await stream.send(block)`` / ``await stream.receive_into(buf)`` on a
 :class:`gntipc.VchanStream`, asyncio).
 
 Every side also reports its CPU time and context switches over the transfer (voluntary:
-it slept; involuntary: it was preempted or yielded; ``getrusage``) and a gntipc side its
-events sent and received (``statistics()``), per MiB moved: the wake-ups each pair pays,
+it slept; involuntary: it was preempted or yielded; ``getrusage``) and its events sent
+and received (gntipc: ``statistics()``; C: counted on their way through libxenevtchn),
+per MiB moved: the wake-ups each pair pays,
 and (with one vCPU) whether the CPU sat idle: the two sides' CPU time against the wall
 time.
 """
@@ -41,21 +47,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import _xen_domu  # beside this script (the script's directory is on sys.path)
 import anyio
 
 import gntipc
 from gntipc import Vchan
 
 HERE = Path(__file__).resolve().parent
+#: How long a client waits for its server's offer (a domU side takes seconds to start).
+CONNECT_TIMEOUT = 120
 PEER_SRC = HERE / "vchan_bench_peer.c"
 BLOCK = 65536
 SEED = 0xA5
@@ -72,7 +85,10 @@ def build_peer(tmp: Path) -> Path:
     gcc = shutil.which("gcc")
     if gcc is None or not Path("/usr/include/libxenvchan.h").exists():
         sys.exit("needs gcc and /usr/include/libxenvchan.h (apt-get install gcc libxen-dev)")
-    subprocess.run([gcc, "-O2", "-o", str(exe), str(PEER_SRC), "-lxenvchan"], check=True)
+    # -rdynamic: libxenvchan's calls of the executable's event counters (see the source)
+    subprocess.run(
+        [gcc, "-O2", "-rdynamic", "-o", str(exe), str(PEER_SRC), "-lxenvchan"], check=True
+    )
     return exe
 
 
@@ -120,6 +136,11 @@ class Side:
         self.vol, self.invol, self.cpu = int(fields[1]), int(fields[2]), float(fields[3])
         self.events = (int(fields[4]), int(fields[5])) if len(fields) == 6 else None
 
+    def line(self) -> str:
+        """The line it was made from."""
+        events = "" if self.events is None else f" {self.events[0]} {self.events[1]}"
+        return f"CSW {self.vol} {self.invol} {self.cpu:.6f}{events}"
+
     def per_mib(self, nbytes: int) -> str:
         mib = nbytes / (1 << 20)
         text = (
@@ -147,15 +168,18 @@ def _c_side(out: str) -> Side:
     return Side(next(line for line in out.splitlines() if line.startswith("CSW ")))
 
 
-def gntipc_write(path: str, nbytes: int, api: str) -> None:
-    """The gntipc writer of the benchmark: writes ``nbytes`` of the pattern, waits until
-    the reader drained the ring (a plain libxenvchan reader stops at close), closes, and
-    prints its counts."""
+def gntipc_write(path: str, nbytes: int, api: str, peer: int = 0) -> None:
+    """The gntipc writer of the benchmark (the client of server ``peer``): writes
+    ``nbytes`` of the pattern, waits until the reader drained the ring (a plain
+    libxenvchan reader stops at close), closes, and prints its counts."""
     block = memoryview(_pattern(BLOCK))
     if api == "async":
-        asyncio.run(_async_write(path, nbytes, block))
+        asyncio.run(_async_write(path, nbytes, block, peer))
         return
-    with gntipc.get_backend("xen") as backend, Vchan.client(backend, 0, path, timeout=60) as v:
+    with (
+        gntipc.get_backend("xen") as backend,
+        Vchan.client(backend, peer, path, timeout=CONNECT_TIMEOUT) as v,
+    ):
         counts = _Counts()
         left = nbytes
         while left:
@@ -172,8 +196,8 @@ def gntipc_write(path: str, nbytes: int, api: str) -> None:
         print(counts.line(c.events_in, c.events_out), flush=True)
 
 
-async def _async_write(path: str, nbytes: int, block: memoryview) -> None:
-    stream = await gntipc.connect(0, path, timeout=60, backend="xen")
+async def _async_write(path: str, nbytes: int, block: memoryview, peer: int) -> None:
+    stream = await gntipc.connect(peer, path, timeout=CONNECT_TIMEOUT, backend="xen")
     async with stream:
         counts = _Counts()
         left = nbytes
@@ -219,28 +243,65 @@ def run_gntipc_to_gntipc(exe: Path, ring: int, nbytes: int, check: str, api: str
         writer = _spawn_writer(path, nbytes, api)  # it waits for the offer
         seconds, reader = asyncio.run(_async_server_read(path, ring, nbytes, check))
         return seconds, reader, _writer_done(writer)
+    writer: subprocess.Popen[str] | None = None
+
+    def offered() -> None:
+        nonlocal writer
+        writer = _spawn_writer(path, nbytes, api)
+
+    seconds, reader = _sync_server_read(path, ring, nbytes, check, 0, offered)
+    assert writer is not None
+    return seconds, reader, _writer_done(writer)
+
+
+def _sync_server_read(
+    path: str, ring: int, nbytes: int, check: str, peer: int, offered: Callable[[], None]
+) -> tuple[float, Side]:
+    """:func:`_gntipc_read` as the server of client ``peer``; ``offered()`` once the path
+    is offered."""
     with (
         gntipc.get_backend("xen") as backend,
-        Vchan.server(backend, 0, path, read_size=ring, write_size=ring) as v,
+        Vchan.server(backend, peer, path, read_size=ring, write_size=ring) as v,
     ):
-        writer = _spawn_writer(path, nbytes, api)
-        deadline = time.monotonic() + 120
+        offered()
+        deadline = time.monotonic() + CONNECT_TIMEOUT
         while v.is_open() == 2:
             if time.monotonic() > deadline:
                 sys.exit("the gntipc writer never connected")
             v.wait(1)
-        seconds, reader = _gntipc_read(v, ring, nbytes, check)
-    return seconds, reader, _writer_done(writer)
+        return _gntipc_read(v, ring, nbytes, check)
 
 
-async def _async_server_read(path: str, ring: int, nbytes: int, check: str) -> tuple[float, Side]:
+async def _async_server_read(
+    path: str,
+    ring: int,
+    nbytes: int,
+    check: str,
+    peer: int = 0,
+    offered: Callable[[], None] = lambda: None,
+) -> tuple[float, Side]:
     async with await gntipc.listen(
-        0, path, read_size=ring, write_size=ring, backend="xen"
+        peer, path, read_size=ring, write_size=ring, backend="xen"
     ) as listener:
-        with anyio.fail_after(120):
+        offered()
+        with anyio.fail_after(CONNECT_TIMEOUT):
             stream = await listener.accept()
     async with stream:
         return await _async_read(stream, ring, nbytes, check)
+
+
+def gntipc_read(path: str, ring: int, nbytes: int, check: str, api: str, peer: int) -> None:
+    """The gntipc reader as a command (``--reader``, the server of client ``peer``): the
+    C reader's output (LISTENING, CSW, RATE, ok)."""
+
+    def offered() -> None:
+        print("LISTENING", flush=True)
+
+    if api == "async":
+        seconds, side = asyncio.run(_async_server_read(path, ring, nbytes, check, peer, offered))
+    else:
+        seconds, side = _sync_server_read(path, ring, nbytes, check, peer, offered)
+    print(f"{side.line()}\nRATE seconds={seconds:.6f}\nok", flush=True)
 
 
 def _reader_state(ring: int, check: str) -> tuple[bytearray, memoryview, bool]:
@@ -295,14 +356,14 @@ def run_c_to_gntipc(exe: Path, ring: int, nbytes: int, check: str, api: str) -> 
     else:
         with (
             gntipc.get_backend("xen") as backend,
-            Vchan.client(backend, 0, path, timeout=60) as v,
+            Vchan.client(backend, 0, path, timeout=CONNECT_TIMEOUT) as v,
         ):
             seconds, reader = _gntipc_read(v, ring, nbytes, check)
     return seconds, reader, _c_side(c_done(writer))
 
 
 async def _async_client_read(path: str, ring: int, nbytes: int, check: str) -> tuple[float, Side]:
-    stream = await gntipc.connect(0, path, timeout=60, backend="xen")
+    stream = await gntipc.connect(0, path, timeout=CONNECT_TIMEOUT, backend="xen")
     async with stream:
         return await _async_read(stream, ring, nbytes, check)
 
@@ -321,11 +382,107 @@ CC, GG, GC, CG = (
     "gntipc -> libxenvchan C",
     "libxenvchan C -> gntipc",
 )
+#: Each pair's (writer, reader) implementations.
+IMPLS = {CC: ("C", "C"), GG: ("gntipc", "gntipc"), GC: ("gntipc", "C"), CG: ("C", "gntipc")}
+TO_DOM0, TO_DOMU = "domU -> dom0", "dom0 -> domU"
+_paths = iter(range(1 << 30))
+
+
+def _side_args(
+    impl: str, reader: bool, exe: Path, path: str, ring: int, nbytes: int, check: str,
+    api: str, peer: int,
+) -> list[str]:  # fmt: skip
+    """One side's command line, after its program (the C peer, or python and this script):
+    the reader is the server."""
+    if impl == "C":
+        role, way = ("server", "recv") if reader else ("client", "send")
+        return [str(exe), role, path, str(ring), way, str(nbytes), check, str(peer)]
+    if reader:
+        return ["--reader", path, str(ring), str(nbytes), check, api, str(peer)]
+    return ["--writer", path, str(nbytes), api, str(peer)]
+
+
+def run_domu_pair(
+    domu: _xen_domu.Domu, exe: Path, pair: str, direction: str, ring: int, nbytes: int,
+    check: str, api: str,
+) -> Result:  # fmt: skip
+    """``pair`` between dom0 and ``domu``: its writer in the domU (TO_DOM0) or its reader
+    (TO_DOMU); the reader is the server, in its own domain's XenStore home."""
+    writer_impl, reader_impl = IMPLS[pair]
+    remote_reads = direction == TO_DOMU
+    server = domu.domid if remote_reads else 0
+    path = f"/local/domain/{server}/data/vchan/bench-{os.getpid()}-{next(_paths)}"
+    local_impl, remote_impl = (
+        (writer_impl, reader_impl) if remote_reads else (reader_impl, writer_impl)
+    )
+    local = _side_args(
+        local_impl, not remote_reads, exe, path, ring, nbytes, check, api, domu.domid
+    )
+    remote = _side_args(remote_impl, remote_reads, exe, path, ring, nbytes, check, api, 0)
+    if local_impl == "gntipc":
+        local = [sys.executable, __file__, *local]
+    remote_cmd = (
+        domu.python(Path(__file__).name, *remote) if remote_impl == "gntipc" else shlex.join(remote)
+    )
+    local_out, remote_out = domu.pair(local, remote_cmd, timeout=900)
+    reader_out, writer_out = (remote_out, local_out) if remote_reads else (local_out, remote_out)
+    return c_seconds(reader_out), _c_side(reader_out), _c_side(writer_out)
+
+
+def _median_per_mib(values: list[float], nbytes: int) -> str:
+    return f"{statistics.median(values) / (nbytes / (1 << 20)):.1f}"
+
+
+def _summary(
+    runs: dict[tuple[str, str], list[Result]], checks: tuple[str, ...], nbytes: int,
+    reference: Callable[[str], str],
+) -> None:  # fmt: skip
+    """The best rate of each case and check, its ratio to ``reference(label)``'s (C -> C
+    of the same direction), then the wake-ups per MiB (medians over the runs)."""
+    rates = {key: nbytes / min(r[0] for r in results) / 1e6 for key, results in runs.items()}
+    labels = list(dict.fromkeys(label for label, _ in runs))
+    width = max(32, *(len(label) + 1 for label in labels))
+    header = "".join(f"{c:>10s}" for c in checks) + "".join(f"{c + ' /C->C':>14s}" for c in checks)
+    print(f"\n{'MB/s, best run':{width}s}{header}")
+    for label in labels:
+        figures = "".join(f"{rates[label, c]:10.1f}" for c in checks)
+        ratios = "".join(f"{rates[label, c] / rates[reference(label), c]:14.2f}" for c in checks)
+        print(f"{label:{width}s}{figures}{ratios}")
+    print(
+        f"\n{'per MiB, medians':{width}s}{'check':>7s}  {'reader ev in/out':>16s}"
+        f"  {'writer ev in/out':>16s}  {'reader csw':>10s}  {'writer csw':>10s}"
+        f"  {'CPU ms r/w':>12s}"
+    )
+    for (label, check), results in runs.items():
+        cols = []
+        for side in (1, 2):
+            ev = [r[side].events for r in results]  # type: ignore[index]
+            cols.append(
+                "-" if None in ev else
+                f"{_median_per_mib([e[0] for e in ev], nbytes)}"  # type: ignore[index]
+                f"/{_median_per_mib([e[1] for e in ev], nbytes)}"  # type: ignore[index]
+            )  # fmt: skip
+        csw = [
+            _median_per_mib([r[side].vol + r[side].invol for r in results], nbytes)  # type: ignore[union-attr]
+            for side in (1, 2)
+        ]
+        cpu = [
+            _median_per_mib([r[side].cpu * 1e3 for r in results], nbytes)  # type: ignore[union-attr]
+            for side in (1, 2)
+        ]
+        print(
+            f"{label:{width}s}{check:>7s}  {cols[0]:>16s}  {cols[1]:>16s}  {csw[0]:>10s}"
+            f"  {csw[1]:>10s}  {cpu[0] + '/' + cpu[1]:>12s}"
+        )
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--writer":
-        gntipc_write(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--writer":
+        gntipc_write(sys.argv[2], int(sys.argv[3]), sys.argv[4], int((sys.argv[5:] or ["0"])[0]))
+        return
+    if len(sys.argv) == 8 and sys.argv[1] == "--reader":
+        a = sys.argv[2:]
+        gntipc_read(a[0], int(a[1]), int(a[2]), a[3], a[4], int(a[5]))
         return
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=16, help="data moved per run (MiB)")
@@ -340,6 +497,11 @@ def main() -> None:
         "--api", choices=("sync", "async", "both"), default="both",
         help="gntipc's API: the blocking Vchan, the async VchanStream, or each (default)",
     )  # fmt: skip
+    parser.add_argument(
+        "--domu", action="store_true",
+        help="dom0 <-> domU: one side of each pair in a PV domU, both directions in turn",
+    )  # fmt: skip
+    parser.add_argument("--domu-mem", type=int, default=384, help="the domU's memory (MiB)")
     args = parser.parse_args()
     if not os.path.exists("/dev/xen/gntdev"):
         sys.exit("not on Xen: run it inside tools/xen-vm/run-in-xen.sh")
@@ -347,38 +509,49 @@ def main() -> None:
     checks = (VERIFY, COUNT) if args.check == "both" else (args.check,)
     apis = ("sync", "async") if args.api == "both" else (args.api,)
     ring = args.ring
+    directions = (TO_DOM0, TO_DOMU) if args.domu else ("",)
     print(
-        f"{args.mib} MiB one way, ring {ring}, best of {args.repeat}, {os.cpu_count()} CPU(s);"
+        f"{args.mib} MiB one way, ring {ring}, best of {args.repeat}, {os.cpu_count()} CPU(s)"
+        f"{' in dom0, one side in a domU of one vCPU' if args.domu else ''};"
         " writers: one precomputed 64 KiB block per call; readers: a ring-sized buffer per"
         " call, then verify = one memcmp per chunk against the pattern, count = nothing;"
-        " per MiB: CPU time, context switches (voluntary+involuntary), gntipc's events in/out",
+        " per MiB: CPU time, context switches (voluntary+involuntary), events in/out",
         flush=True,
     )
     cases = {CC: run_c_to_c, GG: run_gntipc_to_gntipc, GC: run_gntipc_to_c, CG: run_c_to_gntipc}
-    runs: dict[tuple[str, str], list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    runs: dict[tuple[str, str], list[Result]] = {}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         exe = build_peer(Path(tmp))
+        domu = stack.enter_context(_xen_domu.Domu([str(exe)], args.domu_mem)) if args.domu else None
         for _ in range(args.repeat):  # the repeats take turns: a slow spell hits every case
             for check in checks:
                 for api in apis:
-                    for name, case in cases.items():
-                        if name == CC and api != apis[0]:
-                            continue  # no gntipc in it: once per pass
-                        seconds, reader, writer = case(exe, ring, nbytes, check, api)
-                        label = name if name == CC else f"{name} ({api})"
-                        runs.setdefault((label, check), []).append(seconds)
-                        print(
-                            f"{check:6s}  {label:32s} {nbytes / seconds / 1e6:8.1f} MB/s"
-                            f"  reader {reader.per_mib(nbytes)}  writer {writer.per_mib(nbytes)}",
-                            flush=True,
-                        )
-    rates = {key: nbytes / min(seconds) / 1e6 for key, seconds in runs.items()}
-    header = "".join(f"{c:>10s}" for c in checks) + "".join(f"{c + ' /C->C':>14s}" for c in checks)
-    print(f"\n{'MB/s':32s}{header}")
-    for label in dict.fromkeys(label for label, _ in runs):
-        figures = "".join(f"{rates[label, c]:10.1f}" for c in checks)
-        ratios = "".join(f"{rates[label, c] / rates[CC, c]:14.2f}" for c in checks)
-        print(f"{label:32s}{figures}{ratios}")
+                    for direction in directions:
+                        for name, case in cases.items():
+                            if name == CC and api != apis[0]:
+                                continue  # no gntipc in it: once per pass
+                            if domu is None:
+                                result = case(exe, ring, nbytes, check, api)
+                            else:
+                                result = run_domu_pair(
+                                    domu, exe, name, direction, ring, nbytes, check, api
+                                )
+                            seconds, reader, writer = result
+                            label = name if name == CC else f"{name} ({api})"
+                            label = f"{direction}: {label}" if direction else label
+                            runs.setdefault((label, check), []).append(result)
+                            print(
+                                f"{check:6s}  {label:48s} {nbytes / seconds / 1e6:8.1f} MB/s"
+                                f"  reader {reader.per_mib(nbytes)}"
+                                f"  writer {writer.per_mib(nbytes)}",
+                                flush=True,
+                            )
+
+    def reference(label: str) -> str:
+        direction = label.split(": ")[0] if ": " in label else ""
+        return f"{direction}: {CC}" if direction else CC
+
+    _summary(runs, checks, nbytes, reference)
 
 
 if __name__ == "__main__":
