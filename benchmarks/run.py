@@ -22,7 +22,9 @@ Four sections (see benchmarks/README.md), each printed as a table:
 * **idle** (``_idle.py``): CPU % of each process of a connected pair waiting after a burst.
 * **bulk** (``_bulk.py``): 1 GiB (``--quick``: 128 MiB) in 4 MiB payloads filled and
   checksummed in place, through :class:`gntipc.bulk.BulkChannel` loans vs a 1 MiB-ring
-  ``VchanStream`` doing the same work; GB/s, CPU s/GB per side, ratio pool/ring (goal >= 3x).
+  ``VchanStream`` doing the same work; GB/s, CPU s/GB per side, ratio pool/ring (goal >= 3x);
+  plus typed messages: a message + 1 MiB attachment through a ``BulkQueue`` vs
+  ``MessageQueue`` with a 1 MiB bytes field on a 1 MiB ring.
 * **proxy** (``_proxy.py``): redis-benchmark through two ``gntipc proxy`` hops (plain and
   ``--mux``) vs two socat relays to redis-server; requests/s with 50 clients, GET p50 with
   one (skipped, with the reason, without redis-server, redis-benchmark or socat).

@@ -30,9 +30,14 @@ from ._stats import VchanStreamStatistics as VchanStreamStatistics
 from .backends import get_backend as get_backend
 from .bulk import BulkChannel as BulkChannel
 from .bulk import BulkLoan as BulkLoan
+from .bulk import BulkMessage as BulkMessage
+from .bulk import BulkQueue as BulkQueue
 from .bulk import BulkView as BulkView
 from .bulk import SyncBulkChannel as SyncBulkChannel
+from .bulk import SyncBulkQueue as SyncBulkQueue
 from .bulk import open_bulk as open_bulk
+from .bulk import open_bulk_queue as open_bulk_queue
+from .bulk import open_bulk_queue_sync as open_bulk_queue_sync
 from .bulk import open_bulk_sync as open_bulk_sync
 from .channel import Vchan as Vchan
 from .messages import MessageQueue as MessageQueue
@@ -50,11 +55,15 @@ from .streams import VchanAttribute as VchanAttribute
 from .streams import VchanStream as VchanStream
 from .streams import connect as connect
 from .streams import listen as listen
+from .vm import VmListener as VmListener
+from .vm import listen_vm as listen_vm
 
 __all__ = [
     "BackendUnavailable",
     "BulkChannel",
     "BulkLoan",
+    "BulkMessage",
+    "BulkQueue",
     "BulkView",
     "GntipcError",
     "Listener",
@@ -77,17 +86,22 @@ __all__ = [
     "SessionStream",
     "StaleKeys",
     "SyncBulkChannel",
+    "SyncBulkQueue",
     "Vchan",
     "VchanAttribute",
     "VchanState",
     "VchanStream",
     "VchanStreamStatistics",
+    "VmListener",
     "XenError",
     "XenStoreTimeout",
     "connect",
     "get_backend",
     "listen",
+    "listen_vm",
     "open_bulk",
+    "open_bulk_queue",
+    "open_bulk_queue_sync",
     "open_bulk_sync",
 ]
 
