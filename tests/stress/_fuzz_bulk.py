@@ -37,34 +37,41 @@ import sys
 import time
 from collections import Counter
 
+import msgspec
+
 from gntipc import _keys
 from gntipc._exceptions import GntipcError, RemoteProtocolError
 from gntipc.backends import Backend, Pages, get_backend
 from gntipc.channel import Vchan
 from gntipc.protocol.bulk import (
     MAGIC,
+    MESSAGE_HEAD_SIZE,
+    MESSAGE_VERSION,
     VERSION,
     BulkProtocol,
     Eof,
     Hello,
     Loan,
+    Message,
     Release,
     encode_eof,
     encode_hello,
     encode_loan,
+    encode_message,
     encode_release,
 )
 
 from ._common import die_with_parent, expected, time_scale
-from ._fuzz_bulk_target import LOAN_SALT, OPEN_TIMEOUT, POOL_SALT
+from ._fuzz_bulk_target import LOAN_SALT, OPEN_TIMEOUT, POOL_SALT, Msg
 from ._fuzz_hostile import VCHAN_ERRORS, open_channel
 
 SCALE = time_scale()
 _HELLO = struct.Struct("<BBH4sHHIII")
 _LOAN = struct.Struct("<BBHIII")
 _SHORT = struct.Struct("<BBHI")
+_MESSAGE = struct.Struct("<BBHIIII")
 
-#: Lies in the HELLO, one per episode in turn (between good HELLOs).
+#: Lies in the HELLO, one per episode (the least told so far).
 HELLO_LIES = (
     "hello: lying page count",
     "hello: refs not granted",
@@ -76,7 +83,8 @@ HELLO_LIES = (
     "hello: truncated",
     "no hello",
 )
-#: Lies once the HELLOs are exchanged, one per episode in turn.
+#: Lies once the HELLOs are exchanged, one per lying episode: the least told so far of
+#: those the moment allows (a lie about the target's loans needs one held...).
 LIES = (
     "loan: buffer out of range",
     "loan: bytes past the buffer",
@@ -92,18 +100,39 @@ LIES = (
     "second eof",
     "truncated frame",
     "garbage",
+    # MESSAGE frames (version 2: the target opened a BulkQueue)
+    "message: to a side that takes none",
+    "message: over the size limit",
+    "message: attachment out of range",
+    "message: attachment the target holds",
+    "message: unattached naming bytes",
+    "message: bad flags",
+    "message: undecodable",
+    "message: wrong type",
+    "message: after eof",
+    "message: truncated",
 )
 #: Lies the target may take for the truth, by timing: the target's RELEASE (or its
 #: LOAN) of that buffer may be on its way, so that the frame was valid when the target
 #: read it.  After one of them this side no longer takes the target's frames for
 #: violations (its own view of the state may be wrong).
-RACY = frozenset(("loan: buffer the target holds", "release: never lent", "release: twice"))
+RACY = frozenset(
+    (
+        "loan: buffer the target holds",
+        "message: attachment the target holds",
+        "release: never lent",
+        "release: twice",
+    )
+)
 #: What this peer does besides lying (counted with the lies as mutations).
 BEHAVIOURS = ("never releases", "closes holding loans", "dies mid-loan")
 #: The valid frames it sends.
-FRAMES = ("HELLO", "LOAN", "RELEASE", "EOF")
-#: Traffic that must happen: loans of the target checked, and its releases of ours.
-TRAFFIC = ("target's loans checked", "target's releases")
+FRAMES = ("HELLO", "LOAN", "RELEASE", "EOF", "MESSAGE", "MESSAGE with a loan")
+#: Traffic that must happen: loans of the target checked, its releases of ours, and its
+#: messages.
+TRAFFIC = ("target's loans checked", "target's releases", "target's messages checked")
+ENC = msgspec.msgpack.Encoder()
+DEC = msgspec.msgpack.Decoder(Msg)
 COUNTS: dict[str, Counter[str]] = {
     k: Counter() for k in ("episodes", "mutations", "frames", "traffic", "violations")
 }
@@ -114,15 +143,15 @@ class Gone(Exception):
 
 
 class BulkHostile:
-    """One episode: a bulk peer on ``ch``, telling ``hello`` (a HELLO kind) and then
-    ``lie`` (None: honest)."""
+    """One episode: a bulk peer on ``ch``, telling ``hello`` (a HELLO kind) and then,
+    if ``lying``, one of :data:`LIES`."""
 
     def __init__(
         self,
         ch: Vchan,
         rnd: random.Random,
         hello: str,
-        lie: str | None,
+        lying: bool,
         *,
         never_release: bool = False,
         crash: bool = False,
@@ -131,14 +160,15 @@ class BulkHostile:
         self.rnd = rnd
         self.backend: Backend = ch.backend
         self.hello_kind = hello
-        self.lie = lie
-        self.lie_at = rnd.randrange(0, 25)
-        self.told = False
+        self.lying = lying
+        self.lie_at = rnd.randrange(0, 12)
+        self.told: str | None = None  # the lie told
         self.never_release = never_release or crash
         self.crash = crash
         self.buffers = rnd.choice((1, 2, 4) if crash else (0, 1, 2, 3, 4))
         self.size = rnd.choice((4096, 8192, 12288)) if self.buffers else 0
-        self.proto = BulkProtocol(self.buffers, self.size)
+        self.proto = BulkProtocol(self.buffers, self.size)  # (replaced at the HELLO)
+        self.seq = 0
         self.pages: list[Pages] = []  # ours (the pool, a decoy) and the target's pool
         pages = self.buffers * self.size // 4096
         self.pool = self.share(pages, POOL_SALT) if pages else None
@@ -193,7 +223,7 @@ class BulkHostile:
         try:
             events = self.proto.receive_data(data)
         except RemoteProtocolError as exc:
-            if self.told and self.lie in RACY:
+            if self.told in RACY:
                 COUNTS["traffic"]["target's frames unchecked after a racy lie"] += 1
             else:
                 violation(f"the target sent an invalid frame: {exc}")
@@ -207,6 +237,14 @@ class BulkHostile:
                 COUNTS["traffic"]["target's releases"] += 1
             elif isinstance(e, Eof):
                 COUNTS["traffic"]["target's EOF"] += 1
+            elif isinstance(e, Message):
+                try:
+                    DEC.decode(e.frame[4:])
+                    COUNTS["traffic"]["target's messages checked"] += 1
+                except msgspec.ValidationError as exc:
+                    violation(f"the target's message does not decode: {exc}")
+                if e.attachment is not None:
+                    self.check_loan(e.attachment)
         return True
 
     def map_target_pool(self, hello: Hello) -> None:
@@ -243,8 +281,27 @@ class BulkHostile:
             Gone: the vchan ended (while waiting for the target's HELLO).
         """
         rnd, kind = self.rnd, self.hello_kind
+        # The target's HELLO first (it sends it at once): the same version as its, mostly
+        # (a queue opened against a plain channel fails, as documented).
+        deadline = time.monotonic() + OPEN_TIMEOUT
+        while self.proto.peer is None and time.monotonic() < deadline:
+            if not self.pump():
+                time.sleep(0.001)
+        theirs = self.proto.peer
+        v2 = theirs is not None and theirs.version == MESSAGE_VERSION
+        if rnd.random() < 0.1:
+            v2 = not v2
+        if v2:  # a fresh state that takes messages, fed the target's HELLO again
+            self.proto = BulkProtocol(self.buffers, self.size, max_message_size=1 << 16)
+            if theirs is not None:
+                self.proto.receive_data(
+                    encode_hello(
+                        theirs.buffers, theirs.buffer_size, theirs.refs, version=theirs.version
+                    )
+                )
+        version = self.proto.version
         refs = self.pool.refs if self.pool else ()
-        good = encode_hello(self.buffers, self.size, refs)
+        good = encode_hello(self.buffers, self.size, refs, version=version)
         if kind == "good":
             self.send(good, "HELLO")
             return
@@ -260,20 +317,17 @@ class BulkHostile:
             bad = [rnd.choice((0xFFFFFFFF, 0x7FFFFFFF, 1 << 20, 999_999)) for _ in range(n)]
             self.send(encode_hello(buffers, size, bad))
         elif kind == "hello: the target's own refs":
-            deadline = time.monotonic() + OPEN_TIMEOUT
-            while self.proto.peer is None and time.monotonic() < deadline:
-                self.pump()
-                time.sleep(0.001)
-            theirs = self.proto.peer
             if theirs is not None and theirs.refs:
-                self.send(encode_hello(theirs.buffers, theirs.buffer_size, theirs.refs))
+                self.send(
+                    encode_hello(theirs.buffers, theirs.buffer_size, theirs.refs, version=version)
+                )
             else:  # the target has no pool: refs of nothing
                 self.send(encode_hello(1, 4096, [rnd.getrandbits(32)]))
         elif kind == "hello: decoy pages":
             # Pages granted to the target, but not the pool it lends from: legal (they are
             # ours), the target's views show other bytes.
             decoy = self.share(n, POOL_SALT + 1)
-            self.send(encode_hello(buffers, size, decoy.refs), "HELLO")
+            self.send(encode_hello(buffers, size, decoy.refs, version=version), "HELLO")
         elif kind == "hello: pool over the limit":
             big = rnd.choice((100, 1000, 1 << 16))
             pages = big * 2
@@ -282,7 +336,8 @@ class BulkHostile:
         elif kind == "hello: bad header":
             fields = [1, 0, 0, MAGIC, VERSION, 0, self.size, self.buffers, len(refs)]
             which = rnd.randrange(5)
-            fields[(1, 2, 3, 4, 5)[which]] = (1, 7, b"GBLX", VERSION + 1, 3)[which]
+            bad_version = rnd.choice((0, 3, 0xFFFF))
+            fields[(1, 2, 3, 4, 5)[which]] = (1, 7, b"GBLX", bad_version, 3)[which]
             self.send(_HELLO.pack(*fields) + struct.pack(f"<{len(refs)}I", *refs))
         elif kind == "hello: frame before it":
             self.send(rnd.choice((encode_loan(0, 0, 1), encode_release(0), encode_eof())) + good)
@@ -304,8 +359,8 @@ class BulkHostile:
                 if not self.pump():
                     time.sleep(0.001)  # nothing moved: do not spin on a shared CPU
                 self.steps += 1
-                if self.lie and not self.told and self.steps > self.lie_at:
-                    self.tell(self.lie)
+                if self.lying and not self.told and self.steps > self.lie_at:
+                    self.tell()
                 else:
                     self.act()
                 if self.leave_holding and self.held and self.proto.sent_count:
@@ -353,16 +408,53 @@ class BulkHostile:
                 self.send(proto.release_frame(b), "RELEASE")
         elif r < 0.92 and not proto.eof_sent:
             self.send(proto.eof_frame(), "EOF")
+        if proto.messages and not proto.eof_sent and rnd.random() < 0.3:
+            attach = None
+            if self.buffers and rnd.random() < 0.5:
+                i = proto.take()
+                if i is not None:
+                    off = rnd.randrange(0, self.size + 1)
+                    attach = (i, off, rnd.randrange(0, self.size - off + 1))
+            frame = self.message_head(self.payload())
+            self.send(
+                proto.message_frame(frame, attach), "MESSAGE with a loan" if attach else "MESSAGE"
+            )
         if self.never_release and self.held and not self.holding:
             self.holding = True  # counted once per episode
             COUNTS["mutations"]["never releases"] += 1
 
-    def tell(self, lie: str) -> None:
-        """Tell ``lie`` if this moment allows it (else later)."""
+    def payload(self) -> bytes:
+        self.seq += 1
+        return ENC.encode(Msg(self.seq, self.rnd.randbytes(self.rnd.randrange(0, 100))))
+
+    @staticmethod
+    def message_head(payload: bytes) -> bytearray:
+        """A MESSAGE frame of ``payload``, its head (but the framer's length) to fill."""
+        frame = bytearray(MESSAGE_HEAD_SIZE) + payload
+        struct.pack_into("<I", frame, MESSAGE_HEAD_SIZE - 4, len(payload))
+        return frame
+
+    def tell(self) -> None:
+        """Tell the least told lie that this moment allows (none: later)."""
+        if self.mute or self.proto.peer is None:
+            return
+        told = COUNTS["mutations"]
+        for lie in sorted(LIES, key=lambda k: (told[k], self.rnd.random())):
+            frame = self.lie_frame(lie)
+            if frame:
+                self.send(frame)
+                self.told = lie
+                told[lie] += 1
+                if lie in ("truncated frame", "garbage", "message: truncated"):
+                    self.mute = True
+                return
+
+    def lie_frame(self, lie: str) -> bytes:
+        """The frames of ``lie``, or b"" if this moment does not allow it (a lie that
+        changes our state, e.g. sends a valid EOF first, always returns frames)."""
         rnd, proto = self.rnd, self.proto
         peer = proto.peer
-        if self.mute or peer is None:
-            return
+        assert peer is not None
         frame = b""
         size = self.size
         if lie == "loan: buffer out of range":
@@ -409,41 +501,59 @@ class BulkHostile:
             frame = encode_loan(0, 0, 1)[: rnd.randrange(1, 16)]
         elif lie == "garbage":
             frame = rnd.randbytes(rnd.randrange(1, 64))
-        if not frame:
-            return  # not now (e.g. nothing held yet): the next step tries again
-        self.send(frame)
-        self.told = True
-        COUNTS["mutations"][lie] += 1
-        if lie in ("truncated frame", "garbage"):
-            self.mute = True
+        elif lie == "message: to a side that takes none":
+            if peer.version < MESSAGE_VERSION:
+                frame = encode_message(self.payload())
+        elif proto.messages:  # the target takes messages: lie in them
+            frame = self.message_lie(lie)
+        return bytes(frame)
+
+    def message_lie(self, lie: str) -> bytes:
+        rnd, proto = self.rnd, self.proto
+        payload = self.payload()
+        if lie == "message: over the size limit":
+            big = rnd.choice((1 << 16 | 1, 1 << 24, 0x7FFFFFFF, 0xFFFFFFFF))
+            return _MESSAGE.pack(5, 0, 0, 0, 0, 0, big) + payload
+        if lie == "message: attachment out of range":
+            b, off, n = rnd.choice(
+                ((self.buffers, 0, 1), (0xFFFFFFFF, 0, 0), (0, self.size, 1), (0, 1, 0xFFFFFFFF))
+            )
+            return encode_message(payload, (b, off, n))  # (each is outside the pool)
+        if lie == "message: attachment the target holds":
+            sent = [i for i in range(self.buffers) if proto._states[i] == 2]
+            if sent:
+                return encode_message(payload, (rnd.choice(sent), 0, 1))
+        elif lie == "message: unattached naming bytes":
+            return _MESSAGE.pack(5, 0, 0, 0, rnd.randrange(1, 9), 1, len(payload)) + payload
+        elif lie == "message: bad flags":
+            flags = rnd.choice((2, 3, 0x80, 0xFF))
+            return _MESSAGE.pack(5, flags, 0, 0, 0, 0, len(payload)) + payload
+        elif lie == "message: undecodable":  # a valid frame: MalformedMessage at its get
+            junk = rnd.choice((b"", b"\xc1", rnd.randbytes(rnd.randrange(1, 40))))
+            return encode_message(junk)
+        elif lie == "message: wrong type":
+            return encode_message(ENC.encode({"seq": "x", "body": [1, 2]}))
+        elif lie == "message: after eof":
+            if not proto.eof_sent:
+                return proto.eof_frame() + encode_message(payload)
+        elif lie == "message: truncated":
+            whole = encode_message(payload)
+            return whole[: rnd.randrange(1, len(whole))]
+        return b""
 
 
 def violation(what: str) -> None:
     COUNTS["violations"][what[:300]] += 1
 
 
-class Schedule:
-    """Which HELLO and which lie the next episode tells (each in turn, so that every
-    kind happens in a short run; a lie not told in its episode is tried again)."""
-
-    def __init__(self, rnd: random.Random) -> None:
-        self.rnd = rnd
-        self.hello_i = rnd.randrange(len(HELLO_LIES))
-        self.lie_i = rnd.randrange(len(LIES))
-
-    def next(self) -> tuple[str, str | None]:
-        rnd = self.rnd
-        if rnd.random() < 0.3:
-            hello = HELLO_LIES[self.hello_i % len(HELLO_LIES)]
-            self.hello_i += 1
-            return hello, None
-        if rnd.random() < 0.3:
-            return "good", None  # an honest episode
-        return "good", LIES[self.lie_i % len(LIES)]
-
-    def told(self, lie: str | None) -> None:
-        if lie is not None:
-            self.lie_i += 1
+def next_hello(k: int, rnd: random.Random) -> tuple[str, bool]:
+    """Episode ``k``'s HELLO kind and whether it lies after the HELLOs: of every five
+    episodes, one lies in its HELLO (the least told HELLO lie so far), one is honest,
+    three lie later (so that a short run tells every lie)."""
+    if k % 5 == 0:
+        told = COUNTS["mutations"]
+        return min(HELLO_LIES, key=lambda h: (told[h], rnd.random())), False
+    return "good", k % 5 != 1
 
 
 def crash_episode(backend: Backend, role: str, peer: str, path: str, rnd: random.Random) -> None:
@@ -502,7 +612,7 @@ def crash_child(role: str, peer: str, path: str, seed: str) -> None:
             continue
         if ch is None:
             continue
-        h = BulkHostile(ch, rnd, "good", None, crash=True)
+        h = BulkHostile(ch, rnd, "good", False, crash=True)
         try:
             h.run(30 * SCALE)  # killed long before, unless the target left
         finally:
@@ -518,11 +628,10 @@ def main() -> None:
     role, peer, path, seed, stop, result = sys.argv[1:]
     rnd = random.Random(int(seed))
     episodes = COUNTS["episodes"]
-    schedule = Schedule(rnd)
     backend = get_backend()
     try:
         while not os.path.exists(stop):
-            if rnd.random() < 0.06:
+            if rnd.random() < 0.04:
                 crash_episode(backend, role, peer, path, rnd)
                 continue
             try:
@@ -533,9 +642,9 @@ def main() -> None:
             if ch is None:
                 episodes["no channel"] += 1
                 continue
-            hello, lie = schedule.next()
+            hello, lying = next_hello(episodes["hostile"], rnd)
             try:
-                h = BulkHostile(ch, rnd, hello, lie, never_release=rnd.random() < 0.25)
+                h = BulkHostile(ch, rnd, hello, lying, never_release=rnd.random() < 0.25)
             except GntipcError as exc:  # e.g. the pool over the grant budget
                 episodes[f"setup: {type(exc).__name__}"] += 1
                 with contextlib.suppress(*VCHAN_ERRORS):
@@ -543,9 +652,7 @@ def main() -> None:
                 continue
             episodes["hostile"] += 1
             try:
-                h.run(SCALE * rnd.choice((0.05, 0.2, 0.5)))
-                if h.told:
-                    schedule.told(lie)
+                h.run(SCALE * rnd.choice((0.05, 0.15, 0.3)))
             finally:
                 h.close()
     finally:

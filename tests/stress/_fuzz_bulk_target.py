@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 
 from ._common import expected, time_scale
-from ._fuzz_target import HANG, SLOW, Target, main
+from ._fuzz_target import HANG, SLOW, Msg, Target, main
 
 SCALE = time_scale()
 #: The pattern the hostile peer fills its pool with (byte ``p`` of the pool is byte
@@ -61,12 +61,14 @@ def genuine(view: memoryview | None) -> bool:
 
 
 class BulkTarget(Target):
-    EPISODE_OPS = (5, 60)
+    EPISODE_OPS = (3, 30)
 
     def __init__(self, rnd: random.Random, backend: object) -> None:
         super().__init__(rnd, backend)
         gntipc = self.gntipc
+        self.seq = 0
         self.allowed = (
+            gntipc.MessageTooLarge,  # (a put of more than the queue's max_put_size)
             anyio.EndOfStream,
             anyio.BrokenResourceError,
             anyio.ClosedResourceError,
@@ -77,9 +79,9 @@ class BulkTarget(Target):
 
     # -- opening ------------------------------------------------------------------------
     async def open(self, stream: Any, mode: str) -> Any:
-        """The bulk channel over ``stream`` (None: the open failed as documented; the
-        stream is closed then)."""
-        from gntipc.bulk import open_bulk, open_bulk_sync
+        """The bulk channel over ``stream``, or (``mode`` "... queue") the message queue
+        on one (None: the open failed as documented; the stream is closed then)."""
+        from gntipc.bulk import open_bulk, open_bulk_queue, open_bulk_queue_sync, open_bulk_sync
 
         rnd = self.rnd
         buffers = rnd.choice((0, 1, 2, 2, 4))
@@ -90,11 +92,16 @@ class BulkTarget(Target):
             "timeout": OPEN_TIMEOUT,
         }
         self.ops += 1
+        most = rnd.choice((None, 64, 4096))
         try:
             if mode == "sync":
                 bulk = open_bulk_sync(stream.vchan, **kw)
-            else:
+            elif mode == "async":
                 bulk = await open_bulk(stream, **kw)
+            elif mode == "sync queue":
+                bulk = open_bulk_queue_sync(stream.vchan, Msg, max_message_size=most, **kw)
+            else:
+                bulk = await open_bulk_queue(stream, Msg, max_message_size=most, **kw)
         except self.allowed as exc:
             self.outcomes[f"open: {type(exc).__name__}"] += 1
             return None
@@ -274,15 +281,83 @@ class BulkTarget(Target):
 
         return [wrap(c, n) for c, n in zip(calls, names, strict=True)]
 
+    def message(self) -> Any:
+        self.seq += 1
+        return Msg(self.seq, self.rnd.randbytes(self.rnd.randrange(0, 100)))
+
+    def take_message(self, bulk: Any, item: Any, held: list[Any]) -> None:
+        """A message got: of the queue's type, its attachment checked as a view."""
+        if not isinstance(item.message, Msg):
+            self.fail("get", f"a message of type {type(item.message).__name__}")
+        self.outcomes["get: message"] += 1
+        if item.attachment is not None:
+            self.check_view(bulk, item.attachment)
+            if self.rnd.random() < 0.5:
+                held.append(item.attachment)
+            else:
+                item.release()
+
+    def async_queue_ops(self, q: Any, held: list[Any]) -> list[Callable[[], Awaitable[object]]]:
+        rnd, bulk = self.rnd, q.channel
+
+        async def put() -> None:
+            with anyio.move_on_after(OP_TIMEOUT):
+                if bulk.buffers and not bulk._proto.eof_sent and rnd.random() < 0.6:
+                    async with q.loan(rnd.randrange(0, bulk.buffer_size + 1)) as buf:
+                        n = len(buf)
+                        buf[:] = expected(LOAN_SALT, 0, n)
+                        a = rnd.randrange(0, n + 1)
+                        await q.put(self.message(), attachment=buf[a : rnd.randrange(a, n + 1)])
+                        self.outcomes["put: with a loan"] += 1
+                elif not bulk._proto.eof_sent:
+                    await q.put(self.message())
+
+        async def get() -> None:
+            with anyio.move_on_after(OP_TIMEOUT):
+                self.take_message(bulk, await q.get(), held)
+
+        async def get_nowait() -> None:
+            self.take_message(bulk, q.get_nowait(), held)
+
+        return [put, put, get, get, get_nowait]
+
+    def sync_queue_ops(self, q: Any, held: list[Any]) -> list[Callable[[], Awaitable[object]]]:
+        rnd, bulk = self.rnd, q.channel
+        t = OP_TIMEOUT / 2
+
+        async def put() -> None:
+            if bulk.buffers and not bulk._proto.eof_sent and rnd.random() < 0.6:
+                with q.loan(rnd.randrange(0, bulk.buffer_size + 1), timeout=t) as buf:
+                    n = len(buf)
+                    buf[:] = expected(LOAN_SALT, 0, n)
+                    a = rnd.randrange(0, n + 1)
+                    q.put(self.message(), buf[a : rnd.randrange(a, n + 1)], timeout=t)
+                    self.outcomes["put: with a loan"] += 1
+            elif not bulk._proto.eof_sent:
+                q.put(self.message(), timeout=t)
+
+        async def get() -> None:
+            self.take_message(bulk, q.get(timeout=rnd.choice((0, t))), held)
+
+        return [put, put, get, get]
+
     # -- episodes --------------------------------------------------------------------------
     async def episode(self, stream: Any, budget: int) -> None:
         rnd = self.rnd
-        mode = rnd.choice(("async", "sync"))
-        bulk = await self.open(stream, mode)
-        if bulk is None:
+        mode = rnd.choice(("async", "sync", "async queue", "sync queue", "async queue"))
+        queue = await self.open(stream, mode)
+        if queue is None:
             return
         held: list[Any] = []
-        ops = self.async_ops(bulk, held) if mode == "async" else self.sync_ops(bulk, held)
+        if mode.endswith("queue"):
+            bulk = queue.channel
+            if mode == "async queue":
+                ops = self.async_ops(bulk, held) + self.async_queue_ops(queue, held)
+            else:
+                ops = self.sync_ops(bulk, held) + self.sync_queue_ops(queue, held)
+        else:
+            bulk = queue
+            ops = self.async_ops(bulk, held) if mode == "async" else self.sync_ops(bulk, held)
         ended = 0
         try:
             for _ in range(budget):
@@ -296,8 +371,15 @@ class BulkTarget(Target):
                     ended = 0
                 except self.allowed as exc:
                     self.outcomes[type(exc).__name__] += 1
-                    if not isinstance(exc, anyio.WouldBlock | TimeoutError):
+                    if not isinstance(
+                        exc, anyio.WouldBlock | TimeoutError | self.gntipc.MessageTooLarge
+                    ):
                         ended += 1
+                except self.gntipc.LocalProtocolError as exc:
+                    # The sync queue's documented refusal to wait while its own inbox is full.
+                    if mode != "sync queue" or "fill the inbox" not in str(exc):
+                        self.fail(f"{mode}.{op.__name__}", exc)
+                    self.outcomes["LocalProtocolError: inbox full"] += 1
                 except Exception as exc:
                     self.fail(f"{mode}.{op.__name__}", exc)
                 dt = time.monotonic() - t0
@@ -319,7 +401,7 @@ class BulkTarget(Target):
             kept = held[0].view[:1]  # derived from our view: keeps the pages exported
         try:
             try:
-                if mode == "sync":
+                if mode.startswith("sync"):
                     bulk.close()
                 else:
                     await bulk.aclose()
