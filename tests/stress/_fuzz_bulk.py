@@ -165,8 +165,9 @@ class BulkHostile:
         self.told: str | None = None  # the lie told
         self.never_release = never_release or crash
         self.crash = crash
-        self.buffers = rnd.choice((1, 2, 4) if crash else (0, 1, 2, 3, 4))
-        self.size = rnd.choice((4096, 8192, 12288)) if self.buffers else 0
+        # (a crashing lender's pool fits every target's limit: at most 2 pages)
+        self.buffers = rnd.choice((1, 2) if crash else (0, 1, 2, 3, 4))
+        self.size = (4096 if crash else rnd.choice((4096, 8192, 12288))) if self.buffers else 0
         self.proto = BulkProtocol(self.buffers, self.size)  # (replaced at the HELLO)
         self.seq = 0
         self.pages: list[Pages] = []  # ours (the pool, a decoy) and the target's pool
@@ -289,7 +290,7 @@ class BulkHostile:
                 time.sleep(0.001)
         theirs = self.proto.peer
         v2 = theirs is not None and theirs.version == MESSAGE_VERSION
-        if rnd.random() < 0.1:
+        if rnd.random() < 0.1 and not self.crash:
             v2 = not v2
         if v2:  # a fresh state that takes messages, fed the target's HELLO again
             self.proto = BulkProtocol(self.buffers, self.size, max_message_size=1 << 16)
@@ -629,9 +630,11 @@ def main() -> None:
     rnd = random.Random(int(seed))
     episodes = COUNTS["episodes"]
     backend = get_backend()
+    n = 0
     try:
         while not os.path.exists(stop):
-            if rnd.random() < 0.04:
+            n += 1
+            if n % 25 == 3:  # (a few in every run, even a short one)
                 crash_episode(backend, role, peer, path, rnd)
                 continue
             try:
