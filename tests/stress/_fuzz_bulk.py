@@ -43,6 +43,7 @@ from gntipc import _keys
 from gntipc._exceptions import GntipcError, RemoteProtocolError
 from gntipc.backends import Backend, Pages, get_backend
 from gntipc.channel import Vchan
+from gntipc.protocol._layout import OFF_LEFT_CONS, OFF_LEFT_PROD, OFF_RIGHT_CONS, OFF_RIGHT_PROD
 from gntipc.protocol.bulk import (
     MAGIC,
     MESSAGE_HEAD_SIZE,
@@ -63,7 +64,7 @@ from gntipc.protocol.bulk import (
 
 from ._common import die_with_parent, expected, time_scale
 from ._fuzz_bulk_target import LOAN_SALT, OPEN_TIMEOUT, POOL_SALT, Msg
-from ._fuzz_hostile import VCHAN_ERRORS, open_channel
+from ._fuzz_hostile import U32, VCHAN_ERRORS, open_channel
 
 SCALE = time_scale()
 _HELLO = struct.Struct("<BBH4sHHIII")
@@ -116,7 +117,7 @@ LIES = (
 #: LOAN) of that buffer may be on its way, so that the frame was valid when the target
 #: read it.  After one of them this side no longer takes the target's frames for
 #: violations (its own view of the state may be wrong).
-RACY = frozenset(
+RACY: frozenset[str] = frozenset(
     (
         "loan: buffer the target holds",
         "message: attachment the target holds",
@@ -124,13 +125,34 @@ RACY = frozenset(
         "release: twice",
     )
 )
+#: Lies after which the target must say nothing more: once it has read one (its consumer
+#: index is past the lie), it broke the channel (RemoteProtocolError), so any byte it
+#: writes after that moment is a violation: a lie taken silently.  (Not the racy ones,
+#: the valid-but-undecodable messages, nor the truncations and garbage, which may be
+#: the valid start of a frame.)
+FATAL = (
+    frozenset(LIES)
+    - RACY
+    - {
+        "message: undecodable",
+        "message: wrong type",
+        "truncated frame",
+        "message: truncated",
+        "garbage",
+    }
+)
 #: What this peer does besides lying (counted with the lies as mutations).
 BEHAVIOURS = ("never releases", "closes holding loans", "dies mid-loan")
 #: The valid frames it sends.
 FRAMES = ("HELLO", "LOAN", "RELEASE", "EOF", "MESSAGE", "MESSAGE with a loan")
-#: Traffic that must happen: loans of the target checked, its releases of ours, and its
-#: messages.
-TRAFFIC = ("target's loans checked", "target's releases", "target's messages checked")
+#: Traffic that must happen: loans of the target checked, its releases of ours, its
+#: messages, and fatal lies it read (after which it must say nothing).
+TRAFFIC = (
+    "target's loans checked",
+    "target's releases",
+    "target's messages checked",
+    "fatal lies read by the target",
+)
 ENC = msgspec.msgpack.Encoder()
 DEC = msgspec.msgpack.Decoder(Msg)
 COUNTS: dict[str, Counter[str]] = {
@@ -176,11 +198,22 @@ class BulkHostile:
         self.target_view: memoryview | None = None
         self.held: list[int] = []  # the target's buffers we hold
         self.out = bytearray()
+        # Bytes queued and read so far; where the fatal lie told ends in our stream; the
+        # target's producer index when it had read that far (see FATAL).
+        self.queued = 0
+        self.received = 0
+        self.lie_end: int | None = None
+        self.silent_after: int | None = None
         self.mute = False  # after a truncated frame nothing more is queued
         self.holding = False
         # End the vchan as soon as both sides hold loans (else only when time is up).
         self.leave_holding = rnd.random() < 0.15
         self.steps = 0
+        self.ctrl = ch.endpoint._pages[0].mapping.view()
+        server = ch.is_server
+        # (the target's consumer index of the ring we write, producer of the one we read)
+        self.their_cons = OFF_RIGHT_CONS if server else OFF_LEFT_CONS
+        self.their_prod = OFF_LEFT_PROD if server else OFF_RIGHT_PROD
 
     def share(self, count: int, salt: int) -> Pages:
         """``count`` pages granted to the target, read-only, filled with the pattern of
@@ -194,6 +227,7 @@ class BulkHostile:
     def close(self) -> None:
         if self.target_view is not None:
             self.target_view.release()
+        self.ctrl.release()
         with contextlib.suppress(*VCHAN_ERRORS):
             self.ch.close()
         for p in self.pages:
@@ -203,6 +237,7 @@ class BulkHostile:
     def send(self, frame: bytes, kind: str | None = None) -> None:
         if not self.mute:
             self.out += frame
+            self.queued += len(frame)
             if kind:
                 COUNTS["frames"][kind] += 1
 
@@ -213,6 +248,14 @@ class BulkHostile:
         Raises:
             Gone: the vchan ended.
         """
+        # (the consumer index first, then the producer's: x86 keeps loads in order)
+        if (
+            self.lie_end is not None
+            and self.silent_after is None
+            and U32.unpack_from(self.ctrl, self.their_cons)[0] >= self.lie_end
+        ):
+            self.silent_after = U32.unpack_from(self.ctrl, self.their_prod)[0]
+            COUNTS["traffic"]["fatal lies read by the target"] += 1
         try:
             written = self.ch.write_nowait(self.out) if self.out else 0
             del self.out[:written]
@@ -221,6 +264,10 @@ class BulkHostile:
             raise Gone from exc
         if not data:
             return written > 0
+        self.received += len(data)
+        if self.silent_after is not None and self.received > self.silent_after:
+            violation(f"the target went on after reading the lie {self.told!r}")
+            raise Gone
         try:
             events = self.proto.receive_data(data)
         except RemoteProtocolError as exc:
@@ -446,6 +493,8 @@ class BulkHostile:
                 self.send(frame)
                 self.told = lie
                 told[lie] += 1
+                if lie in FATAL:
+                    self.lie_end = self.queued
                 if lie in ("truncated frame", "garbage", "message: truncated"):
                     self.mute = True
                 return
