@@ -71,6 +71,7 @@ Xen behaviours that are **not** modelled:
 from ._backend import SimBackend as SimBackend
 from ._backend import assert_cleaned_up as assert_cleaned_up
 from ._backend import kill_domain as kill_domain
+from ._backend import restore_domain as restore_domain
 from ._dmabuf import SimDmabufExport as SimDmabufExport
 from ._dmabuf import SimDmabufImport as SimDmabufImport
 from ._events import SimEventPort as SimEventPort
@@ -84,4 +85,5 @@ __all__ = [
     "SimPages",
     "assert_cleaned_up",
     "kill_domain",
+    "restore_domain",
 ]

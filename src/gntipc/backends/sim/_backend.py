@@ -1,12 +1,17 @@
-"""SimBackend, kill_domain and the leak check (find_leftovers, assert_cleaned_up)."""
+"""SimBackend, kill_domain, restore_domain and the leak check (find_leftovers,
+assert_cleaned_up)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import os
 import select
 import signal
+import sqlite3
 import time
+import uuid
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -15,7 +20,7 @@ from typing import ClassVar
 from anyio import ClosedResourceError
 
 from ..._domid import DOMID_MAX, check_domid
-from ..._exceptions import LocalProtocolError
+from ..._exceptions import LocalProtocolError, raise_errno
 from ..._process import proc_alive, self_start
 from ..._resource import Closeable
 from .._abc import Backend, CopySegment, check_import_args
@@ -23,10 +28,25 @@ from ._dmabuf import SimDmabufExport, SimDmabufImport, dmabuf_alloc, export_refs
 from ._domain import SimDomain
 from ._events import SimEventPort, alloc_unbound, bind_interdomain
 from ._grants import SimPages, grant_copy, map_refs, share_pages
-from ._runtime import Runtime, default_runtime_dir, leftovers
+from ._runtime import (
+    Runtime,
+    default_runtime_dir,
+    drop_file_if_unused,
+    follow_moves,
+    leftovers,
+    send_dgram,
+    unbind_port,
+)
 from ._store import SimStore, send_watch_events, watch_events
 
-__all__ = ["SimBackend", "assert_cleaned_up", "domid_from_env", "find_leftovers", "kill_domain"]
+__all__ = [
+    "SimBackend",
+    "assert_cleaned_up",
+    "domid_from_env",
+    "find_leftovers",
+    "kill_domain",
+    "restore_domain",
+]
 
 _open_backends: weakref.WeakSet[SimBackend] = weakref.WeakSet()
 
@@ -66,8 +86,115 @@ def page_limit_from_env() -> int:
     return limit
 
 
+#: The namespace of the UUIDs the sim derives for domains given none (uuid5 of the domid).
+_VM_NAMESPACE = uuid.UUID("6e6f2b1c-9a3e-5c7d-8f20-67e7469706e3")
+
+
+def _vm_identity_from(
+    domid: int, vm_uuid: str | None, vm_name: str | None
+) -> tuple[str | None, str | None]:
+    """The identity asked for (arguments, else ``$GNTIPC_SIM_VM_UUID`` /
+    ``$GNTIPC_SIM_VM_NAME`` for the domain ``$GNTIPC_SIM_DOMID`` names), checked: a
+    canonical lower-case UUID and a name.
+
+    Raises:
+        LocalProtocolError: (a :class:`ValueError`) not a UUID, or a bad name; the
+            message names the variable when it came from one.
+    """
+    env_domid = os.environ.get("GNTIPC_SIM_DOMID") or "0"
+    from_env = env_domid.isdigit() and int(env_domid) == domid
+    checked: list[str | None] = []
+    for value, var, what in (
+        (vm_uuid, "GNTIPC_SIM_VM_UUID", "vm_uuid"),
+        (vm_name, "GNTIPC_SIM_VM_NAME", "vm_name"),
+    ):
+        source = what
+        if value is None and from_env and os.environ.get(var):
+            value, source = os.environ[var], var
+        if value is None:
+            checked.append(None)
+            continue
+        if what == "vm_uuid":
+            try:
+                checked.append(str(uuid.UUID(str(value))))
+            except ValueError:
+                raise LocalProtocolError(f"{source}={value!r} is not a UUID") from None
+        elif not isinstance(value, str) or not value or len(value) > 255 or not value.isprintable():
+            raise LocalProtocolError(
+                f"{source}={value!r} is not a domain name (1..255 printable characters)"
+            )
+        else:
+            checked.append(value)
+    return checked[0], checked[1]
+
+
+def _taken(db: sqlite3.Connection, key: str) -> set[bytes]:
+    """The values of every domain's ``key`` node (``vm`` or ``name``)."""
+    return {
+        bytes(v)
+        for (v,) in db.execute(
+            "SELECT value FROM nodes WHERE path GLOB ?", (f"/local/domain/*/{key}",)
+        )
+    }
+
+
+def _identity_nodes(
+    db: sqlite3.Connection, domid: int, vm_uuid: str | None, vm_name: str | None
+) -> list[tuple[str, bytes, str]]:
+    """The toolstack's ``name`` and ``vm`` nodes of a new home of ``domid`` (path, value,
+    perms): written by dom0, readable by the domain (as libxl makes them).  A UUID not
+    given is derived from the domid (uuid5), a name is ``Domain-0`` or ``sim-<domid>``;
+    each made unique among the domains of the store by a suffix if need be."""
+    home = f"/local/domain/{domid}"
+    perms = f"n0 r{domid}"
+    if vm_uuid is None:
+        taken = _taken(db, "vm")
+        for k in range(DOMID_MAX + 2):
+            vm_uuid = str(uuid.uuid5(_VM_NAMESPACE, f"{domid}.{k}" if k else str(domid)))
+            if f"/vm/{vm_uuid}".encode() not in taken:
+                break
+    if vm_name is None:
+        taken = _taken(db, "name")
+        base = "Domain-0" if domid == 0 else f"sim-{domid}"
+        vm_name = base
+        for k in range(1, DOMID_MAX + 2):
+            if vm_name.encode() not in taken:
+                break
+            vm_name = f"{base}.{k}"
+    return [
+        (f"{home}/name", vm_name.encode(), perms),
+        (f"{home}/vm", f"/vm/{vm_uuid}".encode(), perms),
+    ]
+
+
+def _check_identity(
+    db: sqlite3.Connection, domid: int, vm_uuid: str | None, vm_name: str | None
+) -> None:
+    """Raise LocalProtocolError if the existing domain ``domid`` is another VM than the
+    one asked for."""
+    home = f"/local/domain/{domid}"
+    for key, want in (("vm", None if vm_uuid is None else f"/vm/{vm_uuid}"), ("name", vm_name)):
+        if want is None:
+            continue
+        row = db.execute("SELECT value FROM nodes WHERE path=?", (f"{home}/{key}",)).fetchone()
+        have = None if row is None else bytes(row[0]).decode(errors="replace")
+        if have != want:
+            raise LocalProtocolError(
+                f"sim domain {domid} exists already with {key} {have!r}, not {want!r}"
+                " (a domain's identity is set by its first backend)"
+            )
+
+
 class SimBackend(Backend):
     """A process playing domain ``domid`` of the simulated hypervisor.
+
+    The first backend of a domain creates its store home, as the toolstack does: the
+    ``domid`` key, and the toolstack's ``name`` and ``vm`` (``/vm/<uuid>``) keys, which
+    stay with the VM across :func:`restore_domain`.
+
+    A process that was part of a domain when :func:`restore_domain` moved it to a new
+    domid is part of the new domain: a backend it opens for the old domid plays the new
+    one (its old domid names no domain of its any more).
 
     Args:
         domid: our domain; default ``$GNTIPC_SIM_DOMID``, else 0.
@@ -75,9 +202,15 @@ class SimBackend(Backend):
             ``$XDG_RUNTIME_DIR/gntipc-sim``, else ``/tmp/gntipc-sim-<uid>``.
         page_limit: the gntalloc limit of pages this domain may share at once; default
             ``$GNTIPC_SIM_PAGE_LIMIT``, else 1024 (Xen's default).
+        vm_uuid: the VM's UUID, for a domain this backend creates; default
+            ``$GNTIPC_SIM_VM_UUID`` (for the domain ``$GNTIPC_SIM_DOMID`` names), else one
+            derived from the domid (uuid5, unique in the store).
+        vm_name: the domain's name likewise (``$GNTIPC_SIM_VM_NAME``, else
+            ``sim-<domid>``, ``Domain-0`` for dom0).
 
     Raises:
-        ValueError: bad domid or page limit.
+        ValueError: bad domid or page limit; ``vm_uuid`` not a UUID, a bad ``vm_name``,
+            or either differs from the identity of the existing domain.
         PermissionError: the runtime directory belongs to another user.
     """
 
@@ -89,21 +222,26 @@ class SimBackend(Backend):
         *,
         runtime_dir: str | None = None,
         page_limit: int | None = None,
+        vm_uuid: str | None = None,
+        vm_name: str | None = None,
     ) -> None:
-        self.domid = domid = check_domid(domid) if domid is not None else domid_from_env()
+        domid = check_domid(domid) if domid is not None else domid_from_env()
         if page_limit is None:
             page_limit = page_limit_from_env()
         elif page_limit < 1:
             raise ValueError(f"page_limit must be >= 1, not {page_limit}")
+        vm_uuid, vm_name = _vm_identity_from(domid, vm_uuid, vm_name)
         self._rt = Runtime(os.path.abspath(runtime_dir or default_runtime_dir()))
         try:
             self._rt.reap_dead()
-            home = f"/local/domain/{domid}"
             events: list[tuple[str, bytes]] = []
+            me, start = os.getpid(), self_start()
             with self._rt.write() as db:
+                self._rt.seen_restores = self._rt.restores()
+                domid = follow_moves(db, me, start, domid)
+                home = f"/local/domain/{domid}"
                 cur = db.execute(
-                    "INSERT INTO procs (pid, start, domid) VALUES (?, ?, ?)",
-                    (os.getpid(), self_start(), domid),
+                    "INSERT INTO procs (pid, start, domid) VALUES (?, ?, ?)", (me, start, domid)
                 )
                 assert cur.lastrowid is not None
                 bid = cur.lastrowid
@@ -118,18 +256,32 @@ class SimBackend(Backend):
                         [
                             (home, b"", f"n{domid}"),
                             (f"{home}/domid", str(domid).encode(), f"n{domid}"),
+                            *_identity_nodes(db, domid, vm_uuid, vm_name),
                         ],
                     )
                     events = watch_events(db, [home, "@introduceDomain"])
+                else:
+                    _check_identity(db, domid, vm_uuid, vm_name)
             send_watch_events(events)
         except BaseException:
             self._rt.close()
             raise
         # What our ports, pages, store and watches need of us (they never see self).
-        self._domain = SimDomain(self._rt, bid, self.domid, page_limit)
+        self._domain = SimDomain(self._rt, bid, domid, page_limit)
         self.store = SimStore(self._domain)
         self._pid = os.getpid()
         _open_backends.add(self)
+
+    @property
+    def domid(self) -> int:
+        """Our domain: after :func:`restore_domain` moved it, the new one."""
+        domain = self._domain
+        domain.sync()
+        return domain.domid
+
+    @domid.setter
+    def domid(self, value: int) -> None:
+        raise AttributeError("a sim backend's domid is set by the simulated hypervisor")
 
     @property
     def _children(self) -> set[Closeable]:
@@ -141,6 +293,7 @@ class SimBackend(Backend):
             raise ClosedResourceError("the sim backend is closed")
         if os.getpid() != self._pid:
             raise RuntimeError("a SimBackend cannot be used across fork(): open a new one")
+        self._domain.sync()
 
     @property
     def page_limit(self) -> int:
@@ -291,13 +444,15 @@ class SimBackend(Backend):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
 
     def __repr__(self) -> str:
-        return f"<SimBackend domain {self.domid} in {self._rt.path}>"
+        domain = getattr(self, "_domain", None)
+        return f"<SimBackend domain {domain and domain.domid} in {self._rt.path}>"
 
 
 def kill_domain(domid: int, runtime_dir: str | None = None, *, timeout: float = 5.0) -> list[int]:
     """Destroy simulated domain ``domid``, as ``xl destroy`` would.
 
-    Every other process playing it is SIGKILLed *without* its unmap notifications; the
+    Every other process playing it (a process :func:`restore_domain` moved into it too,
+    even with no backend open) is SIGKILLed *without* its unmap notifications; the
     ports connected to it silently revert to unbound (no event); its store home
     ``/local/domain/<domid>`` is removed and ``@releaseDomain`` fires.  The calling
     process is never killed (its own backends of that domain are left open).
@@ -320,7 +475,11 @@ def kill_domain(domid: int, runtime_dir: str | None = None, *, timeout: float = 
             )
             victims = {
                 (pid, start)
-                for pid, start in db.execute("SELECT pid, start FROM procs WHERE domid=?", (domid,))
+                for pid, start in db.execute(
+                    "SELECT pid, start FROM procs WHERE domid=? "
+                    "UNION SELECT pid, start FROM moves WHERE new=?",
+                    (domid, domid),
+                )
                 if pid != me
             }
         pidfds = []
@@ -356,6 +515,193 @@ def kill_domain(domid: int, runtime_dir: str | None = None, *, timeout: float = 
             events = watch_events(db, [home, "@releaseDomain"])
         send_watch_events(events)
         return sorted(p for p, _ in victims)
+    finally:
+        rt.close()
+
+
+def _free_domid(db: sqlite3.Connection, domid: int) -> bool:
+    """True if no process plays ``domid`` and it has no store home."""
+    used = db.execute(
+        "SELECT 1 FROM procs WHERE domid=? UNION ALL SELECT 1 FROM moves WHERE new=? "
+        "UNION ALL SELECT 1 FROM nodes WHERE path=? LIMIT 1",
+        (domid, domid, f"/local/domain/{domid}"),
+    ).fetchone()
+    return used is None
+
+
+def _next_domid(db: sqlite3.Connection) -> int:
+    """The domid after the highest one this runtime has known, as Xen's toolstack
+    allocates them (wrapping around to the lowest free one)."""
+    row = db.execute("SELECT MAX(domid) FROM domains").fetchone()
+    top: int = 0 if row[0] is None else int(row[0])
+    for candidate in itertools.chain(range(top + 1, DOMID_MAX + 1), range(1, top + 1)):
+        if _free_domid(db, candidate):
+            return candidate
+    raise_errno(errno.ENOSPC, "sim: restore: every domid is in use")
+    raise AssertionError  # unreachable
+
+
+def _revoke_backend(db: sqlite3.Connection, bid: int, wake: list[str]) -> None:
+    """What a restore takes from backend ``bid`` (in the restore's transaction): its
+    unmap notifications (not performed), its ports (their peers revert to unbound; the
+    sockets are added to ``wake``), its grants and its mappings' rows.  Its watches stay
+    (the guest's kernel registers them again)."""
+    db.execute("DELETE FROM notifies WHERE bid=?", (bid,))
+    for pdomid, port, sock in db.execute(
+        "SELECT domid, port, sock FROM ports WHERE bid=?", (bid,)
+    ).fetchall():
+        unbind_port(db, pdomid, port)
+        wake.append(str(sock))
+    files = {
+        str(r[0])
+        for r in db.execute(
+            "SELECT file FROM grants WHERE bid=? UNION SELECT file FROM maps WHERE bid=?",
+            (bid, bid),
+        )
+    }
+    db.execute("DELETE FROM grants WHERE bid=?", (bid,))
+    db.execute("DELETE FROM maps WHERE bid=?", (bid,))
+    for file in files:
+        drop_file_if_unused(db, file)
+
+
+def restore_domain(domid: int, new_domid: int | None = None, runtime_dir: str | None = None) -> int:
+    """Do to simulated domain ``domid`` what ``xl save`` + ``xl restore`` (or a
+    migration) does to a domain: the domain dies and the same VM comes back as domain
+    ``new_domid``, its processes running on.
+
+    For its peers, the domain dies as with :func:`kill_domain`: its ports are closed
+    (theirs silently revert to unbound, no event), its grants are revoked (mappings of
+    them stay valid, new maps fail), its home ``/local/domain/<domid>`` is removed and
+    ``@releaseDomain`` fires.  No unmap notification is performed (a save performs
+    none).  Then the new home is created with the same ``name`` and ``vm`` keys (the VM's
+    identity) and ``@introduceDomain`` fires.
+
+    Its processes are not stopped.  Each backend of the domain, in any process (this
+    one too), learns the restore at its next operation: its ``domid`` is then the new
+    one; its ports, grants and mappings of before are revoked (a notify raises ENOTCONN,
+    a port's waiter is woken and finds it unbound, maps of old grants fail), but every
+    page stays mapped until it is closed; its store watches stay and fire once, as when
+    the guest's kernel registers them again.  A process of the domain that opens a
+    backend for ``domid`` later plays ``new_domid``.
+
+    Args:
+        domid: the domain to restore (not 0: dom0 is never saved).
+        new_domid: its domid after the restore; default: the one after the highest
+            domid this runtime has known (as Xen allocates them).
+        runtime_dir: the runtime directory (default as for :class:`SimBackend`).
+
+    Returns:
+        The new domid.
+
+    Raises:
+        LocalProtocolError: (a :class:`ValueError`) ``domid`` is 0, ``new_domid`` is 0 or
+            ``domid``, or either is out of range.
+        XenError: ESRCH if no process plays ``domid``; EEXIST if ``new_domid`` is a
+            domain already (a process plays it, or it has a store home).
+    """
+    check_domid(domid)
+    if domid == 0:
+        raise LocalProtocolError("sim: restore: domain 0 cannot be saved or restored")
+    if new_domid is not None and check_domid(new_domid) in (0, domid):
+        raise LocalProtocolError(
+            f"sim: restore of domain {domid}: the new domid must be another domain's, "
+            f"not {new_domid}"
+        )
+    rt = Runtime(os.path.abspath(runtime_dir or default_runtime_dir()))
+    try:
+        rt.reap_dead()
+        wake: list[str] = []
+        with rt.write() as db:
+            bids = [
+                int(bid)
+                for bid, pid, start in db.execute(
+                    "SELECT bid, pid, start FROM procs WHERE domid=?", (domid,)
+                ).fetchall()
+                if proc_alive(pid, start)
+            ]
+            members = {
+                (int(pid), int(start))
+                for pid, start in db.execute(
+                    "SELECT pid, start FROM procs WHERE domid=? "
+                    "UNION SELECT pid, start FROM moves WHERE new=?",
+                    (domid, domid),
+                ).fetchall()
+                if proc_alive(pid, start)
+            }
+            if not members:
+                raise_errno(errno.ESRCH, f"sim: restore: no process plays domain {domid}")
+            if new_domid is None:
+                new_domid = _next_domid(db)
+            elif not _free_domid(db, new_domid):
+                raise_errno(
+                    errno.EEXIST,
+                    f"sim: restore of domain {domid} as {new_domid}: domain {new_domid} exists",
+                )
+            old_home, new_home = f"/local/domain/{domid}", f"/local/domain/{new_domid}"
+            identity = {
+                str(path).rsplit("/", 1)[1]: bytes(value)
+                for path, value in db.execute(
+                    "SELECT path, value FROM nodes WHERE path IN (?, ?)",
+                    (f"{old_home}/name", f"{old_home}/vm"),
+                )
+            }
+            for bid in bids:
+                _revoke_backend(db, bid, wake)
+            db.executemany(
+                "UPDATE procs SET domid=? WHERE bid=?", [(new_domid, bid) for bid in bids]
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO moves VALUES (?, ?, ?, ?)",
+                [(pid, start, domid, new_domid) for pid, start in members],
+            )
+            # (A process moved here earlier follows the chain: old -> domid -> new_domid.)
+            db.execute(
+                "DELETE FROM nodes WHERE path=? OR (path > ? AND path < ?)",
+                (old_home, old_home + "/", old_home + "0"),
+            )
+            db.execute(
+                "INSERT INTO domains (domid, next_ref, dead) VALUES (?, NULL, 0) "
+                "ON CONFLICT(domid) DO UPDATE SET dead=0",
+                (new_domid,),
+            )
+            (gen,) = db.execute("UPDATE meta SET v = v + 1 WHERE k='gen' RETURNING v").fetchone()
+            name = identity.get("name")
+            vm = identity.get("vm")
+            fresh = _identity_nodes(
+                db,
+                new_domid,
+                None if vm is None else vm.decode(errors="replace").removeprefix("/vm/"),
+                None if name is None else name.decode(errors="replace"),
+            )
+            db.executemany(
+                "INSERT INTO nodes VALUES (?, ?, ?, ?)",
+                [
+                    (new_home, b"", f"n{new_domid}", gen),
+                    (f"{new_home}/domid", str(new_domid).encode(), f"n{new_domid}", gen),
+                    *[(path, value, perms, gen) for path, value, perms in fresh],
+                ],
+            )
+            db.execute("UPDATE nodes SET gen=? WHERE path='/local/domain'", (gen,))
+            events = watch_events(db, [old_home, "@releaseDomain", new_home, "@introduceDomain"])
+            # The guest's kernel registers its watches again: each fires once.
+            if bids:
+                marks = ",".join("?" * len(bids))
+                events += [
+                    (str(sock), f"{path}\0{token}".encode())
+                    for path, token, sock in db.execute(
+                        f"SELECT path, token, sock FROM watches WHERE bid IN ({marks})", bids
+                    )
+                ]
+            rt.bump_restores()
+        # Wake the revoked ports' waiters, then make the sockets unreachable: a peer's
+        # notify through a cached name then fails and finds the port unbound.
+        for sock in wake:
+            send_dgram(sock, b"r")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sock)
+        send_watch_events(events)
+        return new_domid
     finally:
         rt.close()
 

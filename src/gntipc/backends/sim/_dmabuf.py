@@ -119,6 +119,8 @@ class SimDmabufImport(DmabufImport):
         self, domain: SimDomain, domid: int, refs: tuple[int, ...], name: str, hold: int
     ) -> None:
         self._domain = domain
+        self._granter = domain.domid
+        self._epoch = domain.epoch
         self.domid = domid
         self.refs = refs
         self._name = name
@@ -139,10 +141,11 @@ class SimDmabufImport(DmabufImport):
         if self._domain.closed:
             return
         with self._domain.rt.write() as db:
-            db.executemany(
-                "DELETE FROM grants WHERE domid=? AND ref=?",
-                [(self._domain.domid, r) for r in self.refs],
-            )
+            if self._epoch == self._domain.epoch:  # (else a restore revoked the grants)
+                db.executemany(
+                    "DELETE FROM grants WHERE domid=? AND ref=?",
+                    [(self._granter, r) for r in self.refs],
+                )
             drop_file_if_unused(db, self._name)
 
     def __del__(self) -> None:

@@ -17,6 +17,12 @@ and the cleared byte.  Consuming an event is one ``recv`` (plus one that finds t
 queue empty, so that events sent meanwhile coalesce).  A killed *domain*
 (:func:`kill_domain`) performs none: the port just reverts to unbound, as on Xen.
 
+A restore of our domain (:func:`~gntipc.backends.sim.restore_domain`) closes the port:
+its row goes (the peer reverts to unbound, silently), its socket name is unlinked and it
+gets a ``b"r"`` datagram, which wakes a waiter; :meth:`SimEventPort.pending` then
+reports one event (so the waiter looks again), :meth:`~SimEventPort.status` says
+``UNBOUND`` and :meth:`~SimEventPort.notify` raises ENOTCONN, as for a peer that is gone.
+
 Masking follows the evtchn device: :meth:`pending` reporting an event masks the port;
 events arriving while masked are latched (``pending`` says False) and redelivered, as
 one, by :meth:`unmask`.
@@ -56,6 +62,9 @@ class SimEventPort(EventPort):
         path: str,
     ) -> None:
         self._domain = domain
+        self._domid = domain.domid  # ours when bound (a restore changes the domain's)
+        self._epoch = domain.epoch
+        self._revoke_seen = False
         self.port = port
         self.remote_domid = remote_domid
         self._sock: socket.socket | None = sock
@@ -109,6 +118,9 @@ class SimEventPort(EventPort):
         with self._lock:
             if self._sock is None:
                 return
+            if self._domain.revoked(self._epoch):
+                self._drop_pidfd()
+                return
             self._refresh_locked()
 
     def _refresh_locked(self) -> None:
@@ -118,7 +130,7 @@ class SimEventPort(EventPort):
                 "SELECT p.sock, p.pid, p.start FROM ports AS me JOIN ports AS p "
                 "ON p.domid = me.remote AND p.port = me.peer_port "
                 "WHERE me.domid=? AND me.port=?",
-                (self._domain.domid, self.port),
+                (self._domid, self.port),
             ).fetchone()
         if row is None:
             if self._peer_sock is not None:
@@ -143,6 +155,15 @@ class SimEventPort(EventPort):
             raise ClosedResourceError("the event port is closed")
         return sock
 
+    def _revoked_now(self) -> bool:
+        """True if a restore of our domain closed the port (then the peer pidfd goes)."""
+        if not self._domain.revoked(self._epoch):
+            return False
+        with self._lock:
+            if self._sock is not None:
+                self._drop_pidfd()
+        return True
+
     def fileno(self) -> int:
         """The epoll fd: readable on an event or when the peer process has died.
 
@@ -162,6 +183,8 @@ class SimEventPort(EventPort):
             ClosedResourceError: the port is closed.
         """
         self._live_sock()
+        if self._domain.revoked(self._epoch):
+            self._raise_revoked()
         peer = self._peer_sock
         if peer is None:
             self._refresh()
@@ -179,6 +202,13 @@ class SimEventPort(EventPort):
                 f"evtchn: notify port {self.port}: not connected to domain {self.remote_domid}",
             )
 
+    def _raise_revoked(self) -> None:
+        raise_errno(
+            errno.ENOTCONN,
+            f"evtchn: notify port {self.port}: closed by the restore of domain {self._domid}"
+            f" (now domain {self._domain.domid})",
+        )
+
     def pending(self) -> bool:
         """Consume a queued event; True if one is delivered (the port is then masked).
 
@@ -189,6 +219,15 @@ class SimEventPort(EventPort):
             ClosedResourceError: the port is closed.
         """
         sock = self._live_sock()
+        if self._revoked_now():
+            # The wake-up the restore sent, reported once as an event: the caller looks
+            # again and finds the port unbound.
+            self._drain(sock)
+            if self._revoke_seen:
+                return False
+            self._revoke_seen = True
+            self._masked = True
+            return True
         got = self._latched
         for _ in range(8):  # bounded: each round consumes a datagram or reaps the peer
             try:
@@ -264,6 +303,8 @@ class SimEventPort(EventPort):
             ClosedResourceError: the port is closed.
         """
         self._live_sock()
+        if self._revoked_now():
+            return PortState.UNBOUND
         self._refresh()
         if self._peer_dead():
             self._reap_peer()
@@ -282,9 +323,10 @@ class SimEventPort(EventPort):
         sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path)
-        if not self._domain.closed:
+        if not self._domain.closed and not self._domain.revoked(self._epoch):
             with self._domain.rt.write() as db:
-                unbind_port(db, self._domain.domid, self.port)
+                if self._epoch == self._domain.epoch:  # (a restore just now took the row)
+                    unbind_port(db, self._domid, self.port)
         with self._lock:
             self._drop_pidfd()
         ep, self._ep = self._ep, None
@@ -301,7 +343,7 @@ class SimEventPort(EventPort):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2)
 
     def __repr__(self) -> str:
-        return f"<SimEventPort {self._domain.domid}:{self.port} -> domain {self.remote_domid}>"
+        return f"<SimEventPort {self._domid}:{self.port} -> domain {self.remote_domid}>"
 
 
 def is_port_of(port: EventPort, domain: SimDomain) -> bool:

@@ -7,12 +7,22 @@ anonymous mmap and maps each page over it with ``MAP_FIXED`` (``gnt_mmap`` of th
 native core), read-only (``PROT_READ``) unless asked otherwise.  A memory file lives
 while a grant or a mapping (``maps`` rows) refers to it; after the granter ends its
 grants the mapper's pages stay valid, as foreign-mapped pages do on Xen.
+
+A restore of our domain revokes our grants and forgets our mappings and their unmap
+notifications (their rows go; a save performs no notification).  When this process
+learns it, each of its mappings is *detached*: a private copy of its pages replaces it
+in place (one ``MAP_FIXED`` mmap of a memfd over the range, atomic for other threads),
+so the pages stay mapped until :meth:`SimPages.close` (a reader in flight keeps reading
+the stale page, it never faults) while what the restored domain writes no longer
+reaches its former peers, whose pages stay with the dead domain as on Xen.  Closing
+such pages then unmaps them and does nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import mmap
 import os
 import sqlite3
@@ -38,6 +48,10 @@ __all__ = [
     "reserve_refs",
     "share_pages",
 ]
+
+#: Numbers SimPages in the order they are made: a restore detaches them in that order
+#: (a vchan's control page, whose indices say what its rings hold, before its rings).
+_order = itertools.count()
 
 #: The first ref handed out (Xen reserves refs 0..7 of every grant table).
 FIRST_REF = 8
@@ -66,6 +80,9 @@ class SimPages(Pages):
         map_ids: list[int],
     ) -> None:
         self._domain = domain
+        self._granter = domain.domid  # for a share: the domain whose grants these are
+        self._epoch = domain.epoch
+        self._order = next(_order)
         self.domid = domid
         self.refs = refs
         self._pages = pages  # (memory file, file offset) per page
@@ -86,15 +103,24 @@ class SimPages(Pages):
         Raises:
             LocalProtocolError: ``offset`` outside the mapping, ``clear_byte`` on a
                 read-only mapping, or ``port`` not a port of this backend.
+            XenError: EINVAL if a restore of our domain revoked the pages.
             ClosedResourceError: the pages are closed.
         """
         if self._closed:
             raise ClosedResourceError("the pages are closed")
+        if self._domain.revoked(self._epoch):
+            raise_errno(
+                errno.EINVAL,
+                f"sim: set unmap notify: {self!r} were revoked by the restore of domain "
+                f"{self._granter}",
+            )
         self.mapping.check_unmap_notify(offset, clear_byte=clear_byte)
         if port is not None and not is_port_of(port, self._domain):
             raise LocalProtocolError("the unmap-notify port must be a port of this backend")
         file, off = self._pages[offset // PAGE_SIZE]
         with self._domain.rt.write() as db:
+            if self._epoch != self._domain.epoch:  # (a restore just now took the rows)
+                raise_errno(errno.EINVAL, f"sim: set unmap notify: {self!r} were revoked")
             if self._notify_id is not None:
                 db.execute("DELETE FROM notifies WHERE id=?", (self._notify_id,))
             cur = db.execute(
@@ -112,6 +138,33 @@ class SimPages(Pages):
             self._notify_id = cur.lastrowid
         self._notify = (offset, clear_byte, port)
 
+    def _on_restore(self) -> None:
+        """Detach (see the module docstring): our domain was restored.  Best effort:
+        pages that cannot be copied (no memory) stay shared."""
+        if self._closed:
+            return
+        try:
+            ptr = ffi.from_buffer(self.mapping.mmap)  # an export: close() waits for us
+        except (ClosedResourceError, ValueError):
+            return
+        try:
+            size = len(self.refs) * PAGE_SIZE
+            snapshot = bytes(ffi.buffer(ptr, size))
+            fd = os.memfd_create("gntipc-sim-restored", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                os.pwrite(fd, snapshot, 0)
+                prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.mapping.writable else 0)
+                lib.gnt_mmap(
+                    ffi.cast("void *", ptr), size, prot, lib.MAP_SHARED | lib.MAP_FIXED, fd, 0
+                )
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        finally:
+            ffi.release(ptr)
+
     def close(self) -> None:
         """Unmap (firing the unmap notification) and end our grants.  Idempotent.
 
@@ -126,8 +179,8 @@ class SimPages(Pages):
             return
         self._closed = True
         self._domain.children.discard(self)
-        if self._domain.closed:
-            return
+        if self._domain.closed or self._domain.revoked(self._epoch):
+            return  # revoked: the restore removed our rows and performed no notification
         note = self._notify
         if note is not None:
             offset, clear, port = note
@@ -139,13 +192,15 @@ class SimPages(Pages):
                     port.notify()
         files = {f for f, _ in self._pages}
         with self._domain.rt.write() as db:
+            if self._epoch != self._domain.epoch:
+                return  # a restore took the rows between our check and now
             if self._notify_id is not None:
                 db.execute("DELETE FROM notifies WHERE id=?", (self._notify_id,))
             db.executemany("DELETE FROM maps WHERE id=?", [(i,) for i in self._map_ids])
             if self._shared:
                 db.executemany(
                     "DELETE FROM grants WHERE domid=? AND ref=?",
-                    [(self._domain.domid, r) for r in self.refs],
+                    [(self._granter, r) for r in self.refs],
                 )
             for f in files:
                 drop_file_if_unused(db, f)

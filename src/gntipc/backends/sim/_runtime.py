@@ -9,6 +9,11 @@ Layout of ``<runtime dir>`` (mode 0700, owned by the user):
     sqlite error becomes a :class:`~gntipc.XenError` (``EBUSY`` for a database still locked
     after the busy timeout, ``EIO`` otherwise) in :class:`StateDb`, so none leaks through
     the backend API.
+``restores``
+    one native u64, mapped by every backend: bumped by each
+    :func:`~gntipc.backends.sim.restore_domain` inside its transaction, so that a backend
+    notices a restore with one memory read (no system call) on its fast paths, then reads
+    its new domid from ``procs`` (see :class:`Runtime`).
 ``m/<bid>-<n>``
     sparse memory files holding granted pages (a grant ref names one page of one file).
 ``p/<bid>-<n>``, ``w/<bid>-<n>``
@@ -29,13 +34,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import shutil
 import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..._exceptions import XenError, raise_errno
@@ -43,6 +49,7 @@ from ..._process import datagram_sender, proc_alive
 
 __all__ = [
     "Runtime",
+    "follow_moves",
     "default_runtime_dir",
     "send_dgram",
 ]
@@ -65,6 +72,8 @@ CREATE TABLE IF NOT EXISTS nodes (path TEXT PRIMARY KEY, value BLOB, perms TEXT,
 CREATE TABLE IF NOT EXISTS watches (id INTEGER PRIMARY KEY, bid INTEGER, path TEXT,
     token TEXT, sock TEXT);
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER);
+CREATE TABLE IF NOT EXISTS moves (pid INTEGER, start INTEGER, old INTEGER, new INTEGER,
+    PRIMARY KEY (pid, start, old));
 INSERT OR IGNORE INTO meta VALUES ('gen', 1);
 INSERT OR IGNORE INTO nodes VALUES ('/', x'', 'n0', 1);
 INSERT OR IGNORE INTO nodes VALUES ('/local', x'', 'n0', 1);
@@ -229,12 +238,24 @@ def _enable_wal(db: StateDb, timeout: float = 10.0) -> None:
 
 
 class Runtime:
-    """One backend's handle on the runtime directory: its lock and its db connection."""
+    """One backend's handle on the runtime directory: its lock, its db connection and
+    the mapped ``restores`` counter.
+
+    Attributes:
+        on_restore: called as ``on_restore(db)`` at the start of a write transaction when
+            the ``restores`` counter differs from :attr:`seen_restores` (the backend
+            then learns its new domid; it sets :attr:`seen_restores`).
+        seen_restores: the counter's value when the owner last looked.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._dirfd = _lock_dir_shared(path)
         self.lock = threading.RLock()
+        self._restores_mm: mmap.mmap | None = None
+        self._restores: memoryview | None = None
+        self.on_restore: Callable[[sqlite3.Connection], None] | None = None
+        self.seen_restores = 0
         try:
             self.db = _connect(os.path.join(path, "state.db"))
             _enable_wal(self.db)
@@ -244,17 +265,47 @@ class Runtime:
             for sub in ("m", "p", "w"):
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(os.path.join(path, sub), 0o700)
+            self._map_restores()
         except BaseException:
             self._unlock_close()
             raise
 
+    def _map_restores(self) -> None:
+        path = os.path.join(self.path, "restores")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)  # zeroes; a concurrent creator's ftruncate is a no-op
+            self._restores_mm = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
+        self._restores = memoryview(self._restores_mm).cast("Q")
+
+    def restores(self) -> int:
+        """The ``restores`` counter: how many domains were restored in this runtime (a
+        torn read is possible while one is bumped; it only costs an extra look)."""
+        counter = self._restores
+        return 0 if counter is None else int(counter[0])
+
+    def bump_restores(self) -> None:
+        """Add one to the counter; call it inside the restore's write transaction."""
+        assert self._restores is not None
+        self._restores[0] = (self._restores[0] + 1) & 0xFFFF_FFFF_FFFF_FFFF
+
     # -- transactions ---------------------------------------------------------------
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """A serialised write transaction across every process of the runtime."""
+        """A serialised write transaction across every process of the runtime.
+
+        If a domain was restored since the owner last looked, :attr:`on_restore` runs
+        first, in the transaction: an operation never acts under a domid that a restore
+        already took away."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
+                hook = self.on_restore
+                if hook is not None and self.restores() != self.seen_restores:
+                    hook(self.db)
                 yield self.db
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -278,6 +329,11 @@ class Runtime:
         with self.lock:
             rows = self.db.execute("SELECT bid, pid, start FROM procs").fetchall()
             dead = [r for r in rows if not proc_alive(r[1], r[2])]
+            moved = self.db.execute("SELECT DISTINCT pid, start FROM moves").fetchall()
+            gone = [(p, s) for p, s in moved if not proc_alive(p, s)]
+            if gone:
+                with self.write() as db:
+                    db.executemany("DELETE FROM moves WHERE pid=? AND start=?", gone)
             if not dead:
                 return []
             with self.write() as db:
@@ -329,6 +385,12 @@ class Runtime:
         self._unlock_close()
 
     def _unlock_close(self) -> None:
+        counter, self._restores = self._restores, None
+        if counter is not None:
+            counter.release()
+        mm, self._restores_mm = self._restores_mm, None
+        if mm is not None:
+            mm.close()
         fd, self._dirfd = self._dirfd, -1
         if fd >= 0:
             os.close(fd)
@@ -448,6 +510,22 @@ def unbind_port(db: sqlite3.Connection, domid: int, port: int) -> None:
     if row is not None and row[1] is not None:
         db.execute("UPDATE ports SET peer_port=NULL WHERE domid=? AND port=?", (row[0], row[1]))
     db.execute("DELETE FROM ports WHERE domid=? AND port=?", (domid, port))
+
+
+def follow_moves(db: sqlite3.Connection, pid: int, start: int, domid: int) -> int:
+    """The domain that process ``(pid, start)`` plays now if it played ``domid``: a
+    restore moves every process of the restored domain to the new domid, so a backend it
+    opens for the old one plays the new one (as every process of a restored VM is in the
+    new domain on Xen)."""
+    seen = {domid}
+    while True:
+        row = db.execute(
+            "SELECT new FROM moves WHERE pid=? AND start=? AND old=?", (pid, start, domid)
+        ).fetchone()
+        if row is None or row[0] in seen:
+            return domid
+        domid = int(row[0])
+        seen.add(domid)
 
 
 def leftovers(rt: Runtime) -> list[str]:

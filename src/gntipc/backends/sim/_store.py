@@ -229,10 +229,31 @@ class SimStore(_Ops, Store):
 
     def __init__(self, domain: SimDomain) -> None:
         self._domain = domain
-        self.domid = self._domid = domain.domid
+        self._epoch = domain.epoch
+        self._domid = domain.domid
         self._home = f"/local/domain/{domain.domid}"
         self._pending: list[str] = []
         self._closed = False
+
+    @property
+    def domid(self) -> int:
+        """Our domain (after a restore: the new one)."""
+        self._sync()
+        return self._domid
+
+    @domid.setter
+    def domid(self, value: int) -> None:
+        raise AttributeError("the store's domid is its backend's")
+
+    def _sync(self) -> None:
+        """Follow a restore of our domain: relative paths and permission checks are then
+        the new domain's, as when the guest's kernel reconnects to xenstored."""
+        domain = self._domain
+        domain.sync()
+        if self._epoch != domain.epoch:
+            self._epoch = domain.epoch
+            self._domid = domain.domid
+            self._home = f"/local/domain/{domain.domid}"
 
     def _ensure_open(self) -> None:
         if self._closed or self._domain.closed:
@@ -281,6 +302,7 @@ class SimStore(_Ops, Store):
     def _run(self, op: str, *args: object) -> object:
         rt = self._domain.rt
         self._ensure_open()
+        self._sync()
         with rt.lock:
             self._pending = []
             with rt.write() as db:
@@ -292,16 +314,19 @@ class SimStore(_Ops, Store):
     # Reads need no write lock; mutations run in one write transaction each.
     def read(self, path: str) -> bytes:
         """See :meth:`Store.read`.  Raises XenError ENOENT/EACCES/EINVAL."""
+        self._sync()
         with self._domain.rt.lock:
             return _Ops.read(self, path)
 
     def directory(self, path: str) -> list[str]:
         """See :meth:`Store.directory`.  Raises XenError ENOENT/EACCES/EINVAL."""
+        self._sync()
         with self._domain.rt.snapshot():
             return _Ops.directory(self, path)
 
     def get_perms(self, path: str) -> list[Perm]:
         """See :meth:`Store.get_perms`.  Raises XenError ENOENT/EACCES/EINVAL."""
+        self._sync()
         with self._domain.rt.lock:
             return _Ops.get_perms(self, path)
 
@@ -324,6 +349,7 @@ class SimStore(_Ops, Store):
             ClosedResourceError: the store is closed.
         """
         self._ensure_open()
+        self._sync()
         return SimTransaction(self)
 
     def watch(self, path: str, token: str = "") -> SimWatch:
@@ -338,6 +364,7 @@ class SimStore(_Ops, Store):
                 raise_errno(errno.EINVAL, f"xenstore: watch {path!r}")
             full = path
         else:
+            self._sync()
             full = self._abs(path)
         self._ensure_open()
         if "\0" in token:
