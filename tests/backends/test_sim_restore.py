@@ -13,6 +13,9 @@ import errno
 import hashlib
 import random
 import select
+import subprocess
+import sys
+import time
 
 import anyio
 import pytest
@@ -109,6 +112,16 @@ async def accept_unless(listener: gntipc.Listener, event: anyio.Event) -> ByteSt
         tg.start_soon(take)
         tg.start_soon(give_up)
     return got[0] if got else None
+
+
+def wait_for_a_new_domid() -> None:
+    """A process of domain 2 that prints its domid, then its next one (within 30 s)."""
+    with SimBackend() as backend:
+        print(backend.domid, flush=True)
+        deadline = time.monotonic() + 30
+        while backend.domid == 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(backend.domid, flush=True)
 
 
 # -- the tests ----------------------------------------------------------------------------
@@ -351,3 +364,29 @@ def test_identity_given_derived_and_checked(
     assert dom0.store.read("name") == b"Domain-0"
     # Derived UUIDs differ between domains (and are the same for a domid in any run).
     assert derived != vm_key(dom0, 0) and derived != f"/vm/{vm}".encode()
+
+
+def test_the_command(gntipc_sim: SimRuntime) -> None:
+    gntipc_sim.backend(0)
+    proc = gntipc_sim.spawn(wait_for_a_new_domid, domid=2)
+    assert proc.readline() == "2"
+    command = [sys.executable, "-c", "from gntipc.cli import main; raise SystemExit(main())"]
+    done = subprocess.run(
+        [*command, "sim-restore-domain", "2", "--as", "12"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (0, "domain 2: restored as domain 12\n")
+    assert proc.readline() == "12"
+    assert proc.join() == 0
+    again = subprocess.run(
+        [*command, "sim-restore-domain", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert again.returncode == 1
+    assert "no process plays domain 2" in again.stderr

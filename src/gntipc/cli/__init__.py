@@ -11,6 +11,8 @@
     gntipc doctor                     check the backend, devices, limits and store; advice
     gntipc bench                      run the benchmarks of a source checkout
     gntipc sim-kill-domain DOMID      make a simulated domain die (no unmap notifications)
+    gntipc sim-restore-domain DOMID   save + restore a simulated domain: it dies for its
+                                      peers, its processes go on as a new domid (--as)
 
 listen and connect pass the end of stdin on to the peer as EOF (a half-close) and go on
 copying the peer to stdout until the peer ends its side too; with ``--close-on-eof`` (as
@@ -291,6 +293,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     kill = command("sim-kill-domain", "kill a simulated domain (sim backend only)")
     kill.add_argument("domid", type=int, help="the simulated domain to kill")
+    restore = command(
+        "sim-restore-domain",
+        "do to a simulated domain what xl save + xl restore (or a migration) does: it dies"
+        " for its peers (ports, grants and home gone) and comes back as a new domid with"
+        " the same name and UUID, its processes running on (sim backend only)",
+    )
+    restore.add_argument("domid", type=int, help="the simulated domain to restore")
+    restore.add_argument(
+        "--as",
+        dest="new_domid",
+        type=int,
+        metavar="NEWID",
+        help="its domid after the restore (default: the next free one, as Xen allocates)",
+    )
     return parser
 
 
@@ -342,6 +358,12 @@ def _run(args: argparse.Namespace) -> int:
 
         pids = kill_domain(args.domid)
         print(f"domain {args.domid}: killed {len(pids)} processes")
+        return EXIT_OK
+    if args.command == "sim-restore-domain":
+        from ..backends.sim import restore_domain
+
+        new = restore_domain(args.domid, args.new_domid)
+        print(f"domain {args.domid}: restored as domain {new}")
         return EXIT_OK
     if args.command == "doctor":
         return _doctor.run(args)
