@@ -10,7 +10,10 @@ Design, one concept per private module:
 
 ``_domain``
     :class:`SimDomain`, what a backend hands its resources (runtime, backend id, domid,
-    the registry of live resources, new file names) so that they never see the backend.
+    the registry of live resources, new file names) so that they never see the backend;
+    it follows a restore of the domain (:meth:`SimDomain.sync`: one memory read of the
+    runtime's ``restores`` counter when nothing happened) and counts restores in an
+    *epoch*: a resource of an older epoch is revoked.
 ``_runtime``
     The directory, the process registry ``(pid, start time)`` (immune to pid reuse),
     and *reaping*: the state of a dead process is reclaimed by whoever notices first —
@@ -40,8 +43,23 @@ Design, one concept per private module:
     per-watch datagram sockets.  Each backend creates its domain's home
     ``/local/domain/<domid>`` (owned by the domain, no access for others, with a
     ``domid`` key) if it is absent — the toolstack's job on Xen — and fires
-    ``@introduceDomain`` when it does; :func:`kill_domain` removes it and fires
-    ``@releaseDomain``.
+    ``@introduceDomain`` when it does, with the toolstack's keys ``name`` and ``vm``
+    (``/vm/<uuid>``; owned by dom0, readable by the domain, as libxl writes them; set by
+    ``SimBackend(vm_uuid=..., vm_name=...)`` or ``$GNTIPC_SIM_VM_UUID`` /
+    ``$GNTIPC_SIM_VM_NAME``, else derived from the domid, unique in the store);
+    :func:`kill_domain` removes it and fires ``@releaseDomain``.
+
+Save/restore and migration: :func:`restore_domain` (``gntipc sim-restore-domain``)
+makes the domain die for its peers exactly as :func:`kill_domain` does (ports silently
+unbound, grants revoked, home removed, ``@releaseDomain``, no unmap notification) and
+brings the VM back under a new domid, its ``name`` and ``vm`` keys kept, while its
+processes run on.  Each backend of the domain, in any process, learns it at its next
+operation: its ``domid`` is the new one, its old ports wake their waiters, report one
+event, are unbound and refuse notifies (ENOTCONN), its mappings are replaced in place by
+private copies (never unmapped under a call; its writes no longer reach the peers), its
+old grants are gone (peers' mappings of them stay, new maps fail), its watches fire
+once (registered again); a backend the process opens later for the old domid plays the
+new one.
 
 Xen behaviours that are **not** modelled:
 
@@ -65,7 +83,17 @@ Xen behaviours that are **not** modelled:
   ``@``-paths besides ``@releaseDomain``/``@introduceDomain``, no introduce/release
   of domains other than by :func:`kill_domain` and the home creation above;
 - domains have no lifecycle beyond their processes: a killed domid may be played
-  again at once.
+  again at once; a domain's identity and a restore's moves live in the runtime
+  directory, which goes when its last backend closes; the home is owned by the domain
+  (on Xen, by dom0 with read access for the domain; its ``data`` is the domain's);
+- a restore does not pause the domain (Xen suspends it before saving): until a process
+  of the domain next calls its backend (a notify, a wait, a map, a store access), what
+  it writes through a mapping still reaches the peer's page; after it, the process
+  still reads its pages (private copies, as they were) where on Xen its foreign
+  mappings are gone; a process is part of the domain only while it has a backend of
+  it open (or was moved into it by a restore), not merely through
+  ``$GNTIPC_SIM_DOMID``; watches keep the absolute paths they were registered with; no
+  ``/vm/<uuid>`` subtree, no save image, no downtime.
 """
 
 from ._backend import SimBackend as SimBackend
