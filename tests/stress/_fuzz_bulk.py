@@ -156,7 +156,8 @@ TRAFFIC = (
 ENC = msgspec.msgpack.Encoder()
 DEC = msgspec.msgpack.Decoder(Msg)
 COUNTS: dict[str, Counter[str]] = {
-    k: Counter() for k in ("episodes", "mutations", "frames", "traffic", "violations")
+    k: Counter()
+    for k in ("episodes", "mutations", "frames", "traffic", "violations", "fatal lie read")
 }
 
 
@@ -210,6 +211,11 @@ class BulkHostile:
         self.leave_holding = rnd.random() < 0.15
         self.steps = 0
         self.ctrl = ch.endpoint._pages[0].mapping.view()
+        # The connection's name, which the target knows too: the server's presence value
+        # (its control page's ref and a random nonce), which the client copies.
+        presence = ch.endpoint._presence
+        assert presence is not None and presence._value is not None
+        self.nonce = presence._value.decode()
         server = ch.is_server
         # (the target's consumer index of the ring we write, producer of the one we read)
         self.their_cons = OFF_RIGHT_CONS if server else OFF_LEFT_CONS
@@ -256,6 +262,7 @@ class BulkHostile:
         ):
             self.silent_after = U32.unpack_from(self.ctrl, self.their_prod)[0]
             COUNTS["traffic"]["fatal lies read by the target"] += 1
+            COUNTS["fatal lie read"][self.nonce] += 1
         try:
             written = self.ch.write_nowait(self.out) if self.out else 0
             del self.out[:written]
@@ -534,7 +541,8 @@ class BulkHostile:
         elif lie == "release: out of range":
             frame = encode_release(rnd.choice((peer.buffers, peer.buffers + 7, 0xFFFFFFFF)))
         elif lie == "unknown type":
-            frame = bytes([rnd.choice((0, 5, 6, 9, 0x80, 0xFF)), 0, 0, 0]) + bytes(12)
+            # (not 5: a MESSAGE head, valid in version 2)
+            frame = bytes([rnd.choice((0, 6, 9, 0x80, 0xFF)), 0, 0, 0]) + bytes(12)
         elif lie == "flags or reserved":
             flags, reserved = rnd.choice(((1, 0), (0x80, 0), (0, 1), (0, 0x8000)))
             if self.held and rnd.random() < 0.5:

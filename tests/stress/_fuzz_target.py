@@ -518,6 +518,8 @@ def main(make: Callable[[random.Random, object], Target] | None = None) -> None:
         "leftovers": leftover,
         "asan": bool(os.environ.get("GNTIPC_STRESS_ASAN_LIB")),
         "poisoned_pages": target.poisoner.pages if target.poisoner else 0,
+        # (the bulk target: the connections on which it raised RemoteProtocolError)
+        "broken": getattr(target, "broken", []),
     }
     with open(result, "w") as f:
         json.dump(out, f)

@@ -155,6 +155,8 @@ class FuzzResult:
     memory_measure: str = "RSS"
     slow: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
+    #: The connections (presence values) on which a target raised RemoteProtocolError.
+    broken: set[str] = field(default_factory=set)
     outcomes: Counter[str] = field(default_factory=Counter)
     #: What the hostile peers did (see ``_fuzz_hostile``): kind -> what -> count.
     hostile: dict[str, Counter[str]] = field(default_factory=dict)
@@ -398,6 +400,7 @@ def collect(
         out.outcomes.update(res["outcomes"])
         if res["leftovers"]:
             out.leftovers.append(res["leftovers"])
+        out.broken.update(res.get("broken", ()))
 
 
 def check_fuzz(
@@ -431,6 +434,9 @@ def check_fuzz(
     # What the hostile peer saw our side do wrong (the bulk peer checks our frames and
     # the bytes of our loans).
     violations = res.hostile.get("violations", Counter())
+    # Connections on which the target read a lie that breaks the protocol (the bulk
+    # peer says so: its consumer index passed it) but raised no RemoteProtocolError.
+    silent = sorted(set(res.hostile.get("fatal lie read", ())) - res.broken)
     REPORT.add(
         part,
         "hostile peer: episodes / mutations (fewest: kind)",
@@ -442,6 +448,7 @@ def check_fuzz(
     for name, value in (
         ("undocumented errors", res.failure_count),
         ("violations seen by the hostile peer", violations.total()),
+        ("fatal lies read, no RemoteProtocolError", len(silent)),
         ("crashes", res.crashes),
         ("ASan reports", res.asan_reports),
         ("hangs (op past deadline)", res.hangs),
@@ -460,6 +467,7 @@ def check_fuzz(
     REPORT.add(part, "seconds", seconds)
     assert not res.failures and res.failure_count == 0, "\n\n".join(res.failures[:5])
     assert not violations, violations.most_common(5)
+    assert not silent, f"lies read without RemoteProtocolError on the connections {silent}"
     assert res.hangs == 0 and res.crashes == 0 and res.asan_reports == 0
     assert not res.slow, res.slow
     assert growth < MAX_RSS_GROWTH
