@@ -142,7 +142,10 @@ FATAL = (
     }
 )
 #: What this peer does besides lying (counted with the lies as mutations).
-BEHAVIOURS = ("never releases", "closes holding loans", "dies mid-loan")
+BEHAVIOURS = ("never releases", "stalls holding loans", "closes holding loans", "dies mid-loan")
+#: The longest a stalling peer stays silent: longer than an operation may take (the
+#: target's SLOW), so that a wait without its deadline shows.
+STALL = 2.0 * SCALE
 #: The valid frames it sends.
 FRAMES = ("HELLO", "LOAN", "RELEASE", "EOF", "MESSAGE", "MESSAGE with a loan")
 #: Traffic that must happen: loans of the target checked, its releases of ours, its
@@ -209,6 +212,8 @@ class BulkHostile:
         self.holding = False
         # End the vchan as soon as both sides hold loans (else only when time is up).
         self.leave_holding = rnd.random() < 0.15
+        # Once holding a loan of the target's, say nothing more until it leaves.
+        self.stall = self.never_release and not crash and rnd.random() < 0.5
         self.steps = 0
         self.ctrl = ch.endpoint._pages[0].mapping.view()
         # The connection's name, which the target knows too: the server's presence value
@@ -420,6 +425,9 @@ class BulkHostile:
                     self.act()
                 if self.leave_holding and self.held and self.proto.sent_count:
                     break
+                if self.stall and self.held and not self.out:
+                    self.quiet()
+                    return
                 if self.crash and not announced and self.all_lent():
                     print(json.dumps(self.store_trail()), flush=True)
                     announced = True
@@ -442,6 +450,20 @@ class BulkHostile:
             "path": self.ch.path if self.ch.is_server else None,
             "ref": ep._published_ref,
         }
+
+    def quiet(self) -> None:
+        """Hold the target's loans and say nothing (but read) until the target leaves,
+        at most :data:`STALL` seconds: its loans and receptions must end at their own
+        deadlines meanwhile (an operation that waits longer is reported as slow).
+
+        Raises:
+            Gone: the vchan ended (the target left).
+        """
+        COUNTS["mutations"]["stalls holding loans"] += 1
+        deadline = time.monotonic() + STALL
+        while time.monotonic() < deadline:
+            if not self.pump():
+                time.sleep(0.002)
 
     def all_lent(self) -> bool:
         return self.proto.sent_count == self.buffers and not self.out
