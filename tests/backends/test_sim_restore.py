@@ -243,6 +243,43 @@ async def test_resumable_stream_survives_a_restore_of_the_client_domain(
     assert line.startswith("done") and int(line.split()[1]) >= 1
 
 
+async def test_restoring_the_server_domain_breaks_both_ends_in_this_process(
+    gntipc_sim: SimRuntime,
+) -> None:
+    """The other way round, both ends in this process: the server's domain is restored
+    while both ends wait in receive."""
+    server_backend = gntipc_sim.backend(1)
+    client_backend = gntipc_sim.backend(2)
+    path = gntipc_sim.new_path()
+    accepted: list[gntipc.VchanStream] = []
+    async with (
+        await gntipc.listen(2, path, backend=server_backend) as listener,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def accept() -> None:
+            accepted.append(await listener.accept())
+
+        tg.start_soon(accept)
+        client = await gntipc.connect(1, path, backend=client_backend, timeout=30)
+    async with accepted[0] as server, client:
+        broken: list[str] = []
+
+        async def receive(name: str, stream: gntipc.VchanStream) -> None:
+            with pytest.raises(anyio.BrokenResourceError):
+                await stream.receive()
+            broken.append(name)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receive, "server", server)
+                tg.start_soon(receive, "client", client)
+                await anyio.sleep(0.05)  # (both waiting: not needed for the outcome)
+                new = restore_domain(1, runtime_dir=gntipc_sim.path)
+        assert sorted(broken) == ["client", "server"]
+        assert server_backend.domid == new
+
+
 def test_the_backends_of_this_process_follow_the_restore(gntipc_sim: SimRuntime) -> None:
     peer = gntipc_sim.backend(1)
     me = gntipc_sim.backend(4)

@@ -79,8 +79,11 @@ class SimDomain:
                 pass  # Runtime.write runs _restored
 
     def revoked(self, epoch: int) -> bool:
-        """True if a resource made in ``epoch`` was revoked by a restore since."""
-        self.sync()
+        """True if a resource made in ``epoch`` was revoked by a restore since (on the
+        notify path: one memory read and two compares when nothing happened)."""
+        rt = self.rt
+        if rt.restores() != rt.seen_restores:
+            self.sync()
         return epoch != self.epoch
 
     @property
