@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import select
 import signal
@@ -64,7 +63,7 @@ from gntipc.protocol.bulk import (
 
 from ._common import die_with_parent, expected, time_scale
 from ._fuzz_bulk_target import LOAN_SALT, OPEN_TIMEOUT, POOL_SALT, Msg
-from ._fuzz_hostile import U32, VCHAN_ERRORS, open_channel
+from ._fuzz_hostile import U32, VCHAN_ERRORS, connect, open_channel, serve, start
 
 SCALE = time_scale()
 _HELLO = struct.Struct("<BBH4sHHIII")
@@ -700,47 +699,43 @@ def crash_child(role: str, peer: str, path: str, seed: str) -> None:
         return
 
 
+#: Episodes (tries) so far: every 25th is a lender killed mid-loan.
+TRIES = Counter[str]()
+
+
+def episode(backend: Backend, role: str, peer: int, path: str, rnd: random.Random) -> None:
+    """One connection: a HELLO and loans, lies or not (see the module docstring), until
+    its time is up or the target left; or a lender killed mid-loan."""
+    episodes = COUNTS["episodes"]
+    TRIES["all"] += 1
+    if TRIES["all"] % 25 == 3:  # (a few in every run, even a short one)
+        crash_episode(backend, role, str(peer), path, rnd)
+        return
+    ch = connect(role, backend, peer, path, rnd, episodes, corrupt=0)
+    if ch is None:
+        return
+    hello, lying = next_hello(episodes["hostile"], rnd)
+    never = rnd.random() < 0.25
+    # (GntipcError: e.g. the pool over the grant budget)
+    h = start(
+        ch,
+        episodes,
+        lambda: BulkHostile(ch, rnd, hello, lying, never_release=never),
+        (GntipcError,),
+    )
+    if h is None:
+        return
+    try:
+        h.run(SCALE * rnd.choice((0.05, 0.15, 0.3)))
+    finally:
+        h.close()
+
+
 def main() -> None:
     if sys.argv[1] == "crash":
         crash_child(*sys.argv[2:])
-        return
-    die_with_parent()
-    role, peer, path, seed, stop, result = sys.argv[1:]
-    rnd = random.Random(int(seed))
-    episodes = COUNTS["episodes"]
-    backend = get_backend()
-    n = 0
-    try:
-        while not os.path.exists(stop):
-            n += 1
-            if n % 25 == 3:  # (a few in every run, even a short one)
-                crash_episode(backend, role, peer, path, rnd)
-                continue
-            try:
-                ch = open_channel(role, backend, int(peer), path, rnd, corrupt=0)
-            except (TimeoutError, GntipcError):
-                episodes["no channel"] += 1
-                continue
-            if ch is None:
-                episodes["no channel"] += 1
-                continue
-            hello, lying = next_hello(episodes["hostile"], rnd)
-            try:
-                h = BulkHostile(ch, rnd, hello, lying, never_release=rnd.random() < 0.25)
-            except GntipcError as exc:  # e.g. the pool over the grant budget
-                episodes[f"setup: {type(exc).__name__}"] += 1
-                with contextlib.suppress(*VCHAN_ERRORS):
-                    ch.close()
-                continue
-            episodes["hostile"] += 1
-            try:
-                h.run(SCALE * rnd.choice((0.05, 0.15, 0.3)))
-            finally:
-                h.close()
-    finally:
-        backend.close()
-    with open(result, "w") as f:
-        json.dump({k: dict(v) for k, v in COUNTS.items()}, f)
+    else:
+        serve(COUNTS, episode)
 
 
 if __name__ == "__main__":

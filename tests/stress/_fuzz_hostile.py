@@ -32,6 +32,8 @@ import struct
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
@@ -54,6 +56,8 @@ from gntipc.protocol._layout import (
 )
 
 from ._common import die_with_parent, time_scale
+
+P = TypeVar("P")
 
 #: The domains the two sides play on the sim (on Xen both are processes of dom0).
 TARGET_DOM = 3
@@ -325,39 +329,83 @@ def corrupt_before_connect(ch: Vchan, rnd: random.Random) -> None:
         page.release()
 
 
-def main() -> None:
+def serve(
+    counts: dict[str, Counter[str]],
+    episode: Callable[[Backend, str, int, str, random.Random], None],
+) -> None:
+    """A hostile peer's process: ``episode(backend, role, peer, path, rnd)`` again and
+    again, as the command line says, until STOPFILE exists; then ``counts`` go to
+    RESULT."""
     die_with_parent()
     role, peer, path, seed, stop, result = sys.argv[1:]
     rnd = random.Random(int(seed))
-    episodes = COUNTS["episodes"]
     backend = get_backend()  # $GNTIPC_BACKEND (and $GNTIPC_SIM_DOMID on the sim)
     try:
         while not os.path.exists(stop):
-            try:
-                ch = open_channel(role, backend, int(peer), path, rnd)
-            except (TimeoutError, GntipcError):
-                episodes["no channel"] += 1
-                continue
-            if ch is None:
-                episodes["no channel"] += 1
-                continue
-            try:
-                h = Hostile(role, ch, rnd)
-            except VCHAN_ERRORS as exc:  # the target left (or unmapped) meanwhile
-                episodes[f"setup: {type(exc).__name__}"] += 1
-                with contextlib.suppress(*VCHAN_ERRORS):
-                    ch.close()
-                continue
-            episodes["hostile"] += 1
-            try:
-                h.episode(SCALE * rnd.choice((0.005, 0.05, 0.2, 0.5)))
-            finally:
-                with contextlib.suppress(*VCHAN_ERRORS):
-                    h.close()
+            episode(backend, role, int(peer), path, rnd)
     finally:
         backend.close()
     with open(result, "w") as f:
-        json.dump({k: dict(v) for k, v in COUNTS.items()}, f)
+        json.dump({k: dict(v) for k, v in counts.items()}, f)
+
+
+def connect(
+    role: str,
+    backend: Backend,
+    peer: int,
+    path: str,
+    rnd: random.Random,
+    episodes: Counter[str],
+    corrupt: float = 0.15,
+) -> Vchan | None:
+    """:func:`open_channel`, counting an attempt that gave none in ``episodes``."""
+    try:
+        ch = open_channel(role, backend, peer, path, rnd, corrupt)
+    except (TimeoutError, GntipcError):
+        ch = None
+    if ch is None:
+        episodes["no channel"] += 1
+    return ch
+
+
+def start(
+    ch: Vchan,
+    episodes: Counter[str],
+    make: Callable[[], P],
+    errors: tuple[type[BaseException], ...],
+) -> P | None:
+    """The hostile peer of an episode on ``ch`` (``make()``), counted; None (and ``ch``
+    closed) if ``make`` raised one of ``errors``."""
+    try:
+        h = make()
+    except errors as exc:
+        episodes[f"setup: {type(exc).__name__}"] += 1
+        with contextlib.suppress(*VCHAN_ERRORS):
+            ch.close()
+        return None
+    episodes["hostile"] += 1
+    return h
+
+
+def episode(backend: Backend, role: str, peer: int, path: str, rnd: random.Random) -> None:
+    """One connection: scribble and talk until its time is up or the target left."""
+    episodes = COUNTS["episodes"]
+    ch = connect(role, backend, peer, path, rnd, episodes)
+    if ch is None:
+        return
+    # (VCHAN_ERRORS: the target left, or unmapped, meanwhile)
+    h = start(ch, episodes, lambda: Hostile(role, ch, rnd), VCHAN_ERRORS)
+    if h is None:
+        return
+    try:
+        h.episode(SCALE * rnd.choice((0.005, 0.05, 0.2, 0.5)))
+    finally:
+        with contextlib.suppress(*VCHAN_ERRORS):
+            h.close()
+
+
+def main() -> None:
+    serve(COUNTS, episode)
 
 
 def open_channel(
