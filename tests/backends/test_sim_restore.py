@@ -16,6 +16,7 @@ import select
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -25,10 +26,12 @@ import gntipc
 from gntipc import LocalProtocolError, XenError
 from gntipc.backends import Pages, PortState
 from gntipc.backends.sim import SimBackend, restore_domain
-from gntipc.resume import ResumableListener, ResumableStream
-from gntipc.testing import SimRuntime
+from gntipc.resume import ResumableListener
+from gntipc.testing import SimRuntime, connect_pair
 
 pytestmark = pytest.mark.anyio
+
+RESUME_TESTS = str(Path(__file__).parent.parent / "streams" / "test_resume.py")
 
 
 @pytest.fixture
@@ -76,24 +79,6 @@ async def restored_client(server: int, path: str, again: str) -> None:
             with pytest.raises(anyio.EndOfStream):
                 await stream.receive()
     print("done", flush=True)
-
-
-async def resumable_producer(server: int, path: str, n: int, seed: int) -> None:
-    """Domain 2: stream ``n`` pseudo-random bytes to ``server`` over a resumable vchan
-    whose transports come from plain ``gntipc.connect`` (a backend opened from the
-    environment each time: after the restore, the new domain's)."""
-
-    async def dial() -> ByteStream:
-        return await gntipc.connect(server, path, timeout=5)
-
-    data = random.Random(seed).randbytes(n)
-    async with ResumableStream.client(dial, give_up_after=30, window_bytes=64 * 1024) as stream:
-        for i in range(0, n, 20_000):
-            await stream.send(data[i : i + 20_000])
-        await stream.send_eof()
-        with pytest.raises(anyio.EndOfStream):
-            await stream.receive()
-        print(f"done {stream.statistics().resumes}", flush=True)
 
 
 async def accept_unless(listener: gntipc.Listener, event: anyio.Event) -> ByteStream | None:
@@ -215,7 +200,12 @@ async def test_resumable_stream_survives_a_restore_of_the_client_domain(
     async with ResumableListener(FollowTheClient(), give_up_after=30) as rl:
         with anyio.fail_after(30):
             await offered.wait()
-        producer = gntipc_sim.spawn(resumable_producer, 0, path, n, 11, domid=2)
+        # tests/streams/test_resume.py's producer: a ResumableStream.client whose
+        # transports come from plain gntipc.connect (a backend opened from the
+        # environment each time: after the restore, the new domain's).
+        producer = gntipc_sim.spawn(
+            [sys.executable, RESUME_TESTS, "vchan-producer", path, str(n), "11"], domid=2
+        )
         h = hashlib.sha256()
         total = 0
         restored = False
@@ -250,19 +240,10 @@ async def test_restoring_the_server_domain_breaks_both_ends_in_this_process(
     while both ends wait in receive."""
     server_backend = gntipc_sim.backend(1)
     client_backend = gntipc_sim.backend(2)
-    path = gntipc_sim.new_path()
-    accepted: list[gntipc.VchanStream] = []
-    async with (
-        await gntipc.listen(2, path, backend=server_backend) as listener,
-        anyio.create_task_group() as tg,
-    ):
-
-        async def accept() -> None:
-            accepted.append(await listener.accept())
-
-        tg.start_soon(accept)
-        client = await gntipc.connect(1, path, backend=client_backend, timeout=30)
-    async with accepted[0] as server, client:
+    server, client = await connect_pair(
+        server_backend, gntipc_sim.new_path(), client_backend=client_backend
+    )
+    async with server, client:
         broken: list[str] = []
 
         async def receive(name: str, stream: gntipc.VchanStream) -> None:

@@ -31,11 +31,10 @@ from ._grants import SimPages, grant_copy, map_refs, share_pages
 from ._runtime import (
     Runtime,
     default_runtime_dir,
-    drop_file_if_unused,
     follow_moves,
     leftovers,
+    revoke_rows,
     send_dgram,
-    unbind_port,
 )
 from ._store import SimStore, send_watch_events, watch_events
 
@@ -541,30 +540,6 @@ def _next_domid(db: sqlite3.Connection) -> int:
     raise AssertionError  # unreachable
 
 
-def _revoke_backend(db: sqlite3.Connection, bid: int, wake: list[str]) -> None:
-    """What a restore takes from backend ``bid`` (in the restore's transaction): its
-    unmap notifications (not performed), its ports (their peers revert to unbound; the
-    sockets are added to ``wake``), its grants and its mappings' rows.  Its watches stay
-    (the guest's kernel registers them again)."""
-    db.execute("DELETE FROM notifies WHERE bid=?", (bid,))
-    for pdomid, port, sock in db.execute(
-        "SELECT domid, port, sock FROM ports WHERE bid=?", (bid,)
-    ).fetchall():
-        unbind_port(db, pdomid, port)
-        wake.append(str(sock))
-    files = {
-        str(r[0])
-        for r in db.execute(
-            "SELECT file FROM grants WHERE bid=? UNION SELECT file FROM maps WHERE bid=?",
-            (bid, bid),
-        )
-    }
-    db.execute("DELETE FROM grants WHERE bid=?", (bid,))
-    db.execute("DELETE FROM maps WHERE bid=?", (bid,))
-    for file in files:
-        drop_file_if_unused(db, file)
-
-
 def restore_domain(domid: int, new_domid: int | None = None, runtime_dir: str | None = None) -> int:
     """Do to simulated domain ``domid`` what ``xl save`` + ``xl restore`` (or a
     migration) does to a domain: the domain dies and the same VM comes back as domain
@@ -647,7 +622,8 @@ def restore_domain(domid: int, new_domid: int | None = None, runtime_dir: str | 
                 )
             }
             for bid in bids:
-                _revoke_backend(db, bid, wake)
+                # Its watches stay: the guest's kernel registers them again.
+                wake += revoke_rows(db, bid, notify=False)  # a save performs no notify
             db.executemany(
                 "UPDATE procs SET domid=? WHERE bid=?", [(new_domid, bid) for bid in bids]
             )

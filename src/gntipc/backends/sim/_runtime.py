@@ -50,6 +50,7 @@ from ..._process import datagram_sender, proc_alive
 __all__ = [
     "Runtime",
     "follow_moves",
+    "revoke_rows",
     "default_runtime_dir",
     "send_dgram",
 ]
@@ -447,6 +448,21 @@ def _lock_dir_shared(path: str) -> int:
 def _release_rows(db: sqlite3.Connection, bid: int, *, notify: bool) -> None:
     """The rows part of :meth:`Runtime.release`: every row of backend ``bid`` and the
     files they name."""
+    for sock in revoke_rows(db, bid, notify=notify):
+        _unlink(sock)
+    for (sock,) in db.execute("SELECT sock FROM watches WHERE bid=?", (bid,)).fetchall():
+        _unlink(sock)
+    db.execute("DELETE FROM watches WHERE bid=?", (bid,))
+    db.execute("DELETE FROM procs WHERE bid=?", (bid,))
+
+
+def revoke_rows(db: sqlite3.Connection, bid: int, *, notify: bool) -> list[str]:
+    """What both a dying process and a restore of its domain lose (in a write
+    transaction): the unmap notifications of backend ``bid`` (performed first with
+    ``notify``: clear the byte through the memory file, send the event to the port's
+    peer), its ports (their peers silently revert to unbound), its grants and the rows
+    of its mappings (a memory file goes once nobody grants or maps it).  Returns the
+    sockets of the ports, for the caller to unlink."""
     if notify:
         for file, off, clear, pdomid, port in db.execute(
             "SELECT file, off, clear, pdomid, port FROM notifies WHERE bid=?", (bid,)
@@ -458,11 +474,12 @@ def _release_rows(db: sqlite3.Connection, bid: int, *, notify: bool) -> None:
                 if peer is not None:
                     send_dgram(peer, b"e")
     db.execute("DELETE FROM notifies WHERE bid=?", (bid,))
+    socks = []
     for domid, port, sock in db.execute(
         "SELECT domid, port, sock FROM ports WHERE bid=?", (bid,)
     ).fetchall():
         unbind_port(db, domid, port)
-        _unlink(sock)
+        socks.append(str(sock))
     files = {
         r[0]
         for r in db.execute(
@@ -474,10 +491,7 @@ def _release_rows(db: sqlite3.Connection, bid: int, *, notify: bool) -> None:
     db.execute("DELETE FROM maps WHERE bid=?", (bid,))
     for file in files:
         drop_file_if_unused(db, file)
-    for (sock,) in db.execute("SELECT sock FROM watches WHERE bid=?", (bid,)).fetchall():
-        _unlink(sock)
-    db.execute("DELETE FROM watches WHERE bid=?", (bid,))
-    db.execute("DELETE FROM procs WHERE bid=?", (bid,))
+    return socks
 
 
 def drop_file_if_unused(db: sqlite3.Connection, file: str) -> None:
