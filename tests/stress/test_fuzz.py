@@ -10,6 +10,15 @@ It runs on the sim (two simulated domains) and, as ``test_hostile_peer_fuzz_xen`
 Xen (``make test-xen``, tools/xen-vm): both sides are processes of dom0 (peer domid 0)
 on real gntalloc/gntdev pages, event channels and XenStore, with fewer operations (the
 emulated machine runs 10-20x slower).
+
+``test_hostile_bulk_peer_fuzz`` (and ``..._xen``) does the same for the bulk layer
+(``gntipc.bulk``): a hostile bulk peer (``_fuzz_bulk``) lies in its HELLOs, LOANs,
+RELEASEs and MESSAGEs, never releases, goes silent holding loans, or is SIGKILLed
+mid-loan, against bulk channels and queues, async and sync (``_fuzz_bulk_target``).
+Beyond the checks above: the views and loans show the bytes their owner wrote, our
+frames are valid (the peer decodes them), a lie read by our side raised
+RemoteProtocolError on that connection (and nothing was sent after it), and each
+close unmapped both pools.
 """
 
 from __future__ import annotations
