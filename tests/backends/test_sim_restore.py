@@ -25,7 +25,7 @@ from anyio.abc import ByteStream
 import gntipc
 from gntipc import LocalProtocolError, XenError
 from gntipc.backends import Pages, PortState
-from gntipc.backends.sim import SimBackend, restore_domain
+from gntipc.backends.sim import SimBackend, kill_domain, restore_domain
 from gntipc.resume import ResumableListener
 from gntipc.testing import SimRuntime, connect_pair
 
@@ -99,14 +99,19 @@ async def accept_unless(listener: gntipc.Listener, event: anyio.Event) -> ByteSt
     return got[0] if got else None
 
 
-def wait_for_a_new_domid() -> None:
-    """A process of domain 2 that prints its domid, then its next one (within 30 s)."""
+def wait_for_a_new_domid(then_idle: bool = False) -> None:
+    """A process of domain 2 that prints its domid, then its next one (within 30 s);
+    with ``then_idle``, it then closes its backend and idles (it is still part of the
+    VM: killing the VM's domain kills it)."""
     with SimBackend() as backend:
         print(backend.domid, flush=True)
         deadline = time.monotonic() + 30
         while backend.domid == 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         print(backend.domid, flush=True)
+    if then_idle:
+        print("idle", flush=True)
+        time.sleep(60)
 
 
 # -- the tests ----------------------------------------------------------------------------
@@ -408,3 +413,16 @@ def test_the_command(gntipc_sim: SimRuntime) -> None:
     )
     assert again.returncode == 1
     assert "no process plays domain 2" in again.stderr
+
+
+def test_killing_the_new_domain_kills_the_processes_it_took_over(
+    gntipc_sim: SimRuntime,
+) -> None:
+    gntipc_sim.backend(0)
+    proc = gntipc_sim.spawn(wait_for_a_new_domid, True, domid=2)
+    assert proc.readline() == "2"
+    new = restore_domain(2, runtime_dir=gntipc_sim.path)
+    assert proc.readline() == str(new)
+    assert proc.readline() == "idle"  # no backend open any more
+    assert kill_domain(new, gntipc_sim.path) == [proc.pid]
+    assert proc.join() == -9
