@@ -260,7 +260,7 @@ async def test_restoring_the_server_domain_breaks_both_ends_in_this_process(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(receive, "server", server)
                 tg.start_soon(receive, "client", client)
-                await anyio.sleep(0.05)  # (both waiting: not needed for the outcome)
+                await anyio.wait_all_tasks_blocked()  # both wait for data
                 new = restore_domain(1, runtime_dir=gntipc_sim.path)
         assert sorted(broken) == ["client", "server"]
         assert server_backend.domid == new
