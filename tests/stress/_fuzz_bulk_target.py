@@ -421,6 +421,8 @@ class BulkTarget(Target):
         derived from one alive: then the close must say MappingInUse and keep those
         pages mapped (the derived view stays readable), and the close after dropping it
         unmaps."""
+        for item in held:  # still mapped and the same bytes, even if the peer died
+            self.check_view(bulk, item)
         kept = None
         if held and self.rnd.random() < 0.2:
             kept = held[0].view[:1]  # derived from our view: keeps the pages exported
