@@ -339,9 +339,15 @@ def test_the_backends_of_this_process_follow_the_restore(gntipc_sim: SimRuntime)
         with pytest.raises(XenError) as info:
             restore_domain(4, runtime_dir=gntipc_sim.path)
         assert info.value.errno == errno.ESRCH
-        # Restored again: the chain goes on, the identity stays.
+        # Restored again, and back under its first domid: the identity stays, and a
+        # backend for any domid the VM had plays the one it has now.
         assert restore_domain(9, runtime_dir=gntipc_sim.path) == 10
         assert me.domid == 10 and me.store.read("vm") == vm
+        assert restore_domain(10, 4, gntipc_sim.path) == 4
+        assert me.domid == 4 and me.store.read("vm") == vm
+        for played in (4, 9, 10):
+            with SimBackend(played, runtime_dir=gntipc_sim.path) as again:
+                assert again.domid == 4
     finally:
         for resource in (watch, peer_port, port, mapped, shared):
             resource.close()

@@ -627,11 +627,13 @@ def restore_domain(domid: int, new_domid: int | None = None, runtime_dir: str | 
             db.executemany(
                 "UPDATE procs SET domid=? WHERE bid=?", [(new_domid, bid) for bid in bids]
             )
+            # Every domid a member played names its current domain: new_domid.
+            db.execute("UPDATE moves SET new=? WHERE new=?", (new_domid, domid))
             db.executemany(
                 "INSERT OR REPLACE INTO moves VALUES (?, ?, ?, ?)",
                 [(pid, start, domid, new_domid) for pid, start in members],
             )
-            # (A process moved here earlier follows the chain: old -> domid -> new_domid.)
+            db.execute("DELETE FROM moves WHERE old=new")  # (back to a domid it had)
             db.execute(
                 "DELETE FROM nodes WHERE path=? OR (path > ? AND path < ?)",
                 (old_home, old_home + "/", old_home + "0"),

@@ -530,16 +530,12 @@ def follow_moves(db: sqlite3.Connection, pid: int, start: int, domid: int) -> in
     """The domain that process ``(pid, start)`` plays now if it played ``domid``: a
     restore moves every process of the restored domain to the new domid, so a backend it
     opens for the old one plays the new one (as every process of a restored VM is in the
-    new domain on Xen)."""
-    seen = {domid}
-    while True:
-        row = db.execute(
-            "SELECT new FROM moves WHERE pid=? AND start=? AND old=?", (pid, start, domid)
-        ).fetchone()
-        if row is None or row[0] in seen:
-            return domid
-        domid = int(row[0])
-        seen.add(domid)
+    new domain on Xen).  Each row names the process's current domain (a restore updates
+    the rows of the processes it moves)."""
+    row = db.execute(
+        "SELECT new FROM moves WHERE pid=? AND start=? AND old=?", (pid, start, domid)
+    ).fetchone()
+    return domid if row is None else int(row[0])
 
 
 def leftovers(rt: Runtime) -> list[str]:
