@@ -386,6 +386,9 @@ def test_identity_given_derived_and_checked(
         with SimBackend(runtime_dir=gntipc_sim.path) as web:
             assert web.store.read("name") == b"web"
             derived = vm_key(web, 7)
+        monkeypatch.setenv("GNTIPC_SIM_VM_UUID", vm.replace("0b", "0d"))
+        with SimBackend(runtime_dir=gntipc_sim.path) as web_too:  # (inherited: ignored)
+            assert vm_key(web_too, 7) == derived
         monkeypatch.setenv("GNTIPC_SIM_VM_UUID", "not-a-uuid")
         with pytest.raises(ValueError, match="GNTIPC_SIM_VM_UUID"):
             SimBackend(runtime_dir=gntipc_sim.path)

@@ -203,13 +203,15 @@ class SimBackend(Backend):
             ``$GNTIPC_SIM_PAGE_LIMIT``, else 1024 (Xen's default).
         vm_uuid: the VM's UUID, for a domain this backend creates; default
             ``$GNTIPC_SIM_VM_UUID`` (for the domain ``$GNTIPC_SIM_DOMID`` names), else one
-            derived from the domid (uuid5, unique in the store).
+            derived from the domid (uuid5, unique in the store).  For a domain that
+            exists, an argument must match its UUID (the variable is then ignored).
         vm_name: the domain's name likewise (``$GNTIPC_SIM_VM_NAME``, else
             ``sim-<domid>``, ``Domain-0`` for dom0).
 
     Raises:
-        ValueError: bad domid or page limit; ``vm_uuid`` not a UUID, a bad ``vm_name``,
-            or either differs from the identity of the existing domain.
+        ValueError: bad domid or page limit; ``vm_uuid`` not a UUID, a bad ``vm_name``
+            (argument or variable), or an argument that differs from the identity of
+            the existing domain.
         PermissionError: the runtime directory belongs to another user.
     """
 
@@ -229,7 +231,11 @@ class SimBackend(Backend):
             page_limit = page_limit_from_env()
         elif page_limit < 1:
             raise ValueError(f"page_limit must be >= 1, not {page_limit}")
-        vm_uuid, vm_name = _vm_identity_from(domid, vm_uuid, vm_name)
+        wanted = _vm_identity_from(domid, vm_uuid, vm_name)  # (with the environment's)
+        asked = (
+            wanted[0] if vm_uuid is not None else None,
+            wanted[1] if vm_name is not None else None,
+        )
         self._rt = Runtime(os.path.abspath(runtime_dir or default_runtime_dir()))
         try:
             self._rt.reap_dead()
@@ -255,12 +261,13 @@ class SimBackend(Backend):
                         [
                             (home, b"", f"n{domid}"),
                             (f"{home}/domid", str(domid).encode(), f"n{domid}"),
-                            *_identity_nodes(db, domid, vm_uuid, vm_name),
+                            *_identity_nodes(db, domid, *wanted),
                         ],
                     )
                     events = watch_events(db, [home, "@introduceDomain"])
                 else:
-                    _check_identity(db, domid, vm_uuid, vm_name)
+                    # (Inherited variables may name another VM: only arguments count.)
+                    _check_identity(db, domid, *asked)
             send_watch_events(events)
         except BaseException:
             self._rt.close()
