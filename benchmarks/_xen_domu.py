@@ -97,7 +97,7 @@ class Job:
             time.sleep(0.2)
 
 
-class Domu:
+class Domu(contextlib.AbstractContextManager["Domu"]):
     """A PV domU (one vCPU) running the agent, for the benchmark's remote sides.
 
     Args:
@@ -135,9 +135,6 @@ class Domu:
             f" {time.monotonic() - t0:.0f}s after xl create",
             file=sys.stderr, flush=True,
         )  # fmt: skip
-
-    def __enter__(self) -> Domu:
-        return self
 
     def __exit__(
         self,

@@ -677,34 +677,31 @@ def main() -> None:
         domu = None
         if args.domu:
             numpy = Path(importlib.util.find_spec("numpy").origin).parent  # type: ignore[union-attr, arg-type]
+            # its extensions one by one too: xq-domu.sh ships an ELF file's libraries
+            # (libstdc++, which the domU's python layer lacks), not a directory's
             ship = [str(p) for p in (numpy, numpy.with_name("numpy.libs"), exe) if p and p.exists()]
+            ship += sorted(str(p) for p in numpy.rglob("*.so"))
             domu = stack.enter_context(xvl._xen_domu.Domu(ship, args.domu_mem))
         for rnd in range(args.repeat):
             order = methods[rnd % len(methods) :] + methods[: rnd % len(methods)]
             print(f"-- round {rnd + 1}", flush=True)
             for direction in directions:
-                for method in order:
-                    if domu is None:
-                        r = run_method(kind, method, count, args.consumer)
-                    else:
-                        try:
-                            r = run_method_domu(domu, direction, method, count, args.consumer)
-                        except xvl._xen_domu.DomuError as exc:
-                            # say why, go on with the others: one boot serves the run
-                            print(f"{direction}: {method} FAILED: {exc}", flush=True)
-                            runs[direction].setdefault(method, []).append(None)
-                            continue
-                    runs[direction].setdefault(method, []).append(r)
-                    print(_line(method, r, direction), flush=True)
-                if exe is not None:
+                for method in order + ([CC] if exe is not None else []):
+                    r: dict[str, Any] | None
                     try:
-                        r = run_c(exe, nbytes, domu, direction)
+                        if method == CC:
+                            r = run_c(exe, nbytes, domu, direction)  # type: ignore[arg-type]
+                        elif domu is None:
+                            r = run_method(kind, method, count, args.consumer)
+                        else:
+                            r = run_method_domu(domu, direction, method, count, args.consumer)
                     except xvl._xen_domu.DomuError as exc:
-                        print(f"{direction}: {CC} FAILED: {exc}", flush=True)
-                        runs[direction].setdefault(CC, []).append(None)
-                        continue
-                    runs[direction].setdefault(CC, []).append(r)
-                    print(_line(CC, r, direction), flush=True)
+                        # say why, go on with the others: one boot serves the run
+                        print(f"{direction}: {method} FAILED: {exc}", flush=True)
+                        r = None
+                    runs[direction].setdefault(method, []).append(r)
+                    if r is not None:
+                        print(_line(method, r, direction), flush=True)
     for direction in directions:
         if direction:
             print(f"\n{direction}:", end="")

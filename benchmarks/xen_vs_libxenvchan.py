@@ -240,9 +240,9 @@ def run_c_to_c(exe: Path, ring: int, nbytes: int, check: str, api: str) -> Resul
 def run_gntipc_to_gntipc(exe: Path, ring: int, nbytes: int, check: str, api: str) -> Result:
     path = _path("gg")
     if api == "async":
-        writer = _spawn_writer(path, nbytes, api)  # it waits for the offer
+        spawned = _spawn_writer(path, nbytes, api)  # it waits for the offer
         seconds, reader = asyncio.run(_async_server_read(path, ring, nbytes, check))
-        return seconds, reader, _writer_done(writer)
+        return seconds, reader, _writer_done(spawned)
     writer: subprocess.Popen[str] | None = None
 
     def offered() -> None:
