@@ -75,6 +75,7 @@ _MESSAGE = struct.Struct("<BBHIIII")
 HELLO_LIES = (
     "hello: lying page count",
     "hello: refs not granted",
+    "hello: refs granted to another domain",
     "hello: the target's own refs",
     "hello: decoy pages",
     "hello: pool over the limit",
@@ -139,9 +140,24 @@ FATAL = (
         "message: truncated",
         "garbage",
     }
-)
+) | {
+    # HELLOs the target's open must refuse (RemoteProtocolError): it sends nothing after
+    # its own HELLO then (not the pool over the limit: that may be the rings too small,
+    # or a wait for refs that never come)
+    "hello: lying page count",
+    "hello: refs not granted",
+    "hello: refs granted to another domain",
+    "hello: bad header",
+    "hello: frame before it",
+}
 #: What this peer does besides lying (counted with the lies as mutations).
-BEHAVIOURS = ("never releases", "stalls holding loans", "closes holding loans", "dies mid-loan")
+BEHAVIOURS = (
+    "never releases",
+    "stalls holding loans",
+    "closes holding loans",
+    "dies mid-loan",
+    "frames in pieces",
+)
 #: The longest a stalling peer stays silent: longer than an operation may take (the
 #: target's SLOW), so that a wait without its deadline shows.
 STALL = 2.0 * SCALE
@@ -211,6 +227,10 @@ class BulkHostile:
         self.holding = False
         # End the vchan as soon as both sides hold loans (else only when time is up).
         self.leave_holding = rnd.random() < 0.15
+        # Write at most this many bytes at a time (0: as many as fit).
+        self.dribble = rnd.randrange(1, 8) if rnd.random() < 0.1 else 0
+        if self.dribble:
+            COUNTS["mutations"]["frames in pieces"] += 1
         # Once holding a loan of the target's, say nothing more until it leaves.
         self.stall = self.never_release and not crash and rnd.random() < 0.5
         self.steps = 0
@@ -268,7 +288,9 @@ class BulkHostile:
             COUNTS["traffic"]["fatal lies read by the target"] += 1
             COUNTS["fatal lie read"][self.nonce] += 1
         try:
-            written = self.ch.write_nowait(self.out) if self.out else 0
+            # (dribbling: a few bytes per write, so that frames arrive in pieces)
+            out = self.out[: self.dribble] if self.dribble else self.out
+            written = self.ch.write_nowait(out) if out else 0
             del self.out[:written]
             data = self.ch.read_nowait(65536)
         except VCHAN_ERRORS as exc:
@@ -375,6 +397,15 @@ class BulkHostile:
         elif kind == "hello: refs not granted":
             bad = [rnd.choice((0xFFFFFFFF, 0x7FFFFFFF, 1 << 20, 999_999)) for _ in range(n)]
             self.send(encode_hello(buffers, size, bad))
+        elif kind == "hello: refs granted to another domain":
+            try:  # (granted, but not to the target: its map must fail)
+                other = self.backend.share((self.ch.peer + 1) & 0x7FFF, n, writable=False)
+            except GntipcError:
+                refs = tuple(rnd.getrandbits(32) for _ in range(n))
+            else:
+                self.pages.append(other)
+                refs = other.refs
+            self.send(encode_hello(buffers, size, refs, version=version))
         elif kind == "hello: the target's own refs":
             if theirs is not None and theirs.refs:
                 self.send(
@@ -405,6 +436,8 @@ class BulkHostile:
             self.mute = True
         else:  # no hello: the target's open must time out
             self.mute = True
+        if kind in FATAL:
+            self.told, self.lie_end = kind, self.queued
 
     # -- the episode ----------------------------------------------------------------------
     def run(self, seconds: float) -> None:
