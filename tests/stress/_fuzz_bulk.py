@@ -548,7 +548,7 @@ class BulkHostile:
         if self.mute or self.proto.peer is None:
             return
         told = COUNTS["mutations"]
-        for lie in sorted(LIES, key=lambda k: (told[k], self.rnd.random())):
+        for lie in sorted(LIES, key=lambda k: (told[k], ORDER[0] * LIES.index(k))):
             frame = self.lie_frame(lie)
             if frame:
                 self.send(frame)
@@ -658,13 +658,19 @@ def violation(what: str) -> None:
     COUNTS["violations"][what[:300]] += 1
 
 
-def next_hello(k: int, rnd: random.Random) -> tuple[str, bool]:
+#: Among the lies told least, which first: the list's order (1), as the peer of a
+#: target server does, or the reverse (-1), as the peer of a target client: the two
+#: peers of a run start from opposite ends, so that a short run tells every kind.
+ORDER = [1]
+
+
+def next_hello(k: int) -> tuple[str, bool]:
     """Episode ``k``'s HELLO kind and whether it lies after the HELLOs: of every five
     episodes, one lies in its HELLO (the least told HELLO lie so far), one is honest,
     three lie later (so that a short run tells every lie)."""
     if k % 5 == 0:
         told = COUNTS["mutations"]
-        return min(HELLO_LIES, key=lambda h: (told[h], rnd.random())), False
+        return min(HELLO_LIES, key=lambda h: (told[h], ORDER[0] * HELLO_LIES.index(h))), False
     return "good", k % 5 != 1
 
 
@@ -740,6 +746,7 @@ def episode(backend: Backend, role: str, peer: int, path: str, rnd: random.Rando
     """One connection: a HELLO and loans, lies or not (see the module docstring), until
     its time is up or the target left; or a lender killed mid-loan."""
     episodes = COUNTS["episodes"]
+    ORDER[0] = 1 if role == "client" else -1
     TRIES["all"] += 1
     if TRIES["all"] % 25 == 3:  # (a few in every run, even a short one)
         crash_episode(backend, role, str(peer), path, rnd)
@@ -747,7 +754,7 @@ def episode(backend: Backend, role: str, peer: int, path: str, rnd: random.Rando
     ch = connect(role, backend, peer, path, rnd, episodes, corrupt=0)
     if ch is None:
         return
-    hello, lying = next_hello(episodes["hostile"], rnd)
+    hello, lying = next_hello(episodes["hostile"])
     never = rnd.random() < 0.25
     # (GntipcError: e.g. the pool over the grant budget)
     h = start(
