@@ -1,7 +1,7 @@
 """A hostile bulk peer (run as a script): it speaks the bulk protocol
-(:mod:`gntipc.protocol.bulk`) to the target's bulk channel (``_fuzz_bulk_target``) over
-each vchan, lends from a pool of its own and holds the target's loans, and in turn tells
-each of the lies below.
+(:mod:`gntipc.protocol.bulk`, versions 1 and 2) to the target's bulk channel or queue
+(``_fuzz_bulk_target``) over each vchan, lends from a pool of its own, sends messages,
+holds the target's loans, and tells the lies below, each in turn.
 
     python -m stress._fuzz_bulk ROLE PEER PATH SEED STOPFILE RESULT
     python -m stress._fuzz_bulk crash ROLE PEER PATH SEED
@@ -9,18 +9,23 @@ each of the lies below.
 ROLE, PEER, PATH and the loop over episodes are those of :mod:`stress._fuzz_hostile`
 (its vchans, without the control-page corruption).  Each episode shares a pool (none, or
 1 to 4 buffers of 4 to 12 KiB, filled with the pattern the target checks its views
-against), sends a HELLO (good, or one of :data:`HELLO_LIES` in turn), then lends and
-releases at random and, in most episodes, tells the next of :data:`LIES` after a few
-honest frames.  Some episodes never release the target's loans (its loans must wait, and
-end at their deadline: backpressure), or end the vchan while both sides hold loans; in
-some the peer is a child process (``crash``) that lends every buffer, holds the target's
-loans, and is SIGKILLed (the target keeps reading its views; every page must be freed).
+against), sends a HELLO (of the target's version, mostly; good, or in one episode of
+five one of :data:`HELLO_LIES`, the least told so far), then lends, releases and sends
+messages at random and, in most episodes, tells the least told of :data:`LIES` that the
+moment allows after a few honest frames.  Some episodes never release the target's
+loans (its loans must wait, and end at their deadline: backpressure), some then go
+silent, some end the vchan while both sides hold loans, some write a few bytes at a
+time; in every 25th the peer is a child process (``crash``) that lends every buffer,
+holds the target's loans, and is SIGKILLed (the target keeps reading its views; every
+page must be freed).
 
 This side checks the target too: every frame it sends must be valid
-(:class:`gntipc.protocol.BulkProtocol` decodes them), and every loan must show the bytes
-the target wrote there; what is not is a *violation* (counted; the test fails on any).
-What it did goes to RESULT (JSON): episodes, mutations (lies and behaviours), frames (the
-valid ones sent), traffic, violations.
+(:class:`gntipc.protocol.BulkProtocol` decodes them), every loan must show the bytes the
+target wrote there, and once it has read a lie of :data:`FATAL` it must send nothing
+more; what is not is a *violation* (counted; the test fails on any).  What it did goes
+to RESULT (JSON): episodes, mutations (lies and behaviours), frames (the valid ones
+sent), traffic, violations, and the connections (presence values) on which the target
+read a fatal lie (the test checks that the target raised RemoteProtocolError on each).
 """
 
 from __future__ import annotations

@@ -7,18 +7,22 @@ hostile bulk peer (``_fuzz_bulk``), lending and receiving at random.
 Arguments, result file and leak checks are those of :mod:`stress._fuzz_target` (the
 fuzz harness of ``test_fuzz`` runs both).  Each connection (an *episode*) opens the bulk
 layer with a random pool (none, or 1 to 4 buffers of 4 or 8 KiB) and a random limit on
-the peer's pool, through the async API (:class:`gntipc.bulk.BulkChannel`) or the sync
-one (:class:`gntipc.bulk.SyncBulkChannel` over the stream's vchan), then does random
-operations: loans filled and sent whole or in part (or not sent), loans waiting for a
-buffer the peer may never release (cut short by a deadline: backpressure, never a
-deadlock), receptions, releases (some twice), views held across operations and across
-the close, a lend and a receive at once, EOF.
+the peer's pool, through the async API (:class:`gntipc.bulk.BulkChannel`, or a
+:class:`gntipc.bulk.BulkQueue` of messages on one) or the sync one
+(:class:`gntipc.bulk.SyncBulkChannel` or :class:`gntipc.bulk.SyncBulkQueue`, over the
+stream's vchan), then does random operations: loans filled and sent whole or in part
+(or not sent), loans waiting for a buffer the peer may never release (cut short by a
+deadline: backpressure, never a deadlock), receptions, releases (some twice), puts with
+and without a loan, gets, views held across operations and across the close, a lend
+and a receive at once, EOF.
 
 Checked on every operation: only documented errors, within the deadline (a hang kills the
 process with faulthandler's stacks); a received view lies inside the peer's buffer and
 shows the bytes the hostile peer wrote there (when the pages are the pool it filled, see
-:func:`genuine`); no loan stays with the application after its block ends; our pool's
-buffers are all free or on loan to the peer between operations.
+:func:`genuine`), at reception and again at the close; a message is of the queue's type;
+no loan stays with the application after its block ends; our pool's buffers are all free
+or on loan to the peer between operations; the close unmaps both pools.  The result
+also lists the connections on which we raised RemoteProtocolError (see ``_fuzz_bulk``).
 """
 
 from __future__ import annotations
