@@ -547,7 +547,13 @@ def _next_domid(db: sqlite3.Connection) -> int:
     raise AssertionError  # unreachable
 
 
-def restore_domain(domid: int, new_domid: int | None = None, runtime_dir: str | None = None) -> int:
+def restore_domain(
+    domid: int,
+    new_domid: int | None = None,
+    runtime_dir: str | None = None,
+    *,
+    timeout: float = 5.0,
+) -> int:
     """Do to simulated domain ``domid`` what ``xl save`` + ``xl restore`` (or a
     migration) does to a domain: the domain dies and the same VM comes back as domain
     ``new_domid``, its processes running on.
@@ -559,19 +565,25 @@ def restore_domain(domid: int, new_domid: int | None = None, runtime_dir: str | 
     none).  Then the new home is created with the same ``name`` and ``vm`` keys (the VM's
     identity) and ``@introduceDomain`` fires.
 
-    Its processes are not stopped.  Each backend of the domain, in any process (this
-    one too), learns the restore at its next operation: its ``domid`` is then the new
-    one; its ports, grants and mappings of before are revoked (a notify raises ENOTCONN,
-    a port's waiter is woken and finds it unbound, maps of old grants fail), but every
-    page stays mapped until it is closed; its store watches stay and fire once, as when
-    the guest's kernel registers them again.  A process of the domain that opens a
-    backend for ``domid`` later plays ``new_domid``.
+    Its processes are not stopped.  First comes the save: each backend of the domain,
+    in any process (this one too), is woken (its ports and watches) and, at its next
+    operation, takes its snapshot: its ports, grants and mappings of before are revoked
+    (a notify raises ENOTCONN, a port's waiter sees one event then an unbound port) and
+    its mappings are replaced in place by private copies (never unmapped under a call),
+    so that nothing a peer writes after the save reaches it, as on Xen.  This waits for
+    them, at most ``timeout`` seconds (a process that does not call its backend within
+    it takes its snapshot later, and may see what its peers wrote meanwhile).  Then the
+    restore: the peers see the death, and each backend, at its next operation, has the
+    new ``domid``; its store watches stay and fire once, as when the guest's kernel
+    registers them again.  A process of the domain that opens a backend for ``domid``
+    later plays ``new_domid``.
 
     Args:
         domid: the domain to restore (not 0: dom0 is never saved).
         new_domid: its domid after the restore; default: the one after the highest
             domid this runtime has known (as Xen allocates them).
         runtime_dir: the runtime directory (default as for :class:`SimBackend`).
+        timeout: how long the save waits for the domain's backends (seconds).
 
     Returns:
         The new domid.
@@ -593,33 +605,29 @@ def restore_domain(domid: int, new_domid: int | None = None, runtime_dir: str | 
     rt = Runtime(os.path.abspath(runtime_dir or default_runtime_dir()))
     try:
         rt.reap_dead()
-        wake: list[str] = []
+        # 1. The save: every backend of the domain takes its snapshot (detaches its
+        #    pages) at its next call, before any peer can learn of the death.
         with rt.write() as db:
-            bids = [
-                int(bid)
-                for bid, pid, start in db.execute(
-                    "SELECT bid, pid, start FROM procs WHERE domid=?", (domid,)
-                ).fetchall()
-                if proc_alive(pid, start)
-            ]
-            members = {
-                (int(pid), int(start))
-                for pid, start in db.execute(
-                    "SELECT pid, start FROM procs WHERE domid=? "
-                    "UNION SELECT pid, start FROM moves WHERE new=?",
-                    (domid, domid),
-                ).fetchall()
-                if proc_alive(pid, start)
-            }
+            bids, members = _domain_members(db, domid)
             if not members:
                 raise_errno(errno.ESRCH, f"sim: restore: no process plays domain {domid}")
+            if new_domid is not None:
+                _check_free(db, domid, new_domid)
+            db.executemany("INSERT OR REPLACE INTO saving VALUES (?, 0)", [(b,) for b in bids])
+            wake, watches = _wake_ups(db, bids)
+            rt.bump_restores()
+        _send_wake_ups(wake, watches)  # (a spurious watch event: readers read again)
+        for backend in list(_open_backends):  # ours cannot answer while we wait
+            if backend.runtime_dir == rt.path and backend._domain.bid in bids:
+                backend._domain.sync()
+        _wait_saved(rt, bids, timeout)
+        # 2. The restore: the domain dies for its peers, the VM is back as new_domid.
+        with rt.write() as db:
+            bids, members = _domain_members(db, domid)  # (maybe one more backend since)
             if new_domid is None:
                 new_domid = _next_domid(db)
-            elif not _free_domid(db, new_domid):
-                raise_errno(
-                    errno.EEXIST,
-                    f"sim: restore of domain {domid} as {new_domid}: domain {new_domid} exists",
-                )
+            else:
+                _check_free(db, domid, new_domid)
             old_home, new_home = f"/local/domain/{domid}", f"/local/domain/{new_domid}"
             identity = {
                 str(path).rsplit("/", 1)[1]: bytes(value)
@@ -628,9 +636,10 @@ def restore_domain(domid: int, new_domid: int | None = None, runtime_dir: str | 
                     (f"{old_home}/name", f"{old_home}/vm"),
                 )
             }
+            wake, watches = _wake_ups(db, bids)  # (the kernel registers the watches again)
             for bid in bids:
-                # Its watches stay: the guest's kernel registers them again.
-                wake += revoke_rows(db, bid, notify=False)  # a save performs no notify
+                revoke_rows(db, bid, notify=False)  # a save performs no notification
+            db.executemany("DELETE FROM saving WHERE bid=?", [(b,) for b in bids])
             db.executemany(
                 "UPDATE procs SET domid=? WHERE bid=?", [(new_domid, bid) for bid in bids]
             )
@@ -668,27 +677,86 @@ def restore_domain(domid: int, new_domid: int | None = None, runtime_dir: str | 
                 ],
             )
             db.execute("UPDATE nodes SET gen=? WHERE path='/local/domain'", (gen,))
-            events = watch_events(db, [old_home, "@releaseDomain", new_home, "@introduceDomain"])
-            # The guest's kernel registers its watches again: each fires once.
-            if bids:
-                marks = ",".join("?" * len(bids))
-                events += [
-                    (str(sock), f"{path}\0{token}".encode())
-                    for path, token, sock in db.execute(
-                        f"SELECT path, token, sock FROM watches WHERE bid IN ({marks})", bids
-                    )
-                ]
+            watches += watch_events(db, [old_home, "@releaseDomain", new_home, "@introduceDomain"])
             rt.bump_restores()
         # Wake the revoked ports' waiters, then make the sockets unreachable: a peer's
         # notify through a cached name then fails and finds the port unbound.
+        _send_wake_ups(wake, watches)
         for sock in wake:
-            send_dgram(sock, b"r")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sock)
-        send_watch_events(events)
         return new_domid
     finally:
         rt.close()
+
+
+def _domain_members(db: sqlite3.Connection, domid: int) -> tuple[list[int], set[tuple[int, int]]]:
+    """The live backends of ``domid`` and its live processes (those with a backend of
+    it, and those a restore moved into it)."""
+    bids = [
+        int(bid)
+        for bid, pid, start in db.execute(
+            "SELECT bid, pid, start FROM procs WHERE domid=?", (domid,)
+        ).fetchall()
+        if proc_alive(pid, start)
+    ]
+    members = {
+        (int(pid), int(start))
+        for pid, start in db.execute(
+            "SELECT pid, start FROM procs WHERE domid=? "
+            "UNION SELECT pid, start FROM moves WHERE new=?",
+            (domid, domid),
+        ).fetchall()
+        if proc_alive(pid, start)
+    }
+    return bids, members
+
+
+def _check_free(db: sqlite3.Connection, domid: int, new_domid: int) -> None:
+    if not _free_domid(db, new_domid):
+        raise_errno(
+            errno.EEXIST,
+            f"sim: restore of domain {domid} as {new_domid}: domain {new_domid} exists",
+        )
+
+
+def _wake_ups(db: sqlite3.Connection, bids: list[int]) -> tuple[list[str], list[tuple[str, bytes]]]:
+    """The port sockets of backends ``bids``, and an event for each of their watches."""
+    marks = ",".join("?" * len(bids))
+    ports = [
+        str(sock) for (sock,) in db.execute(f"SELECT sock FROM ports WHERE bid IN ({marks})", bids)
+    ]
+    watches = [
+        (str(sock), f"{path}\0{token}".encode())
+        for path, token, sock in db.execute(
+            f"SELECT path, token, sock FROM watches WHERE bid IN ({marks})", bids
+        )
+    ]
+    return ports, watches
+
+
+def _send_wake_ups(ports: list[str], watches: list[tuple[str, bytes]]) -> None:
+    for sock in ports:
+        send_dgram(sock, b"r")
+    send_watch_events(watches)
+
+
+def _wait_saved(rt: Runtime, bids: list[int], timeout: float) -> None:
+    """Wait until every live backend of ``bids`` has taken its snapshot, at most
+    ``timeout`` seconds (one that does not call its backend meanwhile takes it later)."""
+    deadline = time.monotonic() + timeout
+    wanted = set(bids)
+    while True:
+        with rt.lock:
+            rows = rt.db.execute(
+                "SELECT s.bid, p.pid, p.start FROM saving AS s JOIN procs AS p "
+                "ON p.bid = s.bid WHERE s.done=0"
+            ).fetchall()
+        if not any(bid in wanted and proc_alive(pid, start) for bid, pid, start in rows):
+            return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.002)
 
 
 def find_leftovers(runtime_dir: str, *, all_runtimes: bool = False) -> list[str]:

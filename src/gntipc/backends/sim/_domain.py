@@ -57,18 +57,26 @@ class SimDomain:
         rt.on_restore = self._restored
 
     def _restored(self, db: sqlite3.Connection) -> None:
-        # In a write transaction (Runtime.write): no restore can be half done.
+        # In a write transaction (Runtime.write).  A restore has two steps (see
+        # restore_domain): "saving" asks us to take our snapshot (detach) before any
+        # peer learns of the death; then procs gives our new domid.  Each step starts a
+        # new epoch, so that a resource made between the two is revoked by the second.
         self.rt.seen_restores = self.rt.restores()
         row = db.execute("SELECT domid FROM procs WHERE bid=?", (self.bid,)).fetchone()
-        if row is not None and int(row[0]) != self.domid:
-            self.domid = int(row[0])
+        saving = db.execute("SELECT 1 FROM saving WHERE bid=? AND done=0", (self.bid,)).fetchone()
+        moved = row is not None and int(row[0]) != self.domid
+        if saving or moved:
             self.epoch += 1
             # In the order they were made ("_order"): a snapshot of a vchan's indices
             # taken before that of its rings never claims bytes the rings lack.
             for child in sorted(self.children, key=lambda c: getattr(c, "_order", 0)):
                 hook = getattr(child, "_on_restore", None)
                 if hook is not None:
-                    hook()  # pages: detach (replaced in place by a private copy)
+                    hook()  # pages: detach (replaced in place by a private copy), once
+        if saving:
+            db.execute("UPDATE saving SET done=1 WHERE bid=?", (self.bid,))
+        if moved:
+            self.domid = int(row[0])
 
     def sync(self) -> None:
         """Learn a restore of our domain, if one happened since we last looked: one

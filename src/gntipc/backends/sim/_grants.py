@@ -83,6 +83,7 @@ class SimPages(Pages):
         self._granter = domain.domid  # for a share: the domain whose grants these are
         self._epoch = domain.epoch
         self._order = next(_order)
+        self._detached = False
         self.domid = domid
         self.refs = refs
         self._pages = pages  # (memory file, file offset) per page
@@ -141,8 +142,9 @@ class SimPages(Pages):
     def _on_restore(self) -> None:
         """Detach (see the module docstring): our domain was restored.  Best effort:
         pages that cannot be copied (no memory) stay shared."""
-        if self._closed:
+        if self._closed or self._detached:
             return
+        self._detached = True
         try:
             ptr = ffi.from_buffer(self.mapping.mmap)  # an export: close() waits for us
         except (ClosedResourceError, ValueError):

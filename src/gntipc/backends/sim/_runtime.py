@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS watches (id INTEGER PRIMARY KEY, bid INTEGER, path TE
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER);
 CREATE TABLE IF NOT EXISTS moves (pid INTEGER, start INTEGER, old INTEGER, new INTEGER,
     PRIMARY KEY (pid, start, old));
+CREATE TABLE IF NOT EXISTS saving (bid INTEGER PRIMARY KEY, done INTEGER);
 INSERT OR IGNORE INTO meta VALUES ('gen', 1);
 INSERT OR IGNORE INTO nodes VALUES ('/', x'', 'n0', 1);
 INSERT OR IGNORE INTO nodes VALUES ('/local', x'', 'n0', 1);
@@ -453,6 +454,7 @@ def _release_rows(db: sqlite3.Connection, bid: int, *, notify: bool) -> None:
     for (sock,) in db.execute("SELECT sock FROM watches WHERE bid=?", (bid,)).fetchall():
         _unlink(sock)
     db.execute("DELETE FROM watches WHERE bid=?", (bid,))
+    db.execute("DELETE FROM saving WHERE bid=?", (bid,))
     db.execute("DELETE FROM procs WHERE bid=?", (bid,))
 
 
