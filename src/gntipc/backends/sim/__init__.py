@@ -53,13 +53,15 @@ Save/restore and migration: :func:`restore_domain` (``gntipc sim-restore-domain`
 makes the domain die for its peers exactly as :func:`kill_domain` does (ports silently
 unbound, grants revoked, home removed, ``@releaseDomain``, no unmap notification) and
 brings the VM back under a new domid, its ``name`` and ``vm`` keys kept, while its
-processes run on.  Each backend of the domain, in any process, learns it at its next
-operation: its ``domid`` is the new one, its old ports wake their waiters, report one
-event, are unbound and refuse notifies (ENOTCONN), its mappings are replaced in place by
-private copies (never unmapped under a call; its writes no longer reach the peers), its
-old grants are gone (peers' mappings of them stay, new maps fail), its watches fire
-once (registered again); a backend the process opens later for the old domid plays the
-new one.
+processes run on.  It takes two steps.  The save: each backend of the domain, in any
+process, is woken (ports, watches) and at its next operation takes its snapshot: its
+mappings are replaced in place by private copies (never unmapped under a call), so
+nothing the peers write afterwards reaches it, and its old ports and grants are revoked
+(a port reports one event, is unbound and refuses notifies with ENOTCONN);
+:func:`restore_domain` waits for that (``timeout``).  The restore: the peers see the
+death, old grants are gone (peers' mappings of them stay, new maps fail), and each
+backend, at its next operation, has the new ``domid``; its watches fire (registered
+again); a backend the process opens later for the old domid plays the new one.
 
 Xen behaviours that are **not** modelled:
 
@@ -86,13 +88,15 @@ Xen behaviours that are **not** modelled:
   again at once; a domain's identity and a restore's moves live in the runtime
   directory, which goes when its last backend closes; the home is owned by the domain
   (on Xen, by dom0 with read access for the domain; its ``data`` is the domain's);
-- a restore does not pause the domain (Xen suspends it before saving): until a process
-  of the domain next calls its backend (a notify, a wait, a map, a store access), what
-  it writes through a mapping still reaches the peer's page; after it, the process
-  still reads its pages (private copies, as they were) where on Xen its foreign
-  mappings are gone; a process is part of the domain only while it has a backend of
-  it open (or was moved into it by a restore), not merely through
-  ``$GNTIPC_SIM_DOMID``; watches keep the absolute paths they were registered with; no
+- a restore does not pause the domain (Xen suspends it before saving): the save waits
+  for each process of the domain to call its backend (a notify, a wait, a map, a store
+  access) and until then what it writes through a mapping still reaches the peer's
+  page; one that does not call within ``timeout`` takes its snapshot later and may then
+  see what the peers wrote meanwhile; after it, the process still reads its pages
+  (private copies, as they were) where on Xen its foreign mappings are gone; a process
+  is part of the domain only while it has a backend of it open (or was moved into it
+  by a restore), not merely through ``$GNTIPC_SIM_DOMID``; watches keep the absolute
+  paths they were registered with and also fire for the save (a spurious event); no
   ``/vm/<uuid>`` subtree, no save image, no downtime.
 """
 
