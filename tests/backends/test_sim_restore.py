@@ -28,6 +28,7 @@ from gntipc.backends import Pages, PortState
 from gntipc.backends.sim import SimBackend, kill_domain, restore_domain
 from gntipc.resume import ResumableListener
 from gntipc.testing import SimRuntime, connect_pair
+from gntipc.vm import vm_of_domain
 
 pytestmark = pytest.mark.anyio
 
@@ -161,6 +162,10 @@ async def test_restore_breaks_the_vchan_and_the_client_comes_back_as_the_same_vm
         # For dom0, domain 2 died and domain `new` is the VM.
         assert not dom0.store.exists("/local/domain/2")
         assert vm_key(dom0, new).decode() == vm
+        # gntipc.vm reads it so on sim as on Xen: dom0 may, another domU may not.
+        assert vm_of_domain(dom0.store, new) == vm.removeprefix("/vm/")
+        assert vm_of_domain(dom0.store, 2) is None
+        assert vm_of_domain(server.store, new) is None
         assert dom0.store.read(f"/local/domain/{new}/name") == b"sim-2"
         assert dom0.store.read(f"/local/domain/{new}/domid") == str(new).encode()
         assert ("@releaseDomain", "released") in released.read_events()
