@@ -63,7 +63,16 @@ def test_info(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # ------------------------------------------------------------ help and errors ---
-COMMANDS = ["info", "listen", "connect", "proxy", "doctor", "bench", "sim-kill-domain"]
+COMMANDS = [
+    "info",
+    "listen",
+    "connect",
+    "proxy",
+    "doctor",
+    "bench",
+    "sim-kill-domain",
+    "sim-restore-domain",
+]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

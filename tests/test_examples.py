@@ -42,6 +42,10 @@ def run(sim: SimRuntime, *args: str) -> subprocess.CompletedProcess[str]:
         (["socket_bridge.py"], "socket_bridge: ok: 4 HTTP downloads at once"),
         (["socket_bridge.py", "--mux"], "socket_bridge: ok: 4 HTTP downloads at once"),
         (["demo.py", "--count", "20000"], "consumer: 20000 readings from 16 sensors"),
+        (
+            ["resilient_sensor.py"],
+            "6000 readings, each once, in order, through 2 restores and 2 restarts",
+        ),
     ],
     ids=lambda v: "-".join(v).replace(".py", "") if isinstance(v, list) else "",
 )

@@ -32,9 +32,8 @@ its data is in the replay window: delivered later, unless the session is lost.
 The guarantees:
 
 * **The transport breaks, both processes live on** (a dropped TCP connection, a vchan
-  closed or broken under it, a relay restarted; a VM saved and restored, once the vchan
-  layer survives that on real Xen, which it does not yet: see issue #23): exactly-once,
-  in order.
+  closed or broken under it, a relay restarted; a VM restored or migrated under a new
+  domid, served by :func:`gntipc.listen_vm`): exactly-once, in order.
   Each side retains what it sent until the peer acknowledges it, and replays the rest
   after a resume; the receiver drops what it already had.
 * **The client process restarts** (its memory is gone) and resumes with the
@@ -48,7 +47,10 @@ The guarantees:
 * A restart of the server process is not resumable: its sessions are in its memory.
 
 The secret travels in every resume: the transport must be private (a vchan is; use TLS
-over a network).  A session is not bound to the VM identity in XenStore here.
+over a network).  Over a vchan, a session is also bound to the client's VM: the listener
+notes the UUID XenStore gives the client's domain when the session starts
+(:func:`gntipc.vm.vm_of_domain`) and refuses a resume from a domain that is another VM,
+whatever id and secret it presents (see ``identify`` of :class:`ResumableListener`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from anyio import (
 )
 from anyio.abc import ByteStream, Listener, TaskGroup
 
+from . import _astore
 from ._exceptions import GntipcError, LocalProtocolError, RemoteProtocolError
 from .protocol.resume import (
     DEFAULT_WINDOW_BYTES,
@@ -86,6 +89,8 @@ from .protocol.resume import (
     decode_hello,
     encode_refuse,
 )
+from .streams import VchanStream
+from .vm import vm_of_domain
 
 __all__ = [
     "ResumableListener",
@@ -839,6 +844,16 @@ class ResumableListener:
         auto_commit: as for :meth:`ResumableStream.client`.
         on_break: as for :meth:`ResumableStream.client`, for every session.
         backlog: sessions started and not accepted yet, at most (more are refused).
+        identify: ``await identify(transport)``: who is at the other end of a new
+            transport (any comparable value; None: nobody in particular).  A session
+            is bound to the identity its first transport had: a resume over a
+            transport whose identity differs is refused.  The default: over a
+            :class:`gntipc.VchanStream`, the UUID of the client's VM in XenStore
+            (:func:`gntipc.vm.vm_of_domain`; None if the store does not say, e.g. to an
+            unprivileged server), so a session survives its VM's restore or migration
+            under a new domid and no other domain can take it over; None over other
+            transports (the secret alone).  A failure to identify a transport refuses
+            it (the client tries again).
     """
 
     def __init__(
@@ -854,8 +869,12 @@ class ResumableListener:
         auto_commit: bool = True,
         on_break: Callable[[BaseException | None], object] | None = None,
         backlog: int = 16,
+        identify: Callable[[ByteStream], Awaitable[object]] | None = None,
     ) -> None:
         self._listener = listener
+        self._identify = identify if identify is not None else vm_identity
+        #: The identity of each session's client (see ``identify``).
+        self._identities: dict[bytes, object] = {}
         self._window = (window_records, window_bytes)
         self._give_up_after = give_up_after
         self._handshake_timeout = handshake_timeout
@@ -931,6 +950,7 @@ class ResumableListener:
     def _forget(self, stream: ResumableStream) -> None:
         if self._sessions.get(stream._state.session_id) is stream:
             del self._sessions[stream._state.session_id]
+            self._identities.pop(stream._state.session_id, None)
 
     async def _accept_loop(self, tg: TaskGroup) -> None:
         listener = self._listener
@@ -981,6 +1001,12 @@ class ResumableListener:
             await _refuse(transport, str(exc))
             return False
         hello, rest = decoded
+        try:
+            identity = await self._identify(transport)
+        except (*_TRANSPORT_ERRORS, GntipcError) as exc:
+            self.refused += 1
+            await _refuse(transport, f"cannot tell who connects: {exc}")
+            return False
         stream = self._sessions.get(hello.session_id)
         try:
             if stream is None:
@@ -1012,8 +1038,15 @@ class ResumableListener:
                 except (ClosedResourceError, BrokenResourceError):
                     raise RemoteProtocolError("the listener is closing") from None
                 self._sessions[hello.session_id] = stream
+                self._identities[hello.session_id] = identity
             else:
                 stream._state.check_hello(hello)
+                owner = self._identities.get(hello.session_id)
+                if identity != owner:
+                    raise RemoteProtocolError(
+                        f"the session belongs to {_who(owner)}; this connection comes"
+                        f" from {_who(identity)}"
+                    )
                 if stream._error is not None:
                     # (Its server side gave up or was closed: the client must know.)
                     raise RemoteProtocolError(f"session over ({stream._error!r})")
@@ -1033,3 +1066,26 @@ class ResumableListener:
             with anyio.CancelScope(shield=True):
                 await transport.aclose()
         return True
+
+
+def _who(identity: object) -> str:
+    return "nobody in particular" if identity is None else f"VM {identity}"
+
+
+async def vm_identity(transport: ByteStream) -> str | None:
+    """The default ``identify`` of :class:`ResumableListener`: over a
+    :class:`gntipc.VchanStream`, the UUID of the peer domain's VM in XenStore (None if the
+    store does not say); None over any other transport.
+
+    Raises:
+        gntipc.XenStoreTimeout: the store did not answer in time.
+    """
+    if not isinstance(transport, VchanStream):
+        return None
+    vchan = transport.vchan
+    return await _astore.run(
+        vm_of_domain,
+        vchan.backend.store,
+        vchan.peer,
+        what=f"reading the VM of domain {vchan.peer}",
+    )

@@ -45,7 +45,13 @@ from ._connect import connect_async
 from ._dispatch import Dispatcher
 from ._domid import check_domid
 from ._endpoint import Endpoint
-from ._exceptions import LocalProtocolError, RemoteProtocolError, XenError, XenStoreTimeout
+from ._exceptions import (
+    LocalProtocolError,
+    RemoteProtocolError,
+    XenError,
+    XenStoreTimeout,
+    raise_errno,
+)
 from ._keys import PathClaim, claim_path, resolve_path, why_no_server
 from ._soon import Deferred
 from ._spin import DEFAULT_SPIN_ASYNC, Spinner, can_spin_async
@@ -941,6 +947,11 @@ class Listener(AsyncResource):
 
     ``max_clients`` sizes each client's rings to the domain's page budget (see
     :func:`listen`).
+
+    A relative path is relative to our home, and follows it: should our domain be
+    restored or migrated under a new domid (our process running on), the next offer is
+    made in the new home (:attr:`path` says where).  Clients of the old domid see their
+    channel break, as with any death of the domain.
     """
 
     def __init__(
@@ -957,6 +968,8 @@ class Listener(AsyncResource):
         self.backend = backend
         self.peer = check_domid(peer)
         self.path = resolve_path(backend.domid, path)
+        #: The path as given (a relative one follows our home: see :meth:`_offer`).
+        self._given_path = path
         self.read_size = read_size
         self.write_size = write_size
         if max_clients is not None and (
@@ -1029,6 +1042,15 @@ class Listener(AsyncResource):
         return claim_path(self.backend, self.path, self.peer)
 
     def _offer(self) -> Vchan:
+        path = resolve_path(self.backend.domid, self._given_path)
+        if path != self.path:
+            # Our domain is another domid now (restored or migrated: its home moved, and
+            # the claim went with the old home): the path follows the home.
+            claim, self._claim = self._claim, None
+            if claim is not None:
+                with contextlib.suppress(XenError):
+                    claim.release()
+            self.path = path
         if self._claim is None:
             self._claim = self._claim_path()
         claim = self._claim
@@ -1125,6 +1147,10 @@ class Listener(AsyncResource):
                 await dispatcher.wait()
                 if self._closed:
                     raise ClosedResourceError
+                if resolve_path(self.backend.domid, self._given_path) != self.path:
+                    # Restored or migrated under a new domid: the offer (its grants, its
+                    # port, its keys in the old home) is gone; the next one follows us.
+                    raise_errno(errno.ENOTCONN, f"offering {self.path}: we are another domid now")
             await _astore.run(self._taken, ep, what=f"taking the client at {self.path}")
         except (RemoteProtocolError, XenError, XenStoreTimeout) as exc:
             dispatcher.close()

@@ -33,6 +33,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import gntipc
 from gntipc import RemoteProtocolError
+from gntipc.backends.sim import SimBackend
 from gntipc.protocol.resume import ResumeState
 from gntipc.resume import (
     ResumableListener,
@@ -40,7 +41,10 @@ from gntipc.resume import (
     ResumeTicket,
     SessionLost,
     SessionRefused,
+    vm_identity,
 )
+from gntipc.testing import SimRuntime, connect_pair
+from gntipc.vm import vm_of_domain
 
 pytestmark = pytest.mark.anyio
 
@@ -355,6 +359,71 @@ async def test_wrong_secret_and_unknown_session_are_refused() -> None:
             await c.send_eof()
             with pytest.raises(anyio.EndOfStream):
                 await s.receive()
+
+
+async def test_a_resume_from_another_identity_is_refused() -> None:
+    # ``identify`` names who is at the other end of each transport (by default the VM of
+    # a vchan's peer domain): a resume with the session's id and secret but from
+    # somebody else is refused; from the session's owner it goes on.
+    listener, port = await tcp_listener()
+    dial = Dialer(port)
+    who = ["vm-a"]
+
+    async def identify(transport: ByteStream) -> object:
+        return who[0]
+
+    async with (
+        ResumableListener(listener, identify=identify) as rl,
+        ResumableStream.client(dial) as c,
+    ):
+        await c.send(b"x")
+        async with await rl.accept() as s:
+            assert await s.receive() == b"x"
+            who[0] = "vm-b"
+            with anyio.fail_after(5):
+                async with ResumableStream.client(
+                    Dialer(port), ticket=c.ticket, position=0
+                ) as thief:
+                    with pytest.raises(SessionRefused, match=r"belongs to VM vm-a.* VM vm-b"):
+                        await thief.receive()
+            assert rl.refused == 1
+            who[0] = "vm-a"  # the owner, e.g. its VM restored under another domid
+            await dial.abort()
+            await c.send(b"y")
+            with anyio.fail_after(10):
+                assert await s.receive() == b"y"
+            assert c.statistics().resumes == 1
+
+
+async def test_identify_failing_refuses_the_transport() -> None:
+    listener, port = await tcp_listener()
+
+    async def identify(transport: ByteStream) -> object:
+        raise gntipc.XenStoreTimeout("the store is wedged")
+
+    async with ResumableListener(listener, identify=identify) as rl:
+        with anyio.fail_after(5):
+            async with ResumableStream.client(Dialer(port)) as c:
+                with pytest.raises(SessionRefused, match="cannot tell who connects"):
+                    await c.send(b"x")
+                    await c.receive()
+        assert rl.refused >= 1
+
+
+async def test_default_identity_is_the_vm_of_a_vchan_peer(gntipc_sim: SimRuntime) -> None:
+    server = gntipc_sim.backend(0)
+    vm = "00000000-0000-0000-0000-00000000005e"
+    with SimBackend(5, runtime_dir=gntipc_sim.path, vm_uuid=vm) as client:
+        s, c = await connect_pair(server, gntipc_sim.new_path(), client_backend=client)
+        async with s, c:
+            assert await vm_identity(s) == vm  # the client's VM
+            assert vm_of_domain(server.store, 0) is not None  # dom0 is a VM too, but
+            assert await vm_identity(c) is None  # a domU may not read its home
+            server.store.rm("/local/domain/5/vm")  # (dom0: the toolstack)
+            assert await vm_identity(s) is None  # the store does not say
+    listener, port = await tcp_listener()
+    async with listener, await anyio.connect_tcp("127.0.0.1", port) as tcp:
+        assert await vm_identity(tcp) is None  # not a vchan: the secret alone
 
 
 async def test_garbage_instead_of_a_hello_is_refused() -> None:

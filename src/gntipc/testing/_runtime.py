@@ -17,7 +17,7 @@ import anyio
 
 from .._domid import check_domid
 from .._resource import Closeable
-from ..backends.sim import SimBackend, kill_domain
+from ..backends.sim import SimBackend, kill_domain, restore_domain
 from ..backends.sim._backend import _open_backends, find_leftovers
 from ..streams import VchanStream
 from ._pair import connect_pair
@@ -222,6 +222,26 @@ class SimRuntime(Closeable):
                 proc.kill(timeout)
                 killed.add(proc.pid)
         return sorted(killed)
+
+    def restore_domain(self, domid: int, new_domid: int | None = None) -> int:
+        """Do to simulated domain ``domid`` what ``xl save`` + ``xl restore`` (or a
+        migration) does (see :func:`gntipc.backends.sim.restore_domain`): it dies for
+        its peers, and its processes run on as domain ``new_domid`` (default: the next
+        free domid), the same VM (its ``name`` and ``vm`` keys).  The processes
+        :meth:`spawn` started in it are then counted in the new domain (a later
+        :meth:`kill_domain` of it kills them).  Returns the new domid.
+
+        Raises:
+            ValueError: ``domid`` is 0 or out of range, or a bad ``new_domid``.
+            gntipc.XenError: ESRCH: no process plays ``domid``; EEXIST: ``new_domid``
+                is a domain already.
+        """
+        self._check_open()
+        new = restore_domain(check_domid(domid), new_domid, self.path)
+        for proc in self._processes:
+            if proc.domid == domid:
+                proc.domid = new
+        return new
 
     # -- the end ---------------------------------------------------------------------
     def leftovers(self) -> list[str]:
