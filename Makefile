@@ -91,6 +91,18 @@ bench-xen-bulk: $(STAMP)
 	$(XENKIT)/run-in-xen.sh --timeout 1500 "$(CURDIR)" \
 		'$(CURDIR)/$(PY) benchmarks/xen_bulk.py $(BENCH_XEN_BULK_ARGS)'
 
+# dom0 <-> domU (#19, #22): one side of every transfer in a PV domU of one vCPU, both
+# directions in turn; the two scripts' options pass through, e.g.
+# `make bench-xen-domu BENCH_XEN_DOMU_ARGS="--mib 16 --api async"`.
+.PHONY: bench-xen-domu bench-xen-bulk-domu
+BENCH_XEN_DOMU_ARGS ?=
+bench-xen-domu: $(STAMP)
+	$(XENKIT)/run-in-xen.sh --timeout 2400 "$(CURDIR)" \
+		'$(CURDIR)/$(PY) benchmarks/xen_vs_libxenvchan.py --domu $(BENCH_XEN_DOMU_ARGS)'
+bench-xen-bulk-domu: $(STAMP)
+	$(XENKIT)/run-in-xen.sh --timeout 2400 "$(CURDIR)" \
+		'$(CURDIR)/$(PY) benchmarks/xen_bulk.py --domu $(BENCH_XEN_BULK_ARGS)'
+
 # Every figure is also saved to benchmarks/results/<UTC timestamp>.json and drawn into <timestamp>.png.
 # `make bench BENCH_ARGS="--quick --only latency"` passes options through.
 BENCH_ARGS ?=
