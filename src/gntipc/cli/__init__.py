@@ -25,7 +25,9 @@ With ``--resume`` (on both sides) the pipe is a :class:`gntipc.ResumableStream`:
 vchan breaks (the channel closed under it, a peer's domain restored), the client connects
 again and both sides replay what the other did not receive, so nothing is lost,
 duplicated or reordered while both processes live; a peer that does not come back within
-``--give-up`` seconds ends the pipe (exit 1).
+``--give-up`` seconds ends the pipe (exit 1).  When the store says which VM the peer
+domain is (to dom0 it does), both follow that VM: restored or migrated under a new domid,
+it is served there (``listen``: :func:`gntipc.listen_vm`) or found there (``connect``).
 
 ``--backend`` (or ``GNTIPC_BACKEND``) picks ``xen`` or ``sim``; ``GNTIPC_SIM_DOMID`` sets
 the simulated domain of this process, ``--sim-page-limit`` (or ``GNTIPC_SIM_PAGE_LIMIT``)
@@ -61,7 +63,8 @@ from .._exceptions import BackendUnavailable, GntipcError, LocalProtocolError
 from .._progress import Progress
 from ..backends import Backend, get_backend, select_backend_name
 from ..resume import ResumableListener, ResumableStream
-from ..streams import VchanStream, connect, listen
+from ..streams import Listener, VchanStream, connect, listen
+from ..vm import VmListener, domain_of_vm, listen_vm, vm_of_domain
 from . import _bench, _doctor, _proxy
 
 __all__ = ["EXIT_FAILURE", "EXIT_MISSING", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -175,18 +178,31 @@ async def _netcat(args: argparse.Namespace, backend: Backend) -> None:
 
 async def _resumable_netcat(args: argparse.Namespace, backend: Backend) -> None:
     """``--resume``: the pipe over a ResumableStream; the listener stays for the
-    client's reconnections."""
+    client's reconnections.  Both sides follow the peer's VM (when the store tells us
+    which VM the peer domain is: to dom0, it does): restored or migrated under a new
+    domid, it is served (listen) or found (connect) there."""
+    vm = await anyio.to_thread.run_sync(vm_of_domain, backend.store, args.peer)
     if args.command == "listen":
+        transport: Listener | VmListener = (
+            await listen(args.peer, args.path, backend=backend)
+            if vm is None
+            else await listen_vm(vm, args.path, backend=backend)
+        )
         async with (
-            await listen(args.peer, args.path, backend=backend) as listener,
-            ResumableListener(listener, give_up_after=args.give_up) as resumable,
+            transport,
+            ResumableListener(transport, give_up_after=args.give_up) as resumable,
             await resumable.accept() as stream,
         ):
             await _stdio_pump(stream, args.progress, close_on_eof=args.close_on_eof)
         return
+    peer = args.peer
 
     async def dial() -> VchanStream:
-        return await connect(args.peer, args.path, timeout=args.timeout, backend=backend)
+        nonlocal peer
+        if vm is not None:
+            now = await anyio.to_thread.run_sync(domain_of_vm, backend.store, vm, peer)
+            peer = peer if now is None else now
+        return await connect(peer, args.path, timeout=args.timeout, backend=backend)
 
     async with ResumableStream.client(dial, give_up_after=args.give_up) as stream:
         await _stdio_pump(stream, args.progress, close_on_eof=args.close_on_eof)
