@@ -702,6 +702,9 @@ class ResumableStream(ByteStream):
                 await _refuse(transport, str(exc))
                 continue
             self._resumes += self._state.epoch > 0
+            # The HELLO's resume point acknowledged records (whose own ack may have been
+            # lost with the old connection): a send waiting for the window may go on.
+            self._window.set()
             _, cause = await self._run(transport, rest)
             if self._error is not None or self._state.finished:
                 return

@@ -426,6 +426,41 @@ async def test_default_identity_is_the_vm_of_a_vchan_peer(gntipc_sim: SimRuntime
         assert await vm_identity(tcp) is None  # not a vchan: the secret alone
 
 
+async def test_a_resume_point_that_frees_the_window_wakes_the_sender() -> None:
+    # The server's window is full; the client commits while it is disconnected (its ack
+    # never travels on a connection): the resume HELLO is what acknowledges those
+    # records, and it must wake the server's waiting send (it stalled forever, both
+    # sides waiting: found by restoring a sim domain under a consumer).
+    listener, port = await tcp_listener()
+    dial = Dialer(port)
+    async with (
+        ResumableListener(listener, window_records=4) as rl,
+        ResumableStream.client(dial, auto_commit=False) as c,
+    ):
+        await c.send(b"hi")
+        async with await rl.accept() as s, anyio.create_task_group() as tg:
+            assert await s.receive() == b"hi"
+            sent: list[int] = []
+
+            async def produce() -> None:
+                for i in range(8):
+                    sent.append(await s.send_record(b"%d" % i))
+
+            tg.start_soon(produce)
+            got = [await c.receive_record() for _ in range(4)]
+            assert [data for _, data in got] == [b"0", b"1", b"2", b"3"]
+            with anyio.fail_after(5):
+                while len(sent) < 4:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.2)
+            assert len(sent) == 4  # the window (4 records) is full: the 5th waits
+            await dial.abort()
+            c.commit(got[-1][0])  # while the connection is down
+            with anyio.fail_after(10):
+                got += [await c.receive_record() for _ in range(4)]
+            assert [data for _, data in got[4:]] == [b"4", b"5", b"6", b"7"]
+
+
 async def test_garbage_instead_of_a_hello_is_refused() -> None:
     listener, port = await tcp_listener()
     async with ResumableListener(listener) as rl:

@@ -1,7 +1,10 @@
-"""Resumable pipes under fire (issue 23): bytes through ``gntipc connect --resume`` /
-``listen --resume`` while the sender's domain is restored under a new domid again and
-again (``restore_domain``: what ``xl save`` + ``xl restore`` do); the bytes' sha256
-equal.  Real processes, sim only."""
+"""Resumable sessions under fire (issue 23): a producer in dom0 streams typed messages to
+a consumer VM whose domain is restored under a new domid again and again
+(``restore_domain``: what ``xl save`` + ``xl restore`` do) and whose process is SIGKILLed
+and started again from its persisted position; and bytes through ``gntipc connect
+--resume`` / ``listen --resume`` while the sender's domain is restored.  Every message
+exactly once, in order; the bytes' sha256 equal; memory of both sides bounded.  Real
+processes, sim only."""
 
 from __future__ import annotations
 
@@ -17,10 +20,119 @@ from gntipc.vm import vm_of_domain
 
 from ._common import by_level, worker_env
 from ._report import REPORT
+from ._resume_worker import REPORT_EVERY, digest_of
 
-#: The VM of the sender (restored under new domids).
+#: The restored VM of both tests.
 VM = "5e55e55e-0000-4000-8000-000000000023"
+#: Peak resident memory either side may reach (KiB): a window of messages, not the stream.
+MAX_RSS_KB = 150_000
 CLI_PATH = "data/resume-cli"
+
+
+def _start(sim: SimRuntime, domid: int, *args: str, vm: str | None = None) -> subprocess.Popen[str]:
+    env = worker_env(domid)  # (the runtime: this process's GNTIPC_SIM_DIR)
+    if vm is not None:
+        env["GNTIPC_SIM_VM_UUID"] = vm
+    return subprocess.Popen(
+        [sys.executable, "-m", "stress._resume_worker", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _line(proc: subprocess.Popen[str], what: str) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise AssertionError(f"the {what} ended (status {proc.wait()}) instead of reporting")
+    return line.strip()
+
+
+def test_messages_exactly_once_through_restores_and_consumer_kills(
+    gntipc_sim: SimRuntime, tmp_path: Path
+) -> None:
+    count = by_level(20_000, 200_000, 1_000_000)
+    restores = by_level(2, 8, 20)
+    kills = by_level(2, 8, 20)
+    rng = random.Random(23)
+    # Events at random points (in messages received), restores and kills interleaved.
+    points = sorted(
+        rng.sample(range(REPORT_EVERY, count - REPORT_EVERY, REPORT_EVERY), restores + kills)
+    )
+    kinds = ["restore"] * restores + ["kill"] * kills
+    rng.shuffle(kinds)
+    events = list(zip(points, kinds, strict=True))
+    state = tmp_path / "consumer.state"
+    path = "data/resume-stress"
+    domid = 5
+    producer = _start(gntipc_sim, 0, "producer", VM, path, str(count))
+    consumer = None
+    max_rss = 0
+    try:
+        assert _line(producer, "producer") == "serving"
+        consumer = _start(gntipc_sim, domid, "consumer", path, str(state), vm=VM)
+        done_restores = done_kills = 0
+        deadline = time.monotonic() + by_level(240, 900, 3600)
+        while True:
+            line = _line(consumer, "consumer")
+            if line.startswith("done"):
+                break
+            at = int(line.split()[1])
+            while events and events[0][0] <= at:
+                _, kind = events.pop(0)
+                if kind == "restore":  # the consumer's VM: its process runs on
+                    domid = gntipc_sim.restore_domain(domid)
+                    done_restores += 1
+                else:
+                    consumer.kill()
+                    consumer.wait()
+                    assert consumer.stdout is not None
+                    consumer.stdout.close()
+                    consumer = _start(gntipc_sim, domid, "consumer", path, str(state), vm=VM)
+                    done_kills += 1
+            assert time.monotonic() < deadline, f"no end within the deadline (at {at})"
+        _, received, digest, rss = line.split()
+        max_rss = int(rss)
+        end = _line(producer, "producer").split()
+        assert end[0] == "done"
+        resumes, max_rss = int(end[1]), max(max_rss, int(end[2]))
+        assert consumer.wait(30) == 0 and producer.wait(30) == 0
+    finally:
+        for proc in (producer, consumer):
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                if proc.stdout is not None:
+                    proc.stdout.close()
+    exact = int(received) == count and digest == digest_of(count)
+    part = "resume"
+    REPORT.add(
+        part, "messages received / sent", f"{received} / {count}", "equal", int(received) == count
+    )
+    REPORT.add(
+        part, "each once, in order (digest)", "equal" if exact else "DIFFERENT", "equal", exact
+    )
+    REPORT.add(
+        part,
+        "domain restores / consumer kills / resumes",
+        f"{done_restores} / {done_kills} / {resumes}",
+        f"{restores} / {kills} / >= {restores + kills}",
+        (done_restores, done_kills) == (restores, kills) and resumes >= restores + kills,
+    )
+    REPORT.add(
+        part,
+        "peak RSS of a side, MB",
+        max_rss / 1000,
+        f"<= {MAX_RSS_KB / 1000:g}",
+        max_rss <= MAX_RSS_KB,
+    )
+    assert exact
+    assert (done_restores, done_kills) == (restores, kills)
+    assert resumes >= restores + kills
+    assert max_rss <= MAX_RSS_KB
 
 
 def _wait_for(path: Path, size: int, proc: subprocess.Popen[bytes], deadline: float) -> None:
