@@ -1,12 +1,16 @@
 """Worker processes of ``test_resume_stress`` (``python -m stress._resume_worker ROLE ...``).
 
-``producer VM PATH COUNT``
-    In dom0: serves one resumable session at ``PATH`` to VM ``VM`` whatever its domid
-    (``gntipc.listen_vm``) and sends ``COUNT`` typed messages, then waits for the
-    consumer's end.  Prints ``serving``, then ``done RESUMES MAXRSS_KB``.
-``consumer PATH STATE``
-    In the VM whose domain is restored (its process runs on as the new domid) and whose
-    process is SIGKILLed and started again: connects to dom0, receives the messages,
+One of the two is in dom0, the other in VM ``VM``, whose domain is restored (its process
+runs on as the new domid): ``RESTORED`` names which (``consumer`` or ``producer``).
+
+``producer RESTORED VM PATH COUNT``
+    Serves one resumable session at ``PATH`` and sends ``COUNT`` typed messages, then
+    waits for the consumer's end: in dom0, to VM ``VM`` whatever its domid
+    (``gntipc.listen_vm``); in the VM, to dom0 (its relative path follows its home to
+    each new domid).  Prints ``serving``, then ``done RESUMES MAXRSS_KB``.
+``consumer RESTORED VM PATH STATE``
+    SIGKILLed and started again: connects to the producer (in the VM: dom0; in dom0: the
+    domain that is VM ``VM`` now, looked up at every connection), receives the messages,
     checks that each is the next one, and every ``COMMIT_EVERY`` messages persists its
     position, the last message and a running digest in ``STATE`` (atomically), then
     commits: started again, it resumes from there (exactly-once).  Prints ``at N`` as it
@@ -24,9 +28,11 @@ import sys
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import msgspec
 
 import gntipc
+from gntipc.vm import domain_of_vm
 
 #: Messages between two persisted positions (the replay window must hold more).
 COMMIT_EVERY = 256
@@ -71,9 +77,11 @@ def max_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-async def producer(vm: str, path: str, count: int) -> None:
+async def producer(restored: str, vm: str, path: str, count: int) -> None:
     encode = msgspec.msgpack.Encoder().encode
-    listener = await gntipc.listen_vm(vm, path)
+    listener: gntipc.Listener | gntipc.VmListener = (
+        await gntipc.listen(0, path) if restored == "producer" else await gntipc.listen_vm(vm, path)
+    )
     async with gntipc.ResumableListener(
         listener, give_up_after=120, window_records=WINDOW_RECORDS
     ) as sessions:
@@ -88,15 +96,24 @@ async def producer(vm: str, path: str, count: int) -> None:
     print(f"done {resumes} {max_rss_kb()}", flush=True)
 
 
-async def consumer(path: str, state_file: Path) -> None:
+async def consumer(restored: str, vm: str, path: str, state_file: Path) -> None:
     state = json.loads(state_file.read_text()) if state_file.exists() else None
     ticket = None if state is None else gntipc.ResumeTicket(*map(bytes.fromhex, state["ticket"]))
     position = None if state is None else state["position"]
     last = -1 if state is None else state["last"]
     chain = Chain("" if state is None else state["digest"])
 
+    backend = gntipc.get_backend()
+    peer = 0
+
     async def dial() -> anyio.abc.ByteStream:
-        return await gntipc.connect(0, path, timeout=5)
+        nonlocal peer
+        if restored == "producer":  # we are dom0: where is the VM now?
+            found = await anyio.to_thread.run_sync(domain_of_vm, backend.store, vm, peer)
+            if found is None:
+                raise gntipc.StaleKeys(f"VM {vm} is not running")  # (retried)
+            peer = found
+        return await gntipc.connect(peer, path, timeout=5, backend=backend)
 
     decode = msgspec.msgpack.Decoder(Sample).decode
     stream = gntipc.ResumableStream.client(
@@ -144,12 +161,13 @@ async def consumer(path: str, state_file: Path) -> None:
             persist(position)
             stream.commit(position)
         await stream.send_eof()
+    backend.close()
     print(f"done {last + 1} {chain.value} {max_rss_kb()}", flush=True)
 
 
 if __name__ == "__main__":
     role, *rest = sys.argv[1:]
     if role == "producer":
-        anyio.run(producer, rest[0], rest[1], int(rest[2]))
+        anyio.run(producer, rest[0], rest[1], rest[2], int(rest[3]))
     else:
-        anyio.run(consumer, rest[0], Path(rest[1]))
+        anyio.run(consumer, rest[0], rest[1], rest[2], Path(rest[3]))
