@@ -1,7 +1,7 @@
 #!/bin/sh
 # Run inside dom0 (issue #23), e.g. from the checkout:
 #   tools/xen-vm/run-in-xen.sh --timeout 1200 "$PWD" \
-#       'sh tools/xen-vm/selftest/save-restore/run.sh A B C'
+#       'sh tools/xen-vm/selftest/save-restore/run.sh A N B R C'   (no argument: all)
 # Scenarios (each starts its own PV domU, xl saves and restores it once):
 #   A  dom0 grants a page (gntalloc), the domU maps it (gntdev, UNMAP_NOTIFY
 #      clear byte) and keeps touching it; xl save + xl restore the domU.
@@ -10,6 +10,8 @@
 #      byte), dom0 maps it (gntdev); xl save + xl restore the domU; then dom0
 #      tries a fresh map of the same ref under the new domid.
 #   N  as A, but the mapper sets NO unmap notify (SR_NO_NOTIFY=1).
+#   R  as B, but the domU process grants a new page when its domid changes
+#      (SR_REGRANT_KEY) and dom0, after dropping its stale mapping, maps that.
 #   C  as A, but before the save dom0 asks the mapper (a byte in the page) to
 #      unmap, waits for the mapper's unmap notify, saves/restores, grants a new
 #      page to the new domid and the mapper maps that one.
@@ -106,6 +108,31 @@ scenario_B() {
     dmesg_new
 }
 
+scenario_R() {
+    clean; dmesg_mark
+    log "== R: as B, but the domU process grants a new page when its domid changes (SR_REGRANT_KEY) and dom0 maps that"
+    D=$(sh $XQD start srr --mem 128 --file $SR -- "SR_REGRANT_KEY=data/sr-ref2 $SR grant 0 60 data/sr-ref") || return 1
+    log "domU srr is domid $D"
+    i=0; while ! R=$(xenstore-read /local/domain/$D/data/sr-ref 2>/dev/null); do
+        i=$((i + 1)); [ $i -gt 600 ] && { log "no ref from srr"; return 1; }; sleep 0.2; done
+    log "srr granted ref $R"
+    $SR map "$D" "$R" 400 > /tmp/sr-R-dom0.log 2>&1 & M=$!
+    waitfor /tmp/sr-R-dom0.log 'cnt_m=[3-9]' 120 || { cat /tmp/sr-R-dom0.log; return 1; }
+    save_restore srr
+    i=0; while ! R2=$(xenstore-read /local/domain/$D2/data/sr-ref2 2>/dev/null); do
+        i=$((i + 1)); [ $i -gt 300 ] && { log "no new ref from srr"; break; }; sleep 0.2; done
+    log "restored srr (domid $D2) published new ref ${R2:-NONE}; dom0 drops its old mapping:"
+    touch /tmp/sr-stop; wait $M; log "dom0 old map process exit status $?"; rm -f /tmp/sr-stop
+    tail -n 3 /tmp/sr-R-dom0.log | sed 's/^/  dom0: /'
+    log "xl list:"; $XL list | sed 's/^/  /'
+    if [ -n "${R2:-}" ]; then
+        log "dom0 maps the new ref $R2 of domid $D2 for 8 steps:"
+        timeout 60 $SR map "$D2" "$R2" 8 2>&1 | sed 's/^/  dom0 new: /'
+    fi
+    show_domu srr 120
+    dmesg_new
+}
+
 scenario_C() {
     clean; dmesg_mark
     log "== C: as A, but the mapper unmaps before the save (asked through the page) and maps a new grant after"
@@ -128,5 +155,5 @@ scenario_C() {
     dmesg_new
 }
 
-[ $# -eq 0 ] && set -- A B C
+[ $# -eq 0 ] && set -- A N B R C
 for sc in "$@"; do scenario_$sc; log "scenario $sc returned $?"; done

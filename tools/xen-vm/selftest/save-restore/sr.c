@@ -10,7 +10,10 @@
  *       once a second bump the counter at [8] and print the page.  If the file
  *       /tmp/sr-drop-request exists, set byte [2] = 1 (asks the mapper to
  *       unmap) and, once the mapper's live byte [1] is 0, create
- *       /tmp/sr-dropped.
+ *       /tmp/sr-dropped.  With SR_REGRANT_KEY set: once a second read this
+ *       domain's domid from XenStore; when it changes (a restore), grant a new
+ *       page to PEER, copy the old page into it, release the old grant and
+ *       write the new ref to XenStore SR_REGRANT_KEY.
  *   sr map PEER REF SECONDS [REKEY]
  *       gntdev: map ref REF of domain PEER, set an unmap notify (clear byte 1),
  *       set [1] = 1, then once a second bump the counter at [16] and print
@@ -75,6 +78,16 @@ static void show(const char *what)
     fflush(stdout);
 }
 
+static int xs_domid(char *out, size_t n)  /* this domain's id, as XenStore says now */
+{
+    FILE *p = popen("xenstore-read domid 2>/dev/null", "r");
+    if (!p) return -1;
+    if (!fgets(out, n, p)) out[0] = 0;
+    pclose(p);
+    out[strcspn(out, "\n")] = 0;
+    return out[0] ? 0 : -1;
+}
+
 static int do_grant(int peer, int secs, const char *key)
 {
     int fd = open("/dev/xen/gntalloc", O_RDWR);
@@ -93,7 +106,32 @@ static int do_grant(int peer, int secs, const char *key)
     snprintf(cmd, sizeof cmd, "xenstore-write %s %u", key, a.gref_ids[0]);
     if (system(cmd) != 0) { fprintf(stderr, "SR grant: %s failed\n", cmd); return 1; }
     int dropped = 0;
+    const char *regrant = getenv("SR_REGRANT_KEY");
+    char dom0[32] = "", dom[32];
+    if (regrant) xs_domid(dom0, sizeof dom0);
     for (iter = 0; iter < secs && access("/tmp/sr-stop", F_OK) != 0; iter++) {
+        if (regrant && xs_domid(dom, sizeof dom) == 0 && dom0[0] && strcmp(dom, dom0)) {
+            /* restored under a new domid: the old ref is dead; grant a new page,
+             * carry the old page's bytes over, publish the new ref */
+            show("my domid changed: granting a new page");
+            struct ioctl_gntalloc_alloc_gref b = { .domid = peer, .flags = GNTALLOC_FLAG_WRITABLE, .count = 1 };
+            if (ioctl(fd, IOCTL_GNTALLOC_ALLOC_GREF, &b)) { perror("ALLOC_GREF"); return 1; }
+            volatile uint8_t *np = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, b.index);
+            if (np == MAP_FAILED) { perror("mmap gntalloc"); return 1; }
+            memcpy((void *)np, (void *)pg, PAGE);
+            np[1] = 0;  /* no mapper on the new page yet */
+            struct ioctl_gntalloc_unmap_notify un2 = { .index = b.index, .action = UNMAP_NOTIFY_CLEAR_BYTE };
+            if (ioctl(fd, IOCTL_GNTALLOC_SET_UNMAP_NOTIFY, &un2)) { perror("GNTALLOC_SET_UNMAP_NOTIFY"); return 1; }
+            munmap((void *)pg, PAGE);
+            struct ioctl_gntalloc_dealloc_gref d = { .index = a.index, .count = 1 };
+            if (ioctl(fd, IOCTL_GNTALLOC_DEALLOC_GREF, &d)) perror("DEALLOC_GREF (old)");
+            pg = np; a = b;
+            printf("SR grant: domid %s -> %s: new ref %u granted to domain %d\n", dom0, dom, b.gref_ids[0], peer);
+            fflush(stdout);
+            snprintf(cmd, sizeof cmd, "xenstore-write %s %u", regrant, b.gref_ids[0]);
+            if (system(cmd) != 0) { fprintf(stderr, "SR grant: %s failed\n", cmd); return 1; }
+            strcpy(dom0, dom);
+        }
         (*(volatile uint64_t *)(pg + 8))++;
         if (!dropped && access("/tmp/sr-drop-request", F_OK) == 0) {
             if (!pg[2]) { pg[2] = 1; show("drop requested"); }
