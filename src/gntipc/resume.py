@@ -855,8 +855,10 @@ class ResumableListener:
             (:func:`gntipc.vm.vm_of_domain`; None if the store does not say, e.g. to an
             unprivileged server), so a session survives its VM's restore or migration
             under a new domid and no other domain can take it over; None over other
-            transports (the secret alone).  A failure to identify a transport refuses
-            it (the client tries again).
+            transports (the secret alone).  A transport that cannot be identified (the
+            call fails, or says None for a session bound to an identity: a domain
+            dying in a restore) is dropped without refusing the session: the client
+            tries again (the listener's ``dropped`` counts them).
     """
 
     def __init__(
@@ -892,8 +894,11 @@ class ResumableListener:
         # Our tasks' scopes (the task group's own encloses the application's block).
         self._scopes: set[anyio.CancelScope] = set()
         self._closed = False
-        #: Transports refused (wrong secret, unknown session, bad HELLO...).
+        #: Transports refused (wrong secret, unknown session, bad HELLO, another VM...).
         self.refused = 0
+        #: Transports dropped without a refusal: whom they came from could not be told
+        #: (``identify`` failed, or said None for a session bound to an identity).
+        self.dropped = 0
 
     async def __aenter__(self) -> Self:
         tg = anyio.create_task_group()
@@ -1006,9 +1011,10 @@ class ResumableListener:
         hello, rest = decoded
         try:
             identity = await self._identify(transport)
-        except (*_TRANSPORT_ERRORS, GntipcError) as exc:
-            self.refused += 1
-            await _refuse(transport, f"cannot tell who connects: {exc}")
+        except (*_TRANSPORT_ERRORS, GntipcError):
+            # Not a verdict on the client (e.g. the store did not answer): drop this
+            # transport without refusing the session; the client tries again.
+            self.dropped += 1
             return False
         stream = self._sessions.get(hello.session_id)
         try:
@@ -1045,6 +1051,12 @@ class ResumableListener:
             else:
                 stream._state.check_hello(hello)
                 owner = self._identities.get(hello.session_id)
+                if identity is None and owner is not None:
+                    # We cannot tell who this is now (e.g. a domain dying in a restore:
+                    # its home is gone): drop the transport, refuse nothing; the client
+                    # comes back from where it is now.
+                    self.dropped += 1
+                    return False
                 if identity != owner:
                     raise RemoteProtocolError(
                         f"the session belongs to {_who(owner)}; this connection comes"

@@ -64,7 +64,9 @@ async def resumable_producer(server: int, path: str, nbytes: int) -> None:
 
     data = random.Random(nbytes).randbytes(nbytes)
     # (A small window paces us by the consumer: the restores come mid-stream.)
-    async with gntipc.ResumableStream.client(dial, window_bytes=1 << 17) as stream:
+    async with gntipc.ResumableStream.client(
+        dial, window_bytes=1 << 17, give_up_after=90
+    ) as stream:
         for i in range(0, nbytes, 8192):
             await stream.send(data[i : i + 8192])
         await stream.send_eof()
@@ -197,11 +199,14 @@ async def test_a_session_survives_restores_of_its_vm(gntipc_sim: SimRuntime) -> 
     path = gntipc_sim.new_path()
     nbytes = 6 << 20
     got = bytearray()
-    async with gntipc.ResumableListener(await gntipc.listen_vm(VM, path)) as sessions:
+    async with gntipc.ResumableListener(
+        await gntipc.listen_vm(VM, path),
+        give_up_after=90,  # (room for a loaded machine)
+    ) as sessions:
         with playing(VM):
             producer = gntipc_sim.spawn(resumable_producer, 0, path, nbytes, domid=5)
         domid = 5
-        with anyio.fail_after(120):
+        with anyio.fail_after(200):
             async with await sessions.accept() as stream:
                 for restore_at in (nbytes // 4, nbytes // 2, None):
                     while restore_at is None or len(got) < restore_at:
