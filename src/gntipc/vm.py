@@ -18,6 +18,13 @@ the client, restored under a new domid, connects again and the session resumes::
     async with gntipc.ResumableListener(await gntipc.listen_vm(uuid, path)) as server:
         ...
 
+On real Xen (PV guests, Linux 6.1 drivers) a VM must not hold grant mappings when it is
+saved: with :func:`listen_vm` in dom0 the VM is the vchan client and maps dom0's ring
+pages, so it must close its channels before ``xl save`` (else its process aborts, and
+its kernel may oops in gntdev); a VM that may be saved unannounced should rather be the
+server (see ``tools/xen-vm/selftest/save-restore/README.md``).  The simulator models the
+restore itself, not that driver limitation.
+
 Reading another domain's ``/local/domain/<domid>/vm`` needs the right to: dom0 has it
 (the toolstack's domain, where such servers run); an unprivileged domain usually does
 not, and then sees no VM at all (:func:`vm_of_domain` returns None).
