@@ -255,15 +255,16 @@ async def test_resumable_stream_survives_a_restore_of_the_client_domain(
     assert line.startswith("done") and int(line.split()[1]) >= 1
 
 
-async def test_restoring_the_server_domain_breaks_both_ends_in_this_process(
-    gntipc_sim: SimRuntime,
+@pytest.mark.parametrize("restored", ["server", "client"])
+async def test_restoring_a_domain_breaks_both_ends_in_this_process(
+    gntipc_sim: SimRuntime, restored: str
 ) -> None:
-    """The other way round, both ends in this process: the server's domain is restored
-    while both ends wait in receive."""
-    server_backend = gntipc_sim.backend(1)
-    client_backend = gntipc_sim.backend(2)
+    """Both ends in this process wait in receive, neither has anything to send, when
+    the server's (or the client's) domain is restored: the restored side does not wait
+    forever on a channel that died with its old domain, and its peer sees the death."""
+    backends = {"server": gntipc_sim.backend(1), "client": gntipc_sim.backend(2)}
     server, client = await connect_pair(
-        server_backend, gntipc_sim.new_path(), client_backend=client_backend
+        backends["server"], gntipc_sim.new_path(), client_backend=backends["client"]
     )
     async with server, client:
         broken: list[str] = []
@@ -273,14 +274,15 @@ async def test_restoring_the_server_domain_breaks_both_ends_in_this_process(
                 await stream.receive()
             broken.append(name)
 
+        old = backends[restored].domid
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(receive, "server", server)
                 tg.start_soon(receive, "client", client)
                 await anyio.wait_all_tasks_blocked()  # both wait for data
-                new = restore_domain(1, runtime_dir=gntipc_sim.path)
+                new = restore_domain(old, runtime_dir=gntipc_sim.path)
         assert sorted(broken) == ["client", "server"]
-        assert server_backend.domid == new
+        assert backends[restored].domid == new
 
 
 def test_the_backends_of_this_process_follow_the_restore(gntipc_sim: SimRuntime) -> None:
